@@ -1,0 +1,522 @@
+"""Apply: write a Plan into a live model, all-or-nothing, verified, with undo.
+
+Order of work: check every row against the model and the checkpoint as they are now; compute
+fresh values for ``reinit``; snapshot what will be written (or stage the checkpoint's data when
+undo is off); write in place under ``no_grad``; verify; on any failure put back what was written.
+Parameters keep their identity, dtype, device and ``requires_grad``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ckptviz.core.display import render
+from ckptviz.core.errors import ApplyError, PlanError
+from ckptviz.core.plan import ACTIONS, initialiser_of, refusal, reinit_seed
+from ckptviz.core.reading import (
+    Checkpoint,
+    TensorSource,
+    dtype_name,
+    human_bytes,
+    read_checkpoint,
+)
+
+if TYPE_CHECKING:
+    from ckptviz.core.diff import Row
+    from ckptviz.core.plan import Plan
+
+
+@dataclass
+class ReportEntry:
+    """What apply did to one model tensor."""
+
+    key: str
+    action: str
+    checkpoint_key: str | None
+    numel: int
+    nbytes: int
+    verified: bool
+    detail: str = ""
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (NaN equals the same NaN; -0.0 differs from 0.0)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.int64}
+        size = a.element_size()
+        if a.is_complex():
+            a, b = torch.view_as_real(a), torch.view_as_real(b)
+            size //= 2
+        return torch.equal(a.contiguous().view(ints[size]), b.contiguous().view(ints[size]))
+    return torch.equal(a, b)
+
+
+def _overlap(a: torch.Size, b: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(0, min(x, y)) for x, y in zip(a, b, strict=True))
+
+
+def _storage_id(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    """Identifies the memory a tensor covers: equal for tied tensors."""
+    return (
+        t.untyped_storage().data_ptr(),
+        int(t.storage_offset()),
+        tuple(t.shape),
+        tuple(t.stride()),
+    )
+
+
+def _write(target: torch.Tensor, value: torch.Tensor, action: str) -> None:
+    """The one place a model tensor is written (tests inject failures here)."""
+    if action == "partial":
+        region = _overlap(target.shape, tuple(value.shape))
+        target[region].copy_(value[region])
+    else:
+        target.copy_(value)
+
+
+class Report:
+    """What an apply changed, verified; ``undo()`` puts the model back bit for bit."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        model: torch.nn.Module,
+        entries: list[ReportEntry],
+        snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        notes: list[str],
+    ) -> None:
+        self.plan = plan
+        self.model = model
+        self.entries = entries
+        self.notes = notes
+        self._snapshot = snapshot
+        self.undone = False
+
+    @property
+    def verified(self) -> bool:
+        return all(e.verified for e in self.entries)
+
+    @property
+    def can_undo(self) -> bool:
+        return self._snapshot is not None and not self.undone
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Memory held for undo."""
+        if not self._snapshot:
+            return 0
+        return sum(saved.numel() * saved.element_size() for _, saved in self._snapshot)
+
+    def keys(self, action: str) -> list[str]:
+        return [e.key for e in self.entries if e.action == action]
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        counts = {a: {"rows": 0, "numel": 0, "bytes": 0} for a in ACTIONS}
+        for e in self.entries:
+            counts[e.action]["rows"] += 1
+            counts[e.action]["numel"] += e.numel
+            counts[e.action]["bytes"] += e.nbytes
+        return counts
+
+    def undo(self) -> int:
+        """Restore every tensor apply wrote; returns how many. A second call does nothing."""
+        if self._snapshot is None:
+            warnings.warn(
+                "nothing to undo: this apply ran with undo=False, so no snapshot was kept",
+                stacklevel=2,
+            )
+            return 0
+        if self.undone:
+            warnings.warn(
+                "already undone: the model is back as it was before this apply", stacklevel=2
+            )
+            return 0
+        live = {id(t) for t in self.model.state_dict(keep_vars=True).values()}
+        replaced = [t for t, _ in self._snapshot if id(t) not in live]
+        if replaced:
+            raise PlanError(
+                f"cannot undo: {len(replaced)} tensor(s) written by this apply are no longer in "
+                "the model (it was changed or rebuilt since); nothing was restored"
+            )
+        with torch.no_grad():
+            for target, saved in self._snapshot:
+                target.copy_(saved)
+        self.undone = True
+        restored = len(self._snapshot)
+        self._snapshot = []
+        return restored
+
+    def summary(self) -> str:
+        parts = []
+        for action, c in self.counts.items():
+            if c["rows"]:
+                parts.append(
+                    f"{action} {c['rows']} ({c['numel']:,} values, {human_bytes(c['bytes'])})"
+                )
+        state = "undone" if self.undone else ("verified" if self.verified else "NOT verified")
+        return f"Applied {self.plan.diff.checkpoint.source}: " + ", ".join(parts) + f"; {state}"
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "key": e.key,
+                "action": e.action,
+                "checkpoint_key": e.checkpoint_key,
+                "numel": e.numel,
+                "bytes": e.nbytes,
+                "verified": e.verified,
+                "detail": e.detail,
+            }
+            for e in self.entries
+        ]
+
+    def to_frame(self) -> Any:
+        return render("frame", self)
+
+    def _repr_html_(self) -> str:
+        return str(render("html", self))
+
+    def __str__(self) -> str:
+        from ckptviz.core.text import format_table
+
+        rows = [
+            [e.key, e.action, e.checkpoint_key or "", "yes" if e.verified else "NO", e.detail]
+            for e in self.entries
+        ]
+        table = format_table(["model key", "action", "from", "verified", "detail"], rows)
+        notes = "".join(f"\nnote: {n}" for n in self.notes)
+        return self.summary() + notes + "\n\n" + table
+
+    def __repr__(self) -> str:
+        return f"<Report {self.summary()}>"
+
+
+# -- the apply itself ---------------------------------------------------------------------------
+
+
+def _checkpoint_for(plan: Plan, source: Any) -> Checkpoint:
+    recorded = plan.diff.checkpoint
+    if source is not None:
+        return read_checkpoint(source, key=recorded.location or None)
+    if recorded.fingerprint is not None or (recorded.path is None and recorded._opener):
+        recorded.check_unchanged()
+        return recorded
+    if recorded.path is None:
+        raise PlanError(
+            f"this plan was made from {recorded.source}, which was never saved to a file: pass it "
+            "again with plan.apply(model, source=state_dict)"
+        )
+    return read_checkpoint(
+        recorded.path,
+        key=recorded.location or None,
+        trusted=recorded.trusted,
+        allow_globals=recorded.allow_globals,
+    )
+
+
+def _check_model(plan: Plan, model: torch.nn.Module) -> dict[str, str]:
+    live = read_checkpoint(model).tensors
+    problems: dict[str, str] = {}
+    for row, action in plan:
+        m = row.model
+        if m is None:
+            continue
+        now = live.get(m.key)
+        if now is None:
+            problems[m.key] = "not in this model"
+        elif now.shape != m.shape or now.dtype != m.dtype:
+            problems[m.key] = (
+                f"the model has {list(now.shape)} {now.dtype}, the plan expects "
+                f"{list(m.shape)} {m.dtype}"
+            )
+        elif why := refusal(row, action, model):
+            problems[m.key] = f"{action}: {why}"
+    return problems
+
+
+def _check_checkpoint(plan: Plan, ckpt: Checkpoint) -> dict[str, str]:
+    problems: dict[str, str] = {}
+    for row, action in plan:
+        if action not in ("load", "partial") or row.checkpoint is None:
+            continue
+        now = ckpt.tensors.get(row.checkpoint.key)
+        want = row.checkpoint
+        if now is None:
+            problems[row.key] = f"{ckpt.source} no longer has {want.key!r}"
+        elif now.shape != want.shape or now.dtype != want.dtype:
+            problems[row.key] = (
+                f"{ckpt.source} now has {want.key!r} as {list(now.shape)} {now.dtype}, the plan "
+                f"expects {list(want.shape)} {want.dtype}"
+            )
+    return problems
+
+
+def _check_targets(plan: Plan, targets: dict[str, torch.Tensor]) -> dict[str, str]:
+    problems: dict[str, str] = {}
+    for row, action in plan:
+        if row.model is None or action == "keep":
+            continue
+        t = targets[row.key]
+        if t.device.type == "meta":
+            problems[row.key] = (
+                "the model tensor is on the meta device (no storage to write into); "
+                "materialise the model first, e.g. model.to_empty(device='cpu')"
+            )
+        elif any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape, strict=True)):
+            problems[row.key] = (
+                "the model tensor is an expanded view (several entries share one memory cell); "
+                "replace it with a real tensor (t.clone()) before writing into it"
+            )
+    return problems
+
+
+def _fresh_values(plan: Plan, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each ``reinit`` tensor's new value, from a copy of its module re-initialised."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for key in plan.keys_with("reinit"):
+        module_name, _, tensor_name = key.rpartition(".")
+        method = initialiser_of(model.get_submodule(module_name), tensor_name)
+        assert method is not None  # refusal() checked it
+        groups.setdefault((module_name, method), []).append(tensor_name)
+    fresh: dict[str, torch.Tensor] = {}
+    for (module_name, method), names in groups.items():
+        module = model.get_submodule(module_name)
+        clone = copy.deepcopy(module)
+        before = {n: (id(getattr(clone, n)), getattr(clone, n)._version) for n in names}
+        with _seeded(plan.seed, module_name):
+            getattr(clone, method)()
+        for name in names:
+            value = getattr(clone, name)
+            key = f"{module_name}.{name}" if module_name else name
+            if (id(value), value._version) == before[name]:
+                raise PlanError(
+                    f"cannot reinit {key}: {type(module).__name__}.{method}() does not initialise "
+                    f"{name!r} (a parametrization or custom tensor); keep it instead",
+                    {key: f"{method}() does not initialise it"},
+                )
+            fresh[key] = value.detach()
+    return fresh
+
+
+@contextmanager
+def _seeded(seed: int | None, module_name: str) -> Iterator[None]:
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(reinit_seed(seed, module_name))
+        yield
+
+
+def _tie_groups(keys: list[str], targets: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """key -> every planned key that shares its storage (including itself)."""
+    by_storage: dict[Any, list[str]] = {}
+    for key in keys:
+        by_storage.setdefault(_storage_id(targets[key]), []).append(key)
+    return {k: group for group in by_storage.values() for k in group}
+
+
+def apply_plan(
+    plan: Plan,
+    model: torch.nn.Module,
+    *,
+    undo: bool = True,
+    verify: bool = True,
+    source: Any = None,
+) -> Report:
+    problems = _check_model(plan, model)
+    if problems:
+        raise PlanError(_problem_text("the plan does not fit this model", problems), problems)
+    ckpt = _checkpoint_for(plan, source)
+    problems = _check_checkpoint(plan, ckpt)
+    targets = dict(model.state_dict(keep_vars=True))
+    problems.update(_check_targets(plan, targets))
+    if problems:
+        raise PlanError(_problem_text("the plan does not fit the checkpoint", problems), problems)
+
+    written = [(row, a) for row, a in plan if row.model is not None and a != "keep"]
+    fresh = _fresh_values(plan, model)
+    versions = {k: t._version for k, t in targets.items()}
+    notes: list[str] = []
+    with ckpt.open() as data:
+        values = _gather(written, data, fresh)
+        _check_tied_sources(written, values, targets, notes)
+        # The snapshot is what makes a failure part-way leave the model as it was; with
+        # undo=False it is dropped as soon as the apply has succeeded.
+        snapshot = _take_snapshot(written, targets)
+        entries = _write_all(written, targets, values, snapshot, verify)
+    entries += _keep_entries(plan, written, targets, versions)
+    order = {row.key: i for i, row in enumerate(plan.diff.rows)}
+    entries.sort(key=lambda e: order.get(e.key, 0))
+    extra = [k for k in targets if k not in plan.actions]
+    if extra:
+        notes.append(
+            f"{len(extra)} model tensor(s) not in the plan were left alone: {', '.join(extra[:5])}"
+        )
+    return Report(plan, model, entries, snapshot if undo else None, notes)
+
+
+def _problem_text(head: str, problems: dict[str, str]) -> str:
+    lines = "\n".join(f"  {k}: {v}" for k, v in list(problems.items())[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    return f"{head} ({len(problems)} row(s)); nothing was changed:\n{lines}{more}"
+
+
+def _gather(
+    written: list[tuple[Row, str]], data: TensorSource, fresh: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The value each written row takes: the checkpoint's tensor (not yet read) or a fresh one."""
+    values: dict[str, torch.Tensor] = {}
+    for row, action in written:
+        if action == "reinit":
+            values[row.key] = fresh[row.key]
+        else:
+            assert row.checkpoint is not None
+            values[row.key] = data[row.checkpoint.key]
+    return values
+
+
+def _check_tied_sources(
+    written: list[tuple[Row, str]],
+    values: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    notes: list[str],
+) -> None:
+    """Rows sharing one model storage must agree, or the last write would silently win."""
+    actions = {row.key: a for row, a in written}
+    groups: dict[Any, list[str]] = {}
+    for row, _ in written:
+        groups.setdefault(_storage_id(targets[row.key]), []).append(row.key)
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        first = group[0]
+        dtype = targets[first].dtype
+        for other in group[1:]:
+            agree = actions[first] == actions[other] and bitwise_equal(
+                values[first].to(dtype), values[other].to(dtype)
+            )
+            if not agree:
+                raise PlanError(
+                    f"{first} and {other} are tied in the model (one storage), but the plan "
+                    f"would write different values into them ({actions[first]} vs "
+                    f"{actions[other]}); the checkpoint disagrees with itself. Set one of them "
+                    "to keep so the other decides; nothing was changed",
+                    {first: f"tied to {other}", other: f"tied to {first}"},
+                )
+        notes.append(f"tied tensors {' = '.join(group)} written once")
+
+
+def _take_snapshot(
+    written: list[tuple[Row, str]], targets: dict[str, torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    seen: set[Any] = set()
+    snapshot = []
+    for row, _ in written:
+        target = targets[row.key]
+        ident = _storage_id(target)
+        if ident not in seen:
+            seen.add(ident)
+            snapshot.append((target, target.detach().clone()))
+    return snapshot
+
+
+def _write_all(
+    written: list[tuple[Row, str]],
+    targets: dict[str, torch.Tensor],
+    values: dict[str, torch.Tensor],
+    snapshot: list[tuple[torch.Tensor, torch.Tensor]],
+    verify: bool,
+) -> list[ReportEntry]:
+    before = {id(t): saved for t, saved in snapshot}
+    current = "?"
+    try:
+        with torch.no_grad():
+            seen: set[Any] = set()
+            for row, action in written:
+                current = row.key
+                target = targets[row.key]
+                ident = _storage_id(target)
+                if ident not in seen:
+                    seen.add(ident)
+                    _write(target, values[row.key], action)
+        entries = []
+        for row, action in written:
+            current = row.key
+            target = targets[row.key]
+            ok, detail = True, "not verified (verify=False)"
+            if verify:
+                ok, detail = _verify(target, values[row.key], action, before.get(id(target)))
+            if not ok:
+                raise ApplyError(f"verification failed for {row.key}: {detail}")
+            source_key = row.checkpoint_key if action in ("load", "partial") else None
+            nbytes = target.numel() * target.element_size()
+            entries.append(
+                ReportEntry(row.key, action, source_key, target.numel(), nbytes, ok, detail)
+            )
+        return entries
+    except Exception as exc:
+        with torch.no_grad():
+            for target, saved in snapshot:
+                target.copy_(saved)
+        raise ApplyError(
+            f"apply failed at {current} ({type(exc).__name__}: {exc}); every tensor already "
+            "written was restored, the model is as it was",
+            {current: str(exc)},
+        ) from exc
+
+
+def _keep_entries(
+    plan: Plan,
+    written: list[tuple[Row, str]],
+    targets: dict[str, torch.Tensor],
+    versions: dict[str, int],
+) -> list[ReportEntry]:
+    """``keep`` rows, verified untouched by their version counter (or changed through a tie)."""
+    written_storage = {_storage_id(targets[row.key]): row.key for row, _ in written}
+    entries = []
+    for row, action in plan:
+        if action != "keep" or row.model is None:
+            continue
+        target = targets[row.key]
+        tied_to = written_storage.get(_storage_id(target))
+        if tied_to is not None:
+            ok, detail = True, f"changed with its tied tensor {tied_to}"
+        else:
+            ok, detail = target._version == versions[row.key], "unchanged"
+        nbytes = target.numel() * target.element_size()
+        entries.append(ReportEntry(row.key, "keep", None, target.numel(), nbytes, ok, detail))
+    return entries
+
+
+def _verify(
+    target: torch.Tensor, value: torch.Tensor, action: str, before: torch.Tensor | None
+) -> tuple[bool, str]:
+    if action == "partial":
+        region = _overlap(target.shape, tuple(value.shape))
+        ok = bitwise_equal(target[region], value[region].to(target.dtype))
+        copied = [s.stop for s in region]
+        detail = f"copied the {copied} overlap"
+        if before is not None and tuple(copied) != tuple(target.shape):
+            outside = torch.ones(target.shape, dtype=torch.bool)
+            outside[region] = False
+            ok = ok and bitwise_equal(target[outside], before[outside])
+            detail += ", kept the rest"
+        return ok, detail
+    ok = bitwise_equal(target, value.to(target.dtype))
+    if action == "load":
+        if value.dtype != target.dtype:
+            cast = f"{dtype_name(value.dtype)} -> {dtype_name(target.dtype)}"
+            return ok, f"equals the checkpoint (cast {cast})"
+        return ok, "equals the checkpoint"
+    return ok, "fresh values from the module's initialiser"

@@ -1,0 +1,126 @@
+"""``Plan.to_code()``: the plan as a short plain-PyTorch snippet (no ckptviz import).
+
+It is the hand-written recipe, written for you: read the checkpoint with ``weights_only=True``,
+copy what loads, copy the overlap of what partially loads, re-initialise from a seeded copy of
+the owning module. With ``model`` in scope it gives the same tensors as ``plan.apply(model)``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ckptviz.core.plan import initialiser_of, reinit_seed
+
+if TYPE_CHECKING:
+    from ckptviz.core.plan import Plan
+
+
+def _dict_block(name: str, comment: str, pairs: list[tuple[str, str]]) -> list[str]:
+    if not pairs:
+        return []
+    lines = [f"{name} = {{  # {comment}"]
+    lines += [f"    {m!r}: {c!r}," for m, c in pairs]
+    lines.append("}")
+    return lines
+
+
+def _read_lines(plan: Plan) -> list[str]:
+    ckpt = plan.diff.checkpoint
+    path = str(ckpt.path) if ckpt.path is not None else None
+    if path is None:
+        return [
+            f"# The checkpoint was {ckpt.source}, not a file: put that state dict in `state`.",
+            "state = state_dict",
+        ]
+    if ckpt.format == "safetensors":
+        return ["from safetensors.torch import load_file", "", f"state = load_file({path!r})"]
+    where = "".join(f"[{part!r}]" for part in ckpt.location)
+    if ckpt.trusted:
+        return [
+            "# trusted=True: full unpickling, only for files you trust (it can run code).",
+            f"checkpoint = torch.load({path!r}, map_location='cpu', weights_only=False)",
+            f"state = checkpoint{where}",
+        ]
+    if ckpt.allow_globals:
+        return [
+            "import importlib",
+            "",
+            "def allowed(name):  # the pickle globals this checkpoint needs, allowed by name",
+            "    module, _, attr = name.rpartition('.')",
+            "    return (getattr(importlib.import_module(module), attr), name)",
+            "",
+            f"names = {list(ckpt.allow_globals)!r}",
+            "with torch.serialization.safe_globals([allowed(n) for n in names]):",
+            f"    checkpoint = torch.load({path!r}, map_location='cpu', weights_only=True)",
+            f"state = checkpoint{where}",
+        ]
+    if not where:
+        return [f"state = torch.load({path!r}, map_location='cpu', weights_only=True)"]
+    return [
+        f"checkpoint = torch.load({path!r}, map_location='cpu', weights_only=True)",
+        f"state = checkpoint{where}",
+    ]
+
+
+def plan_code(plan: Plan) -> str:
+    load = [(r.key, r.checkpoint_key or "") for r, a in plan if a == "load" and r.model]
+    partial = [(r.key, r.checkpoint_key or "") for r, a in plan if a == "partial" and r.model]
+    reinit: dict[tuple[str, str], list[str]] = {}
+    model = plan.diff.model
+    for key in plan.keys_with("reinit"):
+        module_name, _, tensor_name = key.rpartition(".")
+        method = "reset_parameters"
+        if model is not None:
+            method = initialiser_of(model.get_submodule(module_name), tensor_name) or method
+        reinit.setdefault((module_name, method), []).append(tensor_name)
+    counts = ", ".join(f"{c['rows']} {a}" for a, c in plan.counts.items() if c["rows"])
+
+    lines = [
+        f"# ckptviz plan for {plan.diff.checkpoint.source}, in plain PyTorch: {counts}.",
+        "# Rows not listed keep the model's current values. Needs `model` in scope.",
+    ]
+    if reinit:
+        lines.append("import copy")
+        lines.append("")
+    lines += ["import torch", ""]
+    lines += _read_lines(plan)
+    lines += ["params = model.state_dict(keep_vars=True)", ""]
+    lines += _dict_block("load", "model key: checkpoint key", load)
+    lines += _dict_block("partial", "copy the overlapping slice, keep the rest", partial)
+    if reinit:
+        seed_note = "seed" if plan.seed is not None else "seed (None: global RNG)"
+        lines.append(f"reinit = [  # module, its initialiser, tensors to take from it, {seed_note}")
+        for (module_name, method), names in reinit.items():
+            seed = reinit_seed(plan.seed, module_name) if plan.seed is not None else None
+            lines.append(f"    ({module_name!r}, {method!r}, {names!r}, {seed!r}),")
+        lines.append("]")
+    lines += ["", "with torch.no_grad():"]
+    body = []
+    if load:
+        body += [
+            "for name, ckpt_name in load.items():",
+            "    params[name].copy_(state[ckpt_name])",
+        ]
+    if partial:
+        body += [
+            "for name, ckpt_name in partial.items():",
+            "    dst, src = params[name], state[ckpt_name]",
+            "    overlap = tuple(slice(0, min(a, b)) for a, b in zip(dst.shape, src.shape))",
+            "    dst[overlap].copy_(src[overlap])",
+        ]
+    if reinit:
+        body += [
+            "for module_name, initialiser, names, seed in reinit:",
+            "    module = model.get_submodule(module_name)",
+            "    fresh = copy.deepcopy(module)",
+            "    with torch.random.fork_rng(devices=[], enabled=seed is not None):",
+            "        if seed is not None:",
+            "            torch.manual_seed(seed)",
+            "        getattr(fresh, initialiser)()",
+            "    for name in names:",
+            "        getattr(module, name).copy_(getattr(fresh, name))",
+        ]
+    if not body:
+        body = ["pass  # the plan changes nothing"]
+    lines += ["    " + line for line in body]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,340 @@
+"""The Diff: every model tensor lined up against its checkpoint tensor, with a status.
+
+Statuses (the project's vocabulary): ``match`` (same shape and dtype), ``dtype`` (same shape,
+other dtype), ``shape`` (other shape), ``missing`` (in the model, not in the checkpoint),
+``unexpected`` (in the checkpoint, not in the model).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ckptviz.core.display import render
+from ckptviz.core.errors import PlanError
+from ckptviz.core.matching import (
+    KeyMapping,
+    RuleSuggestion,
+    Suggestion,
+    detect_prefixes,
+    match_keys,
+    parse_rules,
+    suggest_renames,
+    suggest_rules,
+    with_pair,
+    with_rule,
+)
+from ckptviz.core.reading import Checkpoint, GlobalSpec, TensorInfo, read_checkpoint
+
+if TYPE_CHECKING:
+    from ckptviz.core.plan import Plan
+
+STATUSES = ("match", "dtype", "shape", "missing", "unexpected")
+
+Source = str | os.PathLike[str] | Mapping[Any, Any] | torch.nn.Module | Checkpoint
+
+
+@dataclass(frozen=True)
+class Row:
+    """One aligned pair: a model tensor and the checkpoint tensor that feeds it (either may be
+    absent). ``key`` is the model key, or the checkpoint key for ``unexpected`` rows."""
+
+    status: str
+    model: TensorInfo | None
+    checkpoint: TensorInfo | None
+    note: str = ""
+    tied: tuple[str, ...] = ()
+
+    @property
+    def model_key(self) -> str | None:
+        return self.model.key if self.model else None
+
+    @property
+    def checkpoint_key(self) -> str | None:
+        return self.checkpoint.key if self.checkpoint else None
+
+    @property
+    def key(self) -> str:
+        info = self.model or self.checkpoint
+        assert info is not None
+        return info.key
+
+    @property
+    def module(self) -> str:
+        """The owning module's name (``""`` for the root)."""
+        return self.key.rpartition(".")[0]
+
+    @property
+    def tensor_name(self) -> str:
+        return self.key.rpartition(".")[2]
+
+    @property
+    def numel(self) -> int:
+        info = self.model or self.checkpoint
+        assert info is not None
+        return info.numel
+
+    def to_record(self) -> dict[str, Any]:
+        m, c = self.model, self.checkpoint
+        return {
+            "status": self.status,
+            "model_key": m.key if m else None,
+            "model_shape": m.shape if m else None,
+            "model_dtype": m.dtype if m else None,
+            "checkpoint_key": c.key if c else None,
+            "checkpoint_shape": c.shape if c else None,
+            "checkpoint_dtype": c.dtype if c else None,
+            "module": self.module,
+            "kind": m.kind if m else None,
+            "numel": self.numel,
+            "note": self.note,
+        }
+
+
+def row_status(model: TensorInfo | None, checkpoint: TensorInfo | None) -> str:
+    if model is None:
+        return "unexpected"
+    if checkpoint is None:
+        return "missing"
+    if model.shape != checkpoint.shape:
+        return "shape"
+    if model.dtype != checkpoint.dtype:
+        return "dtype"
+    return "match"
+
+
+def _rename_note(model_key: str, checkpoint_key: str, mapping: KeyMapping) -> str:
+    if model_key == checkpoint_key:
+        return ""
+    if (model_key, checkpoint_key) in mapping.pairs:
+        how = "paired by hand"
+    elif mapping.rules and mapping.checkpoint_name(checkpoint_key) != KeyMapping(
+        mapping.checkpoint_prefix
+    ).checkpoint_name(checkpoint_key):
+        how = "by rename rule"
+    else:
+        how = "wrapper prefix"
+    return f"renamed from {checkpoint_key} ({how})"
+
+
+def build_rows(
+    left: Checkpoint, right: Checkpoint, mapping: KeyMapping
+) -> tuple[list[Row], dict[str, str]]:
+    """Rows in model order, each unexpected checkpoint key placed after its predecessor's row."""
+    matched = match_keys(left.keys(), right.keys(), mapping)
+    matched = {m: c for m, c in matched.items() if m in left.tensors and c in right.tensors}
+    ties: dict[str, tuple[str, ...]] = {}
+    for group in left.ties:
+        for key in group:
+            ties[key] = tuple(k for k in group if k != key)
+    model_rows: dict[str, Row] = {}
+    for key, info in left.tensors.items():
+        ckpt_key = matched.get(key)
+        ckpt_info = right.tensors.get(ckpt_key) if ckpt_key else None
+        note = _rename_note(key, ckpt_key, mapping) if ckpt_key else ""
+        model_rows[key] = Row(row_status(info, ckpt_info), info, ckpt_info, note, ties.get(key, ()))
+    fed = {c: m for m, c in matched.items()}
+    after: dict[str | None, list[Row]] = {}
+    previous: str | None = None
+    for ckpt_key, info in right.tensors.items():
+        if ckpt_key in fed:
+            previous = fed[ckpt_key]
+        else:
+            after.setdefault(previous, []).append(Row("unexpected", None, info))
+    rows = list(after.get(None, []))
+    for key, row in model_rows.items():
+        rows.append(row)
+        rows.extend(after.get(key, []))
+    return rows, matched
+
+
+class Diff:
+    """A model (or reference checkpoint) lined up against a checkpoint, one ``Row`` per pair."""
+
+    def __init__(
+        self,
+        model_side: Checkpoint,
+        checkpoint: Checkpoint,
+        mapping: KeyMapping,
+        model: torch.nn.Module | None = None,
+    ) -> None:
+        self.model_side = model_side
+        self.checkpoint = checkpoint
+        self.mapping = mapping
+        self.model = model
+        self.rows, self.matched = build_rows(model_side, checkpoint, mapping)
+        self._by_key: dict[str, Row] = {}
+        for row in reversed(self.rows):  # a model key wins over an unexpected key of one name
+            if row.status == "unexpected" and row.key in self._by_key:
+                continue
+            self._by_key[row.key] = row
+        self._suggestions: list[Suggestion] | None = None
+
+    # -- reading rows ---------------------------------------------------------------------------
+    @property
+    def against_model(self) -> bool:
+        """The left side is a model (live, or recorded in a saved plan), not a checkpoint."""
+        return self.model_side.format == "module"
+
+    @property
+    def side_names(self) -> tuple[str, str]:
+        if self.against_model:
+            return ("model", "checkpoint")
+        return (self.model_side.source, self.checkpoint.source)
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def row(self, key: str) -> Row:
+        """The row of a model key (or, for ``unexpected`` rows, a checkpoint key)."""
+        try:
+            return self._by_key[key]
+        except KeyError:
+            close = [k for k in self._by_key if key in k][:5]
+            hint = f" Close: {', '.join(close)}." if close else ""
+            raise KeyError(f"no row {key!r} in this diff.{hint}") from None
+
+    def status(self, key: str) -> str:
+        return self.row(key).status
+
+    def rows_with(self, *statuses: str) -> list[Row]:
+        for status in statuses:
+            if status not in STATUSES:
+                raise ValueError(f"unknown status {status!r}; expected one of {STATUSES}")
+        return [r for r in self.rows if r.status in statuses]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for row in self.rows:
+            counts[row.status] += 1
+        return counts
+
+    @property
+    def identical(self) -> bool:
+        """Every row matches under plain names: a strict ``load_state_dict`` would succeed."""
+        return all(r.status == "match" and not r.note for r in self.rows)
+
+    @property
+    def summary(self) -> str:
+        counts = self.counts
+        parts = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        lines = [f"{len(self.rows)} rows: {parts or 'nothing to compare'}"]
+        lines.append(f"key mapping: {self.mapping.describe()}")
+        if self.checkpoint.location:
+            lines.append(f"checkpoint state dict at {self.checkpoint.location_text!r}")
+        if self.checkpoint.candidates:
+            others = ", ".join("/".join(c) or "(top level)" for c in self.checkpoint.candidates)
+            lines.append(f"other state dicts in the file (key=...): {others}")
+        if self.checkpoint.skipped:
+            lines.append(f"{len(self.checkpoint.skipped)} checkpoint entries are not tensors")
+        if self.suggestions:
+            lines.append(f"{len(self.suggestions)} rename suggestion(s): see diff.suggestions")
+        return "\n".join(lines)
+
+    # -- renames ---------------------------------------------------------------------------------
+    @property
+    def suggestions(self) -> list[Suggestion]:
+        """Likely pairs of missing and unexpected keys, best first; never applied on their own."""
+        if self._suggestions is None:
+            missing = [r.model for r in self.rows if r.status == "missing" and r.model]
+            unexpected = [
+                r.checkpoint for r in self.rows if r.status == "unexpected" and r.checkpoint
+            ]
+            model_order = {k: i for i, k in enumerate(self.model_side.tensors)}
+            ckpt_order = {k: i for i, k in enumerate(self.checkpoint.tensors)}
+            self._suggestions = suggest_renames(
+                missing, unexpected, model_order, ckpt_order, self.mapping
+            )
+        return self._suggestions
+
+    @property
+    def rule_suggestions(self) -> list[RuleSuggestion]:
+        return suggest_rules(self.suggestions, self.mapping)
+
+    def pair(self, model_key: str, checkpoint_key: str) -> Diff:
+        """A new Diff in which ``checkpoint_key`` feeds ``model_key``."""
+        if model_key not in self.model_side.tensors:
+            raise PlanError(
+                f"pair: the model has no tensor {model_key!r}", {model_key: "no such key"}
+            )
+        if checkpoint_key not in self.checkpoint.tensors:
+            raise PlanError(
+                f"pair: {self.checkpoint.source} has no tensor {checkpoint_key!r}",
+                {checkpoint_key: "no such key"},
+            )
+        return self._remapped(with_pair(self.mapping, model_key, checkpoint_key))
+
+    def accept(self, suggestion: Suggestion | RuleSuggestion) -> Diff:
+        """A new Diff with a suggested pair or rule taken."""
+        if isinstance(suggestion, RuleSuggestion):
+            return self.rename(suggestion.pattern, suggestion.replacement)
+        return self.pair(suggestion.model_key, suggestion.checkpoint_key)
+
+    def rename(self, pattern: str, replacement: str) -> Diff:
+        """A new Diff with one more rename rule applied to checkpoint keys."""
+        return self._remapped(with_rule(self.mapping, pattern, replacement))
+
+    def _remapped(self, mapping: KeyMapping) -> Diff:
+        return Diff(self.model_side, self.checkpoint, mapping, self.model)
+
+    # -- planning and views ----------------------------------------------------------------------
+    def plan(self) -> Plan:
+        """A Plan with the well-known defaults: load what fits, keep the rest."""
+        from ckptviz.core.plan import Plan
+
+        return Plan(self)
+
+    def explain(self, key: str) -> str:
+        """Plain words on what a row's status means and what each action would do."""
+        from ckptviz.core.explain import explain_row
+
+        return explain_row(self, self.row(key))
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [row.to_record() for row in self.rows]
+
+    def to_frame(self) -> Any:
+        """A pandas DataFrame, one row per aligned pair."""
+        return render("frame", self)
+
+    def _repr_html_(self) -> str:
+        return str(render("html", self))
+
+    def __str__(self) -> str:
+        from ckptviz.core.text import diff_text
+
+        return diff_text(self)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts.items() if n)
+        return f"<Diff {self.side_names[0]} vs {self.side_names[1]}: {counts}>"
+
+
+def compare(
+    model: Source,
+    source: Source,
+    *,
+    rename: Mapping[str, str] | Iterable[tuple[str, str] | str] | None = None,
+    key: str | Sequence[str] | None = None,
+    trusted: bool = False,
+    allow_globals: Sequence[GlobalSpec] = (),
+) -> Diff:
+    """Line up ``model`` (a live ``nn.Module``, or any checkpoint source) against ``source``.
+
+    ``rename`` holds regex -> replacement rules for checkpoint keys; wrapper prefixes are found
+    on their own. ``key``, ``trusted`` and ``allow_globals`` go to ``read_checkpoint`` for
+    ``source``.
+    """
+    live = model if isinstance(model, torch.nn.Module) else None
+    model_side = read_checkpoint(model)
+    checkpoint = read_checkpoint(source, key=key, trusted=trusted, allow_globals=allow_globals)
+    mapping = detect_prefixes(model_side.keys(), checkpoint.keys(), parse_rules(rename))
+    return Diff(model_side, checkpoint, mapping, live)

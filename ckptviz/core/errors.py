@@ -1,0 +1,32 @@
+"""Errors that say what was expected, what was found and what to do next."""
+
+from __future__ import annotations
+
+
+class CkptvizError(Exception):
+    """Base class of every error ckptviz raises on purpose."""
+
+
+class CheckpointError(CkptvizError, ValueError):
+    """A checkpoint could not be read: the message names the file and the next step."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """Reading the checkpoint would need pickle globals that are not allowed by default."""
+
+    def __init__(self, message: str, unsafe_globals: list[str]) -> None:
+        super().__init__(message)
+        self.unsafe_globals = unsafe_globals
+
+
+class PlanError(CkptvizError, ValueError):
+    """A plan cannot be built, edited or applied as asked; the model was not changed."""
+
+    def __init__(self, message: str, rows: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        #: model or checkpoint key -> why that row is refused
+        self.rows: dict[str, str] = dict(rows or {})
+
+
+class ApplyError(PlanError):
+    """Applying a plan failed part-way; every tensor already written was restored."""

@@ -1,0 +1,282 @@
+"""Matching: which checkpoint key feeds which model key.
+
+A ``KeyMapping`` is everything that decides it: a wrapper prefix stripped on either side
+(``module.`` from DataParallel, ``_orig_mod.`` from torch.compile, ``model.`` from Lightning),
+explicit rename rules (regex -> replacement, applied to checkpoint keys) and pairs a person
+chose by hand. ``detect_prefixes`` finds the prefixes; ``suggest_renames`` ranks likely pairs
+among what is still unmatched, for a person to accept, never applied on its own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from difflib import SequenceMatcher
+from typing import Any
+
+from ckptviz.core.errors import PlanError
+from ckptviz.core.reading import TensorInfo
+
+#: Prefixes that training wrappers put in front of every key.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
+
+
+@dataclass(frozen=True)
+class KeyMapping:
+    """How checkpoint keys are turned into model keys, in this order: prefixes, rules, pairs."""
+
+    checkpoint_prefix: str = ""
+    model_prefix: str = ""
+    rules: tuple[tuple[str, str], ...] = ()
+    pairs: tuple[tuple[str, str], ...] = field(default=())  # (model key, checkpoint key)
+
+    def __post_init__(self) -> None:
+        for pattern, _ in self.rules:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise PlanError(f"rename rule {pattern!r} is not a valid regex: {exc}") from None
+
+    def checkpoint_name(self, key: str) -> str:
+        """The name a checkpoint key is matched under, after prefix and rules."""
+        name = key.removeprefix(self.checkpoint_prefix) if self.checkpoint_prefix else key
+        for pattern, replacement in self.rules:
+            name = re.sub(pattern, replacement, name)
+        return name
+
+    def model_name(self, key: str) -> str:
+        return key.removeprefix(self.model_prefix) if self.model_prefix else key
+
+    def describe(self) -> str:
+        parts = []
+        if self.checkpoint_prefix:
+            parts.append(f"checkpoint prefix {self.checkpoint_prefix!r} removed")
+        if self.model_prefix:
+            parts.append(f"model prefix {self.model_prefix!r} removed")
+        parts += [f"rule {p!r} -> {r!r}" for p, r in self.rules]
+        if self.pairs:
+            parts.append(f"{len(self.pairs)} pair(s) chosen by hand")
+        return "; ".join(parts) or "keys compared as they are"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint_prefix": self.checkpoint_prefix,
+            "model_prefix": self.model_prefix,
+            "rules": [list(r) for r in self.rules],
+            "pairs": [list(p) for p in self.pairs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KeyMapping:
+        return cls(
+            checkpoint_prefix=str(data.get("checkpoint_prefix", "")),
+            model_prefix=str(data.get("model_prefix", "")),
+            rules=tuple((str(p), str(r)) for p, r in data.get("rules", ())),
+            pairs=tuple((str(m), str(c)) for m, c in data.get("pairs", ())),
+        )
+
+
+def parse_rules(
+    rename: Mapping[str, str] | Iterable[tuple[str, str] | str] | None,
+) -> tuple[tuple[str, str], ...]:
+    """``{"^blocks\\.": "layers."}`` or ``[("^old", "new")]`` or ``["^old=new"]`` -> rules."""
+    if rename is None:
+        return ()
+    items: Iterable[Any] = rename.items() if isinstance(rename, Mapping) else rename
+    rules = []
+    for item in items:
+        if isinstance(item, str):
+            pattern, sep, replacement = item.partition("=")
+            if not sep:
+                raise PlanError(f"rename rule {item!r}: expected 'REGEX=REPLACEMENT'")
+            item = (pattern, replacement)
+        pattern, replacement = item
+        rules.append((str(pattern), str(replacement)))
+    return tuple(rules)
+
+
+def match_keys(
+    model_keys: Sequence[str], checkpoint_keys: Sequence[str], mapping: KeyMapping
+) -> dict[str, str]:
+    """model key -> checkpoint key for every pair the mapping lines up (first one wins)."""
+    matched: dict[str, str] = {}
+    taken: set[str] = set()
+    for model_key, checkpoint_key in mapping.pairs:
+        matched[model_key] = checkpoint_key
+        taken.add(checkpoint_key)
+    by_name: dict[str, str] = {}
+    for key in checkpoint_keys:
+        if key not in taken:
+            by_name.setdefault(mapping.checkpoint_name(key), key)
+    for key in model_keys:
+        if key in matched:
+            continue
+        found = by_name.get(mapping.model_name(key))
+        if found is not None and found not in taken:
+            matched[key] = found
+            taken.add(found)
+    return matched
+
+
+def _prefix_candidates(keys: Sequence[str]) -> list[str]:
+    candidates = [""]
+    if not keys:
+        return candidates
+    first = {k.split(".", 1)[0] + "." for k in keys if "." in k}
+    tokens = set(WRAPPER_PREFIXES)
+    if len(first) == 1 and all("." in k for k in keys):
+        tokens |= first  # every key sits under one name: a wrapper whatever it is called
+    frontier = [""]
+    for _ in range(3):
+        grown = []
+        for prefix in frontier:
+            for token in sorted(tokens):
+                longer = prefix + token
+                if any(k.startswith(longer) for k in keys):
+                    grown.append(longer)
+        candidates += grown
+        frontier = grown
+    return candidates
+
+
+def detect_prefixes(
+    model_keys: Sequence[str],
+    checkpoint_keys: Sequence[str],
+    rules: tuple[tuple[str, str], ...] = (),
+    pairs: tuple[tuple[str, str], ...] = (),
+) -> KeyMapping:
+    """The wrapper prefixes to strip, chosen to match the most keys; none unless they help."""
+    best = KeyMapping(rules=rules, pairs=pairs)
+    best_count = len(match_keys(model_keys, checkpoint_keys, best))
+    for ckpt_prefix in _prefix_candidates(checkpoint_keys):
+        for model_prefix in _prefix_candidates(model_keys):
+            if not ckpt_prefix and not model_prefix:
+                continue
+            mapping = KeyMapping(ckpt_prefix, model_prefix, rules, pairs)
+            count = len(match_keys(model_keys, checkpoint_keys, mapping))
+            shorter = len(ckpt_prefix + model_prefix) < len(
+                best.checkpoint_prefix + best.model_prefix
+            )
+            if count > best_count or (
+                count == best_count
+                and count > 0
+                and shorter
+                and (best.checkpoint_prefix or best.model_prefix)
+            ):
+                best, best_count = mapping, count
+    return best
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A likely pair among unmatched keys, with how sure and why; accept it or leave it."""
+
+    model_key: str
+    checkpoint_key: str
+    score: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class RuleSuggestion:
+    """A rename rule that would pair several unmatched keys at once."""
+
+    pattern: str
+    replacement: str
+    pairs: int
+
+
+def _leaf(key: str) -> str:
+    return key.rpartition(".")[2]
+
+
+def suggest_renames(
+    missing: Sequence[TensorInfo],
+    unexpected: Sequence[TensorInfo],
+    model_order: Mapping[str, int],
+    checkpoint_order: Mapping[str, int],
+    mapping: KeyMapping,
+    limit: int = 200,
+) -> list[Suggestion]:
+    """Rank pairs of (missing model key, unexpected checkpoint key) of one shape and leaf name.
+
+    Score = 0.6 * name similarity + 0.4 * closeness of their positions in each file; each key is
+    used in at most one suggestion, best first.
+    """
+    if not missing or not unexpected:
+        return []
+    n_model = max(len(model_order), 1)
+    n_ckpt = max(len(checkpoint_order), 1)
+    by_shape: dict[tuple[tuple[int, ...], str], list[TensorInfo]] = {}
+    for info in missing:
+        by_shape.setdefault((info.shape, _leaf(info.key)), []).append(info)
+    scored: list[tuple[float, str, str, str]] = []
+    for ckpt in unexpected:
+        candidates = by_shape.get((ckpt.shape, _leaf(ckpt.key)), [])
+        if len(candidates) > 50:  # many identical layers: position decides, keep the nearest
+            pos = checkpoint_order[ckpt.key] / n_ckpt
+            candidates = sorted(candidates, key=lambda m: abs(model_order[m.key] / n_model - pos))
+            candidates = candidates[:50]
+        name = mapping.checkpoint_name(ckpt.key)
+        for model in candidates:
+            similarity = SequenceMatcher(None, name, mapping.model_name(model.key)).ratio()
+            closeness = 1 - abs(
+                model_order[model.key] / n_model - checkpoint_order[ckpt.key] / n_ckpt
+            )
+            score = 0.6 * similarity + 0.4 * closeness
+            reason = (
+                f"same shape {list(ckpt.shape)}, names {similarity:.0%} alike, "
+                f"positions {closeness:.0%} close"
+            )
+            scored.append((score, model.key, ckpt.key, reason))
+    scored.sort(key=lambda s: (-s[0], s[1], s[2]))
+    used_model: set[str] = set()
+    used_ckpt: set[str] = set()
+    result = []
+    for score, model_key, ckpt_key, reason in scored:
+        if model_key in used_model or ckpt_key in used_ckpt:
+            continue
+        used_model.add(model_key)
+        used_ckpt.add(ckpt_key)
+        result.append(Suggestion(model_key, ckpt_key, round(score, 3), reason))
+        if len(result) >= limit:
+            break
+    return result
+
+
+def suggest_rules(suggestions: Sequence[Suggestion], mapping: KeyMapping) -> list[RuleSuggestion]:
+    """Rename rules shared by two or more suggestions (e.g. ``blocks`` -> ``layers``)."""
+    counts: dict[tuple[str, str], int] = {}
+    for s in suggestions:
+        old = mapping.checkpoint_name(s.checkpoint_key)
+        new = mapping.model_name(s.model_key)
+        start = 0
+        while start < min(len(old), len(new)) and old[start] == new[start]:
+            start += 1
+        end = 0
+        while end < min(len(old), len(new)) - start and old[-1 - end] == new[-1 - end]:
+            end += 1
+        old_mid, new_mid = old[start : len(old) - end], new[start : len(new) - end]
+        # widen to whole words so a rule never cuts through a name
+        while start > 0 and (old[start - 1].isalnum() or old[start - 1] == "_"):
+            start -= 1
+            old_mid, new_mid = old[start] + old_mid, new[start] + new_mid
+        if not old_mid:
+            continue
+        counts[(old_mid, new_mid)] = counts.get((old_mid, new_mid), 0) + 1
+    rules = [
+        RuleSuggestion(rf"(?<![\w]){re.escape(old)}(?![A-Za-z_])", new, n)
+        for (old, new), n in counts.items()
+        if n >= 2
+    ]
+    return sorted(rules, key=lambda r: -r.pairs)
+
+
+def with_pair(mapping: KeyMapping, model_key: str, checkpoint_key: str) -> KeyMapping:
+    pairs = tuple(p for p in mapping.pairs if p[0] != model_key and p[1] != checkpoint_key)
+    return replace(mapping, pairs=(*pairs, (model_key, checkpoint_key)))
+
+
+def with_rule(mapping: KeyMapping, pattern: str, replacement: str) -> KeyMapping:
+    return replace(mapping, rules=(*mapping.rules, (pattern, replacement)))

@@ -1,0 +1,775 @@
+"""Reading: a checkpoint's tensor metadata, without its data, from any source.
+
+Sources are torch zip files (any extension), legacy torch pickles, ``.safetensors`` files,
+in-memory (nested) state dicts and ``nn.Module`` objects. File formats are found by content, in
+``FORMATS``: a new format (sharded indexes, distributed checkpoint directories) is one more entry.
+
+Tensor data is only fetched through ``Checkpoint.open()``, one tensor at a time, after checking
+that the file is still the one that was read.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import re
+import struct
+import tarfile
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptviz.core.errors import CheckpointError, UnsafeCheckpointError
+
+#: Where checkpoints commonly keep their weights, most specific first.
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "net",
+    "network",
+    "model_ema",
+    "state_dict_ema",
+    "ema",
+    "ema_state_dict",
+    "params",
+    "weights",
+)
+
+GlobalSpec = str | Callable[..., Any] | type
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``: the spelling used in tables and JSON."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"unknown dtype {name!r}: expected a torch dtype name like 'float32'")
+    return dtype
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "C64": "complex64",
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known about one checkpoint tensor without reading its data."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    #: for tensors read from a live module: "parameter" or "buffer", and the owning module's class
+    kind: str | None = None
+    module_type: str | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+
+@dataclass(frozen=True)
+class FileFingerprint:
+    """Size and modification time: enough to notice a file replaced since it was read."""
+
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileFingerprint:
+        stat = path.stat()
+        return cls(stat.st_size, stat.st_mtime_ns)
+
+
+class TensorSource(Mapping[str, torch.Tensor]):
+    """An open checkpoint: ``source[key]`` fetches one tensor's data (CPU, possibly mmap-backed)."""
+
+    def __init__(self, checkpoint: Checkpoint, fetch: Callable[[str], torch.Tensor]) -> None:
+        self._checkpoint = checkpoint
+        self._fetch = fetch
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        info = self._checkpoint.tensors.get(key)
+        if info is None:
+            raise KeyError(key)
+        try:
+            tensor = self._fetch(key)
+        except (CheckpointError, KeyError):
+            raise
+        except Exception as exc:
+            raise CheckpointError(
+                f"{self._checkpoint.source}: could not read the data of {key!r}: {exc}. "
+                "The file may be truncated or damaged; re-save it or pick another copy."
+            ) from exc
+        if tuple(tensor.shape) != info.shape or dtype_name(tensor.dtype) != info.dtype:
+            raise CheckpointError(
+                f"{self._checkpoint.source}: {key!r} is now {list(tensor.shape)} "
+                f"{dtype_name(tensor.dtype)}, but was {list(info.shape)} {info.dtype} when read. "
+                "The checkpoint changed; compare again."
+            )
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._checkpoint.tensors)
+
+    def __len__(self) -> int:
+        return len(self._checkpoint.tensors)
+
+
+@dataclass(eq=False)
+class Checkpoint:
+    """A checkpoint's tensors as metadata; ``open()`` fetches data only when asked.
+
+    ``location`` is where the state dict sits inside a nested checkpoint (``("state_dict",)``
+    for Lightning), ``candidates`` the other places that also looked like one, ``skipped`` the
+    entries that are not tensors (key -> what they are) and ``ties`` the groups of keys that
+    share one storage.
+    """
+
+    source: str
+    format: str
+    tensors: dict[str, TensorInfo]
+    path: Path | None = None
+    location: tuple[str, ...] = ()
+    candidates: list[tuple[str, ...]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    ties: list[tuple[str, ...]] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    fingerprint: FileFingerprint | None = None
+    trusted: bool = False
+    allow_globals: tuple[str, ...] = ()
+    _opener: Callable[[Checkpoint], AbstractContextManager[TensorSource]] | None = field(
+        default=None, repr=False
+    )
+
+    # -- mapping-like access to the metadata --------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.tensors
+
+    def __getitem__(self, key: str) -> TensorInfo:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise KeyError(f"{self.source} has no tensor {key!r}") from None
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    @property
+    def total_numel(self) -> int:
+        return sum(info.numel for info in self.tensors.values())
+
+    @property
+    def location_text(self) -> str:
+        return "/".join(self.location) if self.location else "(top level)"
+
+    def summary(self) -> str:
+        """A few lines: where the tensors came from and what was passed over."""
+        lines = [
+            f"{self.source} ({self.format}): {len(self.tensors)} tensors, "
+            f"{self.total_numel:,} values, {_human_bytes(self.total_bytes)}"
+        ]
+        if self.location:
+            lines.append(f"state dict found at {self.location_text!r}")
+        if self.candidates:
+            others = ", ".join("/".join(c) or "(top level)" for c in self.candidates)
+            lines.append(f"other candidates (pick one with key=...): {others}")
+        if self.skipped:
+            shown = ", ".join(f"{k} ({v})" for k, v in list(self.skipped.items())[:5])
+            more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
+            lines.append(f"not tensors, passed over: {shown}{more}")
+        if self.ties:
+            lines.append(f"tied (shared storage): {'; '.join(' = '.join(t) for t in self.ties)}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<Checkpoint {self.summary().splitlines()[0]}>"
+
+    # -- data ----------------------------------------------------------------------------------
+    def open(self) -> AbstractContextManager[TensorSource]:
+        """Open the checkpoint for reading tensor data, checking it did not change on disk."""
+        if self._opener is None:
+            raise CheckpointError(
+                f"{self.source}: this checkpoint was rebuilt from metadata only and has no data; "
+                "read it again with ckptviz.read_checkpoint(path)."
+            )
+        if self.path is not None and self.fingerprint is not None:
+            self.check_unchanged()
+        return self._opener(self)
+
+    def check_unchanged(self) -> None:
+        """Raise if the file was replaced, truncated or deleted since it was read."""
+        if self.path is None or self.fingerprint is None:
+            return
+        try:
+            now = FileFingerprint.of(self.path)
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self.path}: the checkpoint is gone since it was read ({exc.strerror}); "
+                "restore the file or compare against another one."
+            ) from exc
+        if now != self.fingerprint:
+            raise CheckpointError(
+                f"{self.path}: the file changed since it was read (size {self.fingerprint.size} "
+                f"-> {now.size} bytes); compare again before applying."
+            )
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+human_bytes = _human_bytes
+
+
+# -- finding the state dict inside a nested checkpoint ------------------------------------------
+
+
+def _tensor_count(obj: Mapping[Any, Any]) -> int:
+    return sum(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _looks_like_state_dict(obj: object) -> bool:
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    tensors = _tensor_count(obj)
+    return tensors > 0 and tensors * 2 >= len(obj)
+
+
+def _find_candidates(obj: Mapping[Any, Any], depth: int = 3) -> list[tuple[str, ...]]:
+    """Paths to every nested mapping that looks like a state dict, breadth first."""
+    found: list[tuple[str, ...]] = []
+    frontier: list[tuple[tuple[str, ...], Mapping[Any, Any]]] = [((), obj)]
+    for _ in range(depth + 1):
+        next_frontier = []
+        for path, node in frontier:
+            if _looks_like_state_dict(node):
+                found.append(path)
+                continue
+            for name, value in node.items():
+                if isinstance(name, str) and isinstance(value, Mapping):
+                    next_frontier.append(((*path, name), value))
+        frontier = next_frontier
+    return found
+
+
+def _rank(path: tuple[str, ...]) -> tuple[int, int]:
+    """Known state-dict names first, shallower first."""
+    scores = [STATE_DICT_KEYS.index(p) for p in path if p in STATE_DICT_KEYS]
+    return (min(scores) if scores else len(STATE_DICT_KEYS), len(path))
+
+
+def _parse_key(key: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    if key is None:
+        return None
+    if isinstance(key, str):
+        return tuple(part for part in key.split("/") if part)
+    return tuple(key)
+
+
+def _locate(
+    obj: object, source: str, key: tuple[str, ...] | None
+) -> tuple[Mapping[Any, Any], tuple[str, ...], list[tuple[str, ...]]]:
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{source}: expected a state dict (a dict of tensors) or a dict holding one, "
+            f"found {type(obj).__name__}. If this is a whole pickled model, load it yourself "
+            "and pass model.state_dict()."
+        )
+    if key is not None:
+        node: object = obj
+        for i, part in enumerate(key):
+            if not isinstance(node, Mapping) or part not in node:
+                where = "/".join(key[:i]) or "the top level"
+                have = ", ".join(repr(k) for k in node) if isinstance(node, Mapping) else "-"
+                raise CheckpointError(
+                    f"{source}: no entry {part!r} at {where}; it has: {have}. "
+                    "Pass key= as a path like 'state_dict' or 'ema/module'."
+                )
+            node = node[part]
+        if not isinstance(node, Mapping):
+            raise CheckpointError(
+                f"{source}: the entry {'/'.join(key)!r} is a {type(node).__name__}, not a dict "
+                "of tensors; pick another key=."
+            )
+        others = [c for c in _find_candidates(obj) if c != key]
+        return node, key, others
+    candidates = sorted(_find_candidates(obj), key=_rank)
+    if not candidates:
+        entries = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in list(obj.items())[:12])
+        raise CheckpointError(
+            f"{source}: found no dict of tensors in this checkpoint. Top-level entries: "
+            f"{entries or 'none'}. Pass key='...' if the weights are stored under another name."
+        )
+    chosen = candidates[0]
+    return _navigate(obj, chosen), chosen, candidates[1:]
+
+
+def _tensor_table(
+    state: Mapping[Any, Any],
+) -> tuple[dict[str, TensorInfo], dict[str, str], list[tuple[str, ...]]]:
+    tensors: dict[str, TensorInfo] = {}
+    skipped: dict[str, str] = {}
+    by_storage: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
+    for name, value in state.items():
+        if not isinstance(name, str):
+            skipped[repr(name)] = f"key of type {type(name).__name__}, not a string"
+            continue
+        if not isinstance(value, torch.Tensor):
+            what = type(value).__name__
+            if isinstance(value, Mapping):
+                what = f"nested dict with {_tensor_count(value)} tensors"
+            skipped[name] = what
+            continue
+        shape = tuple(int(s) for s in value.shape)
+        info = TensorInfo(
+            name, shape, dtype_name(value.dtype), value.numel() * value.element_size()
+        )
+        tensors[name] = info
+        if value.device.type != "meta" and value.numel() > 0:
+            storage = value.untyped_storage()
+            ident = (storage.data_ptr(), int(value.storage_offset()), shape, tuple(value.stride()))
+            by_storage.setdefault(ident, []).append(name)
+    ties = [tuple(keys) for keys in by_storage.values() if len(keys) > 1]
+    return tensors, skipped, ties
+
+
+# -- safety: pickle globals ----------------------------------------------------------------------
+
+
+def _resolve_global(spec: GlobalSpec) -> tuple[Any, str]:
+    if not isinstance(spec, str):
+        name = f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', spec)}"
+        return spec, name
+    parts = spec.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            value: Any = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                value = getattr(value, attr)
+        except AttributeError:
+            continue
+        return value, spec
+    raise CheckpointError(
+        f"allow_globals: cannot find {spec!r}; give the full dotted name as the error listed it "
+        "(e.g. 'argparse.Namespace'), or pass the object itself."
+    )
+
+
+def _unsafe_globals(path: Path, message: str) -> list[str]:
+    names: list[str] = []
+    if zipfile.is_zipfile(path):
+        try:
+            names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:
+            names = []
+    if not names:
+        names = re.findall(r"GLOBAL ([\w.]+)", message)
+    return sorted(dict.fromkeys(names))
+
+
+def _unsafe_error(path: Path, exc: Exception) -> UnsafeCheckpointError:
+    names = _unsafe_globals(path, str(exc))
+    listed = ", ".join(names) if names else "(torch did not name them)"
+    allow = repr(names) if names else "['module.Name', ...]"
+    return UnsafeCheckpointError(
+        f"{path}: this checkpoint needs pickle globals that are not allowed by default: {listed}. "
+        "Nothing from it was run. If you trust the file, either allow exactly these for this "
+        f"read: ckptviz.read_checkpoint({str(path)!r}, allow_globals={allow}), or unpickle it "
+        f"fully (this runs any code the file contains): "
+        f"ckptviz.read_checkpoint({str(path)!r}, trusted=True).",
+        names,
+    )
+
+
+def _safe_globals_scope(allow: Sequence[GlobalSpec]) -> AbstractContextManager[Any]:
+    if not allow:
+        return nullcontext()
+    resolved = [_resolve_global(spec) for spec in allow]
+    # torch's (object, name) form keeps the exact spelling in the file (numpy.core vs numpy._core)
+    return torch.serialization.safe_globals([(obj, name) for obj, name in resolved])
+
+
+# -- file formats --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    """One way to read checkpoints from disk: ``detect`` sees the path and its first bytes."""
+
+    name: str
+    detect: Callable[[Path, bytes], bool]
+    read: Callable[..., Checkpoint]
+
+
+def _is_safetensors(path: Path, head: bytes) -> bool:
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and header_len > 1
+
+
+def _is_torch_zip(path: Path, head: bytes) -> bool:
+    return head.startswith(b"PK\x03\x04")
+
+
+def _is_legacy_pickle(path: Path, head: bytes) -> bool:
+    return head[:1] == b"\x80"
+
+
+def _load_torch(path: Path, *, trusted: bool, allow: Sequence[GlobalSpec], mmap: bool) -> object:
+    with _safe_globals_scope(allow):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap)
+        except pickle.UnpicklingError as exc:
+            message = str(exc)
+            if not trusted and ("Unsupported global" in message or _unsafe_globals(path, message)):
+                raise _unsafe_error(path, exc) from None
+            raise CheckpointError(
+                f"{path}: not a checkpoint I can read safely ({_first_line(exc)}). "
+                "Expected a file written by torch.save or safetensors."
+            ) from None
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, struct.error) as exc:
+            raise CheckpointError(
+                f"{path}: the file looks like a torch checkpoint but cannot be read "
+                f"({_first_line(exc)}). It may be truncated or damaged; re-save it."
+            ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _checkpoint_from_object(
+    obj: object,
+    *,
+    source: str,
+    fmt: str,
+    key: tuple[str, ...] | None,
+    path: Path | None = None,
+    opener: Callable[[Checkpoint], AbstractContextManager[TensorSource]] | None = None,
+    **extra: Any,
+) -> Checkpoint:
+    state, location, candidates = _locate(obj, source, key)
+    tensors, skipped, ties = _tensor_table(state)
+    if not tensors:
+        raise CheckpointError(
+            f"{source}: the entry at {'/'.join(location) or 'the top level'} holds no tensors "
+            f"(found {', '.join(skipped.values()) or 'nothing'}); pick another key=."
+        )
+    return Checkpoint(
+        source=source,
+        format=fmt,
+        tensors=tensors,
+        path=path,
+        location=location,
+        candidates=candidates,
+        skipped=skipped,
+        ties=ties,
+        fingerprint=FileFingerprint.of(path) if path is not None else None,
+        _opener=opener,
+        **extra,
+    )
+
+
+def _navigate(obj: object, location: tuple[str, ...]) -> Mapping[str, torch.Tensor]:
+    for part in location:
+        obj = obj[part]  # type: ignore[index]
+    assert isinstance(obj, Mapping)
+    return obj
+
+
+def _read_torch_file(
+    path: Path,
+    *,
+    key: tuple[str, ...] | None,
+    trusted: bool,
+    allow: Sequence[GlobalSpec],
+    mmap: bool,
+) -> Checkpoint:
+    obj = _load_torch(path, trusted=trusted, allow=allow, mmap=mmap)
+    allow_names = tuple(_resolve_global(a)[1] for a in allow)
+
+    @contextmanager
+    def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
+        loaded = _load_torch(path, trusted=ckpt.trusted, allow=ckpt.allow_globals, mmap=mmap)
+        state = _navigate(loaded, ckpt.location)
+        yield TensorSource(ckpt, state.__getitem__)
+
+    return _checkpoint_from_object(
+        obj,
+        source=str(path),
+        fmt="torch" if mmap else "torch-legacy",
+        key=key,
+        path=path,
+        opener=opener,
+        trusted=trusted,
+        allow_globals=allow_names,
+    )
+
+
+def _read_torch_zip(
+    path: Path, *, key: tuple[str, ...] | None, trusted: bool, allow: Sequence[GlobalSpec]
+) -> Checkpoint:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(
+            f"{path}: starts like a zip file but cannot be opened as one ({exc}); "
+            "it may be truncated. Re-save it with torch.save."
+        ) from None
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        raise CheckpointError(
+            f"{path}: this is a TorchScript archive (torch.jit.save), not a checkpoint. "
+            "Load it with torch.jit.load(path) and pass its .state_dict() to ckptviz."
+        )
+    if not any(n.endswith("data.pkl") for n in names):
+        raise CheckpointError(
+            f"{path}: a zip file, but not one written by torch.save (no data.pkl inside). "
+            "Expected a torch checkpoint or a .safetensors file."
+        )
+    return _read_torch_file(path, key=key, trusted=trusted, allow=allow, mmap=True)
+
+
+def _read_legacy(
+    path: Path, *, key: tuple[str, ...] | None, trusted: bool, allow: Sequence[GlobalSpec]
+) -> Checkpoint:
+    # The pre-1.6 format cannot be memory-mapped: torch reads its data eagerly.
+    return _read_torch_file(path, key=key, trusted=trusted, allow=allow, mmap=False)
+
+
+def _read_safetensors(
+    path: Path, *, key: tuple[str, ...] | None, trusted: bool, allow: Sequence[GlobalSpec]
+) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+
+    if key:
+        raise CheckpointError(
+            f"{path}: a .safetensors file is one flat dict of tensors; key={'/'.join(key)!r} "
+            "does not apply. Drop key=."
+        )
+    tensors: dict[str, TensorInfo] = {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                view = handle.get_slice(name)
+                shape = tuple(int(s) for s in view.get_shape())
+                dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} has dtype {view.get_dtype()!r}, which torch "
+                        "cannot hold; convert the file or drop that tensor."
+                    )
+                n = 1
+                for s in shape:
+                    n *= s
+                tensors[name] = TensorInfo(name, shape, dtype, n * dtype_from_name(dtype).itemsize)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path}: not a valid .safetensors file ({_first_line(exc)}). "
+            "It may be truncated or damaged; re-save it with safetensors.torch.save_file."
+        ) from None
+
+    @contextmanager
+    def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                yield TensorSource(ckpt, handle.get_tensor)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{path}: cannot read tensor data ({exc}).") from None
+
+    return Checkpoint(
+        source=str(path),
+        format="safetensors",
+        tensors=tensors,
+        path=path,
+        metadata=metadata,
+        fingerprint=FileFingerprint.of(path),
+        _opener=opener,
+    )
+
+
+FORMATS: list[FileFormat] = [
+    FileFormat("safetensors", _is_safetensors, _read_safetensors),
+    FileFormat("torch", _is_torch_zip, _read_torch_zip),
+    FileFormat("torch-legacy", _is_legacy_pickle, _read_legacy),
+]
+
+
+def _read_path(
+    path: Path, *, key: tuple[str, ...] | None, trusted: bool, allow: Sequence[GlobalSpec]
+) -> Checkpoint:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file. Check the path (cwd is {os.getcwd()}).")
+    head = b""
+    if path.is_file():
+        try:
+            with path.open("rb") as stream:
+                head = stream.read(16)
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot open it ({exc.strerror}).") from None
+        if not head:
+            raise CheckpointError(
+                f"{path}: the file is empty; expected a torch or safetensors "
+                "checkpoint. Was the save interrupted?"
+            )
+    for fmt in FORMATS:
+        if fmt.detect(path, head):
+            return fmt.read(path, key=key, trusted=trusted, allow=allow)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path}: is a directory; expected a checkpoint file (.pt, .pth, .bin, .ckpt or "
+            ".safetensors). Pass the file inside it."
+        )
+    if path.is_file() and tarfile.is_tarfile(path):
+        raise CheckpointError(
+            f"{path}: a tar archive (the pre-2018 torch.save format); not a checkpoint I can "
+            "read safely. Load it with an old torch and re-save it with torch.save."
+        )
+    raise CheckpointError(
+        f"{path}: not a checkpoint I can read safely (it starts with {head[:8]!r}). Expected a "
+        "file written by torch.save (zip) or safetensors."
+    )
+
+
+def read_checkpoint(
+    source: str | os.PathLike[str] | Mapping[Any, Any] | torch.nn.Module | Checkpoint,
+    *,
+    key: str | Sequence[str] | None = None,
+    trusted: bool = False,
+    allow_globals: Sequence[GlobalSpec] = (),
+) -> Checkpoint:
+    """Read a checkpoint's tensor metadata: names, shapes, dtypes, sizes; no tensor data.
+
+    ``source`` is a file path (format found by content), a state dict or nested checkpoint dict,
+    an ``nn.Module`` or a ``Checkpoint``. ``key`` picks the state dict inside a nested checkpoint
+    (``"state_dict"``, or a path like ``"ema/module"``). Files are opened with
+    ``weights_only=True``; ``allow_globals`` allows named pickle globals for this read only, and
+    ``trusted=True`` unpickles fully (only for files you trust: it can run code).
+    """
+    wanted = _parse_key(key)
+    if isinstance(source, Checkpoint):
+        if wanted is not None and wanted != source.location:
+            raise CheckpointError(
+                f"{source.source}: already read at {source.location_text!r}; read the file again "
+                "to use another key=."
+            )
+        return source
+    if isinstance(source, torch.nn.Module):
+        return _read_module(source)
+    if isinstance(source, Mapping):
+        return _read_mapping(source, wanted)
+    if isinstance(source, (str, os.PathLike)):
+        return _read_path(Path(source), key=wanted, trusted=trusted, allow=allow_globals)
+    raise CheckpointError(
+        f"cannot read a checkpoint from a {type(source).__name__}: pass a path, a state dict, "
+        "an nn.Module or a Checkpoint."
+    )
+
+
+def _read_mapping(obj: Mapping[Any, Any], key: tuple[str, ...] | None) -> Checkpoint:
+    holder: list[Mapping[str, torch.Tensor]] = []
+
+    @contextmanager
+    def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
+        yield TensorSource(ckpt, lambda k: _data_of(holder[0][k], ckpt.source, k))
+
+    ckpt = _checkpoint_from_object(
+        obj, source="<state dict>", fmt="state dict", key=key, opener=opener
+    )
+    holder.append(_navigate(obj, ckpt.location))
+    return ckpt
+
+
+def _read_module(module: torch.nn.Module) -> Checkpoint:
+    state = module.state_dict(keep_vars=True)
+    parameter_ids = {id(p) for _, p in module.named_parameters(remove_duplicate=False)}
+
+    @contextmanager
+    def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
+        yield TensorSource(ckpt, lambda k: _data_of(state[k], ckpt.source, k))
+
+    ckpt = _checkpoint_from_object(
+        state, source=f"<{type(module).__name__} module>", fmt="module", key=None, opener=opener
+    )
+    for name, info in ckpt.tensors.items():
+        owner_name = name.rpartition(".")[0]
+        try:
+            owner_type = type(module.get_submodule(owner_name)).__name__
+        except AttributeError:
+            owner_type = None  # a key made by a custom state_dict hook
+        kind = "parameter" if id(state[name]) in parameter_ids else "buffer"
+        ckpt.tensors[name] = replace(info, kind=kind, module_type=owner_type)
+    return ckpt
+
+
+def _data_of(tensor: torch.Tensor, source: str, key: str) -> torch.Tensor:
+    if tensor.device.type == "meta":
+        raise CheckpointError(
+            f"{source}: {key!r} is on the meta device and has no data to copy; materialise the "
+            "source first (e.g. module.to_empty(device='cpu') and load real weights into it)."
+        )
+    return tensor.detach()
+
+
+def open_all(checkpoints: Sequence[Checkpoint]) -> AbstractContextManager[list[TensorSource]]:
+    """Open several checkpoints together (e.g. both sides of a comparison)."""
+
+    @contextmanager
+    def both() -> Iterator[list[TensorSource]]:
+        with ExitStack() as stack:
+            yield [stack.enter_context(c.open()) for c in checkpoints]
+
+    return both()
