@@ -13,7 +13,7 @@ import ckptviz
 
 
 def test_plain_pytorch_refuses_the_grown_conv(old_cnn_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="size mismatch for conv1.weight"):
+    with pytest.raises(RuntimeError, match=r"size mismatch for conv1\.weight"):
         SmallCNN(32).load_state_dict(torch.load(old_cnn_path, weights_only=True))
 
 

@@ -1,0 +1,221 @@
+"""Reading: sources, nested checkpoints, metadata without data, safety by default."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SmallCNN
+from safetensors.torch import save_file
+
+import ckptviz
+from ckptviz.core import reading
+
+
+def test_reads_metadata_of_a_torch_zip_file_with_any_extension(tmp_path: Path) -> None:
+    model = SmallCNN(16)
+    path = tmp_path / "weights.ckpt.bak"  # content decides, not the name
+    torch.save(model.state_dict(), path)
+    ckpt = ckptviz.read_checkpoint(path)
+    assert ckpt.format == "torch"
+    assert ckpt.keys() == list(model.state_dict())
+    info = ckpt["conv1.weight"]
+    assert info.shape == (16, 3, 3, 3)
+    assert info.dtype == "float32"
+    assert info.nbytes == 16 * 3 * 3 * 3 * 4
+    assert ckpt.total_numel == sum(v.numel() for v in model.state_dict().values())
+
+
+def test_torch_load_is_always_called_weights_only_and_mmap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "m.pt"
+    torch.save(SmallCNN().state_dict(), path)
+    calls: list[dict[str, object]] = []
+    real_load = torch.load
+
+    def recording_load(*args: object, **kwargs: object) -> object:
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    ckpt = ckptviz.read_checkpoint(path)
+    with ckpt.open() as data:
+        data["fc.bias"]
+    assert calls, "torch.load was not used"
+    assert all(c.get("weights_only") is True and c.get("mmap") is True for c in calls), calls
+
+
+def test_safetensors_reads_the_header_and_fetches_one_tensor_on_demand(tmp_path: Path) -> None:
+    state = {k: v.contiguous() for k, v in SmallCNN().state_dict().items()}
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path), metadata={"epoch": "3"})
+    ckpt = ckptviz.read_checkpoint(path)
+    assert ckpt.format == "safetensors"
+    assert ckpt.metadata == {"epoch": "3"}
+    assert {k: (i.shape, i.dtype) for k, i in ckpt.tensors.items()} == {
+        k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()
+    }
+    with ckpt.open() as data:
+        assert torch.equal(data["conv1.weight"], state["conv1.weight"])
+
+
+def test_pt_and_safetensors_of_one_model_give_the_same_diff(tmp_path: Path) -> None:
+    state = {k: v.contiguous() for k, v in SmallCNN(16).state_dict().items()}
+    torch.save(state, tmp_path / "m.pt")
+    save_file(state, str(tmp_path / "m.safetensors"))
+    model = SmallCNN(32)
+    a = ckptviz.compare(model, tmp_path / "m.pt").to_records()
+    b = ckptviz.compare(model, tmp_path / "m.safetensors").to_records()
+    assert a == b
+    assert {r["status"] for r in a} == {"match", "shape"}
+
+
+def test_in_memory_state_dict_and_module_sources() -> None:
+    source = SmallCNN(16)
+    from_module = ckptviz.read_checkpoint(source)
+    from_dict = ckptviz.read_checkpoint(source.state_dict())
+    assert from_module.keys() == from_dict.keys()
+    assert from_module["bn1.running_mean"].kind == "buffer"
+    assert from_module["conv1.weight"].kind == "parameter"
+    assert from_module["conv1.weight"].module_type == "Conv2d"
+    diff = ckptviz.compare(SmallCNN(16), source)
+    assert diff.counts["match"] == len(source.state_dict())
+
+
+def test_lightning_style_checkpoint_is_found_and_other_candidates_listed(tmp_path: Path) -> None:
+    model = SmallCNN()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    checkpoint = {
+        "epoch": 7,
+        "global_step": 700,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "state_dict_ema": ema,
+        "optimizer_states": [{"state": {}, "param_groups": []}],
+        "hyper_parameters": {"lr": 0.1},
+    }
+    path = tmp_path / "last.ckpt"
+    torch.save(checkpoint, path)
+    ckpt = ckptviz.read_checkpoint(path)
+    assert ckpt.location == ("state_dict",)
+    assert ("state_dict_ema",) in ckpt.candidates
+    assert "state_dict_ema" in ckpt.summary()
+    diff = ckptviz.compare(SmallCNN(), path)
+    assert diff.mapping.checkpoint_prefix == "model."
+    assert diff.counts["match"] == len(model.state_dict())
+    chosen = ckptviz.read_checkpoint(path, key="state_dict_ema")
+    with chosen.open() as data:
+        assert torch.equal(data["conv1.weight"], ema["conv1.weight"])
+
+
+def test_nested_key_path_and_helpful_error_for_a_wrong_key(tmp_path: Path) -> None:
+    path = tmp_path / "nested.pt"
+    torch.save({"ema": {"module": SmallCNN().state_dict()}, "step": 3}, path)
+    assert ckptviz.read_checkpoint(path, key="ema/module").location == ("ema", "module")
+    with pytest.raises(ckptviz.CheckpointError, match="no entry 'modle'") as err:
+        ckptviz.read_checkpoint(path, key="ema/modle")
+    assert str(path) in str(err.value) and "'module'" in str(err.value)
+
+
+def test_non_tensor_entries_are_listed_not_fatal(tmp_path: Path) -> None:
+    state = dict(SmallCNN().state_dict())
+    state["note"] = "trained on Tuesday"  # type: ignore[assignment]
+    state["epochs"] = 3  # type: ignore[assignment]
+    path = tmp_path / "m.pt"
+    torch.save(state, path)
+    ckpt = ckptviz.read_checkpoint(path)
+    assert ckpt.skipped == {"note": "str", "epochs": "int"}
+    assert "note (str)" in ckpt.summary()
+
+
+class Payload:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch MARKER_SHOULD_NOT_EXIST",))
+
+
+def test_malicious_pickle_is_refused_without_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    torch.save({"weight": torch.ones(2), "payload": Payload()}, path)
+    with pytest.raises(ckptviz.UnsafeCheckpointError) as err:
+        ckptviz.read_checkpoint(path)
+    assert not (tmp_path / "MARKER_SHOULD_NOT_EXIST").exists()
+    message = str(err.value)
+    assert "system" in message and str(path) in message
+    assert "trusted=True" in message and "allow_globals=" in message
+    assert any("system" in name for name in err.value.unsafe_globals)
+
+
+def test_unsafe_globals_are_named_and_the_scoped_allow_list_works(tmp_path: Path) -> None:
+    import argparse
+
+    path = tmp_path / "research.pth"
+    torch.save({"args": argparse.Namespace(lr=0.1), "model": SmallCNN().state_dict()}, path)
+    with pytest.raises(ckptviz.UnsafeCheckpointError) as err:
+        ckptviz.read_checkpoint(path)
+    assert err.value.unsafe_globals == ["argparse.Namespace"]
+    ckpt = ckptviz.read_checkpoint(path, allow_globals=["argparse.Namespace"])
+    assert ckpt.location == ("model",)
+    with ckpt.open() as data:  # re-opening uses the same scoped allow-list
+        assert data["fc.bias"].shape == (10,)
+    # the allow-list did not leak into the process
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+    assert ckptviz.read_checkpoint(path, trusted=True).location == ("model",)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "empty"),
+        (b"hello, I am a text file\n", "not a checkpoint I can read safely"),
+        (bytes(range(256)) * 4, "not a checkpoint I can read safely"),
+    ],
+)
+def test_bad_files_get_an_error_naming_the_file(
+    tmp_path: Path, content: bytes, expected: str
+) -> None:
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(ckptviz.CheckpointError, match=expected) as err:
+        ckptviz.read_checkpoint(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_path_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(ckptviz.CheckpointError, match="no such file"):
+        ckptviz.read_checkpoint(tmp_path / "nope.pth")
+    with pytest.raises(ckptviz.CheckpointError, match="directory"):
+        ckptviz.read_checkpoint(tmp_path)
+
+
+def test_truncated_torch_file_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    torch.save(SmallCNN().state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckptviz.CheckpointError) as err:
+        ckptviz.read_checkpoint(path)
+    assert str(path) in str(err.value)
+
+
+def test_file_changed_after_reading_is_noticed(tmp_path: Path) -> None:
+    path = tmp_path / "m.pt"
+    torch.save(SmallCNN().state_dict(), path)
+    ckpt = ckptviz.read_checkpoint(path)
+    torch.save(SmallCNN(8).state_dict(), path)
+    with pytest.raises(ckptviz.CheckpointError, match="changed since it was read"):
+        ckpt.open()
+
+
+def test_tied_tensors_in_a_checkpoint_are_reported() -> None:
+    from conftest import TiedLM
+
+    ckpt = reading.read_checkpoint(TiedLM().state_dict())
+    assert ckpt.ties == [("embed.weight", "head.weight")]
