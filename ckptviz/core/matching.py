@@ -9,6 +9,7 @@ among what is still unmatched, for a person to accept, never applied on its own.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -208,22 +209,24 @@ def suggest_renames(
         return []
     n_model = max(len(model_order), 1)
     n_ckpt = max(len(checkpoint_order), 1)
-    by_shape: dict[tuple[tuple[int, ...], str], list[TensorInfo]] = {}
+    # candidates of one shape and leaf name, sorted by relative position in the model, so each
+    # checkpoint key is scored against its nearest few only: linear in the number of keys
+    groups: dict[tuple[tuple[int, ...], str], list[tuple[float, TensorInfo]]] = {}
     for info in missing:
-        by_shape.setdefault((info.shape, _leaf(info.key)), []).append(info)
+        position = model_order[info.key] / n_model
+        groups.setdefault((info.shape, _leaf(info.key)), []).append((position, info))
+    for group in groups.values():
+        group.sort(key=lambda item: item[0])
+    window = 8 if len(unexpected) <= 5000 else 2
     scored: list[tuple[float, str, str, str]] = []
     for ckpt in unexpected:
-        candidates = by_shape.get((ckpt.shape, _leaf(ckpt.key)), [])
-        if len(candidates) > 50:  # many identical layers: position decides, keep the nearest
-            pos = checkpoint_order[ckpt.key] / n_ckpt
-            candidates = sorted(candidates, key=lambda m: abs(model_order[m.key] / n_model - pos))
-            candidates = candidates[:50]
+        group = groups.get((ckpt.shape, _leaf(ckpt.key)), [])
+        position = checkpoint_order[ckpt.key] / n_ckpt
+        at = bisect.bisect_left(group, position, key=lambda item: item[0])
         name = mapping.checkpoint_name(ckpt.key)
-        for model in candidates:
+        for model_position, model in group[max(0, at - window) : at + window]:
             similarity = SequenceMatcher(None, name, mapping.model_name(model.key)).ratio()
-            closeness = 1 - abs(
-                model_order[model.key] / n_model - checkpoint_order[ckpt.key] / n_ckpt
-            )
+            closeness = 1 - abs(model_position - position)
             score = 0.6 * similarity + 0.4 * closeness
             reason = (
                 f"same shape {list(ckpt.shape)}, names {similarity:.0%} alike, "
