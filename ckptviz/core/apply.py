@@ -291,7 +291,17 @@ def _fresh_values(plan: Plan, model: torch.nn.Module) -> dict[str, torch.Tensor]
     fresh: dict[str, torch.Tensor] = {}
     for (module_name, method), names in groups.items():
         module = model.get_submodule(module_name)
-        clone = copy.deepcopy(module)
+        try:
+            clone = copy.deepcopy(module)
+        except Exception as exc:
+            keys = [f"{module_name}.{n}" if module_name else n for n in names]
+            raise PlanError(
+                f"cannot reinit {', '.join(keys)}: {type(module).__name__} "
+                f"({module_name or 'the model'}) cannot be copied to run its {method}() apart "
+                f"from the model ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); keep "
+                "it instead. Nothing was changed",
+                dict.fromkeys(keys, f"{method}() needs a copy of the module, which failed"),
+            ) from None
         before = {n: (id(getattr(clone, n)), getattr(clone, n)._version) for n in names}
         with _seeded(plan.seed, module_name):
             getattr(clone, method)()
