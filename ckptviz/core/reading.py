@@ -777,7 +777,8 @@ def _read_path(
         )
     raise CheckpointError(
         f"{path}: not a checkpoint I can read safely (it starts with {head[:8]!r}). Expected a "
-        "file written by torch.save (zip) or safetensors."
+        "file written by torch.save (zip) or safetensors; if it was one, it is truncated or "
+        "damaged: re-save it or use another copy."
     )
 
 
