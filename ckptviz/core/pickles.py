@@ -18,6 +18,7 @@ import importlib
 import mmap
 import pickle
 import pickletools
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -203,7 +204,9 @@ def _unpickle(stream: _Bytes, recorder: _StorageRecorder | None = None) -> Any:
     unpickler = _weights_only.Unpickler(cast(IO[bytes], stream), encoding="utf-8")
     if recorder is not None:
         unpickler.persistent_load = recorder
-    return unpickler.load()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.load warns the user itself right after
+        return unpickler.load()
 
 
 def _tensors_in(obj: object) -> Iterator[tuple[str, torch.Tensor]]:

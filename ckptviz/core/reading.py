@@ -659,9 +659,9 @@ def _read_torch_zip(
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:  # zipfile raises more than BadZipFile on damaged directories
         raise CheckpointError(
-            f"{path}: starts like a zip file but cannot be opened as one ({exc}); "
+            f"{path}: starts like a zip file but cannot be opened as one ({_first_line(exc)}); "
             "it may be truncated. Re-save it with torch.save."
         ) from None
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
@@ -713,7 +713,7 @@ def _read_safetensors(
                 tensors[name] = TensorInfo(name, shape, dtype, n * dtype_from_name(dtype).itemsize)
     except CheckpointError:
         raise
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:
         raise CheckpointError(
             f"{path}: not a valid .safetensors file ({_first_line(exc)}). "
             "It may be truncated or damaged; re-save it with safetensors.torch.save_file."
