@@ -123,8 +123,8 @@ TAMPERED: dict[str, tuple[Callable[[dict[str, Any]], None], str, str | None]] = 
     ),
     "checkpoint key the mapping does not give": (
         set_row("fc.bias", "checkpoint_key", "fc.weight"),
-        "fc.weight",
-        None,
+        "'fc.weight'",
+        "fc.bias",
     ),
     "unknown dtype": (
         set_row("fc.bias", "model_dtype", "float99"),

@@ -476,7 +476,10 @@ def plan_from_dict(
                 actions[m.key] = action
         if c is not None:
             if ckpt_tensors.get(c.key, c) != c:
-                bad[c.key] = "checkpoint tensor recorded twice with different shapes or dtypes"
+                bad[m.key if m else c.key] = (
+                    f"its checkpoint tensor {c.key!r} is recorded twice, with different shapes "
+                    "or dtypes"
+                )
             ckpt_tensors[c.key] = c
         if row.get("status") not in STATUSES or row["status"] != row_status(m, c):
             info = m or c
