@@ -15,6 +15,7 @@ shape, dtype and extent, which are checked against the bytes the file really hol
 from __future__ import annotations
 
 import importlib
+import io
 import mmap
 import pickle
 import pickletools
@@ -200,7 +201,7 @@ class _StorageRecorder:
         return _TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
 
 
-def _unpickle(stream: _Bytes, recorder: _StorageRecorder | None = None) -> Any:
+def _unpickle(stream: _Bytes | io.BytesIO, recorder: _StorageRecorder | None = None) -> Any:
     unpickler = _weights_only.Unpickler(cast(IO[bytes], stream), encoding="utf-8")
     if recorder is not None:
         unpickler.persistent_load = recorder
@@ -253,7 +254,8 @@ def check_zip_storages(path: Path) -> None:
             }
             data = archive.read(pickle_name)
         recorder = _StorageRecorder()
-        obj = _unpickle(_Bytes(data, path), recorder)
+        # data.pkl is already in memory: a short read cannot allocate, torch.load reads it too
+        obj = _unpickle(io.BytesIO(data), recorder)
         tensors = list(_tensors_in(obj))
     except (pickle.UnpicklingError, CheckpointError):
         raise
