@@ -467,7 +467,7 @@ def _unsafe_error(path: Path, exc: Exception, allowed: Sequence[str]) -> UnsafeC
         return UnsafeCheckpointError(
             f"{path}: this file asks to call {', '.join(code)}, which can run any code on this "
             "machine. It was refused and nothing from it ran. Do not open it unless you made it "
-            "yourself: ckptviz.read_checkpoint(path, trusted=True) would run that code.",
+            f"yourself: both allow_globals={code!r} and trusted=True would run that code.",
             names,
         )
     listed = ", ".join(names) if names else "(torch did not name them)"
