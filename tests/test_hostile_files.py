@@ -282,7 +282,7 @@ def test_research_checkpoint_refused_then_loaded_with_the_named_globals(
     path = tmp_path / "research.pth"
     state = research_state()
     save_with_numpy_spelling(path, state, container, spelling)
-    safe_before = list(torch.serialization.get_safe_globals())
+    safe_before = set(torch.serialization.get_safe_globals())
 
     with pytest.raises(UnsafeCheckpointError) as caught:
         read_checkpoint(path)
@@ -311,7 +311,7 @@ def test_research_checkpoint_refused_then_loaded_with_the_named_globals(
     assert set(trusted.tensors) == set(state["model"])
 
     # nothing leaked into torch's global allow-list
-    assert list(torch.serialization.get_safe_globals()) == safe_before
+    assert set(torch.serialization.get_safe_globals()) == safe_before
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, weights_only=True)
     trusted_calls = [c for c in load_calls if c.get("weights_only") is False]
@@ -329,13 +329,13 @@ def test_allow_globals_accepts_the_objects_and_applies_through_compare(tmp_path:
         np._core.multiarray._reconstruct,
         np._core.multiarray.scalar,
     ]
-    safe_before = list(torch.serialization.get_safe_globals())
+    safe_before = set(torch.serialization.get_safe_globals())
     model = nn.Linear(3, 2)
     report = ckptviz.compare(model, path, allow_globals=objects).plan().apply(model)
     assert report.verified
     for key, value in state["model"].items():
         assert torch.equal(model.state_dict()[key], value)
-    assert list(torch.serialization.get_safe_globals()) == safe_before
+    assert set(torch.serialization.get_safe_globals()) == safe_before
 
 
 def test_a_partial_allow_list_names_only_what_is_still_needed(tmp_path: Path) -> None:
