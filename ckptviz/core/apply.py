@@ -291,10 +291,21 @@ def _fresh_values(plan: Plan, model: torch.nn.Module) -> dict[str, torch.Tensor]
     fresh: dict[str, torch.Tensor] = {}
     for (module_name, method), names in groups.items():
         module = model.get_submodule(module_name)
-        clone = copy.deepcopy(module)
-        before = {n: (id(getattr(clone, n)), getattr(clone, n)._version) for n in names}
-        with _seeded(plan.seed, module_name):
-            getattr(clone, method)()
+        keys = [f"{module_name}.{n}" if module_name else n for n in names]
+        try:
+            # the initialiser runs on a copy: the model is written only by _write
+            clone = copy.deepcopy(module)
+            before = {n: (id(getattr(clone, n)), getattr(clone, n)._version) for n in names}
+            with _seeded(plan.seed, module_name):
+                getattr(clone, method)()
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            raise PlanError(
+                f"cannot reinit {', '.join(keys)}: running {type(module).__name__}.{method}() "
+                f"on a copy of {module_name or 'the model'} failed ({type(exc).__name__}: "
+                f"{reason}); keep it instead. Nothing was changed",
+                dict.fromkeys(keys, f"{method}() failed on a copy of the module"),
+            ) from None
         for name in names:
             value = getattr(clone, name)
             key = f"{module_name}.{name}" if module_name else name

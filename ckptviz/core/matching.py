@@ -70,12 +70,31 @@ class KeyMapping:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KeyMapping:
+        """The mapping saved by ``to_dict``; anything malformed is refused, naming the field."""
+        prefixes = {}
+        for name in ("checkpoint_prefix", "model_prefix"):
+            value = data.get(name, "")
+            if not isinstance(value, str):
+                raise PlanError(f"not a ckptviz plan: mapping {name!r} must be a string")
+            prefixes[name] = value
         return cls(
-            checkpoint_prefix=str(data.get("checkpoint_prefix", "")),
-            model_prefix=str(data.get("model_prefix", "")),
-            rules=tuple((str(p), str(r)) for p, r in data.get("rules", ())),
-            pairs=tuple((str(m), str(c)) for m, c in data.get("pairs", ())),
+            **prefixes,
+            rules=_string_pairs(data, "rules"),
+            pairs=_string_pairs(data, "pairs"),
         )
+
+
+def _string_pairs(data: Mapping[str, Any], name: str) -> tuple[tuple[str, str], ...]:
+    value = data.get(name, [])
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)
+        for item in value
+    ):
+        raise PlanError(
+            f"not a ckptviz plan: mapping {name!r} must be a list of [string, string] pairs, "
+            f"found {str(value)[:80]}"
+        )
+    return tuple((str(a), str(b)) for a, b in value)
 
 
 def parse_rules(

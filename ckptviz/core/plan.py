@@ -12,7 +12,7 @@ import fnmatch
 import json
 import re
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from ckptviz.core.diff import STATUSES, Diff, Row, row_status
 from ckptviz.core.display import render
 from ckptviz.core.errors import PlanError
 from ckptviz.core.matching import KeyMapping, RuleSuggestion, Suggestion
-from ckptviz.core.reading import Checkpoint, TensorInfo
+from ckptviz.core.reading import Checkpoint, GlobalSpec, TensorInfo, global_name
 
 if TYPE_CHECKING:
     from ckptviz.core.apply import Report
@@ -253,19 +253,29 @@ class Plan:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> Plan:
-        """A plan saved with ``to_json``; it reads its checkpoint again when applied."""
-        text = str(text_or_path)
-        if isinstance(text_or_path, Path) or not text.lstrip().startswith("{"):
-            try:
-                text = Path(text_or_path).read_text()
-            except OSError as exc:
-                raise PlanError(f"{text_or_path}: cannot read the plan file ({exc}).") from None
+    def from_json(
+        cls,
+        text_or_path: str | Path,
+        *,
+        trusted: bool = False,
+        allow_globals: Sequence[GlobalSpec] = (),
+    ) -> Plan:
+        """A plan saved with ``to_json`` (the JSON text, or the path of a file holding it).
+
+        The plan reads its checkpoint again when applied, with ``weights_only`` safety unless
+        this call passes ``trusted`` or ``allow_globals``: a JSON file never grants trust on its
+        own, whatever it records.
+        """
+        text = _plan_text(text_or_path)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise PlanError(f"not a ckptviz plan: the JSON is malformed ({exc}).") from None
-        return plan_from_dict(data)
+            what = "the text is empty" if not text.strip() else f"the JSON is malformed ({exc})"
+            raise PlanError(
+                f"not a ckptviz plan: {what}. Pass the text of plan.to_json() or the path of a "
+                "file it wrote."
+            ) from None
+        return plan_from_dict(data, trusted=trusted, allow_globals=allow_globals)
 
     def to_code(self) -> str:
         """A short plain-PyTorch snippet that, with ``model`` in scope, does what ``apply`` does."""
@@ -345,7 +355,43 @@ def refusal(row: Row, action: str, model: torch.nn.Module | None) -> str | None:
             f"{type(module).__name__} ({module_name or 'the model'}) has no reset_parameters(); "
             "keep it, or give that module a reset_parameters method"
         )
+    if wrapper := _reparametrized_by(module, tensor_name):
+        return (
+            f"{tensor_name} belongs to {wrapper} on {type(module).__name__} "
+            f"({module_name or 'the model'}): the module's initialiser writes the weight that "
+            f"{wrapper} computes, not {tensor_name}. Keep it, or remove {wrapper}, reinit, and "
+            "apply it again"
+        )
     return None
+
+
+def _reparametrized_by(module: torch.nn.Module, tensor_name: str) -> str | None:
+    """The old-style hook (``torch.nn.utils.weight_norm``/``spectral_norm``) owning a tensor."""
+    wrappers = {"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}
+    for hook in module._forward_pre_hooks.values():
+        wrapper = wrappers.get(type(hook).__name__)
+        name = getattr(hook, "name", None)
+        if wrapper and isinstance(name, str) and tensor_name.startswith(f"{name}_"):
+            return f"torch.nn.utils.{wrapper}"
+    return None
+
+
+def _plan_text(text_or_path: str | Path) -> str:
+    """The JSON itself, or the text of the file a path names."""
+    if isinstance(text_or_path, str):
+        stripped = text_or_path.lstrip()
+        if not stripped or stripped[0] in "{[" or "\n" in stripped:
+            return text_or_path
+        try:
+            if not Path(text_or_path).is_file():
+                return text_or_path  # not a file: parse it, and say so if it is no JSON either
+        except OSError:
+            return text_or_path
+    path = Path(text_or_path)
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{path}: cannot read the plan file ({exc}).") from None
 
 
 def _need(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -360,21 +406,24 @@ def _info(key: Any, shape: Any, dtype: Any, where: str, **extra: Any) -> TensorI
     if (
         not isinstance(key, str)
         or not isinstance(shape, list)
-        or not all(isinstance(s, int) and s >= 0 for s in shape)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
         or not isinstance(dtype, str)
     ):
         raise PlanError(f"not a ckptviz plan: {where} has a malformed key, shape or dtype")
-    try:
-        itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    except (AttributeError, TypeError):
-        raise PlanError(f"not a ckptviz plan: {where} has unknown dtype {dtype!r}") from None
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise PlanError(f"not a ckptviz plan: {where} has unknown dtype {dtype!r}")
+    itemsize = torch_dtype.itemsize
     numel = 1
     for s in shape:
         numel *= s
     return TensorInfo(key, tuple(shape), dtype, numel * itemsize, **extra)
 
 
-def plan_from_dict(data: Any) -> Plan:
+def plan_from_dict(
+    data: Any, *, trusted: bool = False, allow_globals: Sequence[GlobalSpec] = ()
+) -> Plan:
+    """Rebuild a saved plan, refusing anything that does not fit; trust comes from the caller."""
     if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
         raise PlanError(f"not a ckptviz plan: expected a JSON object with format {PLAN_FORMAT!r}")
     if data.get("version") != PLAN_VERSION:
@@ -384,6 +433,12 @@ def plan_from_dict(data: Any) -> Plan:
         )
     ckpt_data = _need(data, "checkpoint", dict, "the plan")
     rows = _need(data, "rows", list, "the plan")
+    model_data = data.get("model", {})
+    if not isinstance(model_data, dict):
+        raise PlanError("not a ckptviz plan: 'model' must be an object like {\"type\": ...}")
+    seed = data.get("seed", 0)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise PlanError(f"not a ckptviz plan: 'seed' must be an integer or null, not {seed!r}")
     model_tensors: dict[str, TensorInfo] = {}
     ckpt_tensors: dict[str, TensorInfo] = {}
     actions: dict[str, str] = {}
@@ -411,6 +466,8 @@ def plan_from_dict(data: Any) -> Plan:
                 f"not a ckptviz plan: {where} names neither a model nor a checkpoint key"
             )
         if m is not None:
+            if m.key in model_tensors:
+                bad[m.key] = "appears in more than one row"
             model_tensors[m.key] = m
             action = row.get("action")
             if action not in ACTIONS:
@@ -418,44 +475,69 @@ def plan_from_dict(data: Any) -> Plan:
             else:
                 actions[m.key] = action
         if c is not None:
+            if ckpt_tensors.get(c.key, c) != c:
+                bad[m.key if m else c.key] = (
+                    f"its checkpoint tensor {c.key!r} is recorded twice, with different shapes "
+                    "or dtypes"
+                )
             ckpt_tensors[c.key] = c
         if row.get("status") not in STATUSES or row["status"] != row_status(m, c):
-            bad[(m or c).key] = f"status {row.get('status')!r} does not fit its shapes and dtypes"  # type: ignore[union-attr]
+            info = m or c
+            assert info is not None
+            bad[info.key] = f"status {row.get('status')!r} does not fit its shapes and dtypes"
     if bad:
         lines = "; ".join(f"{k}: {v}" for k, v in bad.items())
         raise PlanError(f"the plan names rows it cannot apply: {lines}", bad)
     mapping = KeyMapping.from_dict(_need(data, "mapping", dict, "the plan"))
     model_side = Checkpoint(
-        source=str(data.get("model", {}).get("type", "<model>")),
+        source=str(model_data.get("type", "<model>")),
         format="module",
         tensors=model_tensors,
     )
-    checkpoint = _checkpoint_from_plan(ckpt_data, ckpt_tensors)
+    checkpoint = _checkpoint_from_plan(ckpt_data, ckpt_tensors, trusted, allow_globals)
     diff = Diff(model_side, checkpoint, mapping)
     paired = {r.model_key: r.checkpoint_key for r in diff.rows if r.model}
     for row in rows:
         model_key = row.get("model_key")
         if model_key is not None and paired.get(model_key) != row.get("checkpoint_key"):
             bad[model_key] = "its checkpoint key does not follow from the plan's key mapping"
+    plan = Plan(diff, seed=seed)
+    for key, action in actions.items():
+        if key not in bad and (why := refusal(diff.row(key), action, None)):
+            bad[key] = f"{action}: {why}"
     if bad:
         lines = "; ".join(f"{k}: {v}" for k, v in bad.items())
         raise PlanError(f"the plan is inconsistent: {lines}", bad)
-    seed = data.get("seed", 0)
-    plan = Plan(diff, seed=seed if isinstance(seed, int) else None)
     for key, action in actions.items():
         plan.set(key, action)
     return plan
 
 
-def _checkpoint_from_plan(data: Mapping[str, Any], tensors: dict[str, TensorInfo]) -> Checkpoint:
-    """The checkpoint side as recorded; ``apply`` reads the file again and checks it still fits."""
+def _checkpoint_from_plan(
+    data: Mapping[str, Any],
+    tensors: dict[str, TensorInfo],
+    trusted: bool,
+    allow_globals: Sequence[GlobalSpec],
+) -> Checkpoint:
+    """The checkpoint side as recorded; ``apply`` reads the file again and checks it still fits.
+
+    The ``trusted``/``allow_globals`` the JSON recorded are not used: only the caller grants them.
+    """
     path = data.get("path")
+    key = data.get("key") or []
+    if path is not None and not isinstance(path, str):
+        raise PlanError(f"not a ckptviz plan: the checkpoint 'path' must be a string, not {path!r}")
+    if not isinstance(key, list) or not all(isinstance(k, str) for k in key):
+        raise PlanError(
+            "not a ckptviz plan: the checkpoint 'key' must be a list of names like "
+            f'["state_dict"], not {key!r}'
+        )
     return Checkpoint(
         source=str(path or data.get("source", "<state dict>")),
         format=str(data.get("format", "?")),
         tensors=tensors,
         path=Path(path) if path else None,
-        location=tuple(str(k) for k in data.get("key") or ()),
-        trusted=bool(data.get("trusted", False)),
-        allow_globals=tuple(str(g) for g in data.get("allow_globals") or ()),
+        location=tuple(key),
+        trusted=trusted,
+        allow_globals=tuple(global_name(g) for g in allow_globals),
     )

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,6 +27,13 @@ from typing import Any
 import torch
 
 from ckptviz.core.errors import CheckpointError, UnsafeCheckpointError
+from ckptviz.core.pickles import (
+    check_legacy_storages,
+    check_zip_storages,
+    pickle_globals,
+    runs_code,
+    torch_allowed_globals,
+)
 
 #: Where checkpoints commonly keep their weights, most specific first.
 STATE_DICT_KEYS = (
@@ -100,15 +108,20 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class FileFingerprint:
-    """Size and modification time: enough to notice a file replaced since it was read."""
+    """Size, modification time and inode: enough to notice a file replaced since it was read.
+
+    The inode catches a same-size file moved into place (``os.replace``) within one tick of the
+    file system's clock, which the modification time alone can miss.
+    """
 
     size: int
     mtime_ns: int
+    inode: int = 0
 
     @classmethod
     def of(cls, path: Path) -> FileFingerprint:
         stat = path.stat()
-        return cls(stat.st_size, stat.st_mtime_ns)
+        return cls(stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
 class TensorSource(Mapping[str, torch.Tensor]):
@@ -131,6 +144,12 @@ class TensorSource(Mapping[str, torch.Tensor]):
                 f"{self._checkpoint.source}: could not read the data of {key!r}: {exc}. "
                 "The file may be truncated or damaged; re-save it or pick another copy."
             ) from exc
+        if tensor.device.type == "meta":
+            raise CheckpointError(
+                f"{self._checkpoint.source}: {key!r} is on the meta device in the checkpoint: it "
+                "was saved without data, so there is nothing to copy from it. Keep that row, or "
+                "save the checkpoint again from a model with real weights."
+            )
         if tuple(tensor.shape) != info.shape or dtype_name(tensor.dtype) != info.dtype:
             raise CheckpointError(
                 f"{self._checkpoint.source}: {key!r} is now {list(tensor.shape)} "
@@ -274,21 +293,27 @@ def _tensor_count(obj: Mapping[Any, Any]) -> int:
     return sum(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _looks_like_state_dict(obj: object) -> bool:
+def _looks_like_state_dict(obj: object, loose: bool = False) -> bool:
     if not isinstance(obj, Mapping) or not obj:
         return False
     tensors = _tensor_count(obj)
-    return tensors > 0 and tensors * 2 >= len(obj)
+    return tensors > 0 and (loose or tensors * 2 >= len(obj))
 
 
-def _find_candidates(obj: Mapping[Any, Any], depth: int = 3) -> list[tuple[str, ...]]:
-    """Paths to every nested mapping that looks like a state dict, breadth first."""
+def _find_candidates(
+    obj: Mapping[Any, Any], depth: int = 3, loose: bool = False
+) -> list[tuple[str, ...]]:
+    """Paths to every nested mapping that looks like a state dict, breadth first.
+
+    ``loose`` takes any mapping holding a tensor: the fallback for a state dict whose entries
+    are mostly not tensors (an epoch counter, args, a history list next to a few weights).
+    """
     found: list[tuple[str, ...]] = []
     frontier: list[tuple[tuple[str, ...], Mapping[Any, Any]]] = [((), obj)]
     for _ in range(depth + 1):
         next_frontier = []
         for path, node in frontier:
-            if _looks_like_state_dict(node):
+            if _looks_like_state_dict(node, loose):
                 found.append(path)
                 continue
             for name, value in node.items():
@@ -341,6 +366,8 @@ def _locate(
         return node, key, others
     candidates = sorted(_find_candidates(obj), key=_rank)
     if not candidates:
+        candidates = sorted(_find_candidates(obj, loose=True), key=_rank)
+    if not candidates:
         entries = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in list(obj.items())[:12])
         raise CheckpointError(
             f"{source}: found no dict of tensors in this checkpoint. Top-level entries: "
@@ -382,6 +409,11 @@ def _tensor_table(
 # -- safety: pickle globals ----------------------------------------------------------------------
 
 
+def global_name(spec: GlobalSpec) -> str:
+    """The dotted name of an ``allow_globals`` entry (checked to exist)."""
+    return _resolve_global(spec)[1]
+
+
 def _resolve_global(spec: GlobalSpec) -> tuple[Any, str]:
     if not isinstance(spec, str):
         name = f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', spec)}"
@@ -405,28 +437,51 @@ def _resolve_global(spec: GlobalSpec) -> tuple[Any, str]:
     )
 
 
-def _unsafe_globals(path: Path, message: str) -> list[str]:
+# torch refusals that are about globals (not damage), and the names such a refusal mentions
+_GLOBALS_REFUSAL = re.compile(
+    r"Unsupported global|allowlisted via|unrecognized function|GLOBAL \S+ whose"
+)
+_NAMED_IN_REFUSAL = re.compile(r"GLOBAL ([\w.]+)|<class '([\w.]+)'>")
+
+
+def _unsafe_globals(path: Path, message: str, allowed: Sequence[str]) -> list[str]:
+    """Every global a refused file needs: read statically from the file, plus any torch named."""
     names: list[str] = []
-    if zipfile.is_zipfile(path):
-        try:
+    try:
+        if zipfile.is_zipfile(path):
             names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        except Exception:
-            names = []
-    if not names:
-        names = re.findall(r"GLOBAL ([\w.]+)", message)
-    return sorted(dict.fromkeys(names))
+        else:
+            permitted = torch_allowed_globals()
+            names = [n for n in pickle_globals(path) if n not in permitted]
+    except Exception:
+        names = []  # the static read failed; torch's own message still names one
+    for match in _NAMED_IN_REFUSAL.finditer(message):
+        names.append(match.group(1) or match.group(2))
+    return sorted(n for n in dict.fromkeys(names) if n not in allowed)
 
 
-def _unsafe_error(path: Path, exc: Exception) -> UnsafeCheckpointError:
-    names = _unsafe_globals(path, str(exc))
+def _unsafe_error(path: Path, exc: Exception, allowed: Sequence[str]) -> UnsafeCheckpointError:
+    names = _unsafe_globals(path, str(exc), allowed)
+    code = [n for n in names if runs_code(n)]
+    if code:
+        return UnsafeCheckpointError(
+            f"{path}: this file asks to call {', '.join(code)}, which can run any code on this "
+            "machine. It was refused and nothing from it ran. Do not open it unless you made it "
+            f"yourself: both allow_globals={code!r} and trusted=True would run that code.",
+            names,
+        )
     listed = ", ".join(names) if names else "(torch did not name them)"
-    allow = repr(names) if names else "['module.Name', ...]"
+    allow = repr([*allowed, *names]) if names else "['module.Name', ...]"
+    needs = (
+        "also needs pickle globals not in allow_globals"
+        if allowed
+        else ("needs pickle globals that are not allowed by default")
+    )
     return UnsafeCheckpointError(
-        f"{path}: this checkpoint needs pickle globals that are not allowed by default: {listed}. "
-        "Nothing from it was run. If you trust the file, either allow exactly these for this "
-        f"read: ckptviz.read_checkpoint({str(path)!r}, allow_globals={allow}), or unpickle it "
-        f"fully (this runs any code the file contains): "
-        f"ckptviz.read_checkpoint({str(path)!r}, trusted=True).",
+        f"{path}: this checkpoint {needs}: {listed}. Nothing from it was run. If you trust the "
+        f"file, either allow exactly these for this read: ckptviz.read_checkpoint("
+        f"{str(path)!r}, allow_globals={allow}), or unpickle it fully (this runs any code the "
+        f"file contains): ckptviz.read_checkpoint({str(path)!r}, trusted=True).",
         names,
     )
 
@@ -436,7 +491,21 @@ def _safe_globals_scope(allow: Sequence[GlobalSpec]) -> AbstractContextManager[A
         return nullcontext()
     resolved = [_resolve_global(spec) for spec in allow]
     # torch's (object, name) form keeps the exact spelling in the file (numpy.core vs numpy._core)
-    return torch.serialization.safe_globals([(obj, name) for obj, name in resolved])
+    pairs: list[Any] = [(obj, name) for obj, name in resolved]
+    return torch.serialization.safe_globals(pairs + _numpy_dtype_classes(resolved))
+
+
+def _numpy_dtype_classes(resolved: Sequence[tuple[Any, str]]) -> list[Any]:
+    """Allowing ``numpy.dtype`` allows its concrete classes (``numpy.dtypes.Float64DType``, ...).
+
+    torch rebuilds a pickled dtype as an instance of one of them, and the file never names them,
+    so an allow-list copied from the error would otherwise fail on them one by one.
+    """
+    numpy = sys.modules.get("numpy")
+    if numpy is None or not any(obj is numpy.dtype for obj, _ in resolved):
+        return []
+    dtypes = getattr(numpy, "dtypes", None)
+    return [getattr(dtypes, name) for name in getattr(dtypes, "__all__", ())]
 
 
 # -- file formats --------------------------------------------------------------------------------
@@ -466,23 +535,49 @@ def _is_legacy_pickle(path: Path, head: bytes) -> bool:
     return head[:1] == b"\x80"
 
 
-def _load_torch(path: Path, *, trusted: bool, allow: Sequence[GlobalSpec], mmap: bool) -> object:
+def _load_torch(
+    path: Path,
+    *,
+    trusted: bool,
+    allow: Sequence[GlobalSpec],
+    mmap: bool,
+    check_sizes: bool = False,
+) -> object:
+    allowed = [_resolve_global(spec)[1] for spec in allow]
     with _safe_globals_scope(allow):
         try:
+            if check_sizes and not trusted:
+                # before torch.load, which believes the sizes the pickle declares
+                (check_zip_storages if mmap else check_legacy_storages)(path)
             return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=mmap)
+        except CheckpointError:
+            raise
         except pickle.UnpicklingError as exc:
             message = str(exc)
-            if not trusted and ("Unsupported global" in message or _unsafe_globals(path, message)):
-                raise _unsafe_error(path, exc) from None
+            if not trusted and (
+                _GLOBALS_REFUSAL.search(message) or _unsafe_globals(path, message, allowed)
+            ):
+                raise _unsafe_error(path, exc, allowed) from None
             raise CheckpointError(
-                f"{path}: not a checkpoint I can read safely ({_first_line(exc)}). "
-                "Expected a file written by torch.save or safetensors."
+                f"{path}: not a checkpoint I can read safely ({_torch_reason(exc)}). "
+                "Expected a file written by torch.save or safetensors; re-save it with one."
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError, KeyError, struct.error) as exc:
+        except Exception as exc:
             raise CheckpointError(
                 f"{path}: the file looks like a torch checkpoint but cannot be read "
-                f"({_first_line(exc)}). It may be truncated or damaged; re-save it."
+                f"({_torch_reason(exc)}). It may be truncated or damaged; re-save it with "
+                "torch.save."
             ) from None
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """torch's reason for a refusal, without its advice to retry with weights_only=False."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:
@@ -537,7 +632,7 @@ def _read_torch_file(
     allow: Sequence[GlobalSpec],
     mmap: bool,
 ) -> Checkpoint:
-    obj = _load_torch(path, trusted=trusted, allow=allow, mmap=mmap)
+    obj = _load_torch(path, trusted=trusted, allow=allow, mmap=mmap, check_sizes=True)
     allow_names = tuple(_resolve_global(a)[1] for a in allow)
 
     @contextmanager
@@ -564,9 +659,9 @@ def _read_torch_zip(
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:  # zipfile raises more than BadZipFile on damaged directories
         raise CheckpointError(
-            f"{path}: starts like a zip file but cannot be opened as one ({exc}); "
+            f"{path}: starts like a zip file but cannot be opened as one ({_first_line(exc)}); "
             "it may be truncated. Re-save it with torch.save."
         ) from None
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
@@ -616,7 +711,9 @@ def _read_safetensors(
                 for s in shape:
                     n *= s
                 tensors[name] = TensorInfo(name, shape, dtype, n * dtype_from_name(dtype).itemsize)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except CheckpointError:
+        raise
+    except Exception as exc:
         raise CheckpointError(
             f"{path}: not a valid .safetensors file ({_first_line(exc)}). "
             "It may be truncated or damaged; re-save it with safetensors.torch.save_file."
@@ -680,7 +777,8 @@ def _read_path(
         )
     raise CheckpointError(
         f"{path}: not a checkpoint I can read safely (it starts with {head[:8]!r}). Expected a "
-        "file written by torch.save (zip) or safetensors."
+        "file written by torch.save (zip) or safetensors; if it was one, it is truncated or "
+        "damaged: re-save it or use another copy."
     )
 
 
