@@ -23,6 +23,7 @@ LOG_SPAN = 100.0
 _RELATIVE_LABEL = "relative change ‖a−b‖/‖a‖"
 _NONFINITE_COLOUR = "#d62728"
 _NOT_COMPARED_COLOUR = "#bdbdbd"
+_OVERLAP_COLOUR = "#a1b6d8"
 
 
 def stats_frame(data: Any, progress: bool | None = None) -> Any:
@@ -157,6 +158,7 @@ def plot_changes(
     ``log=None`` picks a log scale when the values span more than 100×.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     table = change_by_group(data, by=by, progress=progress)
     values = [float(v) for v in table["relative_change"]]
@@ -170,9 +172,7 @@ def plot_changes(
     for bar, overlap in zip(bars, table["overlap"], strict=True):
         if overlap:
             bar.set_hatch("///")
-            bar.set_facecolor("#a1b6d8")
-    if any(table["overlap"]):
-        ax.bar([], [], color="#a1b6d8", hatch="///", label="shape row: overlap compared")
+            bar.set_facecolor(_OVERLAP_COLOUR)
     log_scale = _use_log(values, log)
     if log_scale:
         ax.set_yscale("log")
@@ -207,10 +207,20 @@ def plot_changes(
     _label_ticks(ax, labels)
     ax.set_xlim(-0.6, max(len(values), 1) - 0.4)
     ax.set_ylabel(_RELATIVE_LABEL + (" (log)" if log_scale else ""))
-    what = {"tensor": "per tensor", "module": "per module", "block": "per block"}[by]
-    ax.set_title(f"How much each {by} changed, {what} in model order\n{_sides(table)}", fontsize=9)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(f"Relative change per {by}, in model order\n{_sides(table)}", fontsize=9)
+    handles, names = ax.get_legend_handles_labels()
+    if any(table["overlap"]):
+        handles.append(Patch(facecolor=_OVERLAP_COLOUR, hatch="///", edgecolor="black"))
+        names.append("shape row: overlap compared")
+    if handles:
+        ax.legend(
+            handles,
+            names,
+            fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            borderaxespad=0,
+        )
     return ax
 
 
@@ -245,8 +255,7 @@ def plot_change_strip(
     else:
         top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
         norm = Normalize(vmin=0.0, vmax=top)
-    colours = plt.get_cmap(cmap).copy()
-    colours.set_bad(_NOT_COMPARED_COLOUR)
+    colours = plt.get_cmap(cmap).with_extremes(bad=_NOT_COMPARED_COLOUR)
     image = ax.imshow(
         np.ma.masked_invalid(values)[np.newaxis, :],
         aspect="auto",

@@ -20,7 +20,9 @@ from ckptviz.core.errors import CheckpointError, PlanError
 from ckptviz.core.stats import PairReader, value_stats, values_equal
 
 
-def make_pair(directory: Path) -> tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def make_pair(
+    directory: Path,
+) -> tuple[Path, Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Two checkpoints that differ in known ways: ``block.1.linear.weight`` scaled by 3, the
     head grown from 5 to 7 outputs (reshaped), ``norm.weight`` renamed to ``final_norm.weight``,
     a NaN in ``block.0.linear.bias``, ``embed.weight`` saved as float16, a zero ``gate`` that
@@ -97,7 +99,7 @@ def assert_close(row: object, wanted: dict[str, float], rel: float = 1e-12) -> N
 
 
 def test_two_checkpoints_give_the_same_diff_structure(pair: tuple) -> None:
-    path_a, path_b, a, b = pair
+    path_a, path_b, _, _ = pair
     diff = ckptviz.compare(path_a, path_b)
     assert not diff.against_model
     statuses = {row.key: row.status for row in diff}
@@ -183,7 +185,7 @@ def test_stats_frame_matches_hand_computed_values(pair: tuple) -> None:
 
 
 def test_nan_is_counted_and_propagates(pair: tuple) -> None:
-    path_a, path_b, a, b = pair
+    path_a, path_b, a, _ = pair
     stats = value_stats(ckptviz.compare(path_a, path_b), progress=False)
     row = stats["block.0.linear.bias"]
     assert (row.nan_a, row.nan_b, row.inf_a, row.inf_b) == (0, 1, 0, 0)
@@ -264,7 +266,7 @@ def test_stats_of_chosen_keys_and_refusal_of_one_sided_rows(pair: tuple) -> None
     diff = ckptviz.compare(path_a, path_b)
     frame = diff.stats(["gate", "steps"], progress=False)
     assert list(frame["key"]) == ["gate", "steps"]
-    with pytest.raises(KeyError, match="norm.weight"):
+    with pytest.raises(KeyError, match=r"norm\.weight"):
         diff.stats(["norm.weight"])
 
 
@@ -277,7 +279,7 @@ def test_empty_stats_frame_keeps_its_columns(tmp_path: Path) -> None:
 
 
 def test_values_equal_checks_bytes(pair: tuple, tmp_path: Path) -> None:
-    path_a, path_b, a, _ = pair
+    path_a, path_b, _, _ = pair
     diff = ckptviz.compare(path_a, path_b)
     equal = values_equal(diff, progress=False, block_elements=5)
     unchanged = {"block.0.linear.weight", "block.1.linear.bias", "steps", "empty"}
@@ -294,14 +296,14 @@ def test_values_equal_checks_bytes(pair: tuple, tmp_path: Path) -> None:
 
 
 def test_reader_reopens_files_after_the_budget(pair: tuple) -> None:
-    path_a, path_b, a, _ = pair
+    path_a, path_b, a, b = pair
     diff = ckptviz.compare(path_a, path_b)
     keys = ["block.0.linear.weight", "block.1.linear.weight", "block.1.linear.bias"]
     budget = 600  # pairs of 256, 512 and 64 bytes: the second overflows it, the third fits
     with PairReader([diff.model_side, diff.checkpoint], budget) as reader:
         for key in keys:
             left, right = reader.fetch([key, key])
-            assert torch.equal(left, a[key])
+            assert torch.equal(left, a[key]) and torch.equal(right, b[key])
         assert reader.reopens == 1  # before block.1.linear.weight; the small bias then fits
 
 

@@ -12,7 +12,8 @@ denominator of ``relative_change``. Side ``a`` is the Diff's model side (the fir
 the overlapping leading slice (``[:min(a0, b0), :min(a1, b1), ...]``, what the ``partial``
 action copies), named in ``compared_shape``; tensors of different rank have no overlap and get
 NaN difference measures, with a note. A NaN or Inf anywhere makes that tensor's norm, mean, std
-and difference measures NaN (as numpy and torch do); the counts say where.
+and difference measures NaN (as numpy and torch do); the counts say where. Complex tensors are
+compared as (real, imaginary) pairs of float64 values.
 
 Memory: tensors are fetched one pair at a time from ``Checkpoint.open()`` (mmap or safetensors)
 and reduced in blocks of ``BLOCK_ELEMENTS`` values, so float64 temporaries stay small. Pages of
@@ -416,12 +417,12 @@ def _pair_stats(row: Row, reader: PairReader, block_elements: int, advance: Any)
     side_a, side_b, differences = _Moments(), _Moments(), _Differences()
     notes: list[str] = []
     if row.status in ("match", "dtype"):
-        compared, compared_shape = "all", a_info.shape
         comparable = a.is_complex() == b.is_complex()
+        compared, compared_shape = ("all", a_info.shape) if comparable else ("none", None)
         if not comparable:
             notes.append(f"{a_info.dtype} vs {b_info.dtype}: complex against real, not compared")
         for index in _block_index(a_info.shape, block_elements):
-            raw_a, raw_b = a[index], b[index]
+            raw_a, raw_b = a[index].cpu(), b[index].cpu()  # a live model may sit on a GPU
             values_a, values_b = _as_float64(raw_a), _as_float64(raw_b)
             a_sumsq = side_a.add(raw_a, values_a)
             b_sumsq = side_b.add(raw_b, values_b)
@@ -594,7 +595,7 @@ def _bitwise_equal_streamed(
     a, b = reader.fetch([row.model.key, row.checkpoint.key])
     remaining = row.model.nbytes * 2
     for index in _block_index(row.model.shape, block_elements):
-        block_a, block_b = a[index], b[index]
+        block_a, block_b = a[index].cpu(), b[index].cpu()
         if not bitwise_equal(block_a, block_b):
             advance(remaining)  # the first difference settles it: skip the rest of the pair
             return False
