@@ -495,8 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REGEX=REPL",
         help="rename B's keys before matching (Python regex, \\1 for groups); repeat for several",
     )
-    diff.add_argument("--key-a", help="where the state dict is inside A (nested checkpoints)")
-    diff.add_argument("--key-b", help="where the state dict is inside B (nested checkpoints)")
+    diff.add_argument(
+        "--key-a", metavar="KEY", help="where the state dict is inside A (nested checkpoints)"
+    )
+    diff.add_argument(
+        "--key-b", metavar="KEY", help="where the state dict is inside B (nested checkpoints)"
+    )
     diff.add_argument(
         "--no-values",
         action="store_true",
