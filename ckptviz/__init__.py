@@ -1,6 +1,8 @@
 """ckptviz: see and fix PyTorch checkpoint/model mismatches, safely, with undo and as code."""
 
+from ckptviz import progress as _progress  # registers the progress-bar view
 from ckptviz import tables as _tables  # registers the DataFrame and HTML views
+from ckptviz.compare_plots import plot_change_strip, plot_changes
 from ckptviz.core.apply import Report, ReportEntry
 from ckptviz.core.diff import STATUSES, Diff, Row, compare
 from ckptviz.core.errors import (
@@ -13,6 +15,7 @@ from ckptviz.core.errors import (
 from ckptviz.core.matching import KeyMapping, RuleSuggestion, Suggestion
 from ckptviz.core.plan import ACTIONS, Plan
 from ckptviz.core.reading import Checkpoint, TensorInfo, read_checkpoint
+from ckptviz.core.stats import TensorStats, ValueStats, value_stats
 
 __version__ = "0.1.0"
 
@@ -33,9 +36,14 @@ __all__ = [
     "RuleSuggestion",
     "Suggestion",
     "TensorInfo",
+    "TensorStats",
     "UnsafeCheckpointError",
+    "ValueStats",
     "compare",
+    "plot_change_strip",
+    "plot_changes",
     "read_checkpoint",
+    "value_stats",
 ]
 
-del _tables
+del _progress, _tables

@@ -38,7 +38,7 @@ def frame(obj: Any) -> Any:
     import pandas as pd
 
     records = obj.to_records()
-    df = pd.DataFrame.from_records(records)
+    df = pd.DataFrame.from_records(records, columns=getattr(obj, "columns", None))
     for column in ("model_shape", "checkpoint_shape"):
         if column in df:
             df[column] = df[column].map(lambda s: tuple(s) if s is not None else None)

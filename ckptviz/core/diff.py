@@ -298,6 +298,21 @@ class Diff:
 
         return explain_row(self, self.row(key))
 
+    def stats(
+        self,
+        keys: Iterable[str] | None = None,
+        *,
+        progress: bool | None = None,
+        memory_budget: int | None = None,
+    ) -> Any:
+        """Value statistics per row with both sides, as a pandas DataFrame: norms, relative
+        change ``‖a−b‖/‖a‖``, max abs difference, cosine, mean/std, NaN/Inf counts, ``equal``.
+        Streamed one tensor pair at a time; see ``ckptviz.core.stats`` for every measure."""
+        from ckptviz.core.stats import DEFAULT_MEMORY_BUDGET, value_stats
+
+        budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+        return value_stats(self, keys=keys, progress=progress, memory_budget=budget).to_frame()
+
     def to_records(self) -> list[dict[str, Any]]:
         return [row.to_record() for row in self.rows]
 

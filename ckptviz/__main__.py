@@ -1,0 +1,5 @@
+"""``python -m ckptviz``: the same command line as the installed ``ckptviz``."""
+
+from ckptviz.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,563 @@
+"""The ``ckptviz`` command: ``inspect`` one checkpoint, ``diff`` two.
+
+Tables with aligned columns for people (colour only when stdout is a terminal and ``NO_COLOR``
+is unset), ``--json`` and ``--csv`` for scripts. Exit codes follow diff(1): 0 identical,
+1 different, 2 trouble (the message names the file and the next step; no traceback).
+Checkpoints are read with ``weights_only=True``; nothing is unpickled unsafely unless
+``--allow-global NAME`` or ``--trusted`` say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from ckptviz.core.diff import Diff, Row, compare
+from ckptviz.core.errors import CkptvizError, UnsafeCheckpointError
+from ckptviz.core.matching import WRAPPER_PREFIXES
+from ckptviz.core.reading import Checkpoint, human_bytes, read_checkpoint
+from ckptviz.core.stats import (
+    DEFAULT_MEMORY_BUDGET,
+    TensorStats,
+    ValueStats,
+    format_number,
+    value_stats,
+    values_equal,
+)
+from ckptviz.core.text import shape_text
+
+EXIT_IDENTICAL, EXIT_DIFFERENT, EXIT_TROUBLE = 0, 1, 2
+
+_ANSI = {
+    "green": "32",
+    "yellow": "33",
+    "red": "31",
+    "blue": "34",
+    "magenta": "35",
+    "bold": "1",
+    "dim": "2",
+}
+_STATUS_COLOURS = {
+    "match": "green",
+    "dtype": "yellow",
+    "shape": "red",
+    "missing": "blue",
+    "unexpected": "magenta",
+}
+#: The statistics shown in the terminal table; --json/--csv carry all of them.
+_STAT_CELLS = (
+    ("rel. change", "relative_change"),
+    ("max |a-b|", "max_abs_diff"),
+    ("cosine", "cosine"),
+)
+
+
+class Styler:
+    """ANSI colour, or nothing: pads first, so colour codes never break the alignment."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, text: str, colour: str | None) -> str:
+        if not self.enabled or not colour or not text.strip():
+            return text
+        return f"\033[{_ANSI[colour]}m{text}\033[0m"
+
+
+def use_colour(stream: TextIO, choice: str) -> bool:
+    if choice != "auto":
+        return choice == "always"
+    if os.environ.get("NO_COLOR"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def aligned_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    style: Styler,
+    colour_of: Callable[[int, str], str | None] = lambda column, cell: None,
+) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    header = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
+    lines = [style(header, "bold")]
+    lines.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        cells = [
+            style(cell.ljust(width), colour_of(i, cell))
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return shape_text(value)
+    if value is None:
+        return ""
+    return value
+
+
+def _write_csv(out: TextIO, columns: Sequence[str], records: Sequence[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow({c: _csv_cell(record.get(c)) for c in columns})
+    out.write(buffer.getvalue())
+
+
+def _write_json(out: TextIO, document: dict[str, Any]) -> None:
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return _finite_or_none(value)
+
+    json.dump(clean(document), out, indent=2, allow_nan=False)
+    out.write("\n")
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def _read(path: str, key: str | None, args: argparse.Namespace) -> Checkpoint:
+    return read_checkpoint(
+        path, key=key, trusted=args.trusted, allow_globals=tuple(args.allow_global or ())
+    )
+
+
+def wrapper_prefix(keys: Sequence[str]) -> str:
+    """The chain of known wrapper prefixes (``module.``, ``_orig_mod.``, …) on every key."""
+    prefix = ""
+    for _ in range(3):
+        for token in WRAPPER_PREFIXES:
+            longer = prefix + token
+            if keys and all(k.startswith(longer) and len(k) > len(longer) for k in keys):
+                prefix = longer
+                break
+        else:
+            break
+    return prefix
+
+
+def _side(ckpt: Checkpoint) -> dict[str, Any]:
+    return {
+        "source": ckpt.source,
+        "format": ckpt.format,
+        "location": "/".join(ckpt.location),
+        "tensors": len(ckpt.tensors),
+        "total_bytes": ckpt.total_bytes,
+        "total_numel": ckpt.total_numel,
+    }
+
+
+# -- inspect -------------------------------------------------------------------------------------
+
+
+def run_inspect(args: argparse.Namespace, out: TextIO) -> int:
+    ckpt = _read(args.file, args.key, args)
+    prefix = wrapper_prefix(ckpt.keys())
+    records: list[dict[str, Any]] = [
+        {
+            "name": info.key,
+            "shape": info.shape,
+            "dtype": info.dtype,
+            "numel": info.numel,
+            "nbytes": info.nbytes,
+        }
+        for info in ckpt.tensors.values()
+    ]
+    if args.format == "json":
+        _write_json(
+            out,
+            {
+                **_side(ckpt),
+                "candidates": ["/".join(c) for c in ckpt.candidates],
+                "wrapper_prefix": prefix,
+                "skipped": ckpt.skipped,
+                "ties": [list(t) for t in ckpt.ties],
+                "metadata": ckpt.metadata,
+                "tensors": [{**r, "shape": list(r["shape"])} for r in records],
+            },
+        )
+        return EXIT_IDENTICAL
+    if args.format == "csv":
+        _write_csv(out, ["name", "shape", "dtype", "numel", "nbytes"], records)
+        return EXIT_IDENTICAL
+    style = Styler(use_colour(out, args.color))
+    lines = [style(ckpt.summary().splitlines()[0], "bold"), *ckpt.summary().splitlines()[1:]]
+    if not ckpt.location:
+        lines.append("state dict found at the top level")
+    if prefix:
+        lines.append(
+            f"wrapper prefix: every key starts with {prefix!r} (ckptviz removes it when comparing)"
+        )
+    if ckpt.metadata:
+        shown = ", ".join(f"{k}={v}" for k, v in list(ckpt.metadata.items())[:8])
+        lines.append(f"metadata: {shown}")
+    rows = [
+        [r["name"], shape_text(r["shape"]), r["dtype"], f"{r['numel']:,}", human_bytes(r["nbytes"])]
+        for r in records
+    ]
+    rows.append(
+        ["total", "", "", f"{ckpt.total_numel:,}", human_bytes(ckpt.total_bytes)],
+    )
+    table = aligned_table(["name", "shape", "dtype", "values", "size"], rows, style)
+    out.write("\n".join(lines) + "\n\n" + table + "\n")
+    return EXIT_IDENTICAL
+
+
+# -- diff ----------------------------------------------------------------------------------------
+
+
+def _row_record(row: Row) -> dict[str, Any]:
+    a, b = row.model, row.checkpoint
+    return {
+        "status": row.status,
+        "a_key": a.key if a else None,
+        "a_shape": a.shape if a else None,
+        "a_dtype": a.dtype if a else None,
+        "b_key": b.key if b else None,
+        "b_shape": b.shape if b else None,
+        "b_dtype": b.dtype if b else None,
+        "note": row.note,
+    }
+
+
+_MEASURES = (
+    "compared",
+    "compared_shape",
+    "relative_change",
+    "max_abs_diff",
+    "cosine",
+    "diff_norm",
+    "norm_a_compared",
+    "norm_a",
+    "norm_b",
+    "mean_a",
+    "mean_b",
+    "std_a",
+    "std_b",
+    "nan_a",
+    "nan_b",
+    "inf_a",
+    "inf_b",
+)
+
+
+def _stats_fields(stats: TensorStats | None) -> dict[str, Any]:
+    if stats is None:
+        return {**dict.fromkeys(_MEASURES), "stats_note": None}
+    record = stats.to_record()
+    return {**{m: record[m] for m in _MEASURES}, "stats_note": stats.note}
+
+
+def run_diff(args: argparse.Namespace, out: TextIO) -> int:
+    left = _read(args.a, args.key_a, args)
+    right = _read(args.b, args.key_b, args)
+    diff = compare(left, right, rename=args.rename or None)
+    progress: bool | None = False if args.no_progress or not sys.stderr.isatty() else None
+    budget = int(args.memory_budget * 2**20)
+    stats: ValueStats | None = None
+    equal: dict[str, bool] | None = None
+    if args.stats:
+        stats = value_stats(diff, progress=progress, memory_budget=budget)
+        equal = {entry.key: entry.equal for entry in stats}
+    elif diff.identical and not args.no_values:
+        equal = values_equal(diff, progress=progress, memory_budget=budget)
+    identical = diff.identical and (equal is None or all(equal.values()))
+    verdict = _verdict(diff, equal, stats)
+    records = []
+    for row in diff.rows:
+        record = _row_record(row)
+        if equal is not None:
+            record["values_equal"] = equal.get(row.key)
+        if stats is not None:
+            record.update(_stats_fields(stats.get(row.key)))
+        records.append(record)
+    if args.format == "json":
+        _write_json(
+            out,
+            {
+                "a": _side(left),
+                "b": _side(right),
+                "mapping": diff.mapping.describe(),
+                "counts": diff.counts,
+                "values_compared": "stats" if stats else ("bytes" if equal is not None else "no"),
+                "identical": identical,
+                "verdict": verdict,
+                "rows": records,
+            },
+        )
+    elif args.format == "csv":
+        columns = _row_record_columns()
+        if equal is not None:
+            columns.append("values_equal")
+        if stats is not None:
+            columns += [*_MEASURES, "stats_note"]
+        _write_csv(out, columns, records)
+    else:
+        style = Styler(use_colour(out, args.color))
+        out.write(_diff_text(diff, left, right, equal, stats, verdict, style) + "\n")
+    return EXIT_IDENTICAL if identical else EXIT_DIFFERENT
+
+
+def _row_record_columns() -> list[str]:
+    return ["status", "a_key", "a_shape", "a_dtype", "b_key", "b_shape", "b_dtype", "note"]
+
+
+def _verdict(diff: Diff, equal: dict[str, bool] | None, stats: ValueStats | None) -> str:
+    differing = [k for k, same in (equal or {}).items() if not same]
+    nonfinite = [e.key for e in stats or () if e.nonfinite]
+    parts = []
+    if not diff.identical:
+        counts = ", ".join(f"{n} {s}" for s, n in diff.counts.items() if n and s != "match")
+        renamed = sum(1 for r in diff.rows if r.note.startswith("renamed"))
+        if renamed:
+            counts = ", ".join(p for p in (counts, f"{renamed} renamed") if p)
+        parts.append(f"keys, shapes or dtypes differ ({counts})")
+    if equal is None:
+        parts.append("values not compared (add --stats)")
+    elif differing:
+        parts.append(f"values differ in {len(differing)} of {len(equal)} tensor pairs")
+    if nonfinite:
+        parts.append(f"{len(nonfinite)} tensor pair(s) hold NaN/Inf: {', '.join(nonfinite[:5])}")
+    if diff.identical and equal is not None and not differing:
+        return "identical: same keys, shapes, dtypes and bytes"
+    if diff.identical and equal is None:
+        return "same keys, shapes and dtypes; " + parts[-1]
+    return "different: " + "; ".join(parts)
+
+
+def _diff_text(
+    diff: Diff,
+    left: Checkpoint,
+    right: Checkpoint,
+    equal: dict[str, bool] | None,
+    stats: ValueStats | None,
+    verdict: str,
+    style: Styler,
+) -> str:
+    headers = ["status", "a key", "shape", "dtype", "b key", "shape", "dtype"]
+    if equal is not None:
+        headers.append("values")
+    if stats is not None:
+        headers += [title for title, _ in _STAT_CELLS] + ["NaN/Inf a", "NaN/Inf b"]
+    headers.append("note")
+    rows = []
+    for row in diff.rows:
+        a, b = row.model, row.checkpoint
+        cells = [
+            row.status,
+            a.key if a else "",
+            shape_text(a.shape) if a else "",
+            a.dtype if a else "",
+            b.key if b else "",
+            shape_text(b.shape) if b else "",
+            b.dtype if b else "",
+        ]
+        if equal is not None:
+            cells.append("" if row.key not in equal else ("same" if equal[row.key] else "differ"))
+        notes = [row.note] if row.note else []
+        if stats is not None:
+            entry = stats.get(row.key)
+            if entry is None:
+                cells += [""] * (len(_STAT_CELLS) + 2)
+            else:
+                cells += [format_number(getattr(entry, field)) for _, field in _STAT_CELLS]
+                cells += [f"{entry.nan_a}/{entry.inf_a}", f"{entry.nan_b}/{entry.inf_b}"]
+                if entry.note:
+                    notes.append(entry.note)
+        cells.append("; ".join(notes))
+        rows.append(cells)
+    status_column = 0
+    values_column = headers.index("values") if "values" in headers else -1
+    nonfinite_columns = {i for i, h in enumerate(headers) if h.startswith("NaN/Inf")}
+
+    def colour_of(column: int, cell: str) -> str | None:
+        if column == status_column:
+            return _STATUS_COLOURS.get(cell.strip())
+        if column == values_column:
+            return {"same": "green", "differ": "red"}.get(cell.strip())
+        if column in nonfinite_columns and cell.strip() not in ("", "0/0"):
+            return "red"
+        return None
+
+    head = [
+        f"a: {left.source} ({left.format}{', at ' + left.location_text if left.location else ''})",
+        f"b: {right.source} ({right.format}"
+        f"{', at ' + right.location_text if right.location else ''})",
+        diff.summary,
+    ]
+    table = aligned_table(headers, rows, style, colour_of)
+    verdict_line = style(verdict, "green" if verdict.startswith("identical") else "bold")
+    return "\n".join(head) + "\n\n" + table + "\n\n" + verdict_line
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ckptviz import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ckptviz",
+        description="Look inside PyTorch checkpoints and compare them, without loading them "
+        "whole. Exit status: 0 identical, 1 different, 2 trouble.",
+    )
+    parser.add_argument("--version", action="version", version=f"ckptviz {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    safety = argparse.ArgumentParser(add_help=False)
+    group = safety.add_argument_group("unsafe checkpoints (read with weights_only=True otherwise)")
+    group.add_argument(
+        "--allow-global",
+        action="append",
+        metavar="NAME",
+        help="allow this pickle global (e.g. argparse.Namespace); repeat for several",
+    )
+    group.add_argument(
+        "--trusted",
+        action="store_true",
+        help="unpickle fully: only for files you trust, it can run any code they contain",
+    )
+    output = argparse.ArgumentParser(add_help=False)
+    formats = output.add_mutually_exclusive_group()
+    formats.add_argument(
+        "--json", dest="format", action="store_const", const="json", help="JSON for scripts"
+    )
+    formats.add_argument(
+        "--csv", dest="format", action="store_const", const="csv", help="CSV, one row per tensor"
+    )
+    output.set_defaults(format="text")
+    output.add_argument(
+        "--color",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="colour the table (auto: only on a terminal, and not when NO_COLOR is set)",
+    )
+
+    inspect = commands.add_parser(
+        "inspect",
+        parents=[output, safety],
+        help="list a checkpoint's tensors",
+        description="List a checkpoint's tensors (name, shape, dtype, size) from its metadata, "
+        "where the state dict sits in a nested checkpoint, its wrapper prefix and the entries "
+        "that are not tensors. No tensor data is read.",
+    )
+    inspect.add_argument("file", help="a torch (.pt/.pth/.bin/.ckpt) or .safetensors file")
+    inspect.add_argument(
+        "--key",
+        help="where the state dict is in a nested checkpoint, e.g. state_dict or ema/module",
+    )
+    inspect.set_defaults(run=run_inspect)
+
+    diff = commands.add_parser(
+        "diff",
+        parents=[output, safety],
+        help="compare two checkpoints",
+        description="Line up checkpoint A against checkpoint B (wrapper prefixes are found on "
+        "their own) and list every tensor with its status: match, dtype, shape, missing (in A "
+        "only), unexpected (in B only). When keys, shapes and dtypes agree the bytes are compared "
+        "too. Exit status: 0 identical, 1 different, 2 trouble.",
+    )
+    diff.add_argument("a", help="checkpoint A, the reference (relative change is |A-B|/|A|)")
+    diff.add_argument("b", help="checkpoint B")
+    diff.add_argument(
+        "--stats",
+        action="store_true",
+        help="compare values: relative change, max |A-B|, cosine, NaN/Inf counts per tensor "
+        "(streamed one tensor pair at a time)",
+    )
+    diff.add_argument(
+        "--rename",
+        action="append",
+        metavar="REGEX=REPL",
+        help="rename B's keys before matching (Python regex, \\1 for groups); repeat for several",
+    )
+    diff.add_argument(
+        "--key-a", metavar="KEY", help="where the state dict is inside A (nested checkpoints)"
+    )
+    diff.add_argument(
+        "--key-b", metavar="KEY", help="where the state dict is inside B (nested checkpoints)"
+    )
+    diff.add_argument(
+        "--no-values",
+        action="store_true",
+        help="compare keys, shapes and dtypes only; never read tensor data",
+    )
+    diff.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    diff.add_argument(
+        "--memory-budget",
+        type=float,
+        default=DEFAULT_MEMORY_BUDGET / 2**20,
+        metavar="MIB",
+        help="MiB of file data read before the files are reopened, which bounds memory "
+        "(default %(default).0f)",
+    )
+    diff.set_defaults(run=run_diff)
+    return parser
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"ckptviz: error: {message}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 identical, 1 different, 2 trouble)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "memory_budget", 1) <= 0:
+        parser.error("--memory-budget must be a positive number of MiB")
+    try:
+        status: int = args.run(args, sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader (head, less) left early: stay quiet, and keep Python's exit-time flush
+        # from failing again on the closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_TROUBLE
+    except UnsafeCheckpointError as exc:
+        names = " ".join(f"--allow-global {n}" for n in exc.unsafe_globals) or "--allow-global NAME"
+        _error(
+            f"{exc}\nFrom the command line: add {names} to allow exactly these, or --trusted "
+            "to unpickle fully (only for files you trust)."
+        )
+        return EXIT_TROUBLE
+    except CkptvizError as exc:
+        _error(str(exc))
+        return EXIT_TROUBLE
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        _error(f"{where}{exc.strerror or exc}")
+        return EXIT_TROUBLE
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as exc:
+        _error(
+            f"unexpected {type(exc).__name__}: {exc}. This is a bug in ckptviz; please report "
+            "it with the command you ran."
+        )
+        return EXIT_TROUBLE
+    return status
