@@ -147,14 +147,15 @@ def _prefix_candidates(keys: Sequence[str]) -> list[str]:
     tokens = set(WRAPPER_PREFIXES)
     if len(first) == 1 and all("." in k for k in keys):
         tokens |= first  # every key sits under one name: a wrapper whatever it is called
+    # every key's first 1, 2 and 3 dotted segments: one pass instead of a scan per candidate
+    heads: set[str] = set()
+    for k in keys:
+        parts = k.split(".", 3)[:-1]
+        for depth in range(1, len(parts) + 1):
+            heads.add(".".join(parts[:depth]) + ".")
     frontier = [""]
     for _ in range(3):
-        grown = []
-        for prefix in frontier:
-            for token in sorted(tokens):
-                longer = prefix + token
-                if any(k.startswith(longer) for k in keys):
-                    grown.append(longer)
+        grown = [prefix + t for prefix in frontier for t in sorted(tokens) if prefix + t in heads]
         candidates += grown
         frontier = grown
     return candidates
@@ -169,6 +170,8 @@ def detect_prefixes(
     """The wrapper prefixes to strip, chosen to match the most keys; none unless they help."""
     best = KeyMapping(rules=rules, pairs=pairs)
     best_count = len(match_keys(model_keys, checkpoint_keys, best))
+    if best_count == min(len(model_keys), len(checkpoint_keys)):
+        return best  # every key that can match does: no prefix can do better
     for ckpt_prefix in _prefix_candidates(checkpoint_keys):
         for model_prefix in _prefix_candidates(model_keys):
             if not ckpt_prefix and not model_prefix:
