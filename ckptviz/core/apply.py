@@ -4,13 +4,20 @@ Order of work: check every row against the model and the checkpoint as they are 
 fresh values for ``reinit``; snapshot what will be written (or stage the checkpoint's data when
 undo is off); write in place under ``no_grad``; verify; on any failure put back what was written.
 Parameters keep their identity, dtype, device and ``requires_grad``.
+
+Meta-device tensors have a shape and no storage: writing into one would silently do nothing, so
+apply refuses them unless ``materialise=device`` is given. Then each chosen meta tensor gets real
+storage on that device in place (``torch.utils.swap_tensors``: the same Parameter object, so
+optimizers and ties hold), is written and verified; undo swaps the meta tensor back. The rest stay
+on the meta device, and the report says so.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -66,6 +73,8 @@ def _overlap(a: torch.Size, b: tuple[int, ...]) -> tuple[slice, ...]:
 
 def _storage_id(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
     """Identifies the memory a tensor covers: equal for tied tensors."""
+    if t.is_meta:  # no storage (every data_ptr is 0): tied meta tensors are one object
+        return (id(t), -1, tuple(t.shape), ())
     return (
         t.untyped_storage().data_ptr(),
         int(t.storage_offset()),
@@ -81,6 +90,26 @@ def _write(target: torch.Tensor, value: torch.Tensor, action: str) -> None:
         target[region].copy_(value[region])
     else:
         target.copy_(value)
+
+
+#: Gives a tensor object another tensor's storage, keeping the object (torch's own helper).
+_swap_tensors: Callable[[torch.Tensor, torch.Tensor], None] = torch.utils.swap_tensors
+
+
+def _materialised_like(target: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Uninitialised storage for a meta tensor, of its kind, to swap in before it is written."""
+    empty = torch.empty(target.shape, dtype=target.dtype, device=device)
+    if isinstance(target, torch.nn.Parameter):
+        return torch.nn.Parameter(empty, requires_grad=target.requires_grad)
+    return empty
+
+
+def _restore(target: torch.Tensor, saved: torch.Tensor) -> None:
+    """Put back what a snapshot entry saved: values, or the meta tensor a target replaced."""
+    if saved.is_meta:
+        _swap_tensors(target, saved)  # materialised: back to the meta tensor
+    elif not target.is_meta:  # (a meta target not yet materialised has nothing to restore)
+        target.copy_(saved)
 
 
 class Report:
@@ -114,7 +143,9 @@ class Report:
         """Memory held for undo."""
         if not self._snapshot:
             return 0
-        return sum(saved.numel() * saved.element_size() for _, saved in self._snapshot)
+        return sum(
+            saved.numel() * saved.element_size() for _, saved in self._snapshot if not saved.is_meta
+        )
 
     def keys(self, action: str) -> list[str]:
         return [e.key for e in self.entries if e.action == action]
@@ -150,7 +181,7 @@ class Report:
             )
         with torch.no_grad():
             for target, saved in self._snapshot:
-                target.copy_(saved)
+                _restore(target, saved)
         self.undone = True
         restored = len(self._snapshot)
         self._snapshot = []
@@ -261,17 +292,17 @@ def _check_checkpoint(plan: Plan, ckpt: Checkpoint) -> dict[str, str]:
     return problems
 
 
-def _check_targets(plan: Plan, targets: dict[str, torch.Tensor]) -> dict[str, str]:
+def _check_targets(
+    plan: Plan, targets: dict[str, torch.Tensor], materialise: torch.device | None
+) -> dict[str, str]:
     problems: dict[str, str] = {}
     for row, action in plan:
         if row.model is None or action == "keep":
             continue
         t = targets[row.key]
-        if t.device.type == "meta":
-            problems[row.key] = (
-                "the model tensor is on the meta device (no storage to write into); "
-                "materialise the model first, e.g. model.to_empty(device='cpu')"
-            )
+        if t.is_meta:
+            if why := _meta_refusal(t, action, materialise):
+                problems[row.key] = why
         elif any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape, strict=True)):
             problems[row.key] = (
                 "the model tensor is an expanded view (several entries share one memory cell); "
@@ -280,7 +311,53 @@ def _check_targets(plan: Plan, targets: dict[str, torch.Tensor]) -> dict[str, st
     return problems
 
 
-def _fresh_values(plan: Plan, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _meta_refusal(t: torch.Tensor, action: str, materialise: torch.device | None) -> str | None:
+    """Why a meta tensor cannot take ``action`` here (``None`` if it can be materialised)."""
+    if materialise is None:
+        return (
+            "the model tensor is on the meta device (a shape, no storage): writing into it "
+            "would silently do nothing. Pass materialise='cpu' (or another device) to apply "
+            "to give the chosen tensors real storage there, or materialise the whole model "
+            "first with model.to_empty(device='cpu')"
+        )
+    if action == "partial":
+        return (
+            "partial keeps the rest of the tensor, but a meta tensor has no values to keep; "
+            "reinit it, or materialise and initialise the model first "
+            "(model.to_empty(device=...), then its own initialisation)"
+        )
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return (
+            f"a {type(t).__name__} on the meta device: only plain parameters and buffers can be "
+            "materialised in place; materialise the model yourself first"
+        )
+    if weakref.getweakrefs(t):
+        return (
+            "a meta tensor that something holds a weak reference to cannot be given storage in "
+            "place; materialise the model first with model.to_empty(device=...)"
+        )
+    return None
+
+
+def _device(materialise: str | torch.device | None) -> torch.device | None:
+    if materialise is None:
+        return None
+    try:
+        device = torch.device(materialise)
+        torch.empty(0, device=device)
+    except (RuntimeError, TypeError) as exc:
+        raise PlanError(
+            f"materialise={materialise!r} is not a device this machine can hold tensors on "
+            f"({str(exc).splitlines()[0]}); pass e.g. materialise='cpu'"
+        ) from None
+    if device.type == "meta":
+        raise PlanError("materialise='meta' gives no storage; name a real device, e.g. 'cpu'")
+    return device
+
+
+def _fresh_values(
+    plan: Plan, model: torch.nn.Module, materialise: torch.device | None = None
+) -> dict[str, torch.Tensor]:
     """Each ``reinit`` tensor's new value, from a copy of its module re-initialised."""
     groups: dict[tuple[str, str], list[str]] = {}
     for key in plan.keys_with("reinit"):
@@ -295,6 +372,9 @@ def _fresh_values(plan: Plan, model: torch.nn.Module) -> dict[str, torch.Tensor]
         try:
             # the initialiser runs on a copy: the model is written only by _write
             clone = copy.deepcopy(module)
+            if any(t.is_meta for t in clone.state_dict(keep_vars=True).values()):
+                # a meta module initialises nothing: give the copy storage, then initialise it
+                clone.to_empty(device=materialise or "cpu")
             before = {n: (id(getattr(clone, n)), getattr(clone, n)._version) for n in names}
             with _seeded(plan.seed, module_name):
                 getattr(clone, method)()
@@ -344,19 +424,21 @@ def apply_plan(
     undo: bool = True,
     verify: bool = True,
     source: Any = None,
+    materialise: str | torch.device | None = None,
 ) -> Report:
+    device = _device(materialise)
     problems = _check_model(plan, model)
     if problems:
         raise PlanError(_problem_text("the plan does not fit this model", problems), problems)
     ckpt = _checkpoint_for(plan, source)
     problems = _check_checkpoint(plan, ckpt)
     targets = dict(model.state_dict(keep_vars=True))
-    problems.update(_check_targets(plan, targets))
+    problems.update(_check_targets(plan, targets, device))
     if problems:
         raise PlanError(_problem_text("the plan does not fit the checkpoint", problems), problems)
 
     written = [(row, a) for row, a in plan if row.model is not None and a != "keep"]
-    fresh = _fresh_values(plan, model)
+    fresh = _fresh_values(plan, model, device)
     versions = {k: t._version for k, t in targets.items()}
     notes: list[str] = []
     with ckpt.open() as data:
@@ -364,9 +446,10 @@ def apply_plan(
         _check_tied_sources(written, values, targets, notes)
         # The snapshot is what makes a failure part-way leave the model as it was; with
         # undo=False it is dropped as soon as the apply has succeeded.
-        snapshot = _take_snapshot(written, targets)
+        snapshot = _take_snapshot(written, targets, device)
         entries = _write_all(written, targets, values, snapshot, verify)
     entries += _keep_entries(plan, written, targets, versions)
+    notes += _meta_notes(entries, targets, device)
     order = {row.key: i for i, row in enumerate(plan.diff.rows)}
     entries.sort(key=lambda e: order.get(e.key, 0))
     extra = [k for k in targets if k not in plan.actions]
@@ -387,13 +470,15 @@ def _gather(
     written: list[tuple[Row, str]], data: TensorSource, fresh: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """The value each written row takes: the checkpoint's tensor (not yet read) or a fresh one."""
+    from_checkpoint = [row.checkpoint.key for row, a in written if a != "reinit" and row.checkpoint]
+    read = data.get_many(from_checkpoint)  # one pass where the format allows (DCP)
     values: dict[str, torch.Tensor] = {}
     for row, action in written:
         if action == "reinit":
             values[row.key] = fresh[row.key]
         else:
             assert row.checkpoint is not None
-            values[row.key] = data[row.checkpoint.key]
+            values[row.key] = read[row.checkpoint.key]
     return values
 
 
@@ -429,8 +514,12 @@ def _check_tied_sources(
 
 
 def _take_snapshot(
-    written: list[tuple[Row, str]], targets: dict[str, torch.Tensor]
+    written: list[tuple[Row, str]],
+    targets: dict[str, torch.Tensor],
+    materialise: torch.device | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(target, its values) per storage; for a meta target, the storage it will be swapped with
+    (after the swap that object holds the meta tensor, which is what undo puts back)."""
     seen: set[Any] = set()
     snapshot = []
     for row, _ in written:
@@ -438,7 +527,11 @@ def _take_snapshot(
         ident = _storage_id(target)
         if ident not in seen:
             seen.add(ident)
-            snapshot.append((target, target.detach().clone()))
+            if target.is_meta:
+                assert materialise is not None  # _check_targets refused it otherwise
+                snapshot.append((target, _materialised_like(target, materialise)))
+            else:
+                snapshot.append((target, target.detach().clone()))
     return snapshot
 
 
@@ -450,6 +543,8 @@ def _write_all(
     verify: bool,
 ) -> list[ReportEntry]:
     before = {id(t): saved for t, saved in snapshot}
+    idents = {row.key: _storage_id(targets[row.key]) for row, _ in written}
+    materialised: set[int] = set()
     current = "?"
     try:
         with torch.no_grad():
@@ -457,9 +552,11 @@ def _write_all(
             for row, action in written:
                 current = row.key
                 target = targets[row.key]
-                ident = _storage_id(target)
-                if ident not in seen:
-                    seen.add(ident)
+                if idents[row.key] not in seen:
+                    seen.add(idents[row.key])
+                    if target.is_meta:
+                        _swap_tensors(target, before[id(target)])
+                        materialised.add(id(target))
                     _write(target, values[row.key], action)
         entries = []
         for row, action in written:
@@ -468,6 +565,8 @@ def _write_all(
             ok, detail = True, "not verified (verify=False)"
             if verify:
                 ok, detail = _verify(target, values[row.key], action, before.get(id(target)))
+            if id(target) in materialised:
+                detail = f"materialised on {target.device}; {detail}"
             if not ok:
                 raise ApplyError(f"verification failed for {row.key}: {detail}")
             source_key = row.checkpoint_key if action in ("load", "partial") else None
@@ -479,7 +578,7 @@ def _write_all(
     except Exception as exc:
         with torch.no_grad():
             for target, saved in snapshot:
-                target.copy_(saved)
+                _restore(target, saved)
         raise ApplyError(
             f"apply failed at {current} ({type(exc).__name__}: {exc}); every tensor already "
             "written was restored, the model is as it was",
@@ -505,9 +604,35 @@ def _keep_entries(
             ok, detail = True, f"changed with its tied tensor {tied_to}"
         else:
             ok, detail = target._version == versions[row.key], "unchanged"
+            if target.is_meta:
+                detail = "unchanged; still on the meta device (no values)"
         nbytes = target.numel() * target.element_size()
         entries.append(ReportEntry(row.key, "keep", None, target.numel(), nbytes, ok, detail))
     return entries
+
+
+def _meta_notes(
+    entries: list[ReportEntry], targets: dict[str, torch.Tensor], device: torch.device | None
+) -> list[str]:
+    """What a person must know after applying to a (partly) meta-device model."""
+    notes = []
+    materialised = [e.key for e in entries if e.detail.startswith("materialised on")]
+    if materialised:
+        notes.append(
+            f"{len(materialised)} tensor(s) were on the meta device and now have storage on "
+            f"{device}; undo() puts them back on the meta device"
+        )
+    still_meta = [k for k, t in targets.items() if t.is_meta]
+    if still_meta:
+        shown = ", ".join(still_meta[:5]) + (" ..." if len(still_meta) > 5 else "")
+        notes.append(
+            f"{len(still_meta)} model tensor(s) are still on the meta device: they have a shape "
+            "and dtype but no values, so the model cannot run, train or be saved until they "
+            "get some: load or reinit them too (plan.set(...), then apply with "
+            f"materialise=...). model.to_empty() would also wipe what was loaded. They are: "
+            f"{shown}"
+        )
+    return notes
 
 
 def _verify(

@@ -197,16 +197,21 @@ class Plan:
         undo: bool = True,
         verify: bool = True,
         source: Any = None,
+        materialise: str | torch.device | None = None,
     ) -> Report:
         """Apply to ``model`` in place, all-or-nothing, and return the verified ``Report``.
 
         ``undo=False`` skips the snapshot that ``Report.undo()`` needs (it stages the
         checkpoint's data instead, so a failure still changes nothing). ``source`` reads the
         tensors from another copy of the checkpoint (a path or an in-memory state dict).
+        ``materialise`` names the device on which model tensors still on the meta device get
+        storage when the plan writes them (without it, writing into one is refused).
         """
         from ckptviz.core.apply import apply_plan
 
-        return apply_plan(self, model, undo=undo, verify=verify, source=source)
+        return apply_plan(
+            self, model, undo=undo, verify=verify, source=source, materialise=materialise
+        )
 
     # -- saving ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
