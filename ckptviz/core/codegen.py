@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ckptviz.core import dcp, sharded
 from ckptviz.core.plan import initialiser_of, reinit_seed
+from ckptviz.core.sharded import SHARDED_FORMATS
 
 if TYPE_CHECKING:
     from ckptviz.core.plan import Plan
@@ -32,6 +34,10 @@ def _read_lines(plan: Plan) -> list[str]:
             f"# The checkpoint was {ckpt.source}, not a file: put that state dict in `state`.",
             "state = state_dict",
         ]
+    if ckpt.format in SHARDED_FORMATS or ckpt.format == "dcp":
+        wanted = [r.checkpoint_key for r, a in plan if a in ("load", "partial") and r.model]
+        keys = [k for k in wanted if k is not None]
+        return (dcp.read_code if ckpt.format == "dcp" else sharded.read_code)(ckpt, keys)
     if ckpt.format == "safetensors":
         return ["from safetensors.torch import load_file", "", f"state = load_file({path!r})"]
     where = "".join(f"[{part!r}]" for part in ckpt.location)
