@@ -143,20 +143,20 @@ def _prefix_candidates(keys: Sequence[str]) -> list[str]:
     candidates = [""]
     if not keys:
         return candidates
-    first = {k.split(".", 1)[0] + "." for k in keys if "." in k}
+    first = {k.partition(".")[0] + "." for k in keys if "." in k}
     tokens = set(WRAPPER_PREFIXES)
     if len(first) == 1 and all("." in k for k in keys):
         tokens |= first  # every key sits under one name: a wrapper whatever it is called
-    # every key's first 1, 2 and 3 dotted segments: one pass instead of a scan per candidate
-    heads: set[str] = set()
-    for k in keys:
-        parts = k.split(".", 3)[:-1]
-        for depth in range(1, len(parts) + 1):
-            heads.add(".".join(parts[:depth]) + ".")
-    frontier = [""]
+    # (prefix, the keys under it with it removed, their first segments): one pass per level
+    frontier: list[tuple[str, Sequence[str], set[str]]] = [("", keys, first)]
     for _ in range(3):
-        grown = [prefix + t for prefix in frontier for t in sorted(tokens) if prefix + t in heads]
-        candidates += grown
+        grown: list[tuple[str, Sequence[str], set[str]]] = []
+        for prefix, rests, heads in frontier:
+            for token in sorted(tokens & heads):
+                under = [r[len(token) :] for r in rests if r.startswith(token)]
+                below = {r.partition(".")[0] + "." for r in under if "." in r}
+                grown.append((prefix + token, under, below))
+        candidates += [prefix for prefix, _, _ in grown]
         frontier = grown
     return candidates
 
@@ -170,24 +170,24 @@ def detect_prefixes(
     """The wrapper prefixes to strip, chosen to match the most keys; none unless they help."""
     best = KeyMapping(rules=rules, pairs=pairs)
     best_count = len(match_keys(model_keys, checkpoint_keys, best))
-    if best_count == min(len(model_keys), len(checkpoint_keys)):
-        return best  # every key that can match does: no prefix can do better
-    for ckpt_prefix in _prefix_candidates(checkpoint_keys):
-        for model_prefix in _prefix_candidates(model_keys):
-            if not ckpt_prefix and not model_prefix:
-                continue
-            mapping = KeyMapping(ckpt_prefix, model_prefix, rules, pairs)
+    most = min(len(model_keys), len(checkpoint_keys))
+    model_candidates = _prefix_candidates(model_keys)
+    tries = [
+        (c, m) for c in _prefix_candidates(checkpoint_keys) for m in model_candidates if c or m
+    ]
+    # shortest first, so the first mapping that matches every key it can is the one to keep
+    tries.sort(key=lambda pair: len(pair[0]) + len(pair[1]))
+    for ckpt_prefix, model_prefix in tries:
+        if best_count == most:
+            break  # every key that can match does: no prefix can do better
+        mapping = KeyMapping(ckpt_prefix, model_prefix, rules, pairs)
+        if pairs:
             count = len(match_keys(model_keys, checkpoint_keys, mapping))
-            shorter = len(ckpt_prefix + model_prefix) < len(
-                best.checkpoint_prefix + best.model_prefix
-            )
-            if count > best_count or (
-                count == best_count
-                and count > 0
-                and shorter
-                and (best.checkpoint_prefix or best.model_prefix)
-            ):
-                best, best_count = mapping, count
+        else:  # without hand pairs, match_keys pairs each name the two sides share exactly once
+            names = set(map(mapping.checkpoint_name, checkpoint_keys))
+            count = len(names.intersection(map(mapping.model_name, model_keys)))
+        if count > best_count:
+            best, best_count = mapping, count
     return best
 
 
