@@ -452,7 +452,8 @@ def apply_plan(
     notes += _meta_notes(entries, targets, device)
     order = {row.key: i for i, row in enumerate(plan.diff.rows)}
     entries.sort(key=lambda e: order.get(e.key, 0))
-    extra = [k for k in targets if k not in plan.actions]
+    planned = plan.actions  # a copy per access: take it once, not once per tensor
+    extra = [k for k in targets if k not in planned]
     if extra:
         notes.append(
             f"{len(extra)} model tensor(s) not in the plan were left alone: {', '.join(extra[:5])}"
