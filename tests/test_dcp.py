@@ -1,0 +1,314 @@
+"""torch.distributed.checkpoint directories: metadata without data or a process group, tensors
+through DCP's own load path, and ``.metadata`` treated as untrusted input."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from conftest import Classifier, assert_bitwise_same, snapshot
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
+
+import ckptviz
+from ckptviz import CheckpointError, UnsafeCheckpointError
+from ckptviz.core.dcp import read_metadata
+
+
+@pytest.fixture(autouse=True)
+def _quiet_single_process_warning() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+def _save(state: dict[str, Any], folder: Path, **kwargs: Any) -> Path:
+    dcp.save(state, storage_writer=FileSystemWriter(folder, **kwargs), no_dist=True)
+    return folder
+
+
+def _trained(seed: int = 1) -> tuple[Classifier, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = Classifier(10)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 20)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+@pytest.fixture
+def training_dir(tmp_path: Path) -> tuple[Path, Classifier]:
+    """What a trainer writes: the model, its optimizer and a step counter, in two data files."""
+    model, optimizer = _trained()
+    state = {"model": model.state_dict(), "optim": optimizer.state_dict(), "step": 7}
+    return _save(state, tmp_path / "step7", thread_count=2), model
+
+
+def test_reads_shapes_and_dtypes_without_data_or_process_group(
+    training_dir: tuple[Path, Classifier], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, trained = training_dir
+    assert len(list(folder.glob("*.distcp"))) == 2
+
+    def no_data(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("reading metadata must not read tensor data")
+
+    monkeypatch.setattr(FileSystemReader, "read_data", no_data)
+    ckpt = ckptviz.read_checkpoint(folder)
+    assert ckpt.format == "dcp"
+    assert ckpt.location == ("model",)
+    assert ("optim", "state", "0") in ckpt.candidates
+    assert {k: (i.shape, i.dtype) for k, i in ckpt.tensors.items()} == {
+        k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+        for k, v in trained.state_dict().items()
+    }
+    assert ckptviz.read_checkpoint(folder / ".metadata").tensors == ckpt.tensors
+    assert not dist.is_initialized()
+
+
+def test_other_parts_are_reachable_with_key(training_dir: tuple[Path, Classifier]) -> None:
+    folder, trained = training_dir
+    ckpt = ckptviz.read_checkpoint(folder, key="optim/state/0")
+    assert set(ckpt.tensors) == {"step", "exp_avg", "exp_avg_sq"}
+    assert ckpt.tensors["exp_avg"].shape == tuple(trained.body[0].weight.shape)
+
+
+def test_compare_and_apply_end_to_end(training_dir: tuple[Path, Classifier]) -> None:
+    folder, trained = training_dir
+    model = Classifier(12)  # the head grew
+    before = snapshot(model)
+    diff = ckptviz.compare(model, folder)
+    assert diff.counts == {"match": 4, "dtype": 0, "shape": 2, "missing": 0, "unexpected": 0}
+    plan = diff.plan()
+    plan.set("head", "partial")
+    report = plan.apply(model)
+    assert report.verified
+    for key, value in trained.state_dict().items():
+        rows = value.shape[0]
+        assert torch.equal(model.state_dict()[key][:rows], value), key
+    assert torch.equal(model.head.weight[10:], before["head.weight"][10:])
+    report.undo()
+    assert_bitwise_same(model, before)
+    assert not dist.is_initialized()
+
+
+def test_a_plan_saved_as_json_and_to_code_reproduce_apply(
+    training_dir: tuple[Path, Classifier],
+) -> None:
+    folder, trained = training_dir
+    model = Classifier(10)
+    start = snapshot(model)
+    plan = ckptviz.compare(model, folder).plan()
+    plan.set("body.0", "keep")
+    code = plan.to_code()
+    ckptviz.Plan.from_json(plan.to_json()).apply(model)
+    applied = snapshot(model)
+    assert torch.equal(applied["head.weight"], trained.head.weight)
+    assert torch.equal(applied["body.0.weight"], start["body.0.weight"])
+    fresh = Classifier(10)
+    fresh.load_state_dict(start)
+    exec(code, {"model": fresh})
+    assert_bitwise_same(fresh, applied)
+
+
+class TwoRanks(DefaultSavePlanner):
+    """Saves each tensor of two rows or more as two chunks, as two FSDP ranks would."""
+
+    def create_local_plan(self) -> SavePlan:
+        plan = super().create_local_plan()
+        items: list[WriteItem] = []
+        for item in plan.items:
+            data = item.tensor_data
+            if item.type != WriteItemType.TENSOR or data is None or data.size[0] < 2:
+                items.append(item)
+                continue
+            half = data.size[0] // 2
+            for start, length in ((0, half), (half, data.size[0] - half)):
+                offsets = torch.Size([start] + [0] * (len(data.size) - 1))
+                chunk = ChunkStorageMetadata(offsets, torch.Size([length, *data.size[1:]]))
+                items.append(
+                    dataclasses.replace(
+                        item,
+                        index=MetadataIndex(item.index.fqn, offsets),
+                        type=WriteItemType.SHARD,
+                        tensor_data=dataclasses.replace(data, chunk=chunk),
+                    )
+                )
+        self.plan = dataclasses.replace(plan, items=items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> Any:
+        if write_item.type != WriteItemType.SHARD or write_item.tensor_data is None:
+            return super().resolve_data(write_item)
+        whole = self.lookup_object(MetadataIndex(write_item.index.fqn))
+        chunk = write_item.tensor_data.chunk
+        return whole.narrow(0, chunk.offsets[0], chunk.sizes[0])
+
+
+def test_tensors_saved_in_chunks_are_read_whole(tmp_path: Path) -> None:
+    model, _ = _trained()
+    folder = tmp_path / "fsdp"
+    dcp.save(model.state_dict(), checkpoint_id=folder, planner=TwoRanks(), no_dist=True)
+    chunks = read_metadata(folder).state_dict_metadata["body.0.weight"].chunks
+    assert len(chunks) == 2
+    ckpt = ckptviz.read_checkpoint(folder)
+    assert ckpt.tensors["body.0.weight"].shape == (32, 20)  # the global shape
+    fresh = Classifier(10)
+    ckptviz.compare(fresh, folder).plan().apply(fresh)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_non_tensor_entries_are_listed_never_unpickled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trained, _ = _trained()
+    state = dict(trained.state_dict())
+    state["step"] = 7  # a Python object: DCP pickles it into the data file
+    folder = _save(state, tmp_path / "c")
+
+    def no_unpickling(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("DCP's load_bytes unpickles with weights_only=False")
+
+    monkeypatch.setattr(DefaultLoadPlanner, "load_bytes", no_unpickling)
+    ckpt = ckptviz.read_checkpoint(folder)
+    assert ckpt.skipped == {"step": "PickledObject"}
+    assert "step" not in ckpt.tensors
+    model = Classifier(10)
+    assert ckptviz.compare(model, folder).plan().apply(model).verified
+    assert torch.equal(model.head.weight, trained.head.weight)
+
+
+# -- .metadata is untrusted ---------------------------------------------------------------------
+
+
+class RunsCode:
+    """Unpickling this makes a directory: the stand-in for any code a crafted file could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.mkdir, (str(self.marker),))
+
+
+def _hostile_dir(tmp_path: Path) -> tuple[Path, Path]:
+    folder = _save(dict(Classifier(10).state_dict()), tmp_path / "hostile")
+    marker = tmp_path / "code-ran"
+    with (folder / ".metadata").open("wb") as stream:
+        pickle.dump(RunsCode(marker), stream)
+    return folder, marker
+
+
+def test_torch_own_reader_would_run_code_from_metadata(tmp_path: Path) -> None:
+    """Why ckptviz reads .metadata itself: torch 2.13's FileSystemReader unpickles it fully."""
+    folder, marker = _hostile_dir(tmp_path)
+    with pytest.raises(AttributeError):  # os.mkdir returned None: no Metadata, but it ran
+        FileSystemReader(folder).read_metadata()
+    assert marker.exists()
+
+
+def test_metadata_naming_code_is_refused_and_nothing_runs(tmp_path: Path) -> None:
+    folder, marker = _hostile_dir(tmp_path)
+    with pytest.raises(UnsafeCheckpointError) as error:
+        ckptviz.compare(Classifier(10), folder)
+    assert not marker.exists()
+    assert error.value.unsafe_globals == [f"{os.mkdir.__module__}.mkdir"]
+    message = str(error.value)
+    assert str(folder) in message and "trusted=True" in message and "allow_globals=" in message
+
+
+def _rewrite_metadata(folder: Path, change: Any) -> None:
+    metadata = read_metadata(folder)
+    change(metadata)
+    with (folder / ".metadata").open("wb") as stream:
+        pickle.dump(metadata, stream)
+
+
+def _point_storage(metadata: Any, relative_path: str) -> None:
+    storage = metadata.storage_data
+    index = next(i for i in storage if i.fqn == "head.bias")
+    storage[index] = dataclasses.replace(storage[index], relative_path=relative_path)
+
+
+@pytest.mark.parametrize(
+    ("relative_path", "message"),
+    [
+        ("../outside.distcp", "not a plain file name"),
+        ("/etc/passwd", "not a plain file name"),
+        ("missing.distcp", "does not exist"),
+    ],
+)
+def test_data_files_must_be_plain_names_in_the_directory(
+    tmp_path: Path, relative_path: str, message: str
+) -> None:
+    folder = _save(dict(Classifier(10).state_dict()), tmp_path / "c")
+    (tmp_path / "outside.distcp").write_bytes((next(folder.glob("*.distcp"))).read_bytes())
+    _rewrite_metadata(folder, lambda md: _point_storage(md, relative_path))
+    with pytest.raises(CheckpointError, match=message) as error:
+        ckptviz.read_checkpoint(folder)
+    assert "'head.bias'" in str(error.value) and ".metadata" in str(error.value)
+
+
+def test_chunks_that_leave_values_unset_are_refused(tmp_path: Path) -> None:
+    folder = _save(dict(Classifier(10).state_dict()), tmp_path / "c")
+
+    def shrink(metadata: Any) -> None:
+        entry = metadata.state_dict_metadata["head.weight"]
+        entry.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([5, 32]))]
+
+    _rewrite_metadata(folder, shrink)
+    with pytest.raises(CheckpointError, match="cover 160 of its 320 values"):
+        ckptviz.read_checkpoint(folder)
+
+
+def test_a_truncated_data_file_is_refused_when_read(tmp_path: Path) -> None:
+    folder = _save(dict(Classifier(10).state_dict()), tmp_path / "c")
+    data = next(folder.glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        ckptviz.read_checkpoint(folder)
+
+
+def test_a_data_file_changed_after_compare_is_refused_and_the_model_kept(tmp_path: Path) -> None:
+    folder = _save(dict(_trained()[0].state_dict()), tmp_path / "c")
+    model = Classifier(10)
+    before = snapshot(model)
+    plan = ckptviz.compare(model, folder).plan()
+    data = next(folder.glob("*.distcp"))
+    data.write_bytes(data.read_bytes() + b"\0")
+    with pytest.raises(CheckpointError, match="changed or is gone"):
+        plan.apply(model)
+    assert_bitwise_same(model, before)
+
+
+def test_not_a_metadata_pickle(tmp_path: Path) -> None:
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pickle.dumps({"not": "metadata"}))
+    with pytest.raises(CheckpointError, match=r"expected torch\.distributed\.checkpoint Metadata"):
+        ckptviz.read_checkpoint(folder)
+    (folder / ".metadata").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        ckptviz.read_checkpoint(folder)
+
+
+def test_meta_model_against_a_dcp_directory(training_dir: tuple[Path, Classifier]) -> None:
+    folder, trained = training_dir
+    with torch.device("meta"):
+        model = Classifier(10)
+    report = ckptviz.compare(model, folder).plan().apply(model, materialise="cpu")
+    assert report.verified
+    for key, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
