@@ -778,6 +778,7 @@ def _read_safetensors(
     )
 
 
+#: ckptviz/core/__init__.py puts the directory formats (dcp, sharded) in front of these.
 FORMATS: list[FileFormat] = [
     FileFormat("safetensors", _is_safetensors, _read_safetensors),
     FileFormat("torch", _is_torch_zip, _read_torch_zip),
@@ -807,8 +808,10 @@ def _read_path(
             return fmt.read(path, key=key, trusted=trusted, allow=allow)
     if path.is_dir():
         raise CheckpointError(
-            f"{path}: is a directory; expected a checkpoint file (.pt, .pth, .bin, .ckpt or "
-            ".safetensors). Pass the file inside it."
+            f"{path}: is a directory, but holds neither a Hugging Face sharded checkpoint "
+            "(*.index.json and its shards) nor a torch.distributed.checkpoint (.metadata and "
+            "*.distcp). For a checkpoint file (.pt, .pth, .bin, .ckpt or .safetensors), pass "
+            "the file inside it."
         )
     if path.is_file() and tarfile.is_tarfile(path):
         raise CheckpointError(
