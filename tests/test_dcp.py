@@ -236,6 +236,29 @@ def _rewrite_metadata(folder: Path, change: Any) -> None:
         pickle.dump(metadata, stream)
 
 
+def test_extra_globals_in_metadata_need_an_explicit_opt_in(tmp_path: Path) -> None:
+    import argparse
+
+    trained, _ = _trained()
+    folder = _save(dict(trained.state_dict()), tmp_path / "c")
+
+    def add_namespace(metadata: Any) -> None:
+        metadata.storage_meta.modules = [argparse.Namespace(note="written by a custom trainer")]
+
+    _rewrite_metadata(folder, add_namespace)
+    with pytest.raises(UnsafeCheckpointError) as error:
+        ckptviz.read_checkpoint(folder)
+    assert error.value.unsafe_globals == ["argparse.Namespace"]
+    for options in ({"allow_globals": ["argparse.Namespace"]}, {"trusted": True}):
+        model = Classifier(10)
+        report = ckptviz.compare(model, folder, **options).plan().apply(model)
+        assert report.verified
+        assert torch.equal(model.head.weight, trained.head.weight)
+    assert ckptviz.read_checkpoint(folder, allow_globals=["argparse.Namespace"]).allow_globals == (
+        "argparse.Namespace",
+    )
+
+
 def _point_storage(metadata: Any, relative_path: str) -> None:
     storage = metadata.storage_data
     index = next(i for i in storage if i.fqn == "head.bias")
