@@ -307,3 +307,19 @@ def test_a_7b_architecture_compares_against_its_checkpoint_with_no_memory(
     assert result["bytes"] == 2 * result["params"]
     assert result["counts"]["match"] == result["tensors"]
     assert result["grown_kib"] < 200 * 1024  # under 200 MiB for a 13 GB checkpoint
+
+
+def test_to_code_for_a_meta_model_refuses_to_copy_into_nothing(
+    trained: tuple[TinyLM, Path],
+) -> None:
+    reference, path = trained
+    model = _meta_lm()
+    code = ckptviz.compare(model, path).plan().to_code()
+    with pytest.raises(RuntimeError, match="meta device"):
+        exec(code, {"model": model})
+    materialised = _meta_lm()
+    materialised.to_empty(device="cpu")
+    materialised.head.weight = materialised.embed.weight  # to_empty unties (apply does not)
+    exec(code, {"model": materialised})  # with storage, the same code loads the weights
+    for key, value in reference.state_dict().items():
+        assert torch.equal(materialised.state_dict()[key], value), key

@@ -68,6 +68,24 @@ def _read_lines(plan: Plan) -> list[str]:
     ]
 
 
+def _meta_guard(plan: Plan) -> list[str]:
+    """For a model on the meta device: copying into it would silently do nothing, so stop."""
+    model = plan.diff.model
+    written = {r.key for r, a in plan if r.model and a != "keep"}
+    if model is None or not any(
+        t.is_meta for k, t in model.state_dict(keep_vars=True).items() if k in written
+    ):
+        return []
+    return [
+        "# The model was on the meta device (shapes, no storage), where copies do nothing:",
+        "# give it storage first, e.g. model.to_empty(device='cpu'), or use",
+        "# plan.apply(model, materialise='cpu'), which gives storage to the written tensors only.",
+        "if any(t.is_meta for t in params.values()):",
+        "    raise RuntimeError('the model is on the meta device: materialise it first')",
+        "",
+    ]
+
+
 def plan_code(plan: Plan) -> str:
     load = [(r.key, r.checkpoint_key or "") for r, a in plan if a == "load" and r.model]
     partial = [(r.key, r.checkpoint_key or "") for r, a in plan if a == "partial" and r.model]
@@ -91,6 +109,7 @@ def plan_code(plan: Plan) -> str:
     lines += ["import torch", ""]
     lines += _read_lines(plan)
     lines += ["params = model.state_dict(keep_vars=True)", ""]
+    lines += _meta_guard(plan)
     lines += _dict_block("load", "model key: checkpoint key", load)
     lines += _dict_block("partial", "copy the overlapping slice, keep the rest", partial)
     if reinit:
