@@ -1,4 +1,4 @@
-"""Scale: compare, plan and apply with 50,000 tensors, as ratios to a plain key/shape diff.
+"""Scale: 50,000 tensors, and a 7B-parameter meta-device model, as ratios to a plain key/shape diff.
 
 The baseline is what a person would write by hand to see what differs: a dict of key -> shape
 for the model (``model.state_dict()``) and for the checkpoint (the safetensors header), then the
@@ -9,12 +9,18 @@ modules, prefix detection and a ``Row`` per pair, so the ratio says what that co
 
 Prints the best of ``--repeat`` runs of each step (seconds) and its ratio to the baseline
 measured in the same run, so a slow or busy machine changes both alike.
+
+The second part builds a Llama-7B-shaped model on the meta device and a sharded safetensors
+checkpoint for it whose data regions are sparse (13 GB on paper, nothing on disk), and times
+``compare`` against it: what checking a big architecture against its checkpoint costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -76,6 +82,63 @@ def baseline(model: nn.Module, path: Path) -> tuple[set[str], set[str], list[str
     return missing, unexpected, shape
 
 
+class LlamaLayer(nn.Module):
+    def __init__(self, dim: int = 4096, hidden: int = 11008) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
+
+
+class Llama7B(nn.Module):
+    def __init__(self, layers: int = 32, dim: int = 4096, vocab: int = 32000) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(LlamaLayer(dim) for _ in range(layers))
+        self.norm = nn.RMSNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+
+def sparse_sharded_checkpoint(model: nn.Module, folder: Path, shards: int = 4) -> Path:
+    """bfloat16 safetensors shards with real headers and sparse (unwritten) data, and an index."""
+    state = model.state_dict()
+    keys = list(state)
+    weight_map = {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        header, offset = {}, 0
+        for key in keys[i::shards]:
+            size = state[key].numel() * 2
+            shape = list(state[key].shape)
+            header[key] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+            offset += size
+            weight_map[key] = name
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        with (folder / name).open("wb") as stream:
+            stream.write(struct.pack("<Q", len(text)) + text)
+            stream.truncate(8 + len(text) + offset)
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+def sharded_baseline(model: nn.Module, index: Path) -> set[str]:
+    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ckpt_shapes = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        with safe_open(str(index.parent / shard), framework="pt") as handle:
+            names = handle.keys()
+            ckpt_shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in names})
+    return {
+        k
+        for k in model_shapes.keys() | ckpt_shapes.keys()
+        if model_shapes.get(k) != ckpt_shapes.get(k)
+    }
+
+
 def best_of(repeat: int, step: Callable[[], Any]) -> tuple[float, Any]:
     best, result = float("inf"), None
     for _ in range(repeat):
@@ -111,8 +174,9 @@ def main() -> None:
         )
         rows.append(("diff.to_records()", best_of(args.repeat, diff.to_records)[0]))
         rows.append(("diff.suggestions", best_of(1, lambda: diff.suggestions)[0]))
+        writes = sum(1 for a in plan.actions.values() if a != "keep")
         rows.append(
-            ("plan.apply(model) (all loads)", best_of(1, lambda: plan.apply(model, undo=False))[0])
+            (f"plan.apply(model), {writes:,} writes", best_of(1, lambda: plan.apply(model))[0])
         )
 
     print(f"{args.tensors:,} tensors; {counts}")
@@ -120,6 +184,21 @@ def main() -> None:
     width = max(len(name) for name, _ in rows)
     for name, seconds in rows:
         print(f"{name:<{width}}  {seconds * 1000:8.0f} ms  {seconds / base:6.1f}x baseline")
+
+    with torch.device("meta"):
+        big = Llama7B().to(torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        index = sparse_sharded_checkpoint(big, Path(tmp))
+        base, differing = best_of(args.repeat, lambda: sharded_baseline(big, index))
+        took, diff = best_of(args.repeat, lambda: ckptviz.compare(big, index))
+        assert not differing and diff.counts["match"] == len(diff.rows)
+    params = sum(p.numel() for p in big.parameters())
+    print(
+        f"\nmeta-device Llama-7B shape ({params / 1e9:.2f}B parameters, {len(diff.rows)} tensors) "
+        f"against its 4-shard index ({diff.checkpoint.total_bytes / 1e9:.1f} GB on paper):"
+    )
+    print(f"baseline (key/shape dicts over the shard headers): {base * 1000:.0f} ms")
+    print(f"compare(meta model, index)  {took * 1000:8.0f} ms  {took / base:6.1f}x baseline")
 
 
 if __name__ == "__main__":
