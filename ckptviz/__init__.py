@@ -1,5 +1,7 @@
 """ckptviz: see and fix PyTorch checkpoint/model mismatches, safely, with undo and as code."""
 
+from typing import TYPE_CHECKING, Any
+
 from ckptviz import progress as _progress  # registers the progress-bar view
 from ckptviz import tables as _tables  # registers the DataFrame and HTML views
 from ckptviz.compare_plots import plot_change_strip, plot_changes
@@ -17,6 +19,9 @@ from ckptviz.core.plan import ACTIONS, Plan
 from ckptviz.core.reading import Checkpoint, TensorInfo, read_checkpoint
 from ckptviz.core.stats import TensorStats, ValueStats, value_stats
 
+if TYPE_CHECKING:
+    from ckptviz.widget import Loader
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -28,6 +33,7 @@ __all__ = [
     "CkptvizError",
     "Diff",
     "KeyMapping",
+    "Loader",
     "Plan",
     "PlanError",
     "Report",
@@ -47,3 +53,13 @@ __all__ = [
 ]
 
 del _progress, _tables
+
+
+def __getattr__(name: str) -> Any:
+    # The widget pulls in anywidget, ipywidgets and IPython: only when it is first used, so
+    # `import ckptviz` stays fast in scripts and terminals.
+    if name == "Loader":
+        from ckptviz.widget import Loader
+
+        return Loader
+    raise AttributeError(f"module 'ckptviz' has no attribute {name!r}")

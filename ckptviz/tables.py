@@ -8,6 +8,7 @@ its status in words, so colour is never the only signal.
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from typing import Any
 
 from ckptviz.core.display import register_renderer
@@ -65,12 +66,14 @@ def _styled(df: Any, caption: str, colour_columns: dict[str, dict[str, str]]) ->
     return str(styler.to_html())
 
 
-def _diff_table(diff: Any, actions: dict[str, str] | None = None) -> Any:
+def _diff_table(
+    diff: Any, actions: dict[str, str] | None = None, only: Sequence[int] | None = None
+) -> Any:
     import pandas as pd
 
     left, right = ("model", "checkpoint") if diff.against_model else ("a", "b")
     rows = []
-    for row in diff.rows:
+    for row in diff.rows if only is None else [diff.rows[i] for i in only]:
         m, c = row.model, row.checkpoint
         record = {
             "status": row.status,
@@ -98,11 +101,15 @@ def diff_html(diff: Any) -> str:
     return _styled(df, caption, {"status": marks})
 
 
-def plan_html(plan: Any) -> str:
+def plan_html(plan: Any, rows: Sequence[int] | None = None) -> str:
+    """The plan's table; ``rows`` (positions in ``plan.diff.rows``) shows only those."""
     actions = {row.key: action for row, action in plan}
-    df = _diff_table(plan.diff, actions)
+    df = _diff_table(plan.diff, actions, rows)
     marks = {f"{STATUS_MARKS[s]} {s}": colour for s, colour in STATUS_COLOURS.items()}
-    return _styled(df, plan.summary(), {"status": marks, "action": ACTION_COLOURS})
+    caption = plan.summary()
+    if rows is not None and len(rows) < len(plan.diff.rows):
+        caption += f" (showing {len(rows):,} of {len(plan.diff.rows):,} rows)"
+    return _styled(df, caption, {"status": marks, "action": ACTION_COLOURS})
 
 
 def report_html(report: Any) -> str:
