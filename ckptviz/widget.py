@@ -23,8 +23,9 @@ import functools
 import html
 import logging
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar, cast
 
 import anywidget
@@ -62,6 +63,24 @@ ROW_FIELDS = (
     "renamed",
 )
 
+#: The methods a front-end message may call (its "do"), with the fields passed as arguments.
+FRONT_END_CALLS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "set_action": ("pattern", "action"),
+        "set_module": ("module", "action"),
+        "set_bulk": ("action", "statuses", "filter", "regex"),
+        "reset": (),
+        "accept": ("which",),
+        "pair": ("model_key", "checkpoint_key"),
+        "apply": (),
+        "undo": (),
+        "show_code": (),
+        "hide_code": (),
+        "save_plan": ("path",),
+        "load_plan": ("path",),
+    }
+)
+
 #: Rows in the static (no-widget) view; larger plans show the rows that differ first.
 STATIC_ROWS = 100
 #: Above this share of changed rows a full action string is smaller than a delta.
@@ -97,7 +116,7 @@ def _user_action(method: Method) -> Method:
     return cast(Method, run)
 
 
-class Loader(anywidget.AnyWidget):  # type: ignore[misc]
+class Loader(anywidget.AnyWidget):
     """Compare ``model`` with the checkpoint ``source``, choose an action per tensor, apply.
 
     ``compare_kwargs`` go to ``ckptviz.compare`` (``rename``, ``key``, ``trusted``,
@@ -111,7 +130,7 @@ class Loader(anywidget.AnyWidget):  # type: ignore[misc]
 
     _rows = traitlets.Dict().tag(sync=True)
     _info = traitlets.Dict().tag(sync=True)
-    _suggestions = traitlets.List().tag(sync=True)
+    _suggestions: traitlets.List[dict[str, Any]] = traitlets.List().tag(sync=True)
     _report = traitlets.Dict().tag(sync=True)
     _code = traitlets.Unicode("").tag(sync=True)
     #: The last action's failure in words ("" when it succeeded); the model was not changed.
@@ -325,22 +344,6 @@ class Loader(anywidget.AnyWidget):  # type: ignore[misc]
         """Send the front end what changed after ``plan`` was edited directly."""
 
     # -- wire protocol ---------------------------------------------------------------------------
-    #: front-end message "do" -> (method, the message fields passed on as arguments)
-    _CALLS: dict[str, tuple[str, tuple[str, ...]]] = {  # noqa: RUF012 (read-only table)
-        "set_action": ("set_action", ("pattern", "action")),
-        "set_module": ("set_module", ("module", "action")),
-        "set_bulk": ("set_bulk", ("action", "statuses", "filter", "regex")),
-        "reset": ("reset", ()),
-        "accept": ("accept", ("which",)),
-        "pair": ("pair", ("model_key", "checkpoint_key")),
-        "apply": ("apply", ()),
-        "undo": ("undo", ()),
-        "show_code": ("show_code", ()),
-        "hide_code": ("hide_code", ()),
-        "save_plan": ("save_plan", ("path",)),
-        "load_plan": ("load_plan", ("path",)),
-    }
-
     def _on_front_end_message(self, _: Any, content: Any, buffers: Sequence[bytes]) -> None:
         if not isinstance(content, dict):
             return
@@ -351,16 +354,15 @@ class Loader(anywidget.AnyWidget):  # type: ignore[misc]
         if do == "explain":
             self._send_explanation(content.get("index"), content.get("gen"))
             return
-        if do not in self._CALLS:
+        if not isinstance(do, str) or do not in FRONT_END_CALLS:
             self.error = f"the widget sent an unknown request {do!r}"
             return
-        name, fields = self._CALLS[do]
-        kwargs = {f: content[f] for f in fields if f in content}
+        kwargs = {f: content[f] for f in FRONT_END_CALLS[do] if f in content}
         try:
-            getattr(self, name)(**kwargs)
+            getattr(self, do)(**kwargs)
         except Exception:
             # Already shown in the widget by _user_action; the traceback goes to the log.
-            log.debug("Loader.%s(%r) failed", name, kwargs, exc_info=True)
+            log.debug("Loader.%s(%r) failed", do, kwargs, exc_info=True)
         if "id" in content:  # the slow calls (apply, files) show "busy" until this answer
             self.send({"type": "done", "id": content["id"]})
 
