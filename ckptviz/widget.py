@@ -495,12 +495,13 @@ def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
     prefixes_only = KeyMapping(mapping.checkpoint_prefix, mapping.model_prefix)
     for row in plan.diff.rows:
         m, c = row.model, row.checkpoint
-        # where the row sits in the module tree: an unexpected key where the model would have it
-        place = m.key if m else mapping.model_prefix + mapping.checkpoint_name(row.key)
+        # where the row sits in the module tree, if not at its key: an unexpected key goes where
+        # the model would have it
+        place = None if m else mapping.model_prefix + mapping.checkpoint_name(row.key)
         # renamed by a rule or by hand (not merely a wrapper prefix): show the checkpoint key
-        renamed = bool(
-            m and c and prefixes_only.checkpoint_name(c.key) != prefixes_only.model_name(m.key)
-        )
+        renamed = 0
+        if m is not None and c is not None:
+            renamed = int(prefixes_only.checkpoint_name(c.key) != prefixes_only.model_name(m.key))
         # per action: 0 if it may apply, else 1 + the index of its reason in "reasons"
         why_not = [refusal(row, action, plan.diff.model) for action in ACTIONS]
         codes_of_row = [reasons.setdefault(why, len(reasons) + 1) if why else 0 for why in why_not]
@@ -519,7 +520,7 @@ def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
                 row.note,
                 refused,
                 list(row.tied),
-                place,
+                place if place != row.key else None,
                 renamed,
             ]
         )

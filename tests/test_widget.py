@@ -451,13 +451,13 @@ def test_rows_sit_where_the_model_would_have_them(tmp_path: Path) -> None:
     ui = FrontEnd(loader)
     rows = {r["model_key"] or r["checkpoint_key"]: r for r in ui.rows()}
     assert rows["body.0.weight"]["checkpoint_key"] == "module.body.0.weight"
-    assert rows["body.0.weight"]["renamed"] is False
+    assert rows["body.0.weight"]["renamed"] == 0
     assert rows["module.extra.scale"]["status"] == "unexpected"
     assert rows["module.extra.scale"]["place"] == "extra.scale"
-    assert rows["head.bias"]["place"] == "head.bias"
+    assert rows["head.bias"]["place"] is None  # in the tree at its own key
     ui.send(do="pair", model_key="head.bias", checkpoint_key="module.extra.scale")
     paired = {r["model_key"]: r for r in ui.rows() if r["model_key"]}["head.bias"]
-    assert paired["renamed"] is True and paired["checkpoint_key"] == "module.extra.scale"
+    assert paired["renamed"] == 1 and paired["checkpoint_key"] == "module.extra.scale"
 
 
 def test_code_shows_what_apply_does(grown: tuple[SmallCNN, Loader, FrontEnd]) -> None:
