@@ -229,20 +229,27 @@ class NotebookUI:
     def run_cell(
         self, index: int, done: Callable[[], bool], timeout: float = 60, attempts: int = 3
     ) -> None:
-        """Run cell ``index`` until ``done()`` holds, re-running a bounded number of times
-        when the run was lost (no output and no busy kernel)."""
+        """Run cell ``index`` until ``done()`` holds. A run that never started (its prompt
+        neither turned to ``[*]`` nor got a new count: the lost first run) is sent again, a
+        bounded number of times."""
+        prompt = self.cell(index).locator(".jp-InputPrompt")
         for attempt in range(1, attempts + 1):
             self.accept_kernel_dialog()
-            cell = self.cell(index)
-            cell.locator(".jp-InputPrompt").click()
+            before = prompt.inner_text()
+            prompt.click()
             self.page.keyboard.press("Control+Enter")
             try:
-                wait_until(done, timeout, f"cell {index} to finish (attempt {attempt})")
-                return
+                wait_until(
+                    lambda before=before: done() or prompt.inner_text() != before,
+                    10,
+                    f"cell {index} to start (attempt {attempt})",
+                )
             except TimeoutError:
                 if attempt == attempts:
                     raise
-                self.wait_idle()
+                continue
+            wait_until(done, timeout, f"cell {index} to finish")
+            return
 
     def screenshot(self, path: Path, element: Any = None) -> None:
         """The page (or one element of it) as a PNG; an element is scrolled into view first."""
