@@ -18,6 +18,7 @@ from ckptviz.core.matching import KeyMapping, RuleSuggestion, Suggestion
 from ckptviz.core.plan import ACTIONS, Plan
 from ckptviz.core.reading import Checkpoint, TensorInfo, read_checkpoint
 from ckptviz.core.stats import TensorStats, ValueStats, value_stats
+from ckptviz.plots import plot_diff, plot_report, plot_values  # registers the "plot" view
 
 if TYPE_CHECKING:
     from ckptviz.widget import Loader
@@ -48,6 +49,9 @@ __all__ = [
     "compare",
     "plot_change_strip",
     "plot_changes",
+    "plot_diff",
+    "plot_report",
+    "plot_values",
     "read_checkpoint",
     "value_stats",
 ]

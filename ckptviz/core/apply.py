@@ -217,6 +217,11 @@ class Report:
     def _repr_html_(self) -> str:
         return str(render("html", self))
 
+    def plot(self, **options: Any) -> Any:
+        """A matplotlib Figure: per module, its values by what apply did to them (see
+        ``ckptviz.plot_report`` for the options)."""
+        return render("plot", self, **options)
+
     def __str__(self) -> str:
         from ckptviz.core.text import format_table
 

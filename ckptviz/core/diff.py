@@ -323,6 +323,11 @@ class Diff:
     def _repr_html_(self) -> str:
         return str(render("html", self))
 
+    def plot(self, **options: Any) -> Any:
+        """A matplotlib Figure: per module, its values split by status (see ``ckptviz.plot_diff``
+        for the options: ``depth``, ``max_groups``, ``scale``, ``ax``)."""
+        return render("plot", self, **options)
+
     def __str__(self) -> str:
         from ckptviz.core.text import diff_text
 
