@@ -270,6 +270,15 @@ def suggest_renames(
     return result
 
 
+def _is_word_char(char: str) -> bool:
+    return char.isalnum() or char == "_"
+
+
+def _is_letter(char: str) -> bool:
+    """What the rule's lookahead ``(?![A-Za-z_])`` counts as the same name."""
+    return char.isascii() and (char.isalpha() or char == "_")
+
+
 def suggest_rules(suggestions: Sequence[Suggestion], mapping: KeyMapping) -> list[RuleSuggestion]:
     """Rename rules shared by two or more suggestions (e.g. ``blocks`` -> ``layers``)."""
     counts: dict[tuple[str, str], int] = {}
@@ -282,11 +291,14 @@ def suggest_rules(suggestions: Sequence[Suggestion], mapping: KeyMapping) -> lis
         end = 0
         while end < min(len(old), len(new)) - start and old[-1 - end] == new[-1 - end]:
             end += 1
-        old_mid, new_mid = old[start : len(old) - end], new[start : len(new) - end]
-        # widen to whole words so a rule never cuts through a name
-        while start > 0 and (old[start - 1].isalnum() or old[start - 1] == "_"):
+        # widen to whole words so a rule never cuts through a name; to the right only over
+        # letters, as the rule's lookahead does: "blocks.0" -> "layers.0" share the suffix "s.0",
+        # the rule is blocks -> layers, while block0 -> stage0 stays block -> stage for every index
+        while start > 0 and _is_word_char(old[start - 1]):
             start -= 1
-            old_mid, new_mid = old[start] + old_mid, new[start] + new_mid
+        while end > 0 and _is_letter(old[len(old) - end]):
+            end -= 1
+        old_mid, new_mid = old[start : len(old) - end], new[start : len(new) - end]
         if not old_mid:
             continue
         counts[(old_mid, new_mid)] = counts.get((old_mid, new_mid), 0) + 1
