@@ -37,7 +37,7 @@ REPORT_CATEGORIES = ("load", "partial: copied", "partial: rest kept", "reinit", 
 REPORT_STYLE: dict[str, tuple[str, str]] = {
     "load": ("#009E73", ""),
     "partial: copied": ("#E69F00", ".."),
-    "partial: rest kept": ("#F3D38F", ".."),
+    "partial: rest kept": ("#F3D38F", "--"),
     "reinit": ("#56B4E9", "//"),
     "keep": ("#B0B0B0", "xx"),
 }
@@ -301,14 +301,15 @@ def _finite_values(tensor: torch.Tensor, where: str) -> torch.Tensor:
     return values[torch.isfinite(values)]
 
 
-def plot_values(diff: Diff, key: str, *, bins: int = 50, ax: Any = None) -> Any:
+def plot_values(diff: Diff, key: str, *, bins: int | None = None, ax: Any = None) -> Any:
     """Histogram overlay of one tensor's values: the model's current values (or the first
     checkpoint's) against the checkpoint's, to judge whether loading, a partial copy or
     re-initialising makes sense.
 
     ``key`` is a model key (or the checkpoint key of an ``unexpected`` row). Both sides share
-    the bins; heights are the share of each side's values per bin, so tensors of different
-    sizes compare. NaN/Inf are left out of the bars and counted in the legend.
+    the bins (``bins=None``: about the square root of the smaller side's size, 10 to 60);
+    heights are the share of each side's values per bin, so tensors of different sizes compare.
+    NaN/Inf are left out of the bars and counted in the legend.
     """
     import torch
 
@@ -331,6 +332,9 @@ def plot_values(diff: Diff, key: str, *, bins: int = 50, ax: Any = None) -> Any:
     if lo == hi:
         pad = abs(lo) * 0.05 or 0.5
         lo, hi = lo - pad, hi + pad
+    if bins is None:
+        smallest = min((v.numel() for v in finite), default=1)
+        bins = min(60, max(10, round(smallest**0.5)))
     edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
     fig, ax, created = _new_axes(ax, 0, width=8.0)
     if created:
@@ -357,12 +361,12 @@ def plot_values(diff: Diff, key: str, *, bins: int = 50, ax: Any = None) -> Any:
             va="top",
             fontsize=9,
         )
-    ax.set_title(f"{key} · {row.status}", loc="left", fontsize=10)
+    ax.set_title(f"{key} · {row.status}", loc="left", fontsize=10, pad=8 + 13 * len(sides))
     ax.set_xlabel("value")
     ax.set_ylabel("share of the tensor's values")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.legend(fontsize=8, frameon=False, loc="upper left")
+    ax.legend(fontsize=8, frameon=False, loc="lower left", bbox_to_anchor=(0, 1.0))
     return _finish(fig, created)
 
 
