@@ -1,0 +1,237 @@
+"""The teaching notebooks: stored clean, executed headlessly, and readable once exported to HTML."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from conftest import REPO
+from nbclient import NotebookClient
+from nbconvert import HTMLExporter
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from ckptviz.tables import STATUS_COLOURS, STATUS_MARKS
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+TEACHING = ("01_quickstart", "02_new_classes", "03_wrapped_and_renamed")
+
+_executed: dict[Path, Any] = {}
+
+
+def executed(path: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The notebook run top to bottom in a fresh python3 kernel, once per test session.
+
+    The kernel's working directory is a temporary folder (the files a notebook writes stay out
+    of the repo); it imports this checkout's ckptviz through PYTHONPATH, set by conftest. It
+    runs torch on one thread: the notebooks' models are tiny, and on a busy 2-core machine
+    torch's default threads wait on each other (measured: 39 s instead of 7 s for notebook 02).
+    """
+    if path not in _executed:
+        nb = nbformat.read(path, as_version=4)
+        workdir = tmp_path_factory.mktemp(path.stem)
+        client = NotebookClient(
+            nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(workdir)}}
+        )
+        # raises CellExecutionError, with the cell and its traceback, on any error
+        client.execute(env={**os.environ, "OMP_NUM_THREADS": "1"})
+        _executed[path] = nb
+    return _executed[path]
+
+
+def code_cells(nb: Any) -> list[Any]:
+    return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+def output_text(cell: Any) -> str:
+    parts = []
+    for output in cell.get("outputs", []):
+        parts.append(output.get("text", ""))
+        parts.append(output.get("data", {}).get("text/plain", ""))
+    return "".join(parts)
+
+
+def test_the_teaching_notebooks_are_there() -> None:
+    assert [p.stem for p in NOTEBOOKS if p.stem in TEACHING] == list(TEACHING)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_stored_without_outputs(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    cells = code_cells(nb)
+    dirty = [i for i, cell in enumerate(cells) if cell.outputs or cell.execution_count is not None]
+    assert not dirty, f"{path.name}: code cells {dirty} have outputs; clear them before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_headless_and_shows_the_pytorch_error_first(
+    path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    nb = executed(path, tmp_path_factory)
+    cells = code_cells(nb)
+    errors = [o for cell in cells for o in cell.outputs if o.output_type == "error"]
+    assert not errors
+    if path.stem not in TEACHING:
+        return
+    first_error = next(
+        i for i, cell in enumerate(cells) if "Error(s) in loading state_dict" in output_text(cell)
+    )
+    first_ckptviz = next(i for i, cell in enumerate(cells) if "ckptviz.compare(" in cell.source)
+    assert first_error < first_ckptviz, "show PyTorch's own error before the fix"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_plot_is_shown_exactly_once(
+    path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    nb = executed(path, tmp_path_factory)
+    plot_cells = [
+        cell for cell in code_cells(nb) if re.search(r"\.plot\(|plot_values\(", cell.source)
+    ]
+    if path.stem in TEACHING:
+        assert plot_cells, f"{path.name} shows no ckptviz plot"
+    for cell in plot_cells:
+        images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+        assert len(images) == 1, f"{len(images)} images for:\n{cell.source}"
+
+
+def _cell_styles(page: str) -> dict[str, str]:
+    """CSS id -> declarations, from the <style> rules pandas' Styler writes per cell."""
+    styles: dict[str, str] = {}
+    for selectors, body in re.findall(r"([^{}<>]+)\{([^{}]*)\}", page):
+        for selector in selectors.split(","):
+            selector = selector.strip()
+            if selector.startswith("#T_"):
+                styles[selector[1:]] = styles.get(selector[1:], "") + body
+    return styles
+
+
+class _CellReader(HTMLParser):
+    """(id, text) of every <td> with an id, whatever the order of its attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells: list[tuple[str, str]] = []
+        self._open: str | None = None
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "td":
+            self._open = dict(attrs).get("id") or ""
+            self._text = []
+
+    def handle_data(self, data: str) -> None:
+        if self._open is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._open is not None:
+            self.cells.append((self._open, "".join(self._text).strip()))
+            self._open = None
+
+
+def _table_cells(page: str) -> list[tuple[str, str]]:
+    reader = _CellReader()
+    reader.feed(page)
+    return [(cell_id, text) for cell_id, text in reader.cells if cell_id.startswith("T_")]
+
+
+def test_quickstart_exported_to_html_keeps_the_highlighted_table(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    nb = executed(REPO / "notebooks" / "01_quickstart.ipynb", tmp_path_factory)
+    page, _ = HTMLExporter().from_notebook_node(nb)
+    styles = _cell_styles(page)
+    by_text: dict[str, list[str]] = {}
+    for cell_id, text in _table_cells(page):
+        by_text.setdefault(text, []).append(cell_id)
+    # the conv that grew: shape rows and the match row, each said in words and highlighted
+    for status in ("shape", "match"):
+        word = f"{STATUS_MARKS[status]} {status}"
+        assert by_text.get(word), f"no {word!r} cell in the exported table"
+        for cell_id in by_text[word]:
+            assert f"background-color: {STATUS_COLOURS[status]}" in styles.get(cell_id, ""), (
+                f"{word!r} cell {cell_id} is not highlighted"
+            )
+    assert len(by_text[f"{STATUS_MARKS['shape']} shape"]) >= 3  # conv1.weight, .bias, fc.weight
+    assert "conv1.weight" in by_text and "[32, 3, 3, 3]" in by_text and "[16, 3, 3, 3]" in by_text
+    # the plots are in the page as images, not as "<Figure ...>" lines
+    assert page.count("data:image/png;base64") >= 3
+
+
+# -- binder/: what mybinder.org installs to run these notebooks -----------------------------------
+
+BINDER = REPO / "binder"
+CPU_INDEX = "--extra-index-url https://download.pytorch.org/whl/cpu"
+
+
+def _binder_requirements() -> tuple[list[str], dict[str, Requirement], list[str]]:
+    """(pip options, requirements by normalised name, local installs) of binder/requirements.txt."""
+    options: list[str] = []
+    requirements: dict[str, Requirement] = {}
+    local: list[str] = []
+    for raw in (BINDER / "requirements.txt").read_text().splitlines():
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        if line in (".", "-e ."):
+            local.append(line)
+        elif line.startswith("-"):
+            options.append(line)
+        else:
+            requirement = Requirement(line)
+            requirements[canonicalize_name(requirement.name)] = requirement
+    return options, requirements, local
+
+
+def _project_requirements() -> dict[str, Requirement]:
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    lines = project["dependencies"] + project["optional-dependencies"]["notebook"]
+    return {canonicalize_name(r.name): r for r in map(Requirement, lines)}
+
+
+def test_binder_installs_the_project_and_the_cpu_build_of_torch() -> None:
+    options, requirements, local = _binder_requirements()
+    assert CPU_INDEX in options
+    assert local in (["."], ["-e ."]), "binder must install this project itself"
+    torch_pin = requirements["torch"].specifier
+    assert len(torch_pin) == 1 and next(iter(torch_pin)).operator == "==", (
+        "pin torch so that the CPU index's +cpu build of that version is the one chosen"
+    )
+
+
+def test_binder_requirements_agree_with_pyproject() -> None:
+    _, binder, _ = _binder_requirements()
+    project = _project_requirements()
+    assert set(binder) == set(project), (
+        f"only in pyproject.toml: {sorted(set(project) - set(binder))}; "
+        f"only in binder/requirements.txt: {sorted(set(binder) - set(project))}"
+    )
+    for name, wanted in project.items():
+        given = binder[name].specifier
+        if given == wanted.specifier:
+            continue
+        pins = [spec.version for spec in given if spec.operator == "=="]
+        assert len(given) == 1 and pins, f"{name}: binder {given}, pyproject {wanted.specifier}"
+        assert wanted.specifier.contains(pins[0], prereleases=True), (
+            f"{name}: binder pins {pins[0]}, outside pyproject's {wanted.specifier}"
+        )
+
+
+def test_binder_start_runs_torch_on_one_thread_unless_told_otherwise() -> None:
+    start = BINDER / "start"
+    assert os.access(start, os.X_OK)
+    show = [str(start), sys.executable, "-c", "import os; print(os.environ['OMP_NUM_THREADS'])"]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    assert subprocess.run(show, env=env, capture_output=True, text=True).stdout == "1\n"
+    env["OMP_NUM_THREADS"] = "3"
+    assert subprocess.run(show, env=env, capture_output=True, text=True).stdout == "3\n"
