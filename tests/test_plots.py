@@ -206,6 +206,20 @@ def test_plot_values_overlays_both_sides_histograms(old_cnn_path: Path) -> None:
     assert ax.get_title(loc="left") == "conv1.weight · shape"
 
 
+def test_plot_values_bins_follow_the_smaller_tensor_by_default(old_cnn_path: Path) -> None:
+    diff = ckptviz.compare(SmallCNN(32), old_cnn_path)
+    widths = {}
+    for key in ("conv1.bias", "conv1.weight", "fc.weight"):
+        ax = ckptviz.plot_values(diff, key).axes[0]
+        model_line, checkpoint_line = (p for p in ax.patches if p.get_label().count(":"))
+        model_heights, edges, _ = model_line.get_data()
+        _, same_edges, _ = checkpoint_line.get_data()
+        np.testing.assert_array_equal(edges, same_edges)  # both sides share the bins
+        widths[key] = len(model_heights)
+    # 16 values: a few bins; 432: about their square root; 163,840: capped
+    assert widths == {"conv1.bias": 10, "conv1.weight": 21, "fc.weight": 60}
+
+
 def test_plot_values_reads_the_model_as_it_is_now(old_cnn_path: Path) -> None:
     model = SmallCNN(32)
     diff = ckptviz.compare(model, old_cnn_path)
