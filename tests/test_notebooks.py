@@ -21,7 +21,12 @@ from packaging.utils import canonicalize_name
 from ckptviz.tables import STATUS_COLOURS, STATUS_MARKS
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-TEACHING = ("01_quickstart", "02_new_classes", "03_wrapped_and_renamed")
+TEACHING = (
+    "01_quickstart",
+    "02_new_classes",
+    "03_wrapped_and_renamed",
+    "04_comparing_checkpoints",
+)
 
 _executed: dict[Path, Any] = {}
 
@@ -84,7 +89,7 @@ def test_notebook_runs_headless_and_shows_the_pytorch_error_first(
     first_error = next(
         i for i, cell in enumerate(cells) if "Error(s) in loading state_dict" in output_text(cell)
     )
-    first_ckptviz = next(i for i, cell in enumerate(cells) if "ckptviz.compare(" in cell.source)
+    first_ckptviz = next(i for i, cell in enumerate(cells) if "ckptviz." in cell.source)
     assert first_error < first_ckptviz, "show PyTorch's own error before the fix"
 
 
@@ -94,7 +99,7 @@ def test_every_plot_is_shown_exactly_once(
 ) -> None:
     nb = executed(path, tmp_path_factory)
     plot_cells = [
-        cell for cell in code_cells(nb) if re.search(r"\.plot\(|plot_values\(", cell.source)
+        cell for cell in code_cells(nb) if re.search(r"\.plot\(|\bplot_\w+\(", cell.source)
     ]
     if path.stem in TEACHING:
         assert plot_cells, f"{path.name} shows no ckptviz plot"
