@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -149,16 +150,13 @@ def _table_cells(page: str) -> list[tuple[str, str]]:
     return [(cell_id, text) for cell_id, text in reader.cells if cell_id.startswith("T_")]
 
 
-def test_quickstart_exported_to_html_keeps_the_highlighted_table(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    nb = executed(REPO / "notebooks" / "01_quickstart.ipynb", tmp_path_factory)
-    page, _ = HTMLExporter().from_notebook_node(nb)
-    styles = _cell_styles(page)
+def _assert_grown_conv_table(fragment: str) -> None:
+    """The quickstart's table of the conv that grew: every ``shape`` and ``match`` cell says its
+    status in words and is highlighted in that status's colour."""
+    styles = _cell_styles(fragment)
     by_text: dict[str, list[str]] = {}
-    for cell_id, text in _table_cells(page):
+    for cell_id, text in _table_cells(fragment):
         by_text.setdefault(text, []).append(cell_id)
-    # the conv that grew: shape rows and the match row, each said in words and highlighted
     for status in ("shape", "match"):
         word = f"{STATUS_MARKS[status]} {status}"
         assert by_text.get(word), f"no {word!r} cell in the exported table"
@@ -166,10 +164,36 @@ def test_quickstart_exported_to_html_keeps_the_highlighted_table(
             assert f"background-color: {STATUS_COLOURS[status]}" in styles.get(cell_id, ""), (
                 f"{word!r} cell {cell_id} is not highlighted"
             )
-    assert len(by_text[f"{STATUS_MARKS['shape']} shape"]) >= 3  # conv1.weight, .bias, fc.weight
+    assert len(by_text[f"{STATUS_MARKS['shape']} shape"]) == 3  # conv1.weight, .bias, fc.weight
     assert "conv1.weight" in by_text and "[32, 3, 3, 3]" in by_text and "[16, 3, 3, 3]" in by_text
+
+
+def test_quickstart_exported_to_html_keeps_the_highlighted_table(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    nb = executed(REPO / "notebooks" / "01_quickstart.ipynb", tmp_path_factory)
+    page, _ = HTMLExporter().from_notebook_node(nb)
+    caption = page.index("<caption>4 rows: 1 match, 3 shape")  # the Diff's table
+    _assert_grown_conv_table(
+        page[page.rindex("<style", 0, caption) : page.index("</table>", caption)]
+    )
     # the plots are in the page as images, not as "<Figure ...>" lines
     assert page.count("data:image/png;base64") >= 3
+
+
+def test_quickstart_loader_falls_back_to_a_static_table_in_exported_html(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Saved from JupyterLab (which by default keeps no widget state) and shared as HTML or on
+    GitHub, the widget's output is its static view: the plan table, highlighted."""
+    nb = copy.deepcopy(executed(REPO / "notebooks" / "01_quickstart.ipynb", tmp_path_factory))
+    nb.metadata.pop("widgets", None)
+    page, _ = HTMLExporter().from_notebook_node(nb)
+    assert "application/vnd.jupyter.widget-view+json" not in page
+    start = page.index('class="ckptviz-loader-static"')
+    fragment = page[start : page.index("</table>", start)]
+    assert "<strong>ckptviz.Loader</strong>: SimpleCNN" in fragment
+    _assert_grown_conv_table(fragment)
 
 
 # -- binder/: what mybinder.org installs to run these notebooks -----------------------------------
