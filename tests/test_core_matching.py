@@ -146,3 +146,17 @@ def test_text_and_html_tables_show_status_in_words() -> None:
     assert "<table" in html and "✗ shape" in html and "#fde2e1" in html
     frame = diff.to_frame()
     assert list(frame["status"]) == [row.status for row in diff]
+
+
+def test_rule_suggestion_for_a_plural_rename_pairs_every_row() -> None:
+    class Net(nn.Module):
+        def __init__(self, container: str) -> None:
+            super().__init__()
+            self.add_module(container, nn.Sequential(*[nn.Linear(4, 4) for _ in range(3)]))
+
+    diff = ckptviz.compare(Net("layers"), Net("blocks").state_dict())
+    rules = diff.rule_suggestions
+    assert rules, "a rule shared by six renamed keys was not suggested"
+    accepted = diff.accept(rules[0])
+    assert accepted.counts["match"] == 6
+    assert accepted.counts["missing"] == accepted.counts["unexpected"] == 0
