@@ -1,0 +1,411 @@
+"""Run the benchmarks and print medians as ratios to plain PyTorch from the same run.
+
+    python -m benchmarks.run --size small              # seconds: the CI smoke test
+    python -m benchmarks.run --size large --write-results
+
+Checkpoints are generated in a temporary folder (removed at the end). Every case runs in its
+own fresh process (``benchmarks.worker``), so its peak RSS is its own. Runs are warm-cache:
+the page cache cannot be dropped without privileges, so each file is read through once before
+each case, and baseline and ckptviz cases see it equally warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+WORKER_TIMEOUT = 1800
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One timed case; ``targets`` are checked on the large size."""
+
+    case: str
+    label: str
+    #: the most this case may take, as a multiple of its baseline's median time
+    max_time_ratio: float | None = None
+    #: the most its peak RSS growth may be, as a fraction of the file size
+    max_rss_of_file: float | None = None
+    #: the most its peak RSS growth may be, as a multiple of the baseline's
+    max_rss_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class Group:
+    """A plain-PyTorch baseline and the ckptviz cases measured against it."""
+
+    number: int
+    title: str
+    baseline: Variant
+    variants: tuple[Variant, ...]
+
+
+def groups_for(fmt: str) -> list[Group]:
+    load = "torch.load" if fmt == "pt" else "safetensors load_file"
+    floor = (
+        "floor: torch.load(mmap=True), unpickling only"
+        if fmt == "pt"
+        else "floor: raw header read (8-byte length + JSON)"
+    )
+    return [
+        Group(
+            1,
+            "inspect + compare",
+            Variant("inspect.baseline", f"{load} + hand key/shape diff"),
+            (
+                Variant("inspect.ckptviz", "read_checkpoint + compare", 1 / 20, 0.05),
+                Variant("inspect.floor", floor),
+            ),
+        ),
+        Group(
+            2,
+            "apply, all rows load",
+            Variant("apply.baseline", f"load_state_dict({load}(path))"),
+            (
+                Variant("apply.undo", "compare + plan.apply(model)", 1.2),
+                Variant("apply.no_undo", "compare + plan.apply(model, undo=False)", 1.2, None, 1.0),
+            ),
+        ),
+    ]
+
+
+@dataclass
+class Measured:
+    variant: Variant
+    times: list[float]
+    rss_growth: int
+    rss_exact: bool
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+@dataclass
+class GroupResult:
+    group: Group
+    model: str
+    fmt: str
+    file_bytes: int
+    tensors: int
+    baseline: Measured
+    variants: list[Measured] = field(default_factory=list)
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def warm(path: Path) -> None:
+    """Read the file through so it is in the page cache, the same for every case."""
+    with path.open("rb") as stream:
+        while stream.read(1 << 24):
+            pass
+
+
+_CONTEXT: Any = None
+
+
+def _context() -> Any:
+    """A forkserver that imported torch and ckptviz once: each case is a fresh forked process
+    without paying the imports again (and without the parent's memory or thread pools)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p
+        )
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["benchmarks.worker"])
+    return _CONTEXT
+
+
+def run_worker(case: str, spec_json: str, path: Path, repeat: int) -> dict[str, Any]:
+    from benchmarks.worker import child
+
+    ctx = _context()
+    receive, send = ctx.Pipe(duplex=False)
+    warm(path)
+    process = ctx.Process(target=child, args=(send, case, spec_json, str(path), repeat))
+    process.start()
+    send.close()
+    try:
+        if not receive.poll(WORKER_TIMEOUT):
+            raise RuntimeError(f"case {case} on {path.name} took over {WORKER_TIMEOUT} s")
+        status, payload = receive.recv()
+    except EOFError:
+        status, payload = "error", f"the process died (exit code {process.exitcode})"
+    finally:
+        process.join(60)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    if status != "ok":
+        raise RuntimeError(f"case {case} on {path.name} failed:\n{payload}")
+    result: dict[str, Any] = payload
+    return result
+
+
+def measure(variant: Variant, spec_json: str, path: Path, repeat: int) -> Measured:
+    raw = run_worker(variant.case, spec_json, path, repeat)
+    print(
+        f"  {variant.case:<18} {path.name:<20} median {statistics.median(raw['times']):8.4f} s"
+        f"  peak +{raw['rss_growth'] / 2**20:8.1f} MiB",
+        flush=True,
+    )
+    return Measured(variant, raw["times"], raw["rss_growth"], raw["rss_exact"])
+
+
+def run_all(size: str, repeat: int, workdir: Path, only: Sequence[str] = ()) -> list[GroupResult]:
+    from benchmarks.synth import FORMATS, SIZES, save_checkpoints
+
+    results: list[GroupResult] = []
+    for spec in SIZES[size]:
+        print(f"generating {spec.name}: {spec.kind} x{spec.count}, width {spec.width}", flush=True)
+        paths = save_checkpoints(spec, workdir)
+        spec_json = json.dumps(spec.to_dict())
+        tensors = 12 * spec.count if spec.kind == "wide" else 2 * spec.count
+        for fmt in FORMATS:
+            path = paths[fmt]
+            for group in groups_for(fmt):
+                if only and not any(group.baseline.case.startswith(o) for o in only):
+                    continue
+                result = GroupResult(
+                    group,
+                    spec.name,
+                    fmt,
+                    path.stat().st_size,
+                    tensors,
+                    measure(group.baseline, spec_json, path, repeat),
+                )
+                for variant in group.variants:
+                    result.variants.append(measure(variant, spec_json, path, repeat))
+                results.append(result)
+        for path in paths.values():
+            path.unlink()
+    return results
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def verdict(result: GroupResult, m: Measured) -> str:
+    """Which targets this figure meets: "met", "MISSED (...)", or "" when it has none."""
+    v = m.variant
+    misses, checked = [], False
+    time_ratio = m.median / result.baseline.median
+    if v.max_time_ratio is not None:
+        checked = True
+        if time_ratio > v.max_time_ratio:
+            misses.append(f"time {time_ratio:.3g}x > {v.max_time_ratio:.3g}x")
+    if v.max_rss_of_file is not None:
+        checked = True
+        share = m.rss_growth / result.file_bytes
+        if share > v.max_rss_of_file:
+            misses.append(f"RSS {share:.1%} of file > {v.max_rss_of_file:.0%}")
+    if v.max_rss_ratio is not None:
+        checked = True
+        if m.rss_growth > v.max_rss_ratio * result.baseline.rss_growth:
+            misses.append("RSS above baseline")
+    if not checked:
+        return ""
+    return "MISSED: " + "; ".join(misses) if misses else "met"
+
+
+def table(results: list[GroupResult], *, targets: bool = True) -> list[list[str]]:
+    rows = []
+    for r in results:
+        base = r.baseline
+        for m in (base, *r.variants):
+            is_base = m is base
+            ratio = m.median / base.median
+            rss_ratio = m.rss_growth / base.rss_growth if base.rss_growth else float("nan")
+            rows.append(
+                [
+                    f"{r.group.number}. {r.group.title}",
+                    f"{r.model} .{r.fmt}",
+                    m.variant.label,
+                    f"{m.median:.4f}",
+                    "baseline" if is_base else f"{ratio:.3f}x ({1 / ratio:.1f}x faster)"
+                    if ratio < 1
+                    else f"{ratio:.3f}x",
+                    mib(m.rss_growth),
+                    f"{m.rss_growth / r.file_bytes:.1%}",
+                    "baseline" if is_base else f"{rss_ratio:.2f}x",
+                    verdict(r, m) if targets and not is_base else "",
+                ]
+            )
+    return rows
+
+
+HEADERS = [
+    "case",
+    "checkpoint",
+    "what runs",
+    "median s",
+    "time vs baseline",
+    "peak RSS growth MiB",
+    "of file",
+    "RSS vs baseline",
+    "target",
+]
+
+
+def text_table(rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADERS)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def reading(r: GroupResult, m: Measured, *, targets: bool = True) -> str:
+    """One line in words for one figure."""
+    base = r.baseline
+    ratio = m.median / base.median
+    speed = f"{1 / ratio:.1f}x faster than" if ratio < 1 else f"{ratio:.2f}x the time of"
+    size = f"{r.model} .{r.fmt} ({mib(r.file_bytes)} MiB, {r.tensors:,} tensors)"
+    rss = f"peak RSS +{mib(m.rss_growth)} MiB ({m.rss_growth / r.file_bytes:.1%} of the file"
+    rss += f", baseline +{mib(base.rss_growth)} MiB)"
+    text = f"{size}: {m.variant.label} is {speed} {base.variant.label}; {rss}"
+    if targets and verdict(r, m):
+        text += f". Target: {verdict(r, m)}"
+    return text + "."
+
+
+def machine() -> dict[str, str]:
+    import safetensors
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = [ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    ram = "?"
+    try:
+        with open("/proc/meminfo") as info:
+            kib = int(next(ln for ln in info if ln.startswith("MemTotal")).split()[1])
+        ram = f"{kib / 2**20:.1f} GiB"
+    except (OSError, StopIteration):
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "ram": ram,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "torch threads": "1 (torch.set_num_threads(1) in every case)",
+    }
+
+
+def results_markdown(size: str, repeat: int, results: list[GroupResult]) -> str:
+    info = machine()
+    exact = all(m.rss_exact for r in results for m in (r.baseline, *r.variants))
+    lines = [
+        START,
+        f"## Latest run: `python -m benchmarks.run --size {size} --repeat {repeat}`",
+        "",
+        "| machine | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in info.items()),
+        "",
+        f"Times are medians of {repeat} runs, warm page cache (each file read through before "
+        "each case, for baseline and ckptviz alike). Peak RSS growth is the first run's peak "
+        "over the RSS just before it, in a fresh process per case"
+        + (" (VmHWM reset after setup)." if exact else " (ru_maxrss, includes setup)."),
+        "Targets are for the large size.",
+        "",
+        markdown_table(table(results, targets=size == "large")),
+        "",
+        "### Reading",
+        "",
+    ]
+    lines += [
+        f"- {reading(r, m, targets=size == 'large')}" for r in results for m in r.variants
+    ]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_results(path: Path, block: str) -> None:
+    """Replace the generated block, keeping what is written around it (profiling notes)."""
+    text = path.read_text() if path.exists() else ""
+    if START in text and END in text:
+        head, _, rest = text.partition(START)
+        _, _, tail = rest.partition(END)
+        text = head + block + tail
+    else:
+        text = "# Benchmark results\n\n" + block + "\n" + text
+    path.write_text(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument("--size", choices=("small", "large"), default="small")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per case (median taken)")
+    parser.add_argument("--only", nargs="*", default=(), help="case prefixes: inspect, apply")
+    parser.add_argument("--write-results", action="store_true", help="update RESULTS.md")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where --write-results writes")
+    parser.add_argument("--json", type=Path, help="also save the raw figures as JSON here")
+    parser.add_argument("--tmpdir", type=Path, help="where to put the generated checkpoints")
+    args = parser.parse_args(argv)
+
+    workdir = Path(tempfile.mkdtemp(prefix="ckptviz-bench-", dir=args.tmpdir))
+    try:
+        results = run_all(args.size, args.repeat, workdir, args.only)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(text_table(table(results, targets=args.size == "large")))
+    if args.json:
+        raw = [
+            {
+                "group": r.group.title,
+                "model": r.model,
+                "format": r.fmt,
+                "file_bytes": r.file_bytes,
+                "cases": {
+                    m.variant.case: {"times": m.times, "rss_growth": m.rss_growth}
+                    for m in (r.baseline, *r.variants)
+                },
+            }
+            for r in results
+        ]
+        args.json.write_text(json.dumps({"size": args.size, "results": raw}, indent=1))
+    if args.write_results:
+        write_results(args.results, results_markdown(args.size, args.repeat, results))
+        print(f"\nwrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""One benchmark case in a fresh process, forked by ``benchmarks.run`` from a server that
+imported this module (torch, safetensors, ckptviz) once.
+
+The process imports torch and ckptviz, builds what the case needs (the model, outside the
+timing), resets its peak-RSS mark, then runs the case ``N`` times. It sends back
+each run's wall time, and the peak RSS growth of the first run over the RSS just before it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import struct
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+import ckptviz
+from benchmarks.synth import ModelSpec
+
+Run = Callable[[], object]
+
+
+# -- memory -----------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak() -> bool:
+    """Linux: set the peak-RSS mark (VmHWM) to the current RSS, so setup does not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_rss() -> int:
+    kib = _status_kib("VmRSS")
+    return 1024 * kib if kib is not None else peak_rss()
+
+
+def peak_rss() -> int:
+    kib = _status_kib("VmHWM")
+    if kib is None:  # no /proc: the process-wide maximum, which includes setup
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return 1024 * kib
+
+
+# -- the plain-PyTorch side ---------------------------------------------------------------------
+
+
+def load_whole(path: Path) -> dict[str, torch.Tensor]:
+    """What a user without ckptviz does: read every tensor into memory."""
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state: dict[str, torch.Tensor] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
+def key_shape_diff(
+    model_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> dict[str, list[str]]:
+    """The hand-written comparison: missing, unexpected, and mismatched keys."""
+    return {
+        "missing": [k for k in model_state if k not in state],
+        "unexpected": [k for k in state if k not in model_state],
+        "mismatched": [
+            k
+            for k, v in model_state.items()
+            if k in state and (state[k].shape != v.shape or state[k].dtype != v.dtype)
+        ],
+    }
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The floor for reading metadata: the 8-byte length and the JSON header, nothing else."""
+    with path.open("rb") as stream:
+        (length,) = struct.unpack("<Q", stream.read(8))
+        header: dict[str, Any] = json.loads(stream.read(length))
+    return header
+
+
+# -- cases ----------------------------------------------------------------------------------------
+
+
+def _inspect_baseline(model: torch.nn.Module, path: Path) -> Run:
+    model_state = model.state_dict()
+    return lambda: key_shape_diff(model_state, load_whole(path))
+
+
+def _inspect_ckptviz(model: torch.nn.Module, path: Path) -> Run:
+    def run() -> object:
+        checkpoint = ckptviz.read_checkpoint(path)
+        diff = ckptviz.compare(model, checkpoint)
+        assert diff.counts["match"] == len(diff.rows), diff.summary
+        return diff
+
+    return run
+
+
+def _inspect_floor(model: torch.nn.Module, path: Path) -> Run:
+    if path.suffix == ".safetensors":
+        return lambda: read_safetensors_header(path)
+    # a torch zip file has no header: unpickling with mmap=True is the least a reader can do
+    return lambda: torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _apply_baseline(model: torch.nn.Module, path: Path) -> Run:
+    return lambda: model.load_state_dict(load_whole(path))
+
+
+def _apply_ckptviz(undo: bool) -> Callable[[torch.nn.Module, Path], Run]:
+    def setup(model: torch.nn.Module, path: Path) -> Run:
+        def run() -> object:
+            plan = ckptviz.compare(model, path).plan()
+            report = plan.apply(model, undo=undo)
+            assert report.verified and report.can_undo == undo
+            return report
+
+        return run
+
+    return setup
+
+
+CASES: dict[str, Callable[[torch.nn.Module, Path], Run]] = {
+    "inspect.baseline": _inspect_baseline,
+    "inspect.ckptviz": _inspect_ckptviz,
+    "inspect.floor": _inspect_floor,
+    "apply.baseline": _apply_baseline,
+    "apply.undo": _apply_ckptviz(undo=True),
+    "apply.no_undo": _apply_ckptviz(undo=False),
+}
+
+
+def run_case(case: str, spec: ModelSpec, path: Path, repeat: int) -> dict[str, Any]:
+    model = spec.build()
+    run = CASES[case](model, path)
+    gc.collect()
+    exact = reset_peak()
+    before = current_rss()
+    times = []
+    peak = 0
+    for i in range(repeat):
+        start = time.perf_counter()
+        result = run()
+        times.append(time.perf_counter() - start)
+        if i == 0:
+            peak = peak_rss()
+        del result
+        gc.collect()
+    return {
+        "case": case,
+        "times": times,
+        "rss_before": before,
+        "rss_growth": max(0, peak - before),
+        "rss_exact": exact,
+    }
+
+
+def child(send: Connection, case: str, spec_json: str, path: str, repeat: int) -> None:
+    """The entry point of a case's process: sends ("ok", figures) or ("error", traceback)."""
+    try:
+        torch.set_num_threads(1)  # the same for every case; the machines here are small, shared
+        spec = ModelSpec.from_dict(json.loads(spec_json))
+        send.send(("ok", run_case(case, spec, Path(path), repeat)))
+    except BaseException:
+        send.send(("error", traceback.format_exc()))
+    finally:
+        send.close()
