@@ -18,7 +18,9 @@ import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -88,12 +90,17 @@ def groups_for(fmt: str) -> list[Group]:
 class Measured:
     variant: Variant
     times: list[float]
+    cpu_times: list[float]
     rss_growth: int
     rss_exact: bool
 
     @property
     def median(self) -> float:
         return statistics.median(self.times)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_times)
 
 
 @dataclass
@@ -120,26 +127,27 @@ def warm(path: Path) -> None:
 _CONTEXT: Any = None
 
 
-def _context() -> Any:
+def _context(ckptviz_root: Path | None = None) -> Any:
     """A forkserver that imported torch and ckptviz once: each case is a fresh forked process
-    without paying the imports again (and without the parent's memory or thread pools)."""
+    without paying the imports again (and without the parent's memory or thread pools).
+
+    ``ckptviz_root`` measures the ckptviz of another checkout (e.g. before a change)."""
     global _CONTEXT
     if _CONTEXT is None:
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p
-        )
+        roots = (ckptviz_root, REPO, os.environ.get("PYTHONPATH"))
+        os.environ["PYTHONPATH"] = os.pathsep.join(str(p) for p in roots if p)
         _CONTEXT = multiprocessing.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(["benchmarks.worker"])
     return _CONTEXT
 
 
-def run_worker(case: str, spec_json: str, path: Path, repeat: int) -> dict[str, Any]:
+def run_worker(case: str, spec_json: str, path: Path) -> dict[str, Any]:
     from benchmarks.worker import child
 
     ctx = _context()
     receive, send = ctx.Pipe(duplex=False)
     warm(path)
-    process = ctx.Process(target=child, args=(send, case, spec_json, str(path), repeat))
+    process = ctx.Process(target=child, args=(send, case, spec_json, str(path)))
     process.start()
     send.close()
     try:
@@ -159,14 +167,33 @@ def run_worker(case: str, spec_json: str, path: Path, repeat: int) -> dict[str, 
     return result
 
 
-def measure(variant: Variant, spec_json: str, path: Path, repeat: int) -> Measured:
-    raw = run_worker(variant.case, spec_json, path, repeat)
-    print(
-        f"  {variant.case:<18} {path.name:<20} median {statistics.median(raw['times']):8.4f} s"
-        f"  peak +{raw['rss_growth'] / 2**20:8.1f} MiB",
-        flush=True,
-    )
-    return Measured(variant, raw["times"], raw["rss_growth"], raw["rss_exact"])
+def measure_group(
+    group: Group, spec_json: str, path: Path, repeat: int
+) -> tuple[Measured, list[Measured]]:
+    """Run the baseline and each variant in turn, ``repeat`` rounds, a fresh process each time:
+    interleaved, so a burst of other work on the machine falls on all of them alike."""
+    cases = (group.baseline, *group.variants)
+    runs: dict[str, list[dict[str, Any]]] = {v.case: [] for v in cases}
+    for _ in range(repeat):
+        for variant in cases:
+            runs[variant.case].append(run_worker(variant.case, spec_json, path))
+    measured = []
+    for variant in cases:
+        raw = runs[variant.case]
+        m = Measured(
+            variant,
+            [r["wall"] for r in raw],
+            [r["cpu"] for r in raw],
+            max(r["rss_growth"] for r in raw),
+            all(r["rss_exact"] for r in raw),
+        )
+        print(
+            f"  {variant.case:<18} {path.name:<20} median {m.median:8.4f} s wall, "
+            f"{m.cpu_median:8.4f} s CPU, peak +{mib(m.rss_growth):>9} MiB",
+            flush=True,
+        )
+        measured.append(m)
+    return measured[0], measured[1:]
 
 
 def run_all(size: str, repeat: int, workdir: Path, only: Sequence[str] = ()) -> list[GroupResult]:
@@ -183,17 +210,11 @@ def run_all(size: str, repeat: int, workdir: Path, only: Sequence[str] = ()) -> 
             for group in groups_for(fmt):
                 if only and not any(group.baseline.case.startswith(o) for o in only):
                     continue
-                result = GroupResult(
-                    group,
-                    spec.name,
-                    fmt,
-                    path.stat().st_size,
-                    tensors,
-                    measure(group.baseline, spec_json, path, repeat),
+                baseline, variants = measure_group(group, spec_json, path, repeat)
+                size_bytes = path.stat().st_size
+                results.append(
+                    GroupResult(group, spec.name, fmt, size_bytes, tensors, baseline, variants)
                 )
-                for variant in group.variants:
-                    result.variants.append(measure(variant, spec_json, path, repeat))
-                results.append(result)
         for path in paths.values():
             path.unlink()
     return results
@@ -229,13 +250,16 @@ def verdict(result: GroupResult, m: Measured) -> str:
     return "MISSED: " + "; ".join(misses) if misses else "met"
 
 
+def ratio_text(ratio: float) -> str:
+    return f"{ratio:.3f}x ({1 / ratio:.1f}x faster)" if ratio < 1 else f"{ratio:.3f}x"
+
+
 def table(results: list[GroupResult], *, targets: bool = True) -> list[list[str]]:
     rows = []
     for r in results:
         base = r.baseline
         for m in (base, *r.variants):
             is_base = m is base
-            ratio = m.median / base.median
             rss_ratio = m.rss_growth / base.rss_growth if base.rss_growth else float("nan")
             rows.append(
                 [
@@ -243,9 +267,9 @@ def table(results: list[GroupResult], *, targets: bool = True) -> list[list[str]
                     f"{r.model} .{r.fmt}",
                     m.variant.label,
                     f"{m.median:.4f}",
-                    "baseline" if is_base else f"{ratio:.3f}x ({1 / ratio:.1f}x faster)"
-                    if ratio < 1
-                    else f"{ratio:.3f}x",
+                    "baseline" if is_base else ratio_text(m.median / base.median),
+                    f"{m.cpu_median:.4f}",
+                    "baseline" if is_base else ratio_text(m.cpu_median / base.cpu_median),
                     mib(m.rss_growth),
                     f"{m.rss_growth / r.file_bytes:.1%}",
                     "baseline" if is_base else f"{rss_ratio:.2f}x",
@@ -259,8 +283,10 @@ HEADERS = [
     "case",
     "checkpoint",
     "what runs",
-    "median s",
-    "time vs baseline",
+    "wall s",
+    "wall vs baseline",
+    "CPU s",
+    "CPU vs baseline",
     "peak RSS growth MiB",
     "of file",
     "RSS vs baseline",
@@ -338,10 +364,15 @@ def results_markdown(size: str, repeat: int, results: list[GroupResult]) -> str:
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in info.items()),
         "",
-        f"Times are medians of {repeat} runs, warm page cache (each file read through before "
-        "each case, for baseline and ckptviz alike). Peak RSS growth is the first run's peak "
-        "over the RSS just before it, in a fresh process per case"
-        + (" (VmHWM reset after setup)." if exact else " (ru_maxrss, includes setup)."),
+        f"Times are medians of {repeat} rounds; in each round the baseline and every variant "
+        "run once, in turn, each in a fresh process (forked from a server that imported torch "
+        "and ckptviz), so a burst of other work on a shared machine falls on all alike. Wall "
+        "time is what the targets use; CPU time (user + system of that process) is shown as "
+        "well, being less disturbed by other work. Warm page cache: each file is read through "
+        "before each run, for baseline and ckptviz alike. Peak RSS growth is the run's peak "
+        "over the RSS just before it (after imports and building the model), the largest of "
+        "the rounds"
+        + (" (VmHWM, reset after setup)." if exact else " (ru_maxrss, which includes setup)."),
         "Targets are for the large size.",
         "",
         markdown_table(table(results, targets=size == "large")),
@@ -349,9 +380,7 @@ def results_markdown(size: str, repeat: int, results: list[GroupResult]) -> str:
         "### Reading",
         "",
     ]
-    lines += [
-        f"- {reading(r, m, targets=size == 'large')}" for r in results for m in r.variants
-    ]
+    lines += [f"- {reading(r, m, targets=size == 'large')}" for r in results for m in r.variants]
     lines.append(END)
     return "\n".join(lines)
 
@@ -374,11 +403,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs per case (median taken)")
     parser.add_argument("--only", nargs="*", default=(), help="case prefixes: inspect, apply")
     parser.add_argument("--write-results", action="store_true", help="update RESULTS.md")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where --write-results writes")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="where --write-results writes"
+    )
     parser.add_argument("--json", type=Path, help="also save the raw figures as JSON here")
     parser.add_argument("--tmpdir", type=Path, help="where to put the generated checkpoints")
+    parser.add_argument(
+        "--ckptviz",
+        type=Path,
+        help="measure the ckptviz package of this checkout instead (for before/after figures)",
+    )
     args = parser.parse_args(argv)
 
+    # a plain kill should still remove the generated checkpoints (gigabytes at the large size)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    _context(args.ckptviz.resolve() if args.ckptviz else None)
     workdir = Path(tempfile.mkdtemp(prefix="ckptviz-bench-", dir=args.tmpdir))
     try:
         results = run_all(args.size, args.repeat, workdir, args.only)
@@ -394,7 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "format": r.fmt,
                 "file_bytes": r.file_bytes,
                 "cases": {
-                    m.variant.case: {"times": m.times, "rss_growth": m.rss_growth}
+                    m.variant.case: {
+                        "wall": m.times,
+                        "cpu": m.cpu_times,
+                        "rss_growth": m.rss_growth,
+                    }
                     for m in (r.baseline, *r.variants)
                 },
             }

@@ -79,7 +79,7 @@ class ModelSpec:
 
 SIZES: dict[str, list[ModelSpec]] = {
     # seconds in all: the CI smoke test
-    "small": [ModelSpec("wide", "wide", 4, 64), ModelSpec("many", "many", 500, 8)],
+    "small": [ModelSpec("wide", "wide", 4, 64), ModelSpec("many", "many", 200, 8)],
     # 200 blocks of width 384: 2,400 tensors, 1.4 GB; 10,000 layers: 20,000 tensors, 42 MB
     "large": [ModelSpec("wide", "wide", 200, 384), ModelSpec("many", "many", 10_000, 32)],
 }

@@ -1,15 +1,16 @@
 """One benchmark case in a fresh process, forked by ``benchmarks.run`` from a server that
 imported this module (torch, safetensors, ckptviz) once.
 
-The process imports torch and ckptviz, builds what the case needs (the model, outside the
-timing), resets its peak-RSS mark, then runs the case ``N`` times. It sends back
-each run's wall time, and the peak RSS growth of the first run over the RSS just before it.
+The process builds what the case needs (the model, outside the timing), resets its peak-RSS
+mark, runs the case once and sends back its wall time, its CPU time (less disturbed by other
+work on a shared machine) and its peak RSS growth over the RSS just before it.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import resource
 import struct
 import time
@@ -150,38 +151,47 @@ CASES: dict[str, Callable[[torch.nn.Module, Path], Run]] = {
 }
 
 
-def run_case(case: str, spec: ModelSpec, path: Path, repeat: int) -> dict[str, Any]:
+def run_case(case: str, spec: ModelSpec, path: Path) -> dict[str, Any]:
+    """Build what the case needs, then run it once: wall and CPU time, peak RSS growth."""
     model = spec.build()
     run = CASES[case](model, path)
     gc.collect()
     exact = reset_peak()
     before = current_rss()
-    times = []
-    peak = 0
-    for i in range(repeat):
-        start = time.perf_counter()
-        result = run()
-        times.append(time.perf_counter() - start)
-        if i == 0:
-            peak = peak_rss()
-        del result
-        gc.collect()
+    cpu, wall = time.process_time(), time.perf_counter()
+    result = run()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    peak = peak_rss()
+    del result
     return {
         "case": case,
-        "times": times,
+        "wall": wall,
+        "cpu": cpu,
         "rss_before": before,
         "rss_growth": max(0, peak - before),
         "rss_exact": exact,
     }
 
 
-def child(send: Connection, case: str, spec_json: str, path: str, repeat: int) -> None:
+def warm_up() -> None:
+    """First calls that pay one-off costs (torch's meta-device set-up, lazy imports): made once in
+    the server, so no case pays them, baseline or ckptviz."""
+    torch.set_num_threads(1)  # the same for every case; the machines here are small, shared
+    model = ModelSpec("warm-up", "wide", 1, 8).build()
+    state = model.state_dict()
+    key_shape_diff(state, state)
+    ckptviz.compare(model, state).plan().apply(model)
+
+
+warm_up()
+
+
+def child(send: Connection, case: str, spec_json: str, path: str) -> None:
     """The entry point of a case's process: sends ("ok", figures) or ("error", traceback)."""
     try:
-        torch.set_num_threads(1)  # the same for every case; the machines here are small, shared
         spec = ModelSpec.from_dict(json.loads(spec_json))
-        send.send(("ok", run_case(case, spec, Path(path), repeat)))
+        send.send(("ok", run_case(case, spec, Path(path))))
     except BaseException:
         send.send(("error", traceback.format_exc()))
-    finally:
-        send.close()
+    send.close()
+    os._exit(0)  # nothing to clean up: skip tearing down torch, which takes longer than the case
