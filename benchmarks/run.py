@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +126,11 @@ def warm(path: Path) -> None:
 
 
 _CONTEXT: Any = None
+#: where the ckptviz that the cases imported lives (one place, unless something went wrong)
+MEASURED_PACKAGES: set[str] = set()
 
 
-def _context(ckptviz_root: Path | None = None) -> Any:
+def _context(ckptviz_root: Path | None = None, workdir: Path | None = None) -> Any:
     """A forkserver that imported torch and ckptviz once: each case is a fresh forked process
     without paying the imports again (and without the parent's memory or thread pools).
 
@@ -138,6 +141,14 @@ def _context(ckptviz_root: Path | None = None) -> Any:
         os.environ["PYTHONPATH"] = os.pathsep.join(str(p) for p in roots if p)
         _CONTEXT = multiprocessing.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(["benchmarks.worker"])
+        # started in the folder of generated checkpoints, so that PYTHONPATH decides which
+        # ckptviz it imports (the server's sys.path starts with its working directory)
+        here = os.getcwd()
+        try:
+            os.chdir(workdir or tempfile.gettempdir())
+            forkserver.ensure_running()
+        finally:
+            os.chdir(here)
     return _CONTEXT
 
 
@@ -177,6 +188,7 @@ def measure_group(
     for _ in range(repeat):
         for variant in cases:
             runs[variant.case].append(run_worker(variant.case, spec_json, path))
+    MEASURED_PACKAGES.update(r["ckptviz"] for raw in runs.values() for r in raw)
     measured = []
     for variant in cases:
         raw = runs[variant.case]
@@ -417,13 +429,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # a plain kill should still remove the generated checkpoints (gigabytes at the large size)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    _context(args.ckptviz.resolve() if args.ckptviz else None)
     workdir = Path(tempfile.mkdtemp(prefix="ckptviz-bench-", dir=args.tmpdir))
     try:
+        _context(args.ckptviz.resolve() if args.ckptviz else None, workdir)
         results = run_all(args.size, args.repeat, workdir, args.only)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print()
+    print(f"\nckptviz measured: {', '.join(sorted(MEASURED_PACKAGES))}")
     print(text_table(table(results, targets=args.size == "large")))
     if args.json:
         raw = [

@@ -170,6 +170,7 @@ def run_case(case: str, spec: ModelSpec, path: Path) -> dict[str, Any]:
         "rss_before": before,
         "rss_growth": max(0, peak - before),
         "rss_exact": exact,
+        "ckptviz": str(Path(ckptviz.__file__).resolve().parent),
     }
 
 
