@@ -1,0 +1,165 @@
+"""apply writes and verifies one tensor at a time, drops the checkpoint's pages once written, and
+still leaves the model bitwise unchanged on any failure, with or without undo."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_bitwise_same, snapshot
+from safetensors.torch import save_file
+from torch import nn
+
+import ckptviz
+from ckptviz.core import apply as apply_module
+from ckptviz.core.apply import _PageReleaser, bitwise_equal
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise")
+
+
+class Stack(nn.Module):
+    """Big enough tensors (256 KiB each) that their pages are worth dropping."""
+
+    def __init__(self, layers: int = 4, width: int = 256) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+
+def _saved(tmp_path: Path, fmt: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    torch.manual_seed(3)
+    state = {k: v.clone() for k, v in Stack().state_dict().items()}
+    path = tmp_path / f"stack.{fmt}"
+    if fmt == "pt":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    return path, state
+
+
+def _mapped_rss_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of ``path``, from /proc/self/smaps."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+                inside = len(fields) == 6 and fields[5] == str(path.resolve())
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+@pytest.mark.parametrize("undo", [True, False])
+def test_apply_loads_every_tensor_from_a_file(tmp_path: Path, fmt: str, undo: bool) -> None:
+    path, state = _saved(tmp_path, fmt)
+    model = Stack()
+    before = snapshot(model)
+    report = ckptviz.compare(model, path).plan().apply(model, undo=undo)
+    assert report.verified and report.can_undo == undo
+    now = model.state_dict()
+    assert all(bitwise_equal(now[k], state[k]) for k in state)
+    if undo:
+        report.undo()
+        assert_bitwise_same(model, before)
+
+
+@linux_only
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_releasing_pages_of_the_checkpoint_file_keeps_its_values(tmp_path: Path, fmt: str) -> None:
+    path, state = _saved(tmp_path, fmt)
+    checkpoint = ckptviz.read_checkpoint(path)
+    with checkpoint.open() as source:
+        tensors = {k: source[k] for k in state}
+        assert all(float(t.abs().sum()) >= 0 for t in tensors.values())  # touch every page
+        resident = _mapped_rss_kib(path)
+        release = _PageReleaser(path)
+        for tensor in tensors.values():
+            release(tensor)
+        dropped = _mapped_rss_kib(path)
+        assert all(bitwise_equal(tensors[k], state[k]) for k in state)  # read back from the file
+    weights = sum(t.numel() * t.element_size() for t in state.values() if t.dim() == 2)
+    assert resident - dropped >= weights // 1024 * 3 // 4, (resident, dropped)
+
+
+@linux_only
+def test_release_never_touches_memory_that_is_not_the_checkpoint_file(tmp_path: Path) -> None:
+    path, _ = _saved(tmp_path, "pt")
+    with ckptviz.read_checkpoint(path).open():
+        release = _PageReleaser(path)
+        in_memory = torch.arange(1 << 18, dtype=torch.float32)  # 1 MiB of anonymous memory
+        expected = in_memory.clone()
+        release(in_memory)
+        assert bitwise_equal(in_memory, expected)  # dropping anonymous pages would zero them
+    assert _PageReleaser(None)._ranges == []
+
+
+@pytest.mark.parametrize("undo", [True, False])
+@pytest.mark.parametrize("failure", [RuntimeError("disk on fire"), KeyboardInterrupt()])
+def test_a_failure_part_way_leaves_the_model_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, undo: bool, failure: BaseException
+) -> None:
+    path, _ = _saved(tmp_path, "pt")
+    model = Stack()
+    before = snapshot(model)
+    plan = ckptviz.compare(model, path).plan()
+    real_write = apply_module._write
+    calls = []
+
+    def failing_write(target: torch.Tensor, value: torch.Tensor, action: str) -> None:
+        calls.append(action)
+        if len(calls) == 5:
+            raise failure
+        real_write(target, value, action)
+
+    monkeypatch.setattr(apply_module, "_write", failing_write)
+    expected = ckptviz.ApplyError if isinstance(failure, Exception) else KeyboardInterrupt
+    with pytest.raises(expected):
+        plan.apply(model, undo=undo)
+    assert len(calls) == 5  # four tensors were written before the failure
+    assert_bitwise_same(model, before)
+
+
+def test_a_failed_verification_of_a_late_row_restores_the_earlier_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = _saved(tmp_path, "safetensors")
+    model = Stack()
+    before = snapshot(model)
+    plan = ckptviz.compare(model, path).plan()
+    real_verify = apply_module._verify
+    last = list(model.state_dict())[-1]
+
+    def verify(
+        target: torch.Tensor, value: torch.Tensor, action: str, saved: torch.Tensor | None
+    ) -> tuple[bool, str]:
+        ok, detail = real_verify(target, value, action, saved)
+        return (False, "bit flip") if target is model.get_parameter(last) else (ok, detail)
+
+    monkeypatch.setattr(apply_module, "_verify", verify)
+    with pytest.raises(ckptviz.ApplyError, match=f"verification failed for {last}"):
+        plan.apply(model, undo=False)
+    assert_bitwise_same(model, before)
+
+
+class OverlappingViews(nn.Module):
+    """Two buffers that are different views of one storage, overlapping in two entries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        base = torch.zeros(6)
+        self.register_buffer("low", base[0:4])
+        self.register_buffer("high", base[2:6])
+
+
+def test_a_later_write_through_an_overlapping_view_is_caught(tmp_path: Path) -> None:
+    path = tmp_path / "views.pt"
+    # the checkpoint disagrees with itself on the shared entries: one of the writes must lose
+    torch.save({"low": torch.ones(4), "high": torch.full((4,), 2.0)}, path)
+    model = OverlappingViews()
+    before = snapshot(model)
+    with pytest.raises(ckptviz.ApplyError, match="verification failed for low"):
+        ckptviz.compare(model, path).plan().apply(model, undo=False)
+    assert_bitwise_same(model, before)
