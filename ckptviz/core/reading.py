@@ -10,7 +10,9 @@ that the file is still the one that was read.
 
 from __future__ import annotations
 
+import gc
 import importlib
+import io
 import os
 import pickle
 import re
@@ -18,6 +20,7 @@ import struct
 import sys
 import tarfile
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -328,7 +331,7 @@ human_bytes = _human_bytes
 
 
 def _tensor_count(obj: Mapping[Any, Any]) -> int:
-    return sum(isinstance(v, torch.Tensor) for v in obj.values())
+    return sum(isinstance(v, (torch.Tensor, _DeclaredTensor)) for v in obj.values())
 
 
 def _looks_like_state_dict(obj: object, loose: bool = False) -> bool:
@@ -420,10 +423,16 @@ def _tensor_table(
 ) -> tuple[dict[str, TensorInfo], dict[str, str], list[tuple[str, ...]]]:
     tensors: dict[str, TensorInfo] = {}
     skipped: dict[str, str] = {}
-    by_storage: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
+    by_storage: dict[tuple[object, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
     for name, value in state.items():
         if not isinstance(name, str):
             skipped[repr(name)] = f"key of type {type(name).__name__}, not a string"
+            continue
+        if isinstance(value, _DeclaredTensor):
+            tensors[name] = TensorInfo(name, value.shape, value.storage.dtype, value.nbytes)
+            if value.numel:
+                declared = (value.storage.key, value.offset, value.shape, value.stride)
+                by_storage.setdefault(declared, []).append(name)
             continue
         if not isinstance(value, torch.Tensor):
             what = type(value).__name__
@@ -548,6 +557,169 @@ def _numpy_dtype_classes(resolved: Sequence[tuple[Any, str]]) -> list[Any]:
     return [getattr(dtypes, name) for name in getattr(dtypes, "__all__", ())]
 
 
+# -- torch zip files: tensor metadata from the pickle alone ------------------------------------
+
+#: The storage classes torch.save names for plain tensors, and their dtypes.
+_STORAGE_DTYPES = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64",
+}
+
+
+_ITEMSIZES = {name: dtype_from_name(name).itemsize for name in _STORAGE_DTYPES.values()}
+
+
+class _NotPlain(Exception):
+    """The pickle holds more than plain tensors in dicts: ``torch.load`` must read it."""
+
+
+@dataclass(frozen=True)
+class _StorageKind:
+    dtype: str
+
+
+class _DeclaredStorage:
+    __slots__ = ("dtype", "key", "numel")
+
+    def __init__(self, key: str, dtype: str, numel: int) -> None:
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _DeclaredTensor:
+    """A tensor as a torch zip file's pickle declares it: which storage, where, what shape."""
+
+    __slots__ = ("nbytes", "numel", "offset", "shape", "storage", "stride")
+
+    def __init__(
+        self,
+        storage: _DeclaredStorage,
+        offset: int,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...],
+    ) -> None:
+        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
+        numel, last = 1, offset
+        for size, step in zip(shape, stride, strict=True):
+            numel *= size
+            last += (size - 1) * step
+        self.numel = numel
+        self.nbytes = numel * _ITEMSIZES[storage.dtype]
+        inside = last < storage.numel if numel else offset <= storage.numel
+        if offset < 0 or min(shape + stride, default=0) < 0 or not inside:
+            raise _NotPlain("a tensor beyond its storage")
+
+
+class _DeclarationUnpickler(pickle.Unpickler):
+    """Unpickles ``data.pkl`` with tensors as declarations: no data is read and no function of
+    torch runs. Only the globals torch.save writes for plain tensors in dicts are known, each
+    standing for a function of this class; any other global stops it (``_NotPlain``)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.storages: dict[str, _DeclaredStorage] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "collections" and name == "OrderedDict":
+            return OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return self._tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return self._parameter
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageKind(_STORAGE_DTYPES[name])
+        raise _NotPlain(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (
+            type(pid) is tuple
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and type(pid[1]) is _StorageKind
+            and type(pid[2]) is str
+            and type(pid[4]) is int
+        ):
+            raise _NotPlain("an unusual storage")
+        kind, key, numel = pid[1], pid[2], pid[4]
+        storage = self.storages.get(key)
+        if storage is None:
+            storage = self.storages[key] = _DeclaredStorage(key, kind.dtype, numel)
+        elif (storage.dtype, storage.numel) != (kind.dtype, numel):
+            raise _NotPlain("one storage declared two ways")
+        return storage
+
+    def _tensor(
+        self,
+        storage: Any,
+        offset: Any,
+        size: Any,
+        stride: Any,
+        requires_grad: Any,
+        backward_hooks: Any,
+        metadata: Any = None,
+    ) -> _DeclaredTensor:
+        if not (type(storage) is _DeclaredStorage and type(offset) is int):
+            raise _NotPlain("an unusual tensor")
+        shape, strides = tuple(size), tuple(stride)
+        for n in shape + strides:
+            if type(n) is not int:
+                raise _NotPlain("an unusual tensor")
+        return _DeclaredTensor(storage, offset, shape, strides)
+
+    def _parameter(self, data: Any, requires_grad: Any, backward_hooks: Any) -> _DeclaredTensor:
+        if type(data) is not _DeclaredTensor:
+            raise _NotPlain("an unusual parameter")
+        return data
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Building many small objects sets off full garbage collections that walk every object
+    torch keeps alive; none of them can free anything here."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _declared_object(archive: zipfile.ZipFile) -> object | None:
+    """A torch zip file's saved object with each tensor as its declaration, or ``None`` when
+    the file holds anything else or declares a tensor beyond the bytes its record holds: then
+    ``torch.load`` reads it, with its own checks and errors.
+
+    This is what makes reading metadata cheap: ``torch.load(weights_only=True)`` unpickles in
+    Python and builds a tensor per entry, here the C unpickler builds small records.
+    """
+    names = {info.filename: info for info in archive.infolist()}
+    pickles = [name for name in names if name.rpartition("/")[2] == "data.pkl"]
+    if len(pickles) != 1 or names[pickles[0]].compress_type != zipfile.ZIP_STORED:
+        return None
+    prefix = pickles[0][: -len("data.pkl")]
+    try:
+        unpickler = _DeclarationUnpickler(archive.read(pickles[0]))
+        with gc_paused():
+            obj: object = unpickler.load()
+    except Exception:  # _NotPlain, or anything odd: torch.load decides what it is
+        return None
+    for storage in unpickler.storages.values():
+        record = names.get(f"{prefix}data/{storage.key}")
+        if record is None or record.file_size < storage.numel * _ITEMSIZES[storage.dtype]:
+            return None
+    return obj
+
+
 # -- file formats --------------------------------------------------------------------------------
 
 
@@ -664,6 +836,18 @@ def _navigate(obj: object, location: tuple[str, ...]) -> Mapping[str, torch.Tens
     return obj
 
 
+def _torch_opener(
+    path: Path, *, mmap: bool
+) -> Callable[[Checkpoint], AbstractContextManager[TensorSource]]:
+    @contextmanager
+    def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
+        loaded = _load_torch(path, trusted=ckpt.trusted, allow=ckpt.allow_globals, mmap=mmap)
+        state = _navigate(loaded, ckpt.location)
+        yield TensorSource(ckpt, state.__getitem__)
+
+    return opener
+
+
 def _read_torch_file(
     path: Path,
     *,
@@ -674,20 +858,13 @@ def _read_torch_file(
 ) -> Checkpoint:
     obj = _load_torch(path, trusted=trusted, allow=allow, mmap=mmap, check_sizes=True)
     allow_names = tuple(_resolve_global(a)[1] for a in allow)
-
-    @contextmanager
-    def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
-        loaded = _load_torch(path, trusted=ckpt.trusted, allow=ckpt.allow_globals, mmap=mmap)
-        state = _navigate(loaded, ckpt.location)
-        yield TensorSource(ckpt, state.__getitem__)
-
     return _checkpoint_from_object(
         obj,
         source=str(path),
         fmt="torch" if mmap else "torch-legacy",
         key=key,
         path=path,
-        opener=opener,
+        opener=_torch_opener(path, mmap=mmap),
         trusted=trusted,
         allow_globals=allow_names,
     )
@@ -697,22 +874,33 @@ def _read_torch_zip(
     path: Path, *, key: tuple[str, ...] | None, trusted: bool, allow: Sequence[GlobalSpec]
 ) -> Checkpoint:
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+        archive = zipfile.ZipFile(path)
     except Exception as exc:  # zipfile raises more than BadZipFile on damaged directories
         raise CheckpointError(
             f"{path}: starts like a zip file but cannot be opened as one ({_first_line(exc)}); "
             "it may be truncated. Re-save it with torch.save."
         ) from None
-    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-        raise CheckpointError(
-            f"{path}: this is a TorchScript archive (torch.jit.save), not a checkpoint. "
-            "Load it with torch.jit.load(path) and pass its .state_dict() to ckptviz."
-        )
-    if not any(n.endswith("data.pkl") for n in names):
-        raise CheckpointError(
-            f"{path}: a zip file, but not one written by torch.save (no data.pkl inside). "
-            "Expected a torch checkpoint or a .safetensors file."
+    with archive:
+        names = archive.namelist()
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            raise CheckpointError(
+                f"{path}: this is a TorchScript archive (torch.jit.save), not a checkpoint. "
+                "Load it with torch.jit.load(path) and pass its .state_dict() to ckptviz."
+            )
+        if not any(n.endswith("data.pkl") for n in names):
+            raise CheckpointError(
+                f"{path}: a zip file, but not one written by torch.save (no data.pkl inside). "
+                "Expected a torch checkpoint or a .safetensors file."
+            )
+        declared = None if trusted or allow else _declared_object(archive)
+    if declared is not None:
+        return _checkpoint_from_object(
+            declared,
+            source=str(path),
+            fmt="torch",
+            key=key,
+            path=path,
+            opener=_torch_opener(path, mmap=True),
         )
     return _read_torch_file(path, key=key, trusted=trusted, allow=allow, mmap=True)
 
@@ -840,7 +1028,16 @@ def read_checkpoint(
     ``weights_only=True``; ``allow_globals`` allows named pickle globals for this read only, and
     ``trusted=True`` unpickles fully (only for files you trust: it can run code).
     """
-    wanted = _parse_key(key)
+    with gc_paused():
+        return _read(source, _parse_key(key), trusted, allow_globals)
+
+
+def _read(
+    source: str | os.PathLike[str] | Mapping[Any, Any] | torch.nn.Module | Checkpoint,
+    wanted: tuple[str, ...] | None,
+    trusted: bool,
+    allow_globals: Sequence[GlobalSpec],
+) -> Checkpoint:
     if isinstance(source, Checkpoint):
         if wanted is not None and wanted != source.location:
             raise CheckpointError(
