@@ -28,7 +28,13 @@ from ckptviz.core.matching import (
     with_pair,
     with_rule,
 )
-from ckptviz.core.reading import Checkpoint, GlobalSpec, TensorInfo, read_checkpoint
+from ckptviz.core.reading import (
+    Checkpoint,
+    GlobalSpec,
+    TensorInfo,
+    gc_paused,
+    read_checkpoint,
+)
 
 if TYPE_CHECKING:
     from ckptviz.core.plan import Plan
@@ -354,7 +360,8 @@ def compare(
     ``source``.
     """
     live = model if isinstance(model, torch.nn.Module) else None
-    model_side = read_checkpoint(model)
-    checkpoint = read_checkpoint(source, key=key, trusted=trusted, allow_globals=allow_globals)
-    mapping = detect_prefixes(model_side.keys(), checkpoint.keys(), parse_rules(rename))
-    return Diff(model_side, checkpoint, mapping, live)
+    with gc_paused():
+        model_side = read_checkpoint(model)
+        checkpoint = read_checkpoint(source, key=key, trusted=trusted, allow_globals=allow_globals)
+        mapping = detect_prefixes(model_side.keys(), checkpoint.keys(), parse_rules(rename))
+        return Diff(model_side, checkpoint, mapping, live)
