@@ -78,6 +78,7 @@ def test_releasing_pages_of_the_checkpoint_file_keeps_its_values(tmp_path: Path,
         release = _PageReleaser(path)
         for tensor in tensors.values():
             release(tensor)
+        release.flush()
         dropped = _mapped_rss_kib(path)
         assert all(bitwise_equal(tensors[k], state[k]) for k in state)  # read back from the file
     weights = sum(t.numel() * t.element_size() for t in state.values() if t.dim() == 2)
@@ -94,6 +95,16 @@ def test_release_never_touches_memory_that_is_not_the_checkpoint_file(tmp_path: 
         release(in_memory)
         assert bitwise_equal(in_memory, expected)  # dropping anonymous pages would zero them
     assert _PageReleaser(None)._ranges == []
+
+
+@linux_only
+def test_a_mapping_written_in_this_process_is_never_released(tmp_path: Path) -> None:
+    path, _ = _saved(tmp_path, "pt")
+    with ckptviz.read_checkpoint(path).open() as source:
+        assert _PageReleaser(path)._ranges  # clean: its pages come back from the file
+        written = source["layers.0.weight"]
+        written.add_(1)  # a private copy of these pages now differs from the file
+        assert _PageReleaser(path)._ranges == []
 
 
 @pytest.mark.parametrize("undo", [True, False])

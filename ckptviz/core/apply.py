@@ -456,8 +456,9 @@ def apply_plan(
         _check_tied_sources(written, values, targets, notes)
         # The snapshot is what makes a failure part-way leave the model as it was; with
         # undo=False it is dropped as soon as the apply has succeeded.
-        snapshot = _take_snapshot(written, targets, device)
         release = _PageReleaser(ckpt.path if ckpt.format != "torch-legacy" else None)
+        release.everything()  # what fetching touched: the snapshot needs the room
+        snapshot = _take_snapshot(written, targets, device)
         entries = _write_all(written, targets, values, snapshot, verify, release)
     entries += _keep_entries(plan, written, targets, versions)
     notes += _meta_notes(entries, targets, device)
@@ -553,7 +554,7 @@ def _write_all(
     values: dict[str, torch.Tensor],
     snapshot: list[tuple[torch.Tensor, torch.Tensor]],
     verify: bool,
-    release: Callable[[torch.Tensor], None],
+    release: _PageReleaser,
 ) -> list[ReportEntry]:
     """Write each storage once and verify each row right after (while its data is in cache).
 
@@ -584,6 +585,7 @@ def _write_all(
                 )
                 if row.key not in overlapping:
                     release(values[row.key])
+            release.flush()
             for row, action in written:
                 if row.key in overlapping:
                     current = row.key
@@ -642,43 +644,81 @@ class _PageReleaser:
     """Drops a checkpoint file's pages from this process once they are written into the model.
 
     The checkpoint is memory-mapped privately and never written, so a dropped page comes back
-    from the file if it is touched again: no value changes. Without this the whole file stays
-    in the process's resident memory next to the undo snapshot, doubling an apply's peak. Only
-    ranges inside a mapping of that very file are dropped (Linux; elsewhere it does nothing).
+    from the file if it is touched again: no value changes, even for a neighbour that shares an
+    edge page and is read later. Without this the whole file stays in the process's resident
+    memory next to the undo snapshot, doubling an apply's peak. Only whole pages inside a
+    mapping of that very file are dropped (Linux; elsewhere it does nothing). Neighbouring
+    tensors are gathered into one range, so small tensors cost no system call each.
     """
 
     _DONTNEED = 4  # MADV_DONTNEED on Linux
-    _MIN_BYTES = 1 << 16  # below this the system call costs more than it saves
+    _BATCH = 4 << 20  # drop this much at a time: few system calls, little held
 
     def __init__(self, path: Path | None) -> None:
         self._ranges: list[tuple[int, int]] = []
         self._madvise: Any = None
+        self._page = mmap.PAGESIZE
+        self._pending: tuple[int, int] | None = None
         if path is None or not sys.platform.startswith("linux"):
             return
-        wanted = os.path.realpath(path)
         try:
-            with open("/proc/self/maps") as maps:
-                for line in maps:
-                    fields = line.split(maxsplit=5)
-                    if len(fields) == 6 and fields[5].rstrip("\n") == wanted:
-                        start, _, end = fields[0].partition("-")
-                        self._ranges.append((int(start, 16), int(end, 16)))
+            self._ranges = _clean_mappings(Path(os.path.realpath(path)))
             self._madvise = ctypes.CDLL(None, use_errno=True).madvise
         except (OSError, AttributeError, ValueError):
             self._ranges = []
-        self._page = mmap.PAGESIZE
 
     def __call__(self, tensor: torch.Tensor) -> None:
         if not self._ranges or not tensor.is_contiguous() or tensor.device.type != "cpu":
             return
         start = tensor.data_ptr()
         end = start + tensor.numel() * tensor.element_size()
-        low = -(-start // self._page) * self._page
-        high = end // self._page * self._page
-        if high - low < self._MIN_BYTES:
+        pending = self._pending
+        if pending is not None and pending[0] <= start <= pending[1] + self._page:
+            self._pending = (pending[0], max(end, pending[1]))
+        else:
+            self.flush()
+            self._pending = (start, end)
+        if self._pending[1] - self._pending[0] >= self._BATCH:
+            self.flush()
+
+    def everything(self) -> None:
+        """Drop every page of the file mapped so far."""
+        for first, last in self._ranges:
+            self._madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), self._DONTNEED)
+
+    def flush(self) -> None:
+        """Drop the gathered range now."""
+        if self._pending is None:
             return
-        if any(first <= low and high <= last for first, last in self._ranges):
-            self._madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), self._DONTNEED)
+        start, end = self._pending
+        self._pending = None
+        low = start // self._page * self._page
+        high = -(-end // self._page) * self._page
+        for first, last in self._ranges:
+            if first <= start and end <= last:
+                low, high = max(low, first), min(high, last)
+                self._madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), self._DONTNEED)
+                return
+
+
+def _clean_mappings(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps ``path``, from /proc/self/smaps; none if any of
+    its pages was written here (torch byte-swaps a big-endian file in place, for one), since
+    dropping a written page of a private mapping would bring back the file's bytes. (Dirty
+    counts do not tell: a file just saved is dirty in the page cache, not written here.)"""
+    ranges: list[tuple[int, int]] = []
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split(maxsplit=5)
+            if not fields[0].endswith(":"):  # a mapping's first line: range, perms, ..., path
+                inside = len(fields) == 6 and fields[5].rstrip("\n") == str(path)
+                if inside:
+                    start, _, end = fields[0].partition("-")
+                    ranges.append((int(start, 16), int(end, 16)))
+            elif inside and fields[0] == "Anonymous:" and fields[1] != "0":
+                return []  # written pages of a private file mapping are anonymous copies
+    return ranges
 
 
 def _keep_entries(
