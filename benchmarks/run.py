@@ -26,7 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing import forkserver
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from benchmarks.synth import ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -84,6 +87,12 @@ def groups_for(fmt: str) -> list[Group]:
                 Variant("apply.no_undo", "compare + plan.apply(model, undo=False)", 1.2, None, 1.0),
             ),
         ),
+        Group(
+            4,
+            "value statistics, checkpoint vs checkpoint",
+            Variant("stats.baseline", f"two {load}s + a float64 loop"),
+            (Variant("stats.ckptviz", "compare(a, b).stats()"),),
+        ),
     ]
 
 
@@ -107,12 +116,19 @@ class Measured:
 @dataclass
 class GroupResult:
     group: Group
-    model: str
+    spec: ModelSpec
     fmt: str
     file_bytes: int
-    tensors: int
     baseline: Measured
     variants: list[Measured] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        return self.spec.name
+
+    @property
+    def tensors(self) -> int:
+        return self.spec.tensors
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -153,11 +169,14 @@ def _context(ckptviz_root: Path | None = None, workdir: Path | None = None) -> A
 
 
 def run_worker(case: str, spec_json: str, path: Path) -> dict[str, Any]:
+    from benchmarks.synth import second_path
     from benchmarks.worker import child
 
     ctx = _context()
     receive, send = ctx.Pipe(duplex=False)
     warm(path)
+    if case.startswith("stats."):
+        warm(second_path(path))
     process = ctx.Process(target=child, args=(send, case, spec_json, str(path)))
     process.start()
     send.close()
@@ -215,8 +234,11 @@ def run_all(size: str, repeat: int, workdir: Path, only: Sequence[str] = ()) -> 
     for spec in SIZES[size]:
         print(f"generating {spec.name}: {spec.kind} x{spec.count}, width {spec.width}", flush=True)
         paths = save_checkpoints(spec, workdir)
+        if not only or any(o.startswith("stats") for o in only):
+            paths |= {
+                f"{fmt}-b": p for fmt, p in save_checkpoints(spec, workdir, second=True).items()
+            }
         spec_json = json.dumps(spec.to_dict())
-        tensors = 12 * spec.count if spec.kind == "wide" else 2 * spec.count
         for fmt in FORMATS:
             path = paths[fmt]
             for group in groups_for(fmt):
@@ -224,9 +246,7 @@ def run_all(size: str, repeat: int, workdir: Path, only: Sequence[str] = ()) -> 
                     continue
                 baseline, variants = measure_group(group, spec_json, path, repeat)
                 size_bytes = path.stat().st_size
-                results.append(
-                    GroupResult(group, spec.name, fmt, size_bytes, tensors, baseline, variants)
-                )
+                results.append(GroupResult(group, spec, fmt, size_bytes, baseline, variants))
         for path in paths.values():
             path.unlink()
     return results
@@ -329,6 +349,13 @@ def reading(r: GroupResult, m: Measured, *, targets: bool = True) -> str:
     rss = f"peak RSS +{mib(m.rss_growth)} MiB ({m.rss_growth / r.file_bytes:.1%} of the file"
     rss += f", baseline +{mib(base.rss_growth)} MiB)"
     text = f"{size}: {m.variant.label} is {speed} {base.variant.label}; {rss}"
+    if r.group.number == 4:
+        rate = 2 * r.file_bytes / 1e9
+        pair = 2 * r.spec.largest_tensor_bytes
+        text += (
+            f"; {rate / m.median:.2f} GB/s of both files read vs {rate / base.median:.2f} GB/s; "
+            f"the largest tensor pair is {mib(pair)} MiB"
+        )
     if targets and verdict(r, m):
         text += f". Target: {verdict(r, m)}"
     return text + "."

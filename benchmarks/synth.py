@@ -62,6 +62,15 @@ class ModelSpec:
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         return cls(**data)
 
+    @property
+    def tensors(self) -> int:
+        return 12 * self.count if self.kind == "wide" else 2 * self.count
+
+    @property
+    def largest_tensor_bytes(self) -> int:
+        """float32 bytes of its largest tensor (fc1/fc2 of a block, or one Linear weight)."""
+        return 4 * (4 * self.width * self.width if self.kind == "wide" else self.width**2)
+
     def build(self, *, fill: str = "zeros", seed: int = 0) -> nn.Module:
         """The model with real, resident memory (``zeros``) or seeded random values."""
         with torch.device("meta"):
@@ -87,12 +96,20 @@ SIZES: dict[str, list[ModelSpec]] = {
 FORMATS = ("pt", "safetensors")
 
 
-def save_checkpoints(spec: ModelSpec, folder: Path) -> dict[str, Path]:
-    """Save the spec's model with seeded random values as ``.pt`` and ``.safetensors``."""
+def second_path(path: Path) -> Path:
+    """Where the second checkpoint of a checkpoint-vs-checkpoint case is: ``wide-b.pt``."""
+    return path.with_name(f"{path.stem}-b{path.suffix}")
+
+
+def save_checkpoints(spec: ModelSpec, folder: Path, *, second: bool = False) -> dict[str, Path]:
+    """Save the spec's model with seeded random values as ``.pt`` and ``.safetensors``;
+    ``second`` saves the other side of a comparison (other values) next to them."""
     from safetensors.torch import save_file
 
-    state = spec.build(fill="random", seed=1).state_dict()
+    state = spec.build(fill="random", seed=2 if second else 1).state_dict()
     paths = {fmt: folder / f"{spec.name}.{fmt}" for fmt in FORMATS}
+    if second:
+        paths = {fmt: second_path(path) for fmt, path in paths.items()}
     torch.save(state, paths["pt"])
     save_file(state, str(paths["safetensors"]))
     return paths

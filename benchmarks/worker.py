@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import ckptviz
-from benchmarks.synth import ModelSpec
+from benchmarks.synth import ModelSpec, second_path
 
 Run = Callable[[], object]
 
@@ -141,6 +141,29 @@ def _apply_ckptviz(undo: bool) -> Callable[[torch.nn.Module, Path], Run]:
     return setup
 
 
+def _stats_baseline(model: torch.nn.Module, path: Path) -> Run:
+    def run() -> object:
+        first, second = load_whole(path), load_whole(second_path(path))
+        figures = {}
+        for key, a in first.items():
+            a64, b64 = a.double(), second[key].double()
+            difference = a64 - b64
+            figures[key] = (
+                float(difference.norm()),
+                float(difference.abs().max()) if a.numel() else 0.0,
+                float(a64.norm()),
+                float(b64.norm()),
+                float((a64 * b64).sum()),
+            )
+        return figures
+
+    return run
+
+
+def _stats_ckptviz(model: torch.nn.Module, path: Path) -> Run:
+    return lambda: ckptviz.compare(path, second_path(path)).stats(progress=False)
+
+
 CASES: dict[str, Callable[[torch.nn.Module, Path], Run]] = {
     "inspect.baseline": _inspect_baseline,
     "inspect.ckptviz": _inspect_ckptviz,
@@ -148,12 +171,15 @@ CASES: dict[str, Callable[[torch.nn.Module, Path], Run]] = {
     "apply.baseline": _apply_baseline,
     "apply.undo": _apply_ckptviz(undo=True),
     "apply.no_undo": _apply_ckptviz(undo=False),
+    "stats.baseline": _stats_baseline,
+    "stats.ckptviz": _stats_ckptviz,
 }
 
 
 def run_case(case: str, spec: ModelSpec, path: Path) -> dict[str, Any]:
     """Build what the case needs, then run it once: wall and CPU time, peak RSS growth."""
-    model = spec.build()
+    # checkpoint-vs-checkpoint cases need no model
+    model = torch.nn.Module() if case.startswith("stats.") else spec.build()
     run = CASES[case](model, path)
     gc.collect()
     exact = reset_peak()
