@@ -118,6 +118,7 @@ class GroupResult:
     group: Group
     spec: ModelSpec
     fmt: str
+    path: Path
     file_bytes: int
     baseline: Measured
     variants: list[Measured] = field(default_factory=list)
@@ -246,7 +247,7 @@ def run_all(size: str, repeat: int, workdir: Path, only: Sequence[str] = ()) -> 
                     continue
                 baseline, variants = measure_group(group, spec_json, path, repeat)
                 size_bytes = path.stat().st_size
-                results.append(GroupResult(group, spec, fmt, size_bytes, baseline, variants))
+                results.append(GroupResult(group, spec, fmt, path, size_bytes, baseline, variants))
         for path in paths.values():
             path.unlink()
     return results
@@ -470,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "group": r.group.title,
                 "model": r.model,
                 "format": r.fmt,
+                "file": str(r.path),
                 "file_bytes": r.file_bytes,
                 "cases": {
                     m.variant.case: {
