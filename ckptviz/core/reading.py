@@ -694,7 +694,7 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _declared_object(archive: zipfile.ZipFile) -> object | None:
+def _declared_object(archive: zipfile.ZipFile) -> tuple[object, dict[str, zipfile.ZipInfo]] | None:
     """A torch zip file's saved object with each tensor as its declaration, or ``None`` when
     the file holds anything else or declares a tensor beyond the bytes its record holds: then
     ``torch.load`` reads it, with its own checks and errors.
@@ -707,17 +707,68 @@ def _declared_object(archive: zipfile.ZipFile) -> object | None:
     if len(pickles) != 1 or names[pickles[0]].compress_type != zipfile.ZIP_STORED:
         return None
     prefix = pickles[0][: -len("data.pkl")]
+    byteorder = names.get(f"{prefix}byteorder")
+    if byteorder is not None and archive.read(byteorder) != sys.byteorder.encode():
+        return None  # torch.load swaps the bytes
     try:
         unpickler = _DeclarationUnpickler(archive.read(pickles[0]))
         with gc_paused():
             obj: object = unpickler.load()
     except Exception:  # _NotPlain, or anything odd: torch.load decides what it is
         return None
+    records = {}
     for storage in unpickler.storages.values():
         record = names.get(f"{prefix}data/{storage.key}")
         if record is None or record.file_size < storage.numel * _ITEMSIZES[storage.dtype]:
             return None
-    return obj
+        records[storage.key] = record
+    return obj, records
+
+
+def _declared_opener(
+    path: Path, obj: object, records: dict[str, zipfile.ZipInfo]
+) -> Callable[[Checkpoint], AbstractContextManager[TensorSource]]:
+    """Tensor data for a file read by ``_declared_object``: one private mapping of the file,
+    each tensor a view of its record's bytes, as ``torch.load(mmap=True)`` builds them, without
+    unpickling the file again."""
+
+    @contextmanager
+    def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
+        state: Mapping[str, Any] = _navigate(obj, ckpt.location)  # of _DeclaredTensor
+        size = path.stat().st_size
+        mapped = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+        storages: dict[str, torch.UntypedStorage] = {}
+        with path.open("rb") as stream:
+
+            def fetch(key: str) -> torch.Tensor:
+                declared = state[key]
+                if not isinstance(declared, _DeclaredTensor):
+                    raise KeyError(key)
+                storage = declared.storage
+                data = storages.get(storage.key)
+                if data is None:
+                    record = records[storage.key]
+                    stream.seek(record.header_offset)
+                    local = stream.read(30)
+                    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                        raise CheckpointError(
+                            f"{path}: the zip entry of {key!r} is damaged; re-save the file."
+                        )
+                    name_length, extra_length = struct.unpack("<HH", local[26:30])
+                    start = record.header_offset + 30 + name_length + extra_length
+                    end = start + storage.numel * _ITEMSIZES[storage.dtype]
+                    if end > size:
+                        raise CheckpointError(
+                            f"{path}: the data of {key!r} runs past the end of the file; the "
+                            "file is truncated or damaged. Re-save it with torch.save."
+                        )
+                    data = storages[storage.key] = mapped[start:end]
+                tensor = torch.empty(0, dtype=dtype_from_name(storage.dtype))
+                return tensor.set_(data, declared.offset, declared.shape, declared.stride)
+
+            yield TensorSource(ckpt, fetch)
+
+    return opener
 
 
 # -- file formats --------------------------------------------------------------------------------
@@ -894,13 +945,14 @@ def _read_torch_zip(
             )
         declared = None if trusted or allow else _declared_object(archive)
     if declared is not None:
+        obj, records = declared
         return _checkpoint_from_object(
-            declared,
+            obj,
             source=str(path),
             fmt="torch",
             key=key,
             path=path,
-            opener=_torch_opener(path, mmap=True),
+            opener=_declared_opener(path, obj, records),
         )
     return _read_torch_file(path, key=key, trusted=trusted, allow=allow, mmap=True)
 
