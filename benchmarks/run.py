@@ -83,7 +83,7 @@ def groups_for(fmt: str) -> list[Group]:
             "apply, all rows load",
             Variant("apply.baseline", f"load_state_dict({load}(path))"),
             (
-                Variant("apply.undo", "compare + plan.apply(model)", 1.2),
+                Variant("apply.undo", "compare + plan.apply(model)", 1.2, None, 1.0),
                 Variant("apply.no_undo", "compare + plan.apply(model, undo=False)", 1.2, None, 1.0),
             ),
         ),
@@ -393,7 +393,36 @@ def machine() -> dict[str, str]:
     }
 
 
-def results_markdown(size: str, repeat: int, results: list[GroupResult]) -> str:
+def before_and_after(before: dict[str, Any], results: list[GroupResult]) -> list[str]:
+    """Medians of an earlier run (``--json`` of another checkout, ``--ckptviz``) next to these."""
+    earlier = {
+        (r["model"], r["format"], case): figures
+        for r in before["results"]
+        for case, figures in r["cases"].items()
+    }
+    lines = [
+        f"### Before and after: {before.get('ckptviz', 'the earlier run')} -> this run",
+        "",
+        "| case | checkpoint | what runs | CPU s before | CPU s after | peak RSS MiB before "
+        "| peak RSS MiB after |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for m in r.variants:
+            old = earlier.get((r.model, r.fmt, m.variant.case))
+            if old is None:
+                continue
+            lines.append(
+                f"| {r.group.number}. {r.group.title} | {r.model} .{r.fmt} | {m.variant.label} "
+                f"| {statistics.median(old['cpu']):.4f} | {m.cpu_median:.4f} "
+                f"| {mib(old['rss_growth'])} | {mib(m.rss_growth)} |"
+            )
+    return [*lines, ""]
+
+
+def results_markdown(
+    size: str, repeat: int, results: list[GroupResult], before: dict[str, Any] | None = None
+) -> str:
     info = machine()
     exact = all(m.rss_exact for r in results for m in (r.baseline, *r.variants))
     lines = [
@@ -421,6 +450,8 @@ def results_markdown(size: str, repeat: int, results: list[GroupResult]) -> str:
         "",
     ]
     lines += [f"- {reading(r, m, targets=size == 'large')}" for r in results for m in r.variants]
+    if before is not None:
+        lines += ["", *before_and_after(before, results)]
     lines.append(END)
     return "\n".join(lines)
 
@@ -448,6 +479,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also save the raw figures as JSON here")
     parser.add_argument("--tmpdir", type=Path, help="where to put the generated checkpoints")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="the --json of an earlier run (e.g. with --ckptviz of an older checkout): "
+        "--write-results puts its figures next to these",
+    )
     parser.add_argument(
         "--ckptviz",
         type=Path,
@@ -484,9 +521,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             for r in results
         ]
-        args.json.write_text(json.dumps({"size": args.size, "results": raw}, indent=1))
+        measured = ", ".join(sorted(MEASURED_PACKAGES))
+        args.json.write_text(
+            json.dumps({"size": args.size, "ckptviz": measured, "results": raw}, indent=1)
+        )
     if args.write_results:
-        write_results(args.results, results_markdown(args.size, args.repeat, results))
+        before = json.loads(args.before.read_text()) if args.before else None
+        block = results_markdown(args.size, args.repeat, results, before)
+        write_results(args.results, block)
         print(f"\nwrote {args.results}")
     return 0
 
