@@ -20,6 +20,7 @@ import platform
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -390,7 +391,22 @@ def machine() -> dict[str, str]:
         "torch": torch.__version__,
         "safetensors": safetensors.__version__,
         "torch threads": "1 (torch.set_num_threads(1) in every case)",
+        "ckptviz": ", ".join(_described(Path(p)) for p in sorted(MEASURED_PACKAGES)),
     }
+
+
+def _described(package: Path) -> str:
+    """The measured package, with its checkout's commit when it is in one."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(package), "log", "-1", "--format=%h %s"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{package} (commit {commit})" if commit else str(package)
 
 
 def before_and_after(before: dict[str, Any], results: list[GroupResult]) -> list[str]:
