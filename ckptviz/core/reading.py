@@ -420,7 +420,10 @@ def _locate(
 
 def _tensor_table(
     state: Mapping[Any, Any],
+    described: Mapping[str, tuple[str, str | None]] | None = None,
 ) -> tuple[dict[str, TensorInfo], dict[str, str], list[tuple[str, ...]]]:
+    """Metadata of every tensor in ``state``; ``described`` gives a live module's tensors
+    their kind and owning module's type (key -> (kind, module type))."""
     tensors: dict[str, TensorInfo] = {}
     skipped: dict[str, str] = {}
     by_storage: dict[tuple[object, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
@@ -441,10 +444,10 @@ def _tensor_table(
             skipped[name] = what
             continue
         shape = tuple(value.shape)
-        info = TensorInfo(
-            name, shape, _dtype_names[value.dtype], value.numel() * value.element_size()
-        )
-        tensors[name] = info
+        kind, module_type = described.get(name, (None, None)) if described else (None, None)
+        nbytes = value.numel() * value.element_size()
+        dtype = _dtype_names[value.dtype]
+        tensors[name] = TensorInfo(name, shape, dtype, nbytes, kind, module_type)
         if value.is_meta:  # no storage to compare: tied meta tensors are one object
             by_storage.setdefault((id(value), -1, shape, ()), []).append(name)
         elif value.numel() > 0:
@@ -856,10 +859,11 @@ def _checkpoint_from_object(
     key: tuple[str, ...] | None,
     path: Path | None = None,
     opener: Callable[[Checkpoint], AbstractContextManager[TensorSource]] | None = None,
+    described: Mapping[str, tuple[str, str | None]] | None = None,
     **extra: Any,
 ) -> Checkpoint:
     state, location, candidates = _locate(obj, source, key)
-    tensors, skipped, ties = _tensor_table(state)
+    tensors, skipped, ties = _tensor_table(state, described)
     if not tensors:
         raise CheckpointError(
             f"{source}: the entry at {'/'.join(location) or 'the top level'} holds no tensors "
@@ -1131,23 +1135,26 @@ def _read_module(module: torch.nn.Module) -> Checkpoint:
     def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
         yield TensorSource(ckpt, lambda k: _data_of(state[k], ckpt.source, k))
 
-    ckpt = _checkpoint_from_object(
-        state, source=f"<{type(module).__name__} module>", fmt="module", key=None, opener=opener
-    )
     owners = {name: type(m).__name__ for name, m in module.named_modules()}
-    for name, info in ckpt.tensors.items():
-        owner_name = name.rpartition(".")[0]
+    described: dict[str, tuple[str, str | None]] = {}
+    for name, value in state.items():
+        owner_name = str(name).rpartition(".")[0]  # (a custom hook's key may not be a str)
         owner_type = owners.get(owner_name)
         if owner_type is None:  # a module shared under a second name, or a custom hook's key
             try:
                 owner_type = type(module.get_submodule(owner_name)).__name__
             except AttributeError:
                 owner_type = None
-        kind = "parameter" if id(state[name]) in parameter_ids else "buffer"
-        ckpt.tensors[name] = TensorInfo(
-            info.key, info.shape, info.dtype, info.nbytes, kind=kind, module_type=owner_type
-        )
-    return ckpt
+        described[name] = ("parameter" if id(value) in parameter_ids else "buffer", owner_type)
+    # the table is built once, with each tensor's kind and owner
+    return _checkpoint_from_object(
+        state,
+        source=f"<{type(module).__name__} module>",
+        fmt="module",
+        key=None,
+        opener=opener,
+        described=described,
+    )
 
 
 def _data_of(tensor: torch.Tensor, source: str, key: str) -> torch.Tensor:
