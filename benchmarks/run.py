@@ -97,6 +97,17 @@ def groups_for(fmt: str) -> list[Group]:
     ]
 
 
+WIDGET_GROUP = Group(
+    3,
+    "widget payload",
+    Variant("widget.baseline", "hand key/shape diff of the same state dicts"),
+    (
+        Variant("widget.compare", "compare(model, state)"),
+        Variant("widget.loader", "ckptviz.Loader(model, state): the table built and sent"),
+    ),
+)
+
+
 @dataclass
 class Measured:
     variant: Variant
@@ -104,6 +115,11 @@ class Measured:
     cpu_times: list[float]
     rss_growth: int
     rss_exact: bool
+    #: what a case measured besides time and memory, per round (the widget's bytes)
+    extras: list[dict[str, float]] = field(default_factory=list)
+
+    def extra(self, name: str) -> float:
+        return statistics.median(e[name] for e in self.extras)
 
     @property
     def median(self) -> float:
@@ -138,6 +154,8 @@ class GroupResult:
 
 def warm(path: Path) -> None:
     """Read the file through so it is in the page cache, the same for every case."""
+    if not path.exists():  # the widget cases read no file
+        return
     with path.open("rb") as stream:
         while stream.read(1 << 24):
             pass
@@ -219,6 +237,7 @@ def measure_group(
             [r["cpu"] for r in raw],
             max(r["rss_growth"] for r in raw),
             all(r["rss_exact"] for r in raw),
+            [r["extra"] for r in raw if r["extra"]],
         )
         print(
             f"  {variant.case:<18} {path.name:<20} median {m.median:8.4f} s wall, "
@@ -230,7 +249,7 @@ def measure_group(
 
 
 def run_all(size: str, repeat: int, workdir: Path, only: Sequence[str] = ()) -> list[GroupResult]:
-    from benchmarks.synth import FORMATS, SIZES, save_checkpoints
+    from benchmarks.synth import FORMATS, SIZES, WIDGET_ROWS, save_checkpoints, widget_spec
 
     results: list[GroupResult] = []
     for spec in SIZES[size]:
@@ -251,6 +270,13 @@ def run_all(size: str, repeat: int, workdir: Path, only: Sequence[str] = ()) -> 
                 results.append(GroupResult(group, spec, fmt, path, size_bytes, baseline, variants))
         for path in paths.values():
             path.unlink()
+    if not only or any(o.startswith("widget") for o in only):
+        for rows in WIDGET_ROWS[size]:
+            spec = widget_spec(rows)
+            print(f"widget: {rows:,} rows", flush=True)
+            no_file = workdir / "in-memory state dict"
+            measured = measure_group(WIDGET_GROUP, json.dumps(spec.to_dict()), no_file, repeat)
+            results.append(GroupResult(WIDGET_GROUP, spec, "state dict", no_file, 0, *measured))
     return results
 
 
@@ -305,7 +331,7 @@ def table(results: list[GroupResult], *, targets: bool = True) -> list[list[str]
                     f"{m.cpu_median:.4f}",
                     "baseline" if is_base else ratio_text(m.cpu_median / base.cpu_median),
                     mib(m.rss_growth),
-                    f"{m.rss_growth / r.file_bytes:.1%}",
+                    f"{m.rss_growth / r.file_bytes:.1%}" if r.file_bytes else "-",
                     "baseline" if is_base else f"{rss_ratio:.2f}x",
                     verdict(r, m) if targets and not is_base else "",
                 ]
@@ -328,16 +354,34 @@ HEADERS = [
 ]
 
 
-def text_table(rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADERS)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(HEADERS, widths, strict=True))]
+def text_table(rows: list[list[str]], headers: Sequence[str] = HEADERS) -> str:
+    if not rows:
+        return ""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(lines)
 
 
-def markdown_table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+def widget_markdown(results: list[GroupResult]) -> list[str]:
+    rows = widget_table(results)
+    if not rows:
+        return []
+    return [
+        "### 3. The widget's payload",
+        "",
+        markdown_table(rows, WIDGET_HEADERS),
+        "",
+        "A tick is one action changed (`loader.set_action(key, 'keep')`, what a click calls); "
+        "bytes are the JSON of the comm messages the kernel would send, recorded on a stand-in "
+        "comm.",
+        "",
+    ]
+
+
+def markdown_table(rows: list[list[str]], headers: Sequence[str] = HEADERS) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -347,6 +391,8 @@ def reading(r: GroupResult, m: Measured, *, targets: bool = True) -> str:
     base = r.baseline
     ratio = m.median / base.median
     speed = f"{1 / ratio:.1f}x faster than" if ratio < 1 else f"{ratio:.2f}x the time of"
+    if r.group is WIDGET_GROUP:
+        return widget_reading(r, m)
     size = f"{r.model} .{r.fmt} ({mib(r.file_bytes)} MiB, {r.tensors:,} tensors)"
     rss = f"peak RSS +{mib(m.rss_growth)} MiB ({m.rss_growth / r.file_bytes:.1%} of the file"
     rss += f", baseline +{mib(base.rss_growth)} MiB)"
@@ -361,6 +407,61 @@ def reading(r: GroupResult, m: Measured, *, targets: bool = True) -> str:
     if targets and verdict(r, m):
         text += f". Target: {verdict(r, m)}"
     return text + "."
+
+
+def widget_reading(r: GroupResult, m: Measured) -> str:
+    ratio = m.median / r.baseline.median
+    text = (
+        f"{r.tensors:,} tensors: {m.variant.label} takes {m.median:.3f} s, {ratio:.1f}x the "
+        f"plain key/shape diff ({r.baseline.median:.3f} s); peak RSS +{mib(m.rss_growth)} MiB"
+    )
+    if m.extras:
+        rows = m.extra("rows")
+        text += (
+            f"; the table is {m.extra('table_bytes') / 1024:,.0f} KiB on the wire "
+            f"({m.extra('table_bytes') / rows:.0f} bytes a row, "
+            f"{m.extra('open_bytes') / 1024:,.0f} KiB with the widget's code), and one tick "
+            f"sends {m.extra('tick_bytes'):.0f} bytes in {m.extra('tick_seconds') * 1000:.1f} ms"
+        )
+    return text + "."
+
+
+def widget_table(results: list[GroupResult]) -> list[list[str]]:
+    """Rows, time to build them, bytes of the table and of one tick, per widget size."""
+    lines = []
+    for r in results:
+        if r.group is not WIDGET_GROUP:
+            continue
+        compared, loader = r.variants
+        if not loader.extras:
+            continue
+        lines.append(
+            [
+                f"{loader.extra('rows'):,.0f}",
+                f"{loader.median:.3f}",
+                f"{compared.median:.3f}",
+                f"{r.baseline.median:.3f}",
+                f"{loader.extra('table_bytes') / 1024:,.0f}",
+                f"{loader.extra('table_bytes') / loader.extra('rows'):.0f}",
+                f"{loader.extra('open_bytes') / 1024:,.0f}",
+                f"{loader.extra('tick_bytes'):.0f}",
+                f"{loader.extra('tick_seconds') * 1000:.1f}",
+            ]
+        )
+    return lines
+
+
+WIDGET_HEADERS = [
+    "rows",
+    "Loader built, s",
+    "of which compare, s",
+    "plain key/shape diff, s",
+    "table sent, KiB",
+    "bytes a row",
+    "first message with code, KiB",
+    "one tick, bytes",
+    "one tick, ms",
+]
 
 
 def machine() -> dict[str, str]:
@@ -462,6 +563,7 @@ def results_markdown(
         "",
         markdown_table(table(results, targets=size == "large")),
         "",
+        *widget_markdown(results),
         "### Reading",
         "",
     ]
@@ -518,6 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nckptviz measured: {', '.join(sorted(MEASURED_PACKAGES))}")
     print(text_table(table(results, targets=args.size == "large")))
+    print("\n" + text_table(widget_table(results), WIDGET_HEADERS))
     if args.json:
         raw = [
             {
@@ -531,6 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "wall": m.times,
                         "cpu": m.cpu_times,
                         "rss_growth": m.rss_growth,
+                        "extra": m.extras,
                     }
                     for m in (r.baseline, *r.variants)
                 },

@@ -95,6 +95,13 @@ SIZES: dict[str, list[ModelSpec]] = {
 
 FORMATS = ("pt", "safetensors")
 
+#: Rows of the widget's table per size: models of that many small tensors (``many``, width 8).
+WIDGET_ROWS: dict[str, tuple[int, ...]] = {"small": (200,), "large": (1_000, 10_000, 50_000)}
+
+
+def widget_spec(rows: int) -> ModelSpec:
+    return ModelSpec(f"rows-{rows}", "many", rows // 2, 8)
+
 
 def second_path(path: Path) -> Path:
     """Where the second checkpoint of a checkpoint-vs-checkpoint case is: ``wide-b.pt``."""

@@ -164,6 +164,81 @@ def _stats_ckptviz(model: torch.nn.Module, path: Path) -> Run:
     return lambda: ckptviz.compare(path, second_path(path)).stats(progress=False)
 
 
+# -- the widget's payload ---------------------------------------------------------------------
+
+
+def widget_checkpoint(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state with the differences a real table has: every 10th layer grown (shape),
+    every 25th layer's bias under an old name (one missing and one unexpected row)."""
+    state: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        _, index, leaf = key.split(".")
+        if int(index) % 10 == 0 and leaf == "weight":
+            value = torch.zeros(value.shape[0] + 1, *value.shape[1:])
+        if int(index) % 25 == 0 and leaf == "bias":
+            key = f"layers.{index}.offset"
+        state[key] = value.clone()
+    return state
+
+
+def wire_bytes(data: Any) -> int:
+    """What the kernel's JSON packer puts on the wire for one comm message's data."""
+    return len(json.dumps(data, ensure_ascii=False, default=str).encode())
+
+
+def _record_comms() -> list[tuple[str, Any]]:
+    """Stand in for the kernel's comms: every message a widget sends is kept, not sent."""
+    import comm
+    from comm.base_comm import BaseComm
+
+    sent: list[tuple[str, Any]] = []
+
+    class RecordingComm(BaseComm):
+        def publish_msg(self, msg_type: str, data: Any = None, *args: Any, **kwargs: Any) -> None:
+            sent.append((msg_type, data))
+
+    comm.create_comm = RecordingComm
+    return sent
+
+
+def _widget_baseline(model: torch.nn.Module, path: Path) -> Run:
+    model_state, state = model.state_dict(), widget_checkpoint(model)
+    return lambda: key_shape_diff(model_state, state)
+
+
+def _widget_compare(model: torch.nn.Module, path: Path) -> Run:
+    state = widget_checkpoint(model)
+    return lambda: ckptviz.compare(model, state)
+
+
+def _widget_loader(model: torch.nn.Module, path: Path) -> Run:
+    state = widget_checkpoint(model)
+    sent = _record_comms()
+
+    def payload(loader: Any) -> dict[str, float]:
+        """Bytes of the table the widget sent, and of one tick, with the tick's time."""
+        opened = [d for kind, d in sent if kind == "comm_open"]
+        figures = {
+            "rows": len(loader.diff.rows),
+            "open_bytes": sum(wire_bytes(d) for d in opened),
+            "table_bytes": wire_bytes(opened[0]["state"]["_rows"]),
+        }
+        # one tick: a person sets one row to keep; what the kernel sends back
+        before = len(sent)
+        start = time.perf_counter()
+        loader.set_action(next(iter(loader.plan.actions)), "keep")
+        figures["tick_seconds"] = time.perf_counter() - start
+        figures["tick_bytes"] = sum(wire_bytes(d) for _, d in sent[before:])
+        return figures
+
+    AFTER_RUN["widget.loader"] = payload
+    return lambda: ckptviz.Loader(model, state)
+
+
+#: Measurements taken from a case's result after its timed run (the widget's payload).
+AFTER_RUN: dict[str, Callable[[Any], dict[str, float]]] = {}
+
+
 CASES: dict[str, Callable[[torch.nn.Module, Path], Run]] = {
     "inspect.baseline": _inspect_baseline,
     "inspect.ckptviz": _inspect_ckptviz,
@@ -173,6 +248,9 @@ CASES: dict[str, Callable[[torch.nn.Module, Path], Run]] = {
     "apply.no_undo": _apply_ckptviz(undo=False),
     "stats.baseline": _stats_baseline,
     "stats.ckptviz": _stats_ckptviz,
+    "widget.baseline": _widget_baseline,
+    "widget.compare": _widget_compare,
+    "widget.loader": _widget_loader,
 }
 
 
@@ -188,6 +266,7 @@ def run_case(case: str, spec: ModelSpec, path: Path) -> dict[str, Any]:
     result = run()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = peak_rss()
+    extra = AFTER_RUN[case](result) if case in AFTER_RUN else {}
     del result
     return {
         "case": case,
@@ -197,6 +276,7 @@ def run_case(case: str, spec: ModelSpec, path: Path) -> dict[str, Any]:
         "rss_growth": max(0, peak - before),
         "rss_exact": exact,
         "ckptviz": str(Path(ckptviz.__file__).resolve().parent),
+        "extra": extra,
     }
 
 

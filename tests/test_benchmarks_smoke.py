@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from conftest import REPO
 
-from benchmarks.run import END, START, groups_for, write_results
-from benchmarks.synth import FORMATS, SIZES
+from benchmarks.run import END, START, WIDGET_GROUP, groups_for, write_results
+from benchmarks.synth import FORMATS, SIZES, WIDGET_ROWS, widget_spec
 
 
 def test_small_run_measures_every_case_and_writes_results(tmp_path: Path) -> None:
@@ -47,6 +47,13 @@ def test_small_run_measures_every_case_and_writes_results(tmp_path: Path) -> Non
                 path = Path(result["file"])
                 assert result["file_bytes"] > 0 and not path.exists()  # measured, then removed
     assert list(scratch.iterdir()) == []  # generated checkpoints cleaned up
+    for rows in WIDGET_ROWS["small"]:
+        result = measured[(widget_spec(rows).name, "state dict", WIDGET_GROUP.title)]
+        (payload,) = result["cases"]["widget.loader"]["extra"]
+        model_rows = rows  # every tensor of the model is a row; renamed biases add a row each
+        assert model_rows < payload["rows"] < model_rows * 1.1
+        assert payload["table_bytes"] > 10 * payload["rows"]  # keys, shapes, dtypes per row
+        assert 0 < payload["tick_bytes"] < payload["table_bytes"]
 
     text = results.read_text()
     assert text.startswith("# Benchmark results") and "notes kept by hand" in text
@@ -54,8 +61,10 @@ def test_small_run_measures_every_case_and_writes_results(tmp_path: Path) -> Non
     assert f"| torch | {torch.__version__} |" in block
     assert f"| cores | {os.cpu_count()} |" in block
     variants = sum(len(g.variants) for fmt in FORMATS for g in groups_for(fmt))
+    widget = len(WIDGET_GROUP.variants) * len(WIDGET_ROWS["small"])
     readings = [line for line in block.splitlines() if line.startswith("- ")]
-    assert len(readings) == variants * len(SIZES["small"])
+    assert len(readings) == variants * len(SIZES["small"]) + widget
+    assert "### 3. The widget's payload" in block
     for label in ("read_checkpoint + compare", "plan.apply(model, undo=False)", ".stats()"):
         assert label in block
     assert "Target:" not in block  # targets are judged on the large size only
