@@ -320,11 +320,11 @@ def table(results: list[GroupResult], *, targets: bool = True) -> list[list[str]
         base = r.baseline
         for m in (base, *r.variants):
             is_base = m is base
-            rss_ratio = m.rss_growth / base.rss_growth if base.rss_growth else float("nan")
+            rss_ratio = f"{m.rss_growth / base.rss_growth:.2f}x" if base.rss_growth else "-"
             rows.append(
                 [
                     f"{r.group.number}. {r.group.title}",
-                    f"{r.model} .{r.fmt}",
+                    f"{r.model} .{r.fmt}" if r.file_bytes else f"{r.model} ({r.fmt})",
                     m.variant.label,
                     f"{m.median:.4f}",
                     "baseline" if is_base else ratio_text(m.median / base.median),
@@ -332,7 +332,7 @@ def table(results: list[GroupResult], *, targets: bool = True) -> list[list[str]
                     "baseline" if is_base else ratio_text(m.cpu_median / base.cpu_median),
                     mib(m.rss_growth),
                     f"{m.rss_growth / r.file_bytes:.1%}" if r.file_bytes else "-",
-                    "baseline" if is_base else f"{rss_ratio:.2f}x",
+                    "baseline" if is_base else rss_ratio,
                     verdict(r, m) if targets and not is_base else "",
                 ]
             )

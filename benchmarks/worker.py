@@ -217,16 +217,18 @@ def _widget_loader(model: torch.nn.Module, path: Path) -> Run:
 
     def payload(loader: Any) -> dict[str, float]:
         """Bytes of the table the widget sent, and of one tick, with the tick's time."""
-        opened = [d for kind, d in sent if kind == "comm_open"]
+        opened = [d for kind, d in sent if kind == "comm_open"]  # the Loader and its Layout
+        table = next(d["state"]["_rows"] for d in opened if "_rows" in d["state"])
         figures = {
             "rows": len(loader.diff.rows),
             "open_bytes": sum(wire_bytes(d) for d in opened),
-            "table_bytes": wire_bytes(opened[0]["state"]["_rows"]),
+            "table_bytes": wire_bytes(table),
         }
         # one tick: a person sets one row to keep; what the kernel sends back
         before = len(sent)
         start = time.perf_counter()
-        loader.set_action(next(iter(loader.plan.actions)), "keep")
+        loading = next(k for k, action in loader.plan.actions.items() if action == "load")
+        loader.set_action(loading, "keep")
         figures["tick_seconds"] = time.perf_counter() - start
         figures["tick_bytes"] = sum(wire_bytes(d) for _, d in sent[before:])
         return figures
@@ -288,6 +290,7 @@ def warm_up() -> None:
     state = model.state_dict()
     key_shape_diff(state, state)
     ckptviz.compare(model, state).plan().apply(model)
+    getattr(ckptviz, "Loader", None)  # imports the widget (anywidget, ipywidgets), where it exists
 
 
 warm_up()
