@@ -590,7 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("--size", choices=("small", "large"), default="small")
     parser.add_argument("--repeat", type=int, default=5, help="runs per case (median taken)")
-    parser.add_argument("--only", nargs="*", default=(), help="case prefixes: inspect, apply")
+    parser.add_argument(
+        "--only", nargs="*", default=(), help="case prefixes: inspect, apply, widget, stats"
+    )
     parser.add_argument("--write-results", action="store_true", help="update RESULTS.md")
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help="where --write-results writes"
