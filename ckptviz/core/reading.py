@@ -711,9 +711,9 @@ def _declared_object(archive: zipfile.ZipFile) -> tuple[object, dict[str, zipfil
         return None
     prefix = pickles[0][: -len("data.pkl")]
     byteorder = names.get(f"{prefix}byteorder")
-    if byteorder is not None and archive.read(byteorder) != sys.byteorder.encode():
-        return None  # torch.load swaps the bytes
     try:
+        if byteorder is not None and archive.read(byteorder) != sys.byteorder.encode():
+            return None  # torch.load swaps the bytes
         unpickler = _DeclarationUnpickler(archive.read(pickles[0]))
         with gc_paused():
             obj: object = unpickler.load()
