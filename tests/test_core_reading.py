@@ -221,3 +221,42 @@ def test_tied_tensors_in_a_checkpoint_are_reported() -> None:
 
     ckpt = reading.read_checkpoint(TiedLM().state_dict())
     assert ckpt.ties == [("embed.weight", "head.weight")]
+
+
+def _safetensors_by_hand(path: Path, entries: list[tuple[str, str, torch.Tensor]]) -> None:
+    """Tensors laid out in the given order with no padding (save_file would align them)."""
+    import json
+    import struct
+
+    header: dict[str, object] = {}
+    blob = b""
+    for name, code, value in entries:
+        raw = value.numpy().tobytes()
+        header[name] = {
+            "dtype": code,
+            "shape": list(value.shape),
+            "data_offsets": [len(blob), len(blob) + len(raw)],
+        }
+        blob += raw
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + blob)
+
+
+def test_safetensors_tensors_at_unaligned_offsets_read_correctly(tmp_path: Path) -> None:
+    odd = torch.arange(3, dtype=torch.int8)
+    floats = torch.randn(5)
+    halves = torch.randn(4).half()
+    path = tmp_path / "unaligned.safetensors"
+    # float32 at byte 3 and float16 at byte 23: not aligned for their dtypes
+    entries = [("odd", "I8", odd), ("floats", "F32", floats), ("halves", "F16", halves)]
+    _safetensors_by_hand(path, entries)
+    ckpt = ckptviz.read_checkpoint(path)
+    assert ckpt["floats"].shape == (5,) and ckpt["halves"].dtype == "float16"
+    with ckpt.open() as data:
+        assert torch.equal(data["odd"], odd)
+        assert torch.equal(data["floats"], floats)
+        assert torch.equal(data["halves"], halves)
+    model_like = {"floats": torch.zeros(5), "halves": torch.zeros(4, dtype=torch.float16)}
+    diff = ckptviz.compare(model_like, path)
+    assert diff.counts["match"] == 2 and diff.counts["unexpected"] == 1
