@@ -1,8 +1,9 @@
 """Apply: write a Plan into a live model, all-or-nothing, verified, with undo.
 
 Order of work: check every row against the model and the checkpoint as they are now; compute
-fresh values for ``reinit``; snapshot what will be written (or stage the checkpoint's data when
-undo is off); write in place under ``no_grad``; verify; on any failure put back what was written.
+fresh values for ``reinit``; snapshot what will be written (kept for ``Report.undo()``, or
+dropped once the apply succeeded with ``undo=False``); write in place under ``no_grad``; verify;
+on any failure, Ctrl-C included, put back what was written.
 Parameters keep their identity, dtype, device and ``requires_grad``.
 
 Meta-device tensors have a shape and no storage: writing into one would silently do nothing, so
