@@ -25,6 +25,7 @@ from ckptviz.core.matching import WRAPPER_PREFIXES
 from ckptviz.core.reading import Checkpoint, human_bytes, read_checkpoint
 from ckptviz.core.stats import (
     DEFAULT_MEMORY_BUDGET,
+    STAT_COLUMNS,
     TensorStats,
     ValueStats,
     format_number,
@@ -244,25 +245,8 @@ def _row_record(row: Row) -> dict[str, Any]:
     }
 
 
-_MEASURES = (
-    "compared",
-    "compared_shape",
-    "relative_change",
-    "max_abs_diff",
-    "cosine",
-    "diff_norm",
-    "norm_a_compared",
-    "norm_a",
-    "norm_b",
-    "mean_a",
-    "mean_b",
-    "std_a",
-    "std_b",
-    "nan_a",
-    "nan_b",
-    "inf_a",
-    "inf_b",
-)
+#: the statistics columns, with what was compared first ("equal" has its own column)
+_MEASURES = ("compared", "compared_shape", *(c for c in STAT_COLUMNS if c != "equal"))
 
 
 def _stats_fields(stats: TensorStats | None) -> dict[str, Any]:
