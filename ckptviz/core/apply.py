@@ -328,8 +328,9 @@ def _meta_refusal(t: torch.Tensor, action: str, materialise: torch.device | None
         return (
             "the model tensor is on the meta device (a shape, no storage): writing into it "
             "would silently do nothing. Pass materialise='cpu' (or another device) to apply "
-            "to give the chosen tensors real storage there, or materialise the whole model "
-            "first with model.to_empty(device='cpu')"
+            "to give the chosen tensors real storage there (tied tensors stay tied), or "
+            "materialise the whole model first with model.to_empty(device='cpu') and tie its "
+            "weights again (to_empty gives each tensor its own storage)"
         )
     if action == "partial":
         return (
