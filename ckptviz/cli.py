@@ -32,7 +32,7 @@ from ckptviz.core.stats import (
     value_stats,
     values_equal,
 )
-from ckptviz.core.text import shape_text
+from ckptviz.core.text import row_cells, shape_text
 
 EXIT_IDENTICAL, EXIT_DIFFERENT, EXIT_TROUBLE = 0, 1, 2
 
@@ -350,16 +350,7 @@ def _diff_text(
     headers.append("note")
     rows = []
     for row in diff.rows:
-        a, b = row.model, row.checkpoint
-        cells = [
-            row.status,
-            a.key if a else "",
-            shape_text(a.shape) if a else "",
-            a.dtype if a else "",
-            b.key if b else "",
-            shape_text(b.shape) if b else "",
-            b.dtype if b else "",
-        ]
+        cells = row_cells(row)
         if equal is not None:
             cells.append("" if row.key not in equal else ("same" if equal[row.key] else "differ"))
         notes = [row.note] if row.note else []
