@@ -231,18 +231,22 @@ def run_inspect(args: argparse.Namespace, out: TextIO) -> int:
 # -- diff ----------------------------------------------------------------------------------------
 
 
+#: CLI column -> Row.to_record() field: side a is the reference, b the other checkpoint
+_ROW_COLUMNS = {
+    "status": "status",
+    "a_key": "model_key",
+    "a_shape": "model_shape",
+    "a_dtype": "model_dtype",
+    "b_key": "checkpoint_key",
+    "b_shape": "checkpoint_shape",
+    "b_dtype": "checkpoint_dtype",
+    "note": "note",
+}
+
+
 def _row_record(row: Row) -> dict[str, Any]:
-    a, b = row.model, row.checkpoint
-    return {
-        "status": row.status,
-        "a_key": a.key if a else None,
-        "a_shape": a.shape if a else None,
-        "a_dtype": a.dtype if a else None,
-        "b_key": b.key if b else None,
-        "b_shape": b.shape if b else None,
-        "b_dtype": b.dtype if b else None,
-        "note": row.note,
-    }
+    record = row.to_record()
+    return {column: record[field] for column, field in _ROW_COLUMNS.items()}
 
 
 #: the statistics columns, with what was compared first ("equal" has its own column)
@@ -294,7 +298,7 @@ def run_diff(args: argparse.Namespace, out: TextIO) -> int:
             },
         )
     elif args.format == "csv":
-        columns = _row_record_columns()
+        columns = list(_ROW_COLUMNS)
         if equal is not None:
             columns.append("values_equal")
         if stats is not None:
@@ -304,10 +308,6 @@ def run_diff(args: argparse.Namespace, out: TextIO) -> int:
         style = Styler(use_colour(out, args.color))
         out.write(_diff_text(diff, left, right, equal, stats, verdict, style) + "\n")
     return EXIT_IDENTICAL if identical else EXIT_DIFFERENT
-
-
-def _row_record_columns() -> list[str]:
-    return ["status", "a_key", "a_shape", "a_dtype", "b_key", "b_shape", "b_dtype", "note"]
 
 
 def _verdict(diff: Diff, equal: dict[str, bool] | None, stats: ValueStats | None) -> str:

@@ -131,6 +131,12 @@ def test_statuses_and_unexpected_rows_are_placed_near_their_neighbours() -> None
     assert diff.status("bn1.running_var") == "missing"
     assert diff.status("extra.weight") == "unexpected"
     assert diff.status("fc.weight") == "shape"
+    assert [r.key for r in diff.rows_with("missing", "unexpected")] == [
+        "extra.weight",
+        "bn1.running_var",
+    ]
+    with pytest.raises(ValueError, match="unknown status 'grown'"):
+        diff.rows_with("grown")
     keys = [row.key for row in diff]
     assert keys.index("extra.weight") == keys.index("conv1.weight") + 1
     assert "float16" in diff.explain("conv1.weight") and "exactly" in diff.explain("conv1.weight")

@@ -421,14 +421,6 @@ def _seeded(seed: int | None, module_name: str) -> Iterator[None]:
         yield
 
 
-def _tie_groups(keys: list[str], targets: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """key -> every planned key that shares its storage (including itself)."""
-    by_storage: dict[Any, list[str]] = {}
-    for key in keys:
-        by_storage.setdefault(_storage_id(targets[key]), []).append(key)
-    return {k: group for group in by_storage.values() for k in group}
-
-
 def apply_plan(
     plan: Plan,
     model: torch.nn.Module,

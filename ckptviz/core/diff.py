@@ -127,9 +127,7 @@ def _rename_note(model_key: str, checkpoint_key: str, mapping: KeyMapping) -> st
     return f"renamed from {checkpoint_key} ({how})"
 
 
-def build_rows(
-    left: Checkpoint, right: Checkpoint, mapping: KeyMapping
-) -> tuple[list[Row], dict[str, str]]:
+def build_rows(left: Checkpoint, right: Checkpoint, mapping: KeyMapping) -> list[Row]:
     """Rows in model order, each unexpected checkpoint key placed after its predecessor's row."""
     matched = match_keys(left.keys(), right.keys(), mapping)
     matched = {m: c for m, c in matched.items() if m in left.tensors and c in right.tensors}
@@ -155,7 +153,7 @@ def build_rows(
     for key, row in model_rows.items():
         rows.append(row)
         rows.extend(after.get(key, []))
-    return rows, matched
+    return rows
 
 
 class Diff:
@@ -172,7 +170,7 @@ class Diff:
         self.checkpoint = checkpoint
         self.mapping = mapping
         self.model = model
-        self.rows, self.matched = build_rows(model_side, checkpoint, mapping)
+        self.rows = build_rows(model_side, checkpoint, mapping)
         self._by_key: dict[str, Row] = {}
         for row in reversed(self.rows):  # a model key wins over an unexpected key of one name
             if row.status == "unexpected" and row.key in self._by_key:

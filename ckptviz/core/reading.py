@@ -22,7 +22,7 @@ import tarfile
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,7 +267,7 @@ class Checkpoint:
         """A few lines: where the tensors came from and what was passed over."""
         lines = [
             f"{self.source} ({self.format}): {len(self.tensors)} tensors, "
-            f"{self.total_numel:,} values, {_human_bytes(self.total_bytes)}"
+            f"{self.total_numel:,} values, {human_bytes(self.total_bytes)}"
         ]
         if self.location:
             lines.append(f"state dict found at {self.location_text!r}")
@@ -315,16 +315,13 @@ class Checkpoint:
             )
 
 
-def _human_bytes(n: int) -> str:
+def human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
-
-
-human_bytes = _human_bytes
 
 
 # -- finding the state dict inside a nested checkpoint ------------------------------------------
@@ -1164,14 +1161,3 @@ def _data_of(tensor: torch.Tensor, source: str, key: str) -> torch.Tensor:
             "source first (e.g. module.to_empty(device='cpu') and load real weights into it)."
         )
     return tensor.detach()
-
-
-def open_all(checkpoints: Sequence[Checkpoint]) -> AbstractContextManager[list[TensorSource]]:
-    """Open several checkpoints together (e.g. both sides of a comparison)."""
-
-    @contextmanager
-    def both() -> Iterator[list[TensorSource]]:
-        with ExitStack() as stack:
-            yield [stack.enter_context(c.open()) for c in checkpoints]
-
-    return both()
