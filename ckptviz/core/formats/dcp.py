@@ -27,18 +27,14 @@ from typing import Any
 
 import torch
 
+from ckptviz.core.checkpoint import Checkpoint, FileFingerprint, TensorSource
 from ckptviz.core.errors import CheckpointError, UnsafeCheckpointError
-from ckptviz.core.reading import (
-    Checkpoint,
-    FileFingerprint,
-    FileFormat,
-    GlobalSpec,
-    TensorSource,
-    _checkpoint_from_object,
-    _first_line,
-    _resolve_global,
-)
-from ckptviz.core.sharded import member_file
+from ckptviz.core.errors import first_line as _first_line
+from ckptviz.core.formats.base import FileFormat
+from ckptviz.core.formats.sharded import member_file
+from ckptviz.core.locate import checkpoint_from_object as _checkpoint_from_object
+from ckptviz.core.safety import GlobalSpec
+from ckptviz.core.safety import resolve_global as _resolve_global
 
 METADATA_NAME = ".metadata"
 #: Above this many chunks per tensor, overlap is not checked pair by pair (size still is).
@@ -422,4 +418,4 @@ def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:
     return lines
 
 
-FORMAT = FileFormat("dcp", is_dcp, read_dcp)
+FORMAT = FileFormat("dcp", is_dcp, read_dcp, read_code)
