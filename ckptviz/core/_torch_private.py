@@ -69,7 +69,7 @@ def dcp_private_metadata_classes() -> tuple[type, ...]:
     return (dcp_metadata._MEM_FORMAT_ENCODING, dcp_filesystem._StorageInfo)
 
 
-def dcp_storage_info_class() -> type:
+def dcp_storage_info_class() -> type[Any]:
     """The class of each ``Metadata.storage_data`` value a file-system DCP save writes."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
