@@ -6,6 +6,7 @@ from ckptviz import progress as _progress  # registers the progress-bar view
 from ckptviz import tables as _tables  # registers the DataFrame and HTML views
 from ckptviz.compare_plots import plot_change_strip, plot_changes
 from ckptviz.core.apply import Report, ReportEntry
+from ckptviz.core.checkpoint import Checkpoint, TensorInfo
 from ckptviz.core.diff import STATUSES, Diff, Row, compare
 from ckptviz.core.errors import (
     ApplyError,
@@ -16,7 +17,7 @@ from ckptviz.core.errors import (
 )
 from ckptviz.core.matching import KeyMapping, RuleSuggestion, Suggestion
 from ckptviz.core.plan import ACTIONS, Plan
-from ckptviz.core.reading import Checkpoint, TensorInfo, read_checkpoint
+from ckptviz.core.reading import read_checkpoint
 from ckptviz.core.stats import TensorStats, ValueStats, value_stats
 from ckptviz.plots import plot_diff, plot_report, plot_values  # registers the "plot" view
 

@@ -19,10 +19,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
+from ckptviz.core.checkpoint import Checkpoint, human_bytes
 from ckptviz.core.diff import Diff, Row, compare
 from ckptviz.core.errors import CkptvizError, UnsafeCheckpointError
 from ckptviz.core.matching import WRAPPER_PREFIXES
-from ckptviz.core.reading import Checkpoint, human_bytes, read_checkpoint
+from ckptviz.core.reading import read_checkpoint
 from ckptviz.core.stats import (
     DEFAULT_MEMORY_BUDGET,
     STAT_COLUMNS,

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemT
 
 import ckptviz
 from ckptviz import CheckpointError, UnsafeCheckpointError
-from ckptviz.core.dcp import read_metadata
+from ckptviz.core.formats.dcp import read_metadata
 
 
 @pytest.fixture(autouse=True)

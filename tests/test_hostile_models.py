@@ -21,7 +21,7 @@ from torch import nn
 import ckptviz
 from ckptviz import ApplyError, CheckpointError, CkptvizError, Plan, PlanError
 from ckptviz.core import apply as apply_module
-from ckptviz.core.reading import TensorSource
+from ckptviz.core.checkpoint import TensorSource
 
 
 class Identity:

@@ -16,13 +16,13 @@ from torch import nn
 
 import ckptviz
 from ckptviz.core.apply import bitwise_equal
-from ckptviz.core.reading import _declared_object, _read_torch_file
+from ckptviz.core.formats.torch_zip import _declared_object, read_torch_file
 
 
 def _both_ways(path: Path, key: str | None = None) -> tuple[ckptviz.Checkpoint, Any]:
     fast = ckptviz.read_checkpoint(path, key=key)
     wanted = tuple(key.split("/")) if key else None
-    slow = _read_torch_file(path, key=wanted, trusted=False, allow=(), mmap=True)
+    slow = read_torch_file(path, key=wanted, trusted=False, allow=(), mmap=True)
     return fast, slow
 
 

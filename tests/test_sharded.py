@@ -15,7 +15,7 @@ from torch import nn
 
 import ckptviz
 from ckptviz import CheckpointError
-from ckptviz.core.reading import Checkpoint
+from ckptviz.core.checkpoint import Checkpoint
 
 
 def _state(seed: int = 1) -> dict[str, torch.Tensor]:

@@ -30,16 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ckptviz.core._torch_private import tensor_version
+from ckptviz.core.checkpoint import Checkpoint, TensorSource, dtype_name, human_bytes
 from ckptviz.core.display import render
 from ckptviz.core.errors import ApplyError, PlanError
+from ckptviz.core.formats import format_named
 from ckptviz.core.plan import ACTIONS, initialiser_of, refusal, reinit_seed
-from ckptviz.core.reading import (
-    Checkpoint,
-    TensorSource,
-    dtype_name,
-    human_bytes,
-    read_checkpoint,
-)
+from ckptviz.core.reading import read_checkpoint
 
 if TYPE_CHECKING:
     from ckptviz.core.diff import Row
@@ -387,7 +384,7 @@ def _fresh_values(
             if any(t.is_meta for t in clone.state_dict(keep_vars=True).values()):
                 # a meta module initialises nothing: give the copy storage, then initialise it
                 clone.to_empty(device=materialise or "cpu")
-            before = {n: (id(getattr(clone, n)), getattr(clone, n)._version) for n in names}
+            before = {n: (id(getattr(clone, n)), tensor_version(getattr(clone, n))) for n in names}
             with _seeded(plan.seed, module_name):
                 getattr(clone, method)()
         except Exception as exc:
@@ -401,7 +398,7 @@ def _fresh_values(
         for name in names:
             value = getattr(clone, name)
             key = f"{module_name}.{name}" if module_name else name
-            if (id(value), value._version) == before[name]:
+            if (id(value), tensor_version(value)) == before[name]:
                 raise PlanError(
                     f"cannot reinit {key}: {type(module).__name__}.{method}() does not initialise "
                     f"{name!r} (a parametrization or custom tensor); keep it instead",
@@ -443,14 +440,15 @@ def apply_plan(
 
     written = [(row, a) for row, a in plan if row.model is not None and a != "keep"]
     fresh = _fresh_values(plan, model, device)
-    versions = {k: t._version for k, t in targets.items()}
+    versions = {k: tensor_version(t) for k, t in targets.items()}
     notes: list[str] = []
     with ckpt.open() as data:
         values = _gather(written, data, fresh)
         _check_tied_sources(written, values, targets, notes)
         # The snapshot is what makes a failure part-way leave the model as it was; with
         # undo=False it is dropped as soon as the apply has succeeded.
-        release = _PageReleaser(ckpt.path if ckpt.format != "torch-legacy" else None)
+        fmt = format_named(ckpt.format)
+        release = _PageReleaser(None if fmt is not None and fmt.eager else ckpt.path)
         release.everything()  # what fetching touched: the snapshot needs the room
         snapshot = _take_snapshot(written, targets, device)
         entries = _write_all(written, targets, values, snapshot, verify, release)
@@ -732,7 +730,7 @@ def _keep_entries(
         if tied_to is not None:
             ok, detail = True, f"changed with its tied tensor {tied_to}"
         else:
-            ok, detail = target._version == versions[row.key], "unchanged"
+            ok, detail = tensor_version(target) == versions[row.key], "unchanged"
             if target.is_meta:
                 detail = "unchanged; still on the meta device (no values)"
         nbytes = target.numel() * target.element_size()

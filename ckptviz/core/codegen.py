@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ckptviz.core import dcp, sharded
+from ckptviz.core.formats import format_named, torch_zip
 from ckptviz.core.plan import initialiser_of, reinit_seed
-from ckptviz.core.sharded import SHARDED_FORMATS
 
 if TYPE_CHECKING:
     from ckptviz.core.plan import Plan
@@ -28,44 +27,16 @@ def _dict_block(name: str, comment: str, pairs: list[tuple[str, str]]) -> list[s
 
 def _read_lines(plan: Plan) -> list[str]:
     ckpt = plan.diff.checkpoint
-    path = str(ckpt.path) if ckpt.path is not None else None
-    if path is None:
+    if ckpt.path is None:
         return [
             f"# The checkpoint was {ckpt.source}, not a file: put that state dict in `state`.",
             "state = state_dict",
         ]
-    if ckpt.format in SHARDED_FORMATS or ckpt.format == "dcp":
-        wanted = [r.checkpoint_key for r, a in plan if a in ("load", "partial") and r.model]
-        keys = [k for k in wanted if k is not None]
-        return (dcp.read_code if ckpt.format == "dcp" else sharded.read_code)(ckpt, keys)
-    if ckpt.format == "safetensors":
-        return ["from safetensors.torch import load_file", "", f"state = load_file({path!r})"]
-    where = "".join(f"[{part!r}]" for part in ckpt.location)
-    if ckpt.trusted:
-        return [
-            "# trusted=True: full unpickling, only for files you trust (it can run code).",
-            f"checkpoint = torch.load({path!r}, map_location='cpu', weights_only=False)",
-            f"state = checkpoint{where}",
-        ]
-    if ckpt.allow_globals:
-        return [
-            "import importlib",
-            "",
-            "def allowed(name):  # the pickle globals this checkpoint needs, allowed by name",
-            "    module, _, attr = name.rpartition('.')",
-            "    return (getattr(importlib.import_module(module), attr), name)",
-            "",
-            f"names = {list(ckpt.allow_globals)!r}",
-            "with torch.serialization.safe_globals([allowed(n) for n in names]):",
-            f"    checkpoint = torch.load({path!r}, map_location='cpu', weights_only=True)",
-            f"state = checkpoint{where}",
-        ]
-    if not where:
-        return [f"state = torch.load({path!r}, map_location='cpu', weights_only=True)"]
-    return [
-        f"checkpoint = torch.load({path!r}, map_location='cpu', weights_only=True)",
-        f"state = checkpoint{where}",
-    ]
+    wanted = [r.checkpoint_key for r, a in plan if a in ("load", "partial") and r.model]
+    keys = [k for k in wanted if k is not None]
+    # a plan file that recorded no known format: torch.load's lines
+    fmt = format_named(ckpt.format) or torch_zip.FORMAT
+    return fmt.read_code(ckpt, keys)
 
 
 def _meta_guard(plan: Plan) -> list[str]:

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ckptviz.core.checkpoint import Checkpoint, TensorInfo, gc_paused
 from ckptviz.core.display import render
 from ckptviz.core.errors import PlanError
+from ckptviz.core.formats.memory import MODULE
 from ckptviz.core.matching import (
     KeyMapping,
     RuleSuggestion,
@@ -28,13 +30,8 @@ from ckptviz.core.matching import (
     with_pair,
     with_rule,
 )
-from ckptviz.core.reading import (
-    Checkpoint,
-    GlobalSpec,
-    TensorInfo,
-    gc_paused,
-    read_checkpoint,
-)
+from ckptviz.core.reading import read_checkpoint
+from ckptviz.core.safety import GlobalSpec
 
 if TYPE_CHECKING:
     from ckptviz.core.plan import Plan
@@ -182,7 +179,7 @@ class Diff:
     @property
     def against_model(self) -> bool:
         """The left side is a model (live, or recorded in a saved plan), not a checkpoint."""
-        return self.model_side.format == "module"
+        return self.model_side.format == MODULE
 
     @property
     def side_names(self) -> tuple[str, str]:

@@ -30,3 +30,9 @@ class PlanError(CkptvizError, ValueError):
 
 class ApplyError(PlanError):
     """Applying a plan failed part-way; every tensor already written was restored."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), for error text."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

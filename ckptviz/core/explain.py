@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ckptviz.core.diff import Diff, Row
 
 if TYPE_CHECKING:
-    from ckptviz.core.reading import TensorInfo
+    from ckptviz.core.checkpoint import TensorInfo
 
 _DIMENSION_WORDS: dict[tuple[str, str], tuple[str, ...]] = {
     ("Conv", "weight"): ("filters", "input channels", "kernel rows", "kernel columns", "depth"),

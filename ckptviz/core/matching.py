@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
 from typing import Any
 
+from ckptviz.core.checkpoint import TensorInfo
 from ckptviz.core.errors import PlanError
-from ckptviz.core.reading import TensorInfo
 
 #: Prefixes that training wrappers put in front of every key.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")

@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ckptviz.core._torch_private import forward_pre_hooks
+from ckptviz.core.checkpoint import Checkpoint, TensorInfo
 from ckptviz.core.diff import STATUSES, Diff, Row, row_status
 from ckptviz.core.display import render
 from ckptviz.core.errors import PlanError
+from ckptviz.core.formats.memory import MODULE
 from ckptviz.core.matching import KeyMapping, RuleSuggestion, Suggestion
-from ckptviz.core.reading import Checkpoint, GlobalSpec, TensorInfo, global_name
+from ckptviz.core.safety import GlobalSpec, global_name
 
 if TYPE_CHECKING:
     from ckptviz.core.apply import Report
@@ -373,7 +376,7 @@ def refusal(row: Row, action: str, model: torch.nn.Module | None) -> str | None:
 def _reparametrized_by(module: torch.nn.Module, tensor_name: str) -> str | None:
     """The old-style hook (``torch.nn.utils.weight_norm``/``spectral_norm``) owning a tensor."""
     wrappers = {"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}
-    for hook in module._forward_pre_hooks.values():
+    for hook in forward_pre_hooks(module):
         wrapper = wrappers.get(type(hook).__name__)
         name = getattr(hook, "name", None)
         if wrapper and isinstance(name, str) and tensor_name.startswith(f"{name}_"):
@@ -496,7 +499,7 @@ def plan_from_dict(
     mapping = KeyMapping.from_dict(_need(data, "mapping", dict, "the plan"))
     model_side = Checkpoint(
         source=str(model_data.get("type", "<model>")),
-        format="module",
+        format=MODULE,
         tensors=model_tensors,
     )
     checkpoint = _checkpoint_from_plan(ckpt_data, ckpt_tensors, trusted, allow_globals)

@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ckptviz.core.apply import bitwise_equal
+from ckptviz.core.checkpoint import Checkpoint, TensorSource, human_bytes
 from ckptviz.core.display import render
-from ckptviz.core.reading import Checkpoint, TensorSource, human_bytes
+from ckptviz.core.formats import format_named
 from ckptviz.core.text import format_table, shape_text
 
 if TYPE_CHECKING:
@@ -45,8 +46,6 @@ if TYPE_CHECKING:
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 #: Values reduced at once; float64 temporaries are about 3 x 8 bytes x this.
 BLOCK_ELEMENTS = 2**18
-#: File formats whose ``open()`` reads every tensor: reopening them would re-read the whole file.
-EAGER_FORMATS = frozenset({"torch-legacy"})
 
 #: The statistics columns, in the order tables show them.
 STAT_COLUMNS = (
@@ -255,7 +254,9 @@ class PairReader:
             stack.close()
 
     def _streamed(self, side: Checkpoint) -> bool:
-        return side.path is not None and side.format not in EAGER_FORMATS
+        # a format whose open() reads every tensor would re-read the whole file on each reopen
+        fmt = format_named(side.format)
+        return side.path is not None and not (fmt is not None and fmt.eager)
 
     def fetch(self, keys: Sequence[str]) -> list[torch.Tensor]:
         """The tensors of ``keys`` (one per side); reopens first if the budget would overflow."""

@@ -1,10 +1,16 @@
-"""A look into a torch file's pickles before ``torch.load`` reads its data.
+"""What may be unpickled, and the words of every refusal.
 
-``torch.load(weights_only=True)`` refuses unsafe pickle globals, but for pre-1.6 files it names
-only the first one, and it believes the storage sizes a pickle declares: the pre-1.6 format
-allocates every storage at its declared size before reading it (a few bytes of pickle can ask for
-terabytes), and a memory-mapped zip file lets a tensor run past its own record into whatever
-bytes follow it (other tensors, the zip directory) without a word.
+``allow_globals`` entries are resolved here (``resolve_global``), allowed for one read
+(``safe_globals_scope``), and a refused file is explained here (``unsafe_error``): which globals
+it needs, and whether any of them can run code (``runs_code``), in which case allowing it is the
+same as ``trusted=True`` and the error says so.
+
+Before ``torch.load`` reads a file, its pickles are looked into: ``torch.load(weights_only=True)``
+refuses unsafe pickle globals, but for pre-1.6 files it names only the first one, and it believes
+the storage sizes a pickle declares: the pre-1.6 format allocates every storage at its declared
+size before reading it (a few bytes of pickle can ask for terabytes), and a memory-mapped zip file
+lets a tensor run past its own record into whatever bytes follow it (other tensors, the zip
+directory) without a word.
 
 Here the pickle is read with torch's own weights-only unpickler, under the same allowed globals,
 with every storage replaced by a data-less ``meta`` storage: that gives each tensor's declared
@@ -19,21 +25,31 @@ import io
 import mmap
 import pickle
 import pickletools
+import re
+import sys
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
 
-from ckptviz.core.errors import CheckpointError
+from ckptviz.core._torch_private import (
+    storage_identity,
+    typed_storage,
+    weights_only_allowed_globals,
+    weights_only_unpickler,
+)
+from ckptviz.core.errors import CheckpointError, UnsafeCheckpointError
 
-# torch's weights-only unpickler and its storage classes carry no type hints
-_weights_only: Any = importlib.import_module("torch._weights_only_unpickler")
+# torch's storage class carries no type hints for its meta-device constructor
 _UntypedStorage: Any = torch.UntypedStorage
-_TypedStorage: Any = torch.storage.TypedStorage
+
+#: An ``allow_globals`` entry: a dotted name, or the object itself.
+GlobalSpec = str | Callable[..., Any] | type
 
 #: Modules whose functions can run arbitrary code when a pickle calls them.
 CODE_RUNNING_MODULES = frozenset(
@@ -88,13 +104,6 @@ def runs_code(name: str) -> bool:
     """A pickle global that can run arbitrary code: allowing it is the same as ``trusted=True``."""
     module = name.split(".", 1)[0]
     return module in CODE_RUNNING_MODULES or name in CODE_RUNNING_GLOBALS
-
-
-def torch_allowed_globals() -> set[str]:
-    """What ``torch.load(weights_only=True)`` accepts right now (defaults and allow-lists)."""
-    return set(_weights_only._get_allowed_globals()) | set(
-        _weights_only._get_user_allowed_globals()
-    )
 
 
 class _Bytes:
@@ -196,13 +205,13 @@ class _StorageRecorder:
             storage = _UntypedStorage(_UNBOUNDED, device="meta")
             declared = _Storage(key, dtype, numel * dtype.itemsize)
             self.by_key[key] = (storage, declared)
-            self.by_storage[storage._cdata] = declared
+            self.by_storage[storage_identity(storage)] = declared
         storage = self.by_key[key][0]
-        return _TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+        return typed_storage(storage, dtype)
 
 
 def _unpickle(stream: _Bytes | io.BytesIO, recorder: _StorageRecorder | None = None) -> Any:
-    unpickler = _weights_only.Unpickler(cast(IO[bytes], stream), encoding="utf-8")
+    unpickler = weights_only_unpickler(cast(IO[bytes], stream))
     if recorder is not None:
         unpickler.persistent_load = recorder
     with warnings.catch_warnings():
@@ -262,7 +271,7 @@ def check_zip_storages(path: Path) -> None:
     except Exception:
         return
     for name, tensor in tensors:
-        declared = recorder.by_storage.get(tensor.untyped_storage()._cdata)
+        declared = recorder.by_storage.get(storage_identity(tensor.untyped_storage()))
         if declared is None:
             continue
         have = sizes.get(declared.key)
@@ -305,7 +314,7 @@ def check_legacy_storages(path: Path) -> None:
     # each storage is written as an 8-byte element count followed by its bytes
     needed = sum(8 + d.nbytes for d in declared)
     for name, tensor in tensors:
-        storage = recorder.by_storage.get(tensor.untyped_storage()._cdata)
+        storage = recorder.by_storage.get(storage_identity(tensor.untyped_storage()))
         if storage is not None and _extent(tensor) > storage.nbytes:
             raise CheckpointError(
                 f"{path}: {_describe(name, tensor)} reaches past the end of its storage "
@@ -317,7 +326,7 @@ def check_legacy_storages(path: Path) -> None:
         users = [
             name
             for name, t in tensors
-            if recorder.by_storage.get(t.untyped_storage()._cdata) == largest
+            if recorder.by_storage.get(storage_identity(t.untyped_storage())) == largest
         ]
         who = f" (the largest, {largest.nbytes:,} bytes, holds {', '.join(users[:3])})"
         raise CheckpointError(
@@ -325,3 +334,106 @@ def check_legacy_storages(path: Path) -> None:
             f"but only {data_bytes:,} bytes follow its pickle. The file is truncated, damaged "
             "or crafted; nothing was allocated or read. Re-save the checkpoint with torch.save."
         )
+
+
+# -- allowed globals, and the refusal that lists what a file needs -------------------------------
+
+
+def global_name(spec: GlobalSpec) -> str:
+    """The dotted name of an ``allow_globals`` entry (checked to exist)."""
+    return resolve_global(spec)[1]
+
+
+def resolve_global(spec: GlobalSpec) -> tuple[Any, str]:
+    if not isinstance(spec, str):
+        name = f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', spec)}"
+        return spec, name
+    parts = spec.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            value: Any = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                value = getattr(value, attr)
+        except AttributeError:
+            continue
+        return value, spec
+    raise CheckpointError(
+        f"allow_globals: cannot find {spec!r}; give the full dotted name as the error listed it "
+        "(e.g. 'argparse.Namespace'), or pass the object itself."
+    )
+
+
+#: torch refusals that are about globals (not damage)
+GLOBALS_REFUSAL = re.compile(
+    r"Unsupported global|allowlisted via|unrecognized function|GLOBAL \S+ whose"
+)
+# the names such a refusal mentions
+_NAMED_IN_REFUSAL = re.compile(r"GLOBAL ([\w.]+)|<class '([\w.]+)'>")
+
+
+def unsafe_globals(path: Path, message: str, allowed: Sequence[str]) -> list[str]:
+    """Every global a refused file needs: read statically from the file, plus any torch named."""
+    names: list[str] = []
+    try:
+        if zipfile.is_zipfile(path):
+            names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        else:
+            permitted = weights_only_allowed_globals()
+            names = [n for n in pickle_globals(path) if n not in permitted]
+    except Exception:
+        names = []  # the static read failed; torch's own message still names one
+    for match in _NAMED_IN_REFUSAL.finditer(message):
+        names.append(match.group(1) or match.group(2))
+    return sorted(n for n in dict.fromkeys(names) if n not in allowed)
+
+
+def unsafe_error(path: Path, exc: Exception, allowed: Sequence[str]) -> UnsafeCheckpointError:
+    names = unsafe_globals(path, str(exc), allowed)
+    code = [n for n in names if runs_code(n)]
+    if code:
+        return UnsafeCheckpointError(
+            f"{path}: this file asks to call {', '.join(code)}, which can run any code on this "
+            "machine. It was refused and nothing from it ran. Do not open it unless you made it "
+            f"yourself: both allow_globals={code!r} and trusted=True would run that code.",
+            names,
+        )
+    listed = ", ".join(names) if names else "(torch did not name them)"
+    allow = repr([*allowed, *names]) if names else "['module.Name', ...]"
+    needs = (
+        "also needs pickle globals not in allow_globals"
+        if allowed
+        else ("needs pickle globals that are not allowed by default")
+    )
+    return UnsafeCheckpointError(
+        f"{path}: this checkpoint {needs}: {listed}. Nothing from it was run. If you trust the "
+        f"file, either allow exactly these for this read: ckptviz.read_checkpoint("
+        f"{str(path)!r}, allow_globals={allow}), or unpickle it fully (this runs any code the "
+        f"file contains): ckptviz.read_checkpoint({str(path)!r}, trusted=True).",
+        names,
+    )
+
+
+def safe_globals_scope(allow: Sequence[GlobalSpec]) -> AbstractContextManager[Any]:
+    if not allow:
+        return nullcontext()
+    resolved = [resolve_global(spec) for spec in allow]
+    # torch's (object, name) form keeps the exact spelling in the file (numpy.core vs numpy._core)
+    pairs: list[Any] = [(obj, name) for obj, name in resolved]
+    return torch.serialization.safe_globals(pairs + _numpy_dtype_classes(resolved))
+
+
+def _numpy_dtype_classes(resolved: Sequence[tuple[Any, str]]) -> list[Any]:
+    """Allowing ``numpy.dtype`` allows its concrete classes (``numpy.dtypes.Float64DType``, ...).
+
+    torch rebuilds a pickled dtype as an instance of one of them, and the file never names them,
+    so an allow-list copied from the error would otherwise fail on them one by one.
+    """
+    numpy = sys.modules.get("numpy")
+    if numpy is None or not any(obj is numpy.dtype for obj, _ in resolved):
+        return []
+    dtypes = getattr(numpy, "dtypes", None)
+    return [getattr(dtypes, name) for name in getattr(dtypes, "__all__", ())]

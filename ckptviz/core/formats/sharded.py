@@ -20,17 +20,11 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from ckptviz.core.checkpoint import Checkpoint, FileFingerprint, TensorInfo, TensorSource
 from ckptviz.core.errors import CheckpointError
-from ckptviz.core.reading import (
-    FORMATS,
-    Checkpoint,
-    FileFingerprint,
-    FileFormat,
-    GlobalSpec,
-    TensorInfo,
-    TensorSource,
-    _resolve_global,
-)
+from ckptviz.core.formats.base import FORMATS, FileFormat
+from ckptviz.core.safety import GlobalSpec
+from ckptviz.core.safety import resolve_global as _resolve_global
 
 #: Index names Hugging Face writes, preferred in this order when a directory holds several.
 INDEX_NAMES = (
@@ -365,5 +359,5 @@ def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:
     return lines
 
 
-FORMAT = FileFormat("sharded", is_sharded, read_sharded)
 SHARDED_FORMATS = ("safetensors-sharded", "torch-sharded", "mixed-sharded")
+FORMAT = FileFormat("sharded", is_sharded, read_sharded, read_code, produces=SHARDED_FORMATS)

@@ -27,18 +27,20 @@ from typing import Any
 
 import torch
 
-from ckptviz.core.errors import CheckpointError, UnsafeCheckpointError
-from ckptviz.core.reading import (
-    Checkpoint,
-    FileFingerprint,
-    FileFormat,
-    GlobalSpec,
-    TensorSource,
-    _checkpoint_from_object,
-    _first_line,
-    _resolve_global,
+from ckptviz.core._torch_private import (
+    dcp_legacy_metadata_classes,
+    dcp_private_metadata_classes,
+    dcp_storage_info_class,
+    pickled_layout_global,
 )
-from ckptviz.core.sharded import member_file
+from ckptviz.core.checkpoint import Checkpoint, FileFingerprint, TensorSource
+from ckptviz.core.errors import CheckpointError, UnsafeCheckpointError
+from ckptviz.core.errors import first_line as _first_line
+from ckptviz.core.formats.base import FileFormat
+from ckptviz.core.formats.sharded import member_file
+from ckptviz.core.locate import checkpoint_from_object as _checkpoint_from_object
+from ckptviz.core.safety import GlobalSpec
+from ckptviz.core.safety import resolve_global as _resolve_global
 
 METADATA_NAME = ".metadata"
 #: Above this many chunks per tensor, overlap is not checked pair by pair (size still is).
@@ -57,7 +59,6 @@ def is_dcp(path: Path, head: bytes) -> bool:
 
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     """(module, name) -> object for everything a DCP ``.metadata`` pickle may name."""
-    import torch.distributed.checkpoint.filesystem as dcp_filesystem
     import torch.distributed.checkpoint.metadata as dcp_metadata
 
     allowed: dict[tuple[str, str], Any] = {}
@@ -69,27 +70,17 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         dcp_metadata.ChunkStorageMetadata,
         dcp_metadata.TensorProperties,
         dcp_metadata.StorageMeta,
-        dcp_metadata._MEM_FORMAT_ENCODING,
-        dcp_filesystem._StorageInfo,
+        *dcp_private_metadata_classes(),
+        *dcp_legacy_metadata_classes(),
     )
     for cls in classes:
         allowed[(cls.__module__, cls.__qualname__)] = cls
-    try:  # where torch < 2.1 kept TensorProperties; still importable, still plain data
-        import torch.distributed._shard.sharded_tensor.metadata as shard_metadata
-
-        legacy: tuple[type, ...] = (
-            shard_metadata.TensorProperties,
-            shard_metadata.MEM_FORMAT_ENCODING,
-        )
-        for cls in legacy:
-            allowed[(cls.__module__, cls.__qualname__)] = cls
-    except (ImportError, AttributeError):
-        pass
     allowed[("torch", "Size")] = torch.Size
     for name, value in vars(torch).items():
         if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
             allowed[("torch", name)] = value
-    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    layout_global, get_layout = pickled_layout_global()
+    allowed[layout_global] = get_layout
     for path_type in (pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.PosixPath):
         allowed[("pathlib", path_type.__name__)] = path_type
     return allowed
@@ -219,8 +210,9 @@ def _check_chunks(where: str, fqn: str, shape: tuple[int, ...], chunks: Any) -> 
 
 def _check_storage(folder: Path, metadata: Any) -> dict[str, FileFingerprint]:
     """Every data file the metadata points into: a plain name in ``folder``; their fingerprints."""
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    storage_info = dcp_storage_info_class()
 
     where = str(folder / METADATA_NAME)
     storage = metadata.storage_data
@@ -231,7 +223,7 @@ def _check_storage(folder: Path, metadata: Any) -> dict[str, FileFingerprint]:
         )
     files: dict[str, FileFingerprint] = {}
     for index, info in storage.items():
-        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+        if not isinstance(index, MetadataIndex) or not isinstance(info, storage_info):
             raise CheckpointError(f"{where}: malformed storage entry {index!r}; it is damaged.")
         name = info.relative_path
         offset, length = info.offset, info.length
@@ -422,4 +414,4 @@ def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:
     return lines
 
 
-FORMAT = FileFormat("dcp", is_dcp, read_dcp)
+FORMAT = FileFormat("dcp", is_dcp, read_dcp, read_code)

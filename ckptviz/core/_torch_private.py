@@ -1,0 +1,92 @@
+"""Every private torch name ckptviz relies on, each behind one small function.
+
+torch may change any of these in a release without notice. Each function here has a test in
+``tests/test_torch_private.py`` that runs it on a tiny real input, so a torch upgrade that moves
+or changes one fails there, naming it, rather than somewhere deep in a read or an apply.
+Nothing else in ckptviz names a private torch module, class, function or attribute.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import IO, Any
+
+import torch
+
+# torch's weights-only unpickler and its TypedStorage constructor carry no type hints
+_weights_only: Any = importlib.import_module("torch._weights_only_unpickler")
+_TypedStorage: Any = torch.storage.TypedStorage
+
+
+def weights_only_unpickler(stream: IO[bytes]) -> Any:
+    """The unpickler ``torch.load(weights_only=True)`` uses, over ``stream``: it refuses every
+    global not allowed by default or by ``torch.serialization.safe_globals``."""
+    return _weights_only.Unpickler(stream, encoding="utf-8")
+
+
+def weights_only_allowed_globals() -> set[str]:
+    """The dotted names ``torch.load(weights_only=True)`` accepts right now: its defaults and
+    whatever ``torch.serialization.safe_globals``/``add_safe_globals`` added."""
+    return set(_weights_only._get_allowed_globals()) | set(
+        _weights_only._get_user_allowed_globals()
+    )
+
+
+def saved_tensor_globals() -> tuple[tuple[str, str], tuple[str, str]]:
+    """The (module, name) globals ``torch.save`` writes to rebuild a tensor and a parameter."""
+    return ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter")
+
+
+def storage_identity(storage: torch.UntypedStorage) -> int:
+    """One number per underlying storage: ``tensor.untyped_storage()`` builds a new Python
+    object on each call, and this is what they share (also for data-less ``meta`` storages)."""
+    return int(storage._cdata)
+
+
+def typed_storage(storage: torch.UntypedStorage, dtype: torch.dtype) -> Any:
+    """A ``TypedStorage`` of ``dtype`` over ``storage``, as torch's own ``persistent_load``
+    returns it to the unpickler (``_internal=True`` skips the deprecation warning)."""
+    return _TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place write counter: it moves on every in-place write to its storage."""
+    return int(tensor._version)
+
+
+def forward_pre_hooks(module: torch.nn.Module) -> list[Any]:
+    """The forward pre-hooks registered on ``module`` (``weight_norm`` and ``spectral_norm``
+    of ``torch.nn.utils`` register theirs there)."""
+    return list(module._forward_pre_hooks.values())
+
+
+def dcp_private_metadata_classes() -> tuple[type, ...]:
+    """The private classes a ``torch.distributed.checkpoint`` ``.metadata`` pickle names: the
+    memory-format encoding of ``TensorProperties`` and the file system's ``_StorageInfo``."""
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+    import torch.distributed.checkpoint.metadata as dcp_metadata
+
+    return (dcp_metadata._MEM_FORMAT_ENCODING, dcp_filesystem._StorageInfo)
+
+
+def dcp_storage_info_class() -> type[Any]:
+    """The class of each ``Metadata.storage_data`` value a file-system DCP save writes."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    return _StorageInfo
+
+
+def dcp_legacy_metadata_classes() -> tuple[type, ...]:
+    """Where torch < 2.1 kept ``TensorProperties`` (still plain data), for ``.metadata`` files
+    it wrote; ``()`` once torch no longer has them."""
+    try:
+        import torch.distributed._shard.sharded_tensor.metadata as shard_metadata
+
+        return (shard_metadata.TensorProperties, shard_metadata.MEM_FORMAT_ENCODING)
+    except (ImportError, AttributeError):
+        return ()
+
+
+def pickled_layout_global() -> tuple[tuple[str, str], Any]:
+    """The (module, name) global a pickled ``torch.layout`` names, and the function it means."""
+    return ("torch.serialization", "_get_layout"), torch.serialization._get_layout

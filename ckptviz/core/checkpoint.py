@@ -1,0 +1,325 @@
+"""The data model: a checkpoint's tensors as metadata, and the guarded way to their data.
+
+``TensorInfo`` is one tensor without its data, ``Checkpoint`` a source's tensors with where they
+were found, ``FileFingerprint`` what notices a file replaced since it was read, and
+``TensorSource`` the open checkpoint that fetches data one tensor at a time, checking each
+against what was read. ``DeclaredTensor`` is a tensor as a file's pickle declares it (storage,
+offset, shape, stride), before any data is read.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptviz.core.errors import CheckpointError
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``: the spelling used in tables and JSON."""
+    return str(dtype).removeprefix("torch.")
+
+
+class DtypeNames(dict[torch.dtype, str]):
+    """dtype -> name, remembered: reading a large checkpoint asks for a few dtypes many times."""
+
+    def __missing__(self, dtype: torch.dtype) -> str:
+        self[dtype] = name = dtype_name(dtype)
+        return name
+
+
+#: dtype -> name for the dtypes seen so far
+dtype_names = DtypeNames()
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"unknown dtype {name!r}: expected a torch dtype name like 'float32'")
+    return dtype
+
+
+#: Bytes per element of every torch dtype, by name.
+ITEMSIZES = {
+    dtype_name(dtype): dtype.itemsize
+    for dtype in vars(torch).values()
+    if isinstance(dtype, torch.dtype)
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known about one checkpoint tensor without reading its data."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    #: for tensors read from a live module: "parameter" or "buffer", and the owning module's class
+    kind: str | None = None
+    module_type: str | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+
+class NotPlain(Exception):
+    """The pickle holds more than plain tensors in dicts: ``torch.load`` must read it."""
+
+
+class DeclaredStorage:
+    __slots__ = ("dtype", "key", "numel")
+
+    def __init__(self, key: str, dtype: str, numel: int) -> None:
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class DeclaredTensor:
+    """A tensor as a torch zip file's pickle declares it: which storage, where, what shape."""
+
+    __slots__ = ("nbytes", "numel", "offset", "shape", "storage", "stride")
+
+    def __init__(
+        self,
+        storage: DeclaredStorage,
+        offset: int,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...],
+    ) -> None:
+        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
+        numel, last = 1, offset
+        for size, step in zip(shape, stride, strict=True):
+            numel *= size
+            last += (size - 1) * step
+        self.numel = numel
+        self.nbytes = numel * ITEMSIZES[storage.dtype]
+        inside = last < storage.numel if numel else offset <= storage.numel
+        if offset < 0 or min(shape + stride, default=0) < 0 or not inside:
+            raise NotPlain("a tensor beyond its storage")
+
+
+@dataclass(frozen=True)
+class FileFingerprint:
+    """Size, modification time and inode: enough to notice a file replaced since it was read.
+
+    The inode catches a same-size file moved into place (``os.replace``) within one tick of the
+    file system's clock, which the modification time alone can miss.
+    """
+
+    size: int
+    mtime_ns: int
+    inode: int = 0
+
+    @classmethod
+    def of(cls, path: Path) -> FileFingerprint:
+        stat = path.stat()
+        return cls(stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+class TensorSource(Mapping[str, torch.Tensor]):
+    """An open checkpoint: ``source[key]`` fetches one tensor's data (CPU, possibly mmap-backed).
+
+    ``get_many(keys)`` fetches several at once: formats that read faster in one go (a DCP
+    directory loads them in one pass) give ``fetch_many``; others fetch one key at a time.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        fetch: Callable[[str], torch.Tensor],
+        fetch_many: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        self._checkpoint = checkpoint
+        self._fetch = fetch
+        self._fetch_many = fetch_many
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._checkpoint.tensors:
+            raise KeyError(key)
+        return self._as_read(key, self._guarded(key, self._fetch, key))
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
+        """key -> tensor for every key, each checked like ``source[key]``."""
+        wanted = list(dict.fromkeys(keys))
+        for key in wanted:
+            if key not in self._checkpoint.tensors:
+                raise KeyError(key)
+        if self._fetch_many is None or not wanted:
+            return {key: self[key] for key in wanted}
+        fetched = self._guarded(", ".join(wanted[:3]), self._fetch_many, wanted)
+        return {key: self._as_read(key, fetched[key]) for key in wanted}
+
+    def _guarded(self, what: str, fetch: Callable[[Any], Any], arg: Any) -> Any:
+        try:
+            return fetch(arg)
+        except (CheckpointError, KeyError):
+            raise
+        except Exception as exc:
+            raise CheckpointError(
+                f"{self._checkpoint.source}: could not read the data of {what!r}: {exc}. "
+                "The file may be truncated or damaged; re-save it or pick another copy."
+            ) from exc
+
+    def _as_read(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` if it has data and still the shape and dtype read from the metadata."""
+        info = self._checkpoint.tensors[key]
+        if tensor.device.type == "meta":
+            raise CheckpointError(
+                f"{self._checkpoint.source}: {key!r} is on the meta device in the checkpoint: it "
+                "was saved without data, so there is nothing to copy from it. Keep that row, or "
+                "save the checkpoint again from a model with real weights."
+            )
+        if tuple(tensor.shape) != info.shape or dtype_name(tensor.dtype) != info.dtype:
+            raise CheckpointError(
+                f"{self._checkpoint.source}: {key!r} is now {list(tensor.shape)} "
+                f"{dtype_name(tensor.dtype)}, but was {list(info.shape)} {info.dtype} when read. "
+                "The checkpoint changed; compare again."
+            )
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._checkpoint.tensors)
+
+    def __len__(self) -> int:
+        return len(self._checkpoint.tensors)
+
+
+@dataclass(eq=False)
+class Checkpoint:
+    """A checkpoint's tensors as metadata; ``open()`` fetches data only when asked.
+
+    ``location`` is where the state dict sits inside a nested checkpoint (``("state_dict",)``
+    for Lightning), ``candidates`` the other places that also looked like one, ``skipped`` the
+    entries that are not tensors (key -> what they are) and ``ties`` the groups of keys that
+    share one storage.
+    """
+
+    source: str
+    format: str
+    tensors: dict[str, TensorInfo]
+    path: Path | None = None
+    location: tuple[str, ...] = ()
+    candidates: list[tuple[str, ...]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    ties: list[tuple[str, ...]] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    fingerprint: FileFingerprint | None = None
+    trusted: bool = False
+    allow_globals: tuple[str, ...] = ()
+    _opener: Callable[[Checkpoint], AbstractContextManager[TensorSource]] | None = field(
+        default=None, repr=False
+    )
+
+    # -- mapping-like access to the metadata --------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.tensors
+
+    def __getitem__(self, key: str) -> TensorInfo:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise KeyError(f"{self.source} has no tensor {key!r}") from None
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    @property
+    def total_numel(self) -> int:
+        return sum(info.numel for info in self.tensors.values())
+
+    @property
+    def location_text(self) -> str:
+        return "/".join(self.location) if self.location else "(top level)"
+
+    def summary(self) -> str:
+        """A few lines: where the tensors came from and what was passed over."""
+        lines = [
+            f"{self.source} ({self.format}): {len(self.tensors)} tensors, "
+            f"{self.total_numel:,} values, {human_bytes(self.total_bytes)}"
+        ]
+        if self.location:
+            lines.append(f"state dict found at {self.location_text!r}")
+        if self.candidates:
+            others = ", ".join("/".join(c) or "(top level)" for c in self.candidates)
+            lines.append(f"other candidates (pick one with key=...): {others}")
+        if self.skipped:
+            shown = ", ".join(f"{k} ({v})" for k, v in list(self.skipped.items())[:5])
+            more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
+            lines.append(f"not tensors, passed over: {shown}{more}")
+        if self.ties:
+            lines.append(f"tied (shared storage): {'; '.join(' = '.join(t) for t in self.ties)}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<Checkpoint {self.summary().splitlines()[0]}>"
+
+    # -- data ----------------------------------------------------------------------------------
+    def open(self) -> AbstractContextManager[TensorSource]:
+        """Open the checkpoint for reading tensor data, checking it did not change on disk."""
+        if self._opener is None:
+            raise CheckpointError(
+                f"{self.source}: this checkpoint was rebuilt from metadata only and has no data; "
+                "read it again with ckptviz.read_checkpoint(path)."
+            )
+        if self.path is not None and self.fingerprint is not None:
+            self.check_unchanged()
+        return self._opener(self)
+
+    def check_unchanged(self) -> None:
+        """Raise if the file was replaced, truncated or deleted since it was read."""
+        if self.path is None or self.fingerprint is None:
+            return
+        try:
+            now = FileFingerprint.of(self.path)
+        except OSError as exc:
+            raise CheckpointError(
+                f"{self.path}: the checkpoint is gone since it was read ({exc.strerror}); "
+                "restore the file or compare against another one."
+            ) from exc
+        if now != self.fingerprint:
+            raise CheckpointError(
+                f"{self.path}: the file changed since it was read (size {self.fingerprint.size} "
+                f"-> {now.size} bytes); compare again before applying."
+            )
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Building many small objects sets off full garbage collections that walk every object
+    torch keeps alive; none of them can free anything here."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -1,0 +1,211 @@
+"""Finding the state dict inside a nested checkpoint, and its tensors' metadata.
+
+A checkpoint file often holds more than weights (Lightning's ``state_dict`` next to optimizer
+state, an ``ema`` copy, training args): ``locate`` picks the mapping that holds the tensors, known
+names first, and lists the other candidates; ``tensor_table`` describes its tensors and finds the
+ones that share a storage. Every source (files, state dicts, modules) ends in
+``checkpoint_from_object``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptviz.core.checkpoint import (
+    Checkpoint,
+    DeclaredTensor,
+    FileFingerprint,
+    TensorInfo,
+    TensorSource,
+    dtype_names,
+)
+from ckptviz.core.errors import CheckpointError
+
+#: Where checkpoints commonly keep their weights, most specific first.
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "net",
+    "network",
+    "model_ema",
+    "state_dict_ema",
+    "ema",
+    "ema_state_dict",
+    "params",
+    "weights",
+)
+
+
+def _tensor_count(obj: Mapping[Any, Any]) -> int:
+    return sum(isinstance(v, (torch.Tensor, DeclaredTensor)) for v in obj.values())
+
+
+def _looks_like_state_dict(obj: object, loose: bool = False) -> bool:
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    tensors = _tensor_count(obj)
+    return tensors > 0 and (loose or tensors * 2 >= len(obj))
+
+
+def _find_candidates(
+    obj: Mapping[Any, Any], depth: int = 3, loose: bool = False
+) -> list[tuple[str, ...]]:
+    """Paths to every nested mapping that looks like a state dict, breadth first.
+
+    ``loose`` takes any mapping holding a tensor: the fallback for a state dict whose entries
+    are mostly not tensors (an epoch counter, args, a history list next to a few weights).
+    """
+    found: list[tuple[str, ...]] = []
+    frontier: list[tuple[tuple[str, ...], Mapping[Any, Any]]] = [((), obj)]
+    for _ in range(depth + 1):
+        next_frontier = []
+        for path, node in frontier:
+            if _looks_like_state_dict(node, loose):
+                found.append(path)
+                continue
+            for name, value in node.items():
+                if isinstance(name, str) and isinstance(value, Mapping):
+                    next_frontier.append(((*path, name), value))
+        frontier = next_frontier
+    return found
+
+
+def _rank(path: tuple[str, ...]) -> tuple[int, int]:
+    """Known state-dict names first, shallower first."""
+    scores = [STATE_DICT_KEYS.index(p) for p in path if p in STATE_DICT_KEYS]
+    return (min(scores) if scores else len(STATE_DICT_KEYS), len(path))
+
+
+def parse_key(key: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    if key is None:
+        return None
+    if isinstance(key, str):
+        return tuple(part for part in key.split("/") if part)
+    return tuple(key)
+
+
+def locate(
+    obj: object, source: str, key: tuple[str, ...] | None
+) -> tuple[Mapping[Any, Any], tuple[str, ...], list[tuple[str, ...]]]:
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{source}: expected a state dict (a dict of tensors) or a dict holding one, "
+            f"found {type(obj).__name__}. If this is a whole pickled model, load it yourself "
+            "and pass model.state_dict()."
+        )
+    if key is not None:
+        node: object = obj
+        for i, part in enumerate(key):
+            if not isinstance(node, Mapping) or part not in node:
+                where = "/".join(key[:i]) or "the top level"
+                have = ", ".join(repr(k) for k in node) if isinstance(node, Mapping) else "-"
+                raise CheckpointError(
+                    f"{source}: no entry {part!r} at {where}; it has: {have}. "
+                    "Pass key= as a path like 'state_dict' or 'ema/module'."
+                )
+            node = node[part]
+        if not isinstance(node, Mapping):
+            raise CheckpointError(
+                f"{source}: the entry {'/'.join(key)!r} is a {type(node).__name__}, not a dict "
+                "of tensors; pick another key=."
+            )
+        others = [c for c in _find_candidates(obj) if c != key]
+        return node, key, others
+    candidates = sorted(_find_candidates(obj), key=_rank)
+    if not candidates:
+        candidates = sorted(_find_candidates(obj, loose=True), key=_rank)
+    if not candidates:
+        entries = ", ".join(f"{k!r} ({type(v).__name__})" for k, v in list(obj.items())[:12])
+        raise CheckpointError(
+            f"{source}: found no dict of tensors in this checkpoint. Top-level entries: "
+            f"{entries or 'none'}. Pass key='...' if the weights are stored under another name."
+        )
+    chosen = candidates[0]
+    return navigate(obj, chosen), chosen, candidates[1:]
+
+
+def tensor_table(
+    state: Mapping[Any, Any],
+    described: Mapping[str, tuple[str, str | None]] | None = None,
+) -> tuple[dict[str, TensorInfo], dict[str, str], list[tuple[str, ...]]]:
+    """Metadata of every tensor in ``state``; ``described`` gives a live module's tensors
+    their kind and owning module's type (key -> (kind, module type))."""
+    tensors: dict[str, TensorInfo] = {}
+    skipped: dict[str, str] = {}
+    by_storage: dict[tuple[object, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
+    for name, value in state.items():
+        if not isinstance(name, str):
+            skipped[repr(name)] = f"key of type {type(name).__name__}, not a string"
+            continue
+        if isinstance(value, DeclaredTensor):
+            tensors[name] = TensorInfo(name, value.shape, value.storage.dtype, value.nbytes)
+            if value.numel:
+                declared = (value.storage.key, value.offset, value.shape, value.stride)
+                by_storage.setdefault(declared, []).append(name)
+            continue
+        if not isinstance(value, torch.Tensor):
+            what = type(value).__name__
+            if isinstance(value, Mapping):
+                what = f"nested dict with {_tensor_count(value)} tensors"
+            skipped[name] = what
+            continue
+        shape = tuple(value.shape)
+        kind, module_type = described.get(name, (None, None)) if described else (None, None)
+        nbytes = value.numel() * value.element_size()
+        dtype = dtype_names[value.dtype]
+        tensors[name] = TensorInfo(name, shape, dtype, nbytes, kind, module_type)
+        if value.is_meta:  # no storage to compare: tied meta tensors are one object
+            by_storage.setdefault((id(value), -1, shape, ()), []).append(name)
+        elif value.numel() > 0:
+            storage = value.untyped_storage()
+            ident = (storage.data_ptr(), int(value.storage_offset()), shape, tuple(value.stride()))
+            by_storage.setdefault(ident, []).append(name)
+    ties = [tuple(keys) for keys in by_storage.values() if len(keys) > 1]
+    return tensors, skipped, ties
+
+
+def checkpoint_from_object(
+    obj: object,
+    *,
+    source: str,
+    fmt: str,
+    key: tuple[str, ...] | None,
+    path: Path | None = None,
+    opener: Callable[[Checkpoint], AbstractContextManager[TensorSource]] | None = None,
+    described: Mapping[str, tuple[str, str | None]] | None = None,
+    **extra: Any,
+) -> Checkpoint:
+    state, location, candidates = locate(obj, source, key)
+    tensors, skipped, ties = tensor_table(state, described)
+    if not tensors:
+        raise CheckpointError(
+            f"{source}: the entry at {'/'.join(location) or 'the top level'} holds no tensors "
+            f"(found {', '.join(skipped.values()) or 'nothing'}); pick another key=."
+        )
+    return Checkpoint(
+        source=source,
+        format=fmt,
+        tensors=tensors,
+        path=path,
+        location=location,
+        candidates=candidates,
+        skipped=skipped,
+        ties=ties,
+        fingerprint=FileFingerprint.of(path) if path is not None else None,
+        _opener=opener,
+        **extra,
+    )
+
+
+def navigate(obj: object, location: tuple[str, ...]) -> Mapping[str, torch.Tensor]:
+    for part in location:
+        obj = obj[part]  # type: ignore[index]
+    assert isinstance(obj, Mapping)
+    return obj
