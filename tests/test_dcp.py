@@ -619,9 +619,10 @@ def test_the_cli_exits_2_on_a_damaged_dcp_directory(
     if command == "diff":  # the data is read to compare values
         _damage_record(bad, "head.weight")
         argv = ["diff", "--no-progress", str(good), str(bad)]
-    else:  # metadata only
-        _rewrite_metadata(bad, lambda md: _move_chunk(md, "head.weight", 0, [1, 0], [10, 32]))
+    else:  # metadata only: a hole among 300 chunks
+        bad, _ = _many_chunks(tmp_path)
+        _rewrite_metadata(bad, lambda md: _move_chunk(md, "proj.weight", 41, [42, 0], [1, 6]))
         argv = ["inspect", str(bad)]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert str(bad) in err and "'head.weight'" in err and "Traceback" not in err
+    assert str(bad) in err and "weight'" in err and "Traceback" not in err

@@ -208,7 +208,7 @@ def _load_index(index: Path) -> tuple[dict[str, str], dict[str, str]]:
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, too deep, huge numbers
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise CheckpointError(
-            f"{index}: not a valid JSON index ({reason}); expected a sharded checkpoint index "
+            f"{index}: not valid JSON ({reason}); expected a sharded checkpoint index "
             "such as model.safetensors.index.json. Regenerate or re-download it."
         ) from None
     if not isinstance(data, dict) or "weight_map" not in data:
