@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemT
 import ckptviz
 from ckptviz import CheckpointError, UnsafeCheckpointError
 from ckptviz.cli import main
-from ckptviz.core.dcp import read_metadata, tiling_problems
+from ckptviz.core.dcp import MAX_SPLIT_DIMS, read_metadata, tiling_problems
 
 
 @pytest.fixture(autouse=True)
@@ -493,6 +493,31 @@ def test_a_storage_record_too_small_for_its_chunk_is_refused(tmp_path: Path) -> 
     _rewrite_metadata(folder, shrink_record)
     with pytest.raises(CheckpointError, match=r"chunk 3 .* needs at least 48 bytes, but its"):
         ckptviz.read_checkpoint(folder)
+
+
+def test_a_shape_torch_cannot_hold_is_refused(tmp_path: Path) -> None:
+    folder = _save(dict(Classifier(10).state_dict()), tmp_path / "c")
+
+    def enlarge(metadata: Any) -> None:
+        entry = metadata.state_dict_metadata["head.bias"]
+        entry.size = torch.Size([2**62])
+        entry.chunks = [ChunkStorageMetadata(torch.Size([0]), torch.Size([2**62]))]
+
+    _rewrite_metadata(folder, enlarge)
+    with pytest.raises(
+        CheckpointError, match=r"'head\.bias' declares shape \[4611686018427387904\]"
+    ):
+        ckptviz.read_checkpoint(folder)
+
+
+def test_chunks_split_along_too_many_dimensions_are_refused_not_checked_for_ever() -> None:
+    """The exact check costs 2**k per chunk for k split dimensions: k is bounded."""
+    shape = (2,) * (MAX_SPLIT_DIMS + 1)
+    boxes = [(corner, (1,) * len(shape)) for corner in itertools.product((0, 1), repeat=len(shape))]
+    assert _brute_force_tiles(shape, boxes)  # a real tiling, but not one ckptviz can vouch for
+    (problem,) = tiling_problems(shape, boxes)
+    assert problem.startswith(f"it is split along {MAX_SPLIT_DIMS + 1} dimensions, more than")
+    assert tiling_problems(shape[1:], [(c[:-1], s[:-1]) for c, s in boxes[::2]]) == []
 
 
 def _brute_force_tiles(shape: tuple[int, ...], boxes: list[Any]) -> bool:

@@ -297,9 +297,9 @@ def _check_chunks(where: str, fqn: str, shape: tuple[int, ...], chunks: Any) -> 
     if problems:
         raise CheckpointError(
             f"{where}: the {len(boxes)} chunk(s) of {fqn!r} {list(shape)} do not hold each of "
-            f"its values exactly once: {'; '.join(problems)}. Loading it would leave values unset or "
-            "write them twice. The checkpoint is incomplete (a rank's files missing?), damaged "
-            "or crafted; save it again or use another copy."
+            f"its values exactly once: {'; '.join(problems)}. Loading it would leave values "
+            "unset or write them twice. The checkpoint is incomplete (a rank's files "
+            "missing?), damaged or crafted; save it again or use another copy."
         )
     return boxes
 
@@ -415,9 +415,15 @@ def _entries(
                 raise CheckpointError(
                     f"{where}: {fqn!r} has a malformed shape or dtype; the metadata is damaged."
                 )
+            try:
+                value: Any = torch.empty(shape, dtype=dtype, device="meta")
+            except (TypeError, RuntimeError):  # more values than torch can count
+                raise CheckpointError(
+                    f"{where}: {fqn!r} declares shape {list(shape)}, more values than a torch "
+                    "tensor can hold; the metadata is damaged or crafted."
+                ) from None
             boxes = _check_chunks(where, fqn, shape, entry.chunks)
             _check_records(where, fqn, boxes, dtype.itemsize, records)
-            value: Any = torch.empty(shape, dtype=dtype, device="meta")
         elif isinstance(entry, BytesStorageMetadata):
             value = PickledObject()
         else:
