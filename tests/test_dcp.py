@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import os
 import pickle
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -651,3 +652,13 @@ def test_the_cli_exits_2_on_a_damaged_dcp_directory(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "weight'" in err and "Traceback" not in err
+
+
+def test_a_torch_without_distributed_is_a_checkpoint_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _save(dict(Classifier(10).state_dict()), tmp_path / "c")
+    monkeypatch.setitem(sys.modules, "torch.distributed.checkpoint.metadata", None)
+    with pytest.raises(CheckpointError, match=r"has no usable torch\.distributed") as error:
+        ckptviz.read_checkpoint(folder)
+    assert str(folder) in str(error.value)

@@ -135,10 +135,17 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata(folder: Path, *, trusted: bool = False, allow: Sequence[GlobalSpec] = ()) -> Any:
     """The ``Metadata`` of a DCP directory, unpickled without running code (unless trusted)."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
     path = folder / METADATA_NAME
-    allowed = _allowed_globals()
+    try:
+        from torch.distributed.checkpoint.metadata import Metadata
+
+        allowed = _allowed_globals()
+    except ImportError as exc:  # torch built without distributed support
+        raise CheckpointError(
+            f"{path}: a torch.distributed.checkpoint directory, but this torch "
+            f"{torch.__version__} has no usable torch.distributed ({_first_line(exc)}); read it "
+            "with a torch build that has it (the standard Linux, macOS and Windows wheels do)."
+        ) from None
     for spec in allow:
         obj, name = _resolve_global(spec)
         module, _, attr = name.rpartition(".")
@@ -229,15 +236,15 @@ def tiling_problems(shape: tuple[int, ...], boxes: Sequence[Box]) -> list[str]:
             f"it is split along {len(split)} dimensions, more than the {MAX_SPLIT_DIMS} whose "
             "coverage ckptviz checks, so it cannot be verified"
         ]
-    choices = list(itertools.product((False, True), repeat=len(split)))
+    # corner i of a box takes the upper end in the dimensions where choice i is True, in the
+    # order itertools.product yields them; its sign is -1 for an odd number of upper ends
+    choices = itertools.product((False, True), repeat=len(split))
     signs = [-1 if sum(upper) % 2 else 1 for upper in choices]
     weights: dict[tuple[int, ...], int] = {}
 
     def add(offsets: tuple[int, ...], sizes: tuple[int, ...], sign: int) -> None:
-        lows = [offsets[d] for d in split]
-        highs = [offsets[d] + sizes[d] for d in split]
-        for upper, corner_sign in zip(choices, signs, strict=True):
-            corner = tuple(h if u else lo for u, lo, h in zip(upper, lows, highs, strict=True))
+        ends = [(offsets[d], offsets[d] + sizes[d]) for d in split]
+        for corner, corner_sign in zip(itertools.product(*ends), signs, strict=True):
             weights[corner] = weights.get(corner, 0) + sign * corner_sign
 
     total = 0
