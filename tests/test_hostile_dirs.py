@@ -23,7 +23,7 @@ from huggingface_hub import save_torch_state_dict
 
 import ckptviz
 from ckptviz import CheckpointError
-from ckptviz.core.dcp import MAX_METADATA_BYTES
+from ckptviz.core.dcp import MAX_METADATA_BYTES, read_metadata
 from ckptviz.core.sharded import MAX_INDEX_BYTES
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and /dev/zero")
@@ -53,18 +53,19 @@ def _replace(path: Path, kind: str) -> None:
 
 
 #: Reads each path given in a child process with at most 1 GiB more address space than it has
-#: after importing; prints one JSON line per path: the exception type and message.
+#: after importing (argv: the module holding read_metadata, then pairs of how and path); prints
+#: one JSON line per path: the exception type and message.
 _CHILD = """
-import json, resource, sys
+import importlib, json, pathlib, resource, sys
 import ckptviz
-from ckptviz.core import dcp
+read_metadata = importlib.import_module(sys.argv[1]).read_metadata
 status = open("/proc/self/status").read().split("VmSize:")[1].split()[0]
 limit = int(status) * 1024 + 2**30
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-for how, path in zip(sys.argv[1::2], sys.argv[2::2]):
+for how, path in zip(sys.argv[2::2], sys.argv[3::2]):
     try:
         if how == "read_metadata":
-            dcp.read_metadata(__import__("pathlib").Path(path))
+            read_metadata(pathlib.Path(path))
         else:
             ckptviz.read_checkpoint(path)
         outcome = ["read", ""]
@@ -90,7 +91,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, s
     argv = [str(x) for how, folder, _ in cases.values() for x in (how, folder)]
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _CHILD, *argv],
+            [sys.executable, "-c", _CHILD, read_metadata.__module__, *argv],
             capture_output=True,
             text=True,
             timeout=120,

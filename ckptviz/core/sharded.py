@@ -5,10 +5,11 @@ read as one checkpoint. Reading looks only at each shard's header (safetensors) 
 it (torch, ``weights_only=True``); ``Checkpoint.open()`` opens a shard the first time one of its
 tensors is asked for, so an apply reads only the shards that hold the tensors it writes.
 
-The index is untrusted: each shard must be a plain file name next to the index (a symlink is
-followed only when it stays in the index's own directory, or in the directory the index itself
-links into, as in the Hugging Face cache), every listed key must be in the shard named for it,
-and no key may sit in two shards.
+The index is untrusted: it must be a regular file of at most ``MAX_INDEX_BYTES`` (a FIFO or
+device is refused without waiting on it or reading it), each shard must be a plain file name next
+to the index (a symlink is followed only when it stays in the index's own directory, or in the
+directory the index itself links into, as in the Hugging Face cache), every listed key must be in
+the shard named for it, and no key may sit in two shards.
 """
 
 from __future__ import annotations
