@@ -36,3 +36,14 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (at most 300 characters), for error text."""
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+def torch_reason(exc: BaseException) -> str:
+    """torch's reason for a refusal: its first line, without torch.load's advice to retry with
+    ``weights_only=False`` (ckptviz never gives that advice: it would run the file's code)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__

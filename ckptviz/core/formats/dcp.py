@@ -9,14 +9,18 @@ chunks by many ranks.
 ``.metadata`` is untrusted input. torch's own ``FileSystemReader.read_metadata`` unpickles it
 with plain ``pickle.load`` (it could run any code), and torch's ``weights_only`` unpickler cannot
 read it (protocol-4 frames), so it is read here with an unpickler that only builds DCP's own
-metadata classes, torch sizes, dtypes and layouts, and paths. Its content is checked too: data
-files must be plain file names in the directory, chunks must lie inside their tensor and cover it.
-Non-tensor entries (pickled Python objects) are listed as skipped and never unpickled.
+metadata classes, torch sizes, dtypes and layouts, and paths; it must be a regular file of at
+most ``MAX_METADATA_BYTES``. Its content is checked too: data files must be plain file names in
+the directory; every tensor's chunks must tile it exactly (no value left unset, none written
+twice), each with a storage record large enough to hold it. Non-tensor entries (pickled Python
+objects) are listed as skipped and never unpickled. Whatever torch's loader raises (its
+``CheckpointException`` derives from ``BaseException``) becomes ``CheckpointError``.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import pathlib
 import pickle
 import warnings
@@ -34,23 +38,33 @@ from ckptviz.core._torch_private import (
     pickled_layout_global,
 )
 from ckptviz.core.checkpoint import Checkpoint, FileFingerprint, TensorSource
-from ckptviz.core.errors import CheckpointError, UnsafeCheckpointError
+from ckptviz.core.errors import CheckpointError, UnsafeCheckpointError, torch_reason
 from ckptviz.core.errors import first_line as _first_line
 from ckptviz.core.formats.base import FileFormat
-from ckptviz.core.formats.sharded import member_file
+from ckptviz.core.formats.sharded import member_file, read_regular_file
 from ckptviz.core.locate import checkpoint_from_object as _checkpoint_from_object
 from ckptviz.core.safety import GlobalSpec
 from ckptviz.core.safety import resolve_global as _resolve_global
 
 METADATA_NAME = ".metadata"
-#: Above this many chunks per tensor, overlap is not checked pair by pair (size still is).
-_MAX_CHUNKS_PAIRWISE = 128
+#: The largest ``.metadata`` read. DCP pickles ~150-250 bytes per chunk, so this holds about five
+#: million chunks (1,000 tensors each sharded over 5,000 ranks).
+MAX_METADATA_BYTES = 2**30
+#: Chunk layouts split along more dimensions of one tensor are refused: the exact coverage check
+#: costs 2**dims per chunk, and real sharding (FSDP, tensor, expert parallel) splits one to three.
+MAX_SPLIT_DIMS = 6
 
 
 def is_dcp(path: Path, head: bytes) -> bool:
-    """A directory holding ``.metadata``, or that ``.metadata`` file itself."""
+    """A directory holding ``.metadata`` (any kind of file but a directory: ``read_dcp`` refuses
+    a FIFO or device by name), or that ``.metadata`` file itself."""
     if path.is_dir():
-        return (path / METADATA_NAME).is_file()
+        entry = path / METADATA_NAME
+        try:
+            entry.lstat()
+        except OSError:
+            return False
+        return not entry.is_dir()
     return path.name == METADATA_NAME and head[:1] == b"\x80"
 
 
@@ -112,25 +126,33 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def read_metadata(folder: Path, *, trusted: bool = False, allow: Sequence[GlobalSpec] = ()) -> Any:
     """The ``Metadata`` of a DCP directory, unpickled without running code (unless trusted)."""
-    from torch.distributed.checkpoint.metadata import Metadata
-
     path = folder / METADATA_NAME
-    allowed = _allowed_globals()
+    try:
+        from torch.distributed.checkpoint.metadata import Metadata
+
+        allowed = _allowed_globals()
+    except ImportError as exc:  # torch built without distributed support
+        raise CheckpointError(
+            f"{path}: a torch.distributed.checkpoint directory, but this torch "
+            f"{torch.__version__} has no usable torch.distributed ({_first_line(exc)}); read it "
+            "with a torch build that has it (the standard Linux, macOS and Windows wheels do)."
+        ) from None
     for spec in allow:
         obj, name = _resolve_global(spec)
         module, _, attr = name.rpartition(".")
         allowed[(module, attr)] = obj
+    raw = read_regular_file(
+        path, limit=MAX_METADATA_BYTES, what="a torch.distributed.checkpoint metadata file"
+    )
     try:
-        with path.open("rb") as stream:
-            if trusted:
-                metadata = pickle.load(stream)
-                refused: list[str] = []
-            else:
-                unpickler = _MetadataUnpickler(stream, allowed)
-                metadata = unpickler.load()
-                refused = sorted(dict.fromkeys(unpickler.refused))
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read it ({exc.strerror}).") from None
+        stream = io.BytesIO(raw)
+        if trusted:
+            metadata = pickle.load(stream)
+            refused: list[str] = []
+        else:
+            unpickler = _MetadataUnpickler(stream, allowed)
+            metadata = unpickler.load()
+            refused = sorted(dict.fromkeys(unpickler.refused))
     except Exception as exc:
         raise CheckpointError(
             f"{path}: not a readable torch.distributed.checkpoint metadata file "
@@ -165,15 +187,93 @@ def _size(value: Any) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-def _check_chunks(where: str, fqn: str, shape: tuple[int, ...], chunks: Any) -> None:
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+"""A chunk: its offsets in the tensor and its sizes, one int per dimension."""
+
+
+def _describe(number: int, box: Box) -> str:
+    return f"chunk {number} (offsets {list(box[0])}, sizes {list(box[1])})"
+
+
+def _covering(boxes: Sequence[Box], element: tuple[int, ...]) -> list[int]:
+    """The numbers of the chunks that hold ``element``."""
+    return [
+        number
+        for number, (offsets, sizes) in enumerate(boxes)
+        if all(o <= e < o + s for o, s, e in zip(offsets, sizes, element, strict=True))
+    ]
+
+
+def tiling_problems(shape: tuple[int, ...], boxes: Sequence[Box]) -> list[str]:
+    """Why ``boxes`` (each inside ``shape``) do not hold every element exactly once; [] if they do.
+
+    Exact, in O(n * 2**k) for n chunks split along k dimensions (dimensions every chunk spans
+    whole are left out). A box's indicator function is a signed sum of the orthants
+    {x >= corner} at its 2**k corners, and orthants at distinct corners are linearly
+    independent; so the chunks cover each element exactly once if and only if their signed
+    corner weights, minus the tensor's own, cancel at every corner. When they do not, the
+    smallest corner left with a weight (in lexicographic order) is an element held 1 + weight
+    times, and the largest, one step back in every dimension, is wrong too: each is reported with
+    the chunks holding it.
+    """
+    numel = 1
+    for size in shape:
+        numel *= size
+    if numel == 0:
+        return []
+    split = [d for d in range(len(shape)) if any(o[d] != 0 or s[d] != shape[d] for o, s in boxes)]
+    if len(split) > MAX_SPLIT_DIMS:
+        return [
+            f"it is split along {len(split)} dimensions, more than the {MAX_SPLIT_DIMS} whose "
+            "coverage ckptviz checks, so it cannot be verified"
+        ]
+    # corner i of a box takes the upper end in the dimensions where choice i is True, in the
+    # order itertools.product yields them; its sign is -1 for an odd number of upper ends
+    choices = itertools.product((False, True), repeat=len(split))
+    signs = [-1 if sum(upper) % 2 else 1 for upper in choices]
+    weights: dict[tuple[int, ...], int] = {}
+
+    def add(offsets: tuple[int, ...], sizes: tuple[int, ...], sign: int) -> None:
+        ends = [(offsets[d], offsets[d] + sizes[d]) for d in split]
+        for corner, corner_sign in zip(itertools.product(*ends), signs, strict=True):
+            weights[corner] = weights.get(corner, 0) + sign * corner_sign
+
+    total = 0
+    for offsets, sizes in boxes:
+        volume = 1
+        for size in sizes:
+            volume *= size
+        if volume:  # an empty chunk holds nothing (and its corners would cancel anyway)
+            total += volume
+            add(offsets, sizes, 1)
+    add((0,) * len(shape), shape, -1)
+    wrong = [corner for corner, weight in weights.items() if weight]
+    if not wrong:
+        return []
+    witnesses = [min(wrong), tuple(c - 1 for c in max(wrong))]
+    problems = []
+    for witness in dict.fromkeys(witnesses):
+        element = [0] * len(shape)
+        for d, c in zip(split, witness, strict=True):
+            element[d] = c
+        holders = _covering(boxes, tuple(element))
+        if not holders:
+            problems.append(f"element {element} is in no chunk")
+        elif len(holders) > 1:
+            named = ", ".join(_describe(n, boxes[n]) for n in holders[:3])
+            more = f" and {len(holders) - 3} more" if len(holders) > 3 else ""
+            problems.append(f"element {element} is in {len(holders)} chunks: {named}{more}")
+    if total != numel:
+        problems.append(f"their sizes add up to {total:,} of its {numel:,} values")
+    return problems
+
+
+def _check_chunks(where: str, fqn: str, shape: tuple[int, ...], chunks: Any) -> list[Box]:
+    """The chunks of ``fqn``, each inside the tensor, together holding each value once."""
     if not isinstance(chunks, list):
         raise CheckpointError(f"{where}: {fqn!r} has no chunk list; the metadata is damaged.")
-    boxes = []
-    total = 0
-    numel = 1
-    for s in shape:
-        numel *= s
-    for chunk in chunks:
+    boxes: list[Box] = []
+    for number, chunk in enumerate(chunks):
         offsets, sizes = (
             _size(getattr(chunk, "offsets", None)),
             _size(getattr(chunk, "sizes", None)),
@@ -186,30 +286,58 @@ def _check_chunks(where: str, fqn: str, shape: tuple[int, ...], chunks: Any) -> 
             or any(o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True))
         ):
             raise CheckpointError(
-                f"{where}: {fqn!r} {list(shape)} has a chunk at {offsets} of size {sizes} that "
-                "does not lie inside it; the metadata is damaged or crafted."
+                f"{where}: {fqn!r} {list(shape)} has chunk {number} at {offsets} of size {sizes}, "
+                "which does not lie inside it (offsets and sizes must be non-negative integers); "
+                "the metadata is damaged or crafted. Save the checkpoint again."
             )
-        volume = 1
-        for s in sizes:
-            volume *= s
-        total += volume
         boxes.append((offsets, sizes))
-    overlapping = len(boxes) <= _MAX_CHUNKS_PAIRWISE and any(
-        all(oa < ob + sb and ob < oa + sa for oa, sa, ob, sb in zip(a, sa_, b, sb_, strict=True))
-        for i, (a, sa_) in enumerate(boxes)
-        for b, sb_ in boxes[i + 1 :]
-        if all(s > 0 for s in sa_) and all(s > 0 for s in sb_)
-    )
-    if total != numel or overlapping:
+    problems = tiling_problems(shape, boxes)
+    if problems:
         raise CheckpointError(
-            f"{where}: the chunks of {fqn!r} {list(shape)} cover {total:,} of its {numel:,} "
-            f"values{' and overlap' if overlapping else ''}; loading it would leave values "
-            "unset. The checkpoint is incomplete (a rank's files missing?) or damaged."
+            f"{where}: the {len(boxes)} chunk(s) of {fqn!r} {list(shape)} do not hold each of "
+            f"its values exactly once: {'; '.join(problems)}. Loading it would leave values "
+            "unset or write them twice. The checkpoint is incomplete (a rank's files "
+            "missing?), damaged or crafted; save it again or use another copy."
         )
+    return boxes
 
 
-def _check_storage(folder: Path, metadata: Any) -> dict[str, FileFingerprint]:
-    """Every data file the metadata points into: a plain name in ``folder``; their fingerprints."""
+def _check_records(
+    where: str,
+    fqn: str,
+    boxes: Sequence[Box],
+    itemsize: int,
+    records: Mapping[tuple[str, tuple[int, ...]], Any],
+) -> None:
+    """Each non-empty chunk has a storage record, big enough unless it is transformed."""
+    for number, (offsets, sizes) in enumerate(boxes):
+        volume = 1
+        for size in sizes:
+            volume *= size
+        if not volume:
+            continue  # DCP reads nothing for it
+        record = records.get((fqn, offsets))
+        if record is None:
+            raise CheckpointError(
+                f"{where}: {fqn!r} {_describe(number, (offsets, sizes))} has no storage record "
+                "(the table of where each chunk's bytes are); the metadata is damaged or from "
+                "another save. Save the checkpoint again."
+            )
+        if not record.transform_descriptors and record.length < volume * itemsize:
+            raise CheckpointError(
+                f"{where}: {fqn!r} {_describe(number, (offsets, sizes))} needs at least "
+                f"{volume * itemsize:,} bytes, but its storage record in {record.relative_path} "
+                f"has {record.length:,}; the metadata is damaged. Save the checkpoint again."
+            )
+
+
+Records = dict[tuple[str, tuple[int, ...]], Any]
+"""(fqn, chunk offsets) -> where that chunk's bytes are (a DCP ``_StorageInfo``)."""
+
+
+def _check_storage(folder: Path, metadata: Any) -> tuple[dict[str, FileFingerprint], Records]:
+    """Every data file the metadata points into: a plain name in ``folder``; their fingerprints,
+    and the storage records by (fqn, offsets)."""
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
     storage_info = dcp_storage_info_class()
@@ -222,8 +350,13 @@ def _check_storage(folder: Path, metadata: Any) -> dict[str, FileFingerprint]:
             "system?); expected a directory written by torch.distributed.checkpoint.save."
         )
     files: dict[str, FileFingerprint] = {}
+    records: Records = {}
     for index, info in storage.items():
-        if not isinstance(index, MetadataIndex) or not isinstance(info, storage_info):
+        if (
+            not isinstance(index, MetadataIndex)
+            or not isinstance(info, storage_info)
+            or not isinstance(index.fqn, str)
+        ):
             raise CheckpointError(f"{where}: malformed storage entry {index!r}; it is damaged.")
         name = info.relative_path
         offset, length = info.offset, info.length
@@ -245,14 +378,19 @@ def _check_storage(folder: Path, metadata: Any) -> dict[str, FileFingerprint]:
                 f"{where}: {index.fqn!r} is stored at bytes {offset}..{offset + length} of "
                 f"{name}, which has {files[name].size} bytes; the file is truncated."
             )
-    return files
+        offsets = _size(index.offset)
+        if offsets is not None:
+            records[(index.fqn, offsets)] = info
+    return files, records
 
 
 class PickledObject:
     """Stands for a non-tensor DCP entry (a pickled Python object): listed, never unpickled."""
 
 
-def _entries(where: str, metadata: Any) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+def _entries(
+    where: str, metadata: Any, records: Records
+) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
     """A nested dict of meta tensors in the saved structure, and each leaf's path -> fqn."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
@@ -276,8 +414,15 @@ def _entries(where: str, metadata: Any) -> tuple[dict[str, Any], dict[tuple[str,
                 raise CheckpointError(
                     f"{where}: {fqn!r} has a malformed shape or dtype; the metadata is damaged."
                 )
-            _check_chunks(where, fqn, shape, entry.chunks)
-            value: Any = torch.empty(shape, dtype=dtype, device="meta")
+            try:
+                value: Any = torch.empty(shape, dtype=dtype, device="meta")
+            except (TypeError, RuntimeError):  # more values than torch can count
+                raise CheckpointError(
+                    f"{where}: {fqn!r} declares shape {list(shape)}, more values than a torch "
+                    "tensor can hold; the metadata is damaged or crafted."
+                ) from None
+            boxes = _check_chunks(where, fqn, shape, entry.chunks)
+            _check_records(where, fqn, boxes, dtype.itemsize, records)
         elif isinstance(entry, BytesStorageMetadata):
             value = PickledObject()
         else:
@@ -319,15 +464,46 @@ def _vetted_reader(folder: Path, metadata: Any) -> Any:
 def load_tensors(
     folder: Path, metadata: Any, wanted: Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 ) -> dict[str, torch.Tensor]:
-    """fqn -> tensor for each wanted fqn, through ``torch.distributed.checkpoint.load``."""
+    """fqn -> tensor for each wanted fqn, through ``torch.distributed.checkpoint.load``.
+
+    Whatever torch raises becomes ``CheckpointError``, including its ``CheckpointException``
+    (a ``BaseException``, which wraps every failure, even an interrupt: that one is re-raised).
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import load
 
     state = {fqn: torch.empty(shape, dtype=dtype) for fqn, (shape, dtype) in wanted.items()}
-    with warnings.catch_warnings():
-        # no_dist=True is exactly what is meant here; torch still warns about it
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        load(state, storage_reader=_vetted_reader(folder, metadata), no_dist=True)
+    try:
+        with warnings.catch_warnings():
+            # no_dist=True is exactly what is meant here; torch still warns about it
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            load(state, storage_reader=_vetted_reader(folder, metadata), no_dist=True)
+    except (Exception, CheckpointException) as exc:
+        cause = _load_failure(exc)
+        if not isinstance(cause, Exception):
+            raise cause from None  # KeyboardInterrupt and the like, as they are
+        names = ", ".join(repr(fqn) for fqn in list(wanted)[:3])
+        more = f" and {len(wanted) - 3} more" if len(wanted) > 3 else ""
+        raise CheckpointError(
+            f"{folder}: torch.distributed.checkpoint could not load {names}{more} "
+            f"({type(cause).__name__}: {torch_reason(cause)}). A data file is damaged or from another "
+            "save than .metadata; save the checkpoint again or use another copy."
+        ) from None
     return state
+
+
+def _load_failure(exc: BaseException) -> BaseException:
+    """The exception behind torch's ``CheckpointException``, which wraps each rank's failure."""
+    for _ in range(8):  # torch nests them at most once or twice
+        failures = getattr(exc, "failures", None)
+        if not isinstance(failures, dict) or not failures:
+            break
+        wrapped = next(iter(failures.values()))
+        inner = wrapped[0] if isinstance(wrapped, tuple) and wrapped else wrapped
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
 
 
 def read_dcp(
@@ -340,14 +516,30 @@ def read_dcp(
     """A DCP directory (or its ``.metadata``) as a Checkpoint; see the module doc."""
     folder = path if path.is_dir() else path.parent
     metadata_path = folder / METADATA_NAME
-    fingerprint = FileFingerprint.of(metadata_path)
+    try:
+        fingerprint = FileFingerprint.of(metadata_path)
+    except OSError as exc:
+        raise CheckpointError(f"{metadata_path}: cannot read it ({exc.strerror}).") from None
     metadata = read_metadata(folder, trusted=trusted, allow=allow)
-    files = _check_storage(folder, metadata)
-    tree, fqn_of = _entries(str(metadata_path), metadata)
+    files, records = _check_storage(folder, metadata)
+    tree, fqn_of = _entries(str(metadata_path), metadata, records)
     entries = metadata.state_dict_metadata
+    transformed = {
+        fqn: list(info.transform_descriptors)
+        for (fqn, _), info in records.items()
+        if info.transform_descriptors
+    }
 
     def fetch_many(ckpt: Checkpoint, keys: list[str]) -> dict[str, torch.Tensor]:
         fqns = {k: fqn_of[(*ckpt.location, k)] for k in keys}
+        for fqn in fqns.values():
+            if fqn in transformed:
+                raise CheckpointError(
+                    f"{metadata_path}: {fqn!r} is stored transformed ({transformed[fqn]}, e.g. "
+                    "compressed); ckptviz does not read such records, as it cannot bound or "
+                    "check what they expand to. Load it with torch.distributed.checkpoint "
+                    "yourself if you trust it, and save it again without _extensions."
+                )
         _check_files(folder, files)
         wanted = {
             fqn: (ckpt.tensors[k].shape, entries[fqn].properties.dtype) for k, fqn in fqns.items()

@@ -5,15 +5,17 @@ read as one checkpoint. Reading looks only at each shard's header (safetensors) 
 it (torch, ``weights_only=True``); ``Checkpoint.open()`` opens a shard the first time one of its
 tensors is asked for, so an apply reads only the shards that hold the tensors it writes.
 
-The index is untrusted: each shard must be a plain file name next to the index (a symlink is
-followed only when it stays in the index's own directory, or in the directory the index itself
-links into, as in the Hugging Face cache), every listed key must be in the shard named for it,
-and no key may sit in two shards.
+The index is untrusted: it must be a regular file of at most ``MAX_INDEX_BYTES`` (a FIFO or
+device is refused without waiting on it or reading it), each shard must be a plain file name next
+to the index (a symlink is followed only when it stays in the index's own directory, or in the
+directory the index itself links into, as in the Hugging Face cache), every listed key must be in
+the shard named for it, and no key may sit in two shards.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -35,8 +37,66 @@ INDEX_NAMES = (
 SINGLE_FILE_NAMES = ("model.safetensors", "pytorch_model.bin")
 #: The file formats a shard may have (never an index or a directory: no recursion).
 SHARD_FORMATS = ("safetensors", "torch", "torch-legacy")
-#: An index is a few megabytes at most; anything bigger is not one.
+#: The largest index read: real ones are a few megabytes (about 80 bytes per tensor, so a
+#: 10,000-shard index of 100,000 tensors is ~8 MB); anything bigger is not one.
 MAX_INDEX_BYTES = 64 * 2**20
+#: open() flags for untrusted metadata files: a FIFO opens without waiting for a writer (then
+#: fstat refuses it) and a terminal device never becomes the controlling terminal.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_regular(path: Path, mode: int, what: str) -> CheckpointError:
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return CheckpointError(
+        f"{path}: {what} is {kind}, not a regular file; nothing was read from it. Pass the "
+        "checkpoint's own file (copy it in place of whatever is at this path)."
+    )
+
+
+@contextmanager
+def open_regular(path: Path, *, what: str) -> Iterator[Any]:
+    """``path`` opened for binary reading, refused with ``CheckpointError`` unless it is a
+    regular file (after following symlinks).
+
+    It is checked before opening, so no device is ever opened, and again on the open file, so
+    swapping in a FIFO meanwhile cannot make the read wait forever: the open does not block.
+    """
+    try:
+        before = path.stat()
+        if not stat.S_ISREG(before.st_mode):
+            raise _not_regular(path, before.st_mode, what)
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open {what} ({exc.strerror}).") from None
+    with os.fdopen(fd, "rb") as stream:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode, what)
+        yield stream
+
+
+def read_regular_file(path: Path, *, limit: int, what: str) -> bytes:
+    """All of ``path``, a regular file of at most ``limit`` bytes (else ``CheckpointError``).
+
+    Reads at most ``limit + 1`` bytes, so a file that grows while it is read cannot exhaust
+    memory either.
+    """
+    with open_regular(path, what=what) as stream:
+        size = os.fstat(stream.fileno()).st_size
+        data = b"" if size > limit else stream.read(limit + 1)
+    if size > limit or len(data) > limit:
+        raise CheckpointError(
+            f"{path}: {max(size, len(data)):,} bytes is more than ckptviz reads for {what} (at "
+            f"most {limit:,}); this is not one, or it is damaged. Pass the checkpoint's own file."
+        )
+    return data
 
 
 def member_file(folder: Path, name: str, *, what: str, anchors: tuple[Path, ...] = ()) -> Path:
@@ -135,22 +195,16 @@ def _no_duplicate_keys(index: Path) -> Callable[[list[tuple[str, Any]]], dict[st
 
 def _load_index(index: Path) -> tuple[dict[str, str], dict[str, str]]:
     """weight_map (key -> shard name) and the index's metadata, validated."""
+    raw = read_regular_file(index, limit=MAX_INDEX_BYTES, what="a sharded checkpoint index")
     try:
-        size = index.stat().st_size
-        if size > MAX_INDEX_BYTES:
-            raise CheckpointError(
-                f"{index}: {size:,} bytes is too big for a sharded checkpoint index (at most "
-                f"{MAX_INDEX_BYTES:,}); expected model.safetensors.index.json or similar."
-            )
-        text = index.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{index}: cannot read the index ({exc}).") from None
-    try:
-        data = json.loads(text, object_pairs_hook=_no_duplicate_keys(index))
-    except json.JSONDecodeError as exc:
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys(index))
+    except CheckpointError:
+        raise
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, too deep, huge numbers
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise CheckpointError(
-            f"{index}: not valid JSON ({exc}); expected a sharded checkpoint index such as "
-            "model.safetensors.index.json."
+            f"{index}: not valid JSON ({reason}); expected a sharded checkpoint index "
+            "such as model.safetensors.index.json. Regenerate or re-download it."
         ) from None
     if not isinstance(data, dict) or "weight_map" not in data:
         raise CheckpointError(
@@ -187,10 +241,10 @@ def _read_file(
 ) -> Checkpoint:
     """One weights file, read by content with the single-file formats only."""
     try:
-        with path.open("rb") as stream:
+        with open_regular(path, what=name) as stream:
             head = stream.read(16)
     except OSError as exc:
-        raise CheckpointError(f"{index}: cannot open {name} ({exc.strerror}).") from None
+        raise CheckpointError(f"{index}: cannot read {name} ({exc.strerror}).") from None
     for fmt in FORMATS:
         if fmt.name in SHARD_FORMATS and fmt.detect(path, head):
             return fmt.read(path, key=key, trusted=trusted, allow=allow)
