@@ -486,8 +486,8 @@ def load_tensors(
         more = f" and {len(wanted) - 3} more" if len(wanted) > 3 else ""
         raise CheckpointError(
             f"{folder}: torch.distributed.checkpoint could not load {names}{more} "
-            f"({type(cause).__name__}: {torch_reason(cause)}). A data file is damaged or from another "
-            "save than .metadata; save the checkpoint again or use another copy."
+            f"({type(cause).__name__}: {torch_reason(cause)}). A data file is damaged or from "
+            "another save than .metadata; save the checkpoint again or use another copy."
         ) from None
     return state
 
