@@ -40,6 +40,7 @@ from ckptviz.core.reading import (
     human_bytes,
     read_checkpoint,
 )
+from ckptviz.core.text import visible, visible_lines
 
 if TYPE_CHECKING:
     from ckptviz.core.diff import Row
@@ -201,7 +202,8 @@ class Report:
                     f"{action} {c['rows']} ({c['numel']:,} values, {human_bytes(c['bytes'])})"
                 )
         state = "undone" if self.undone else ("verified" if self.verified else "NOT verified")
-        return f"Applied {self.plan.diff.checkpoint.source}: " + ", ".join(parts) + f"; {state}"
+        source = visible(self.plan.diff.checkpoint.source)
+        return f"Applied {source}: " + ", ".join(parts) + f"; {state}"
 
     def to_records(self) -> list[dict[str, Any]]:
         return [
@@ -236,7 +238,7 @@ class Report:
             for e in self.entries
         ]
         table = format_table(["model key", "action", "from", "verified", "detail"], rows)
-        notes = "".join(f"\nnote: {n}" for n in self.notes)
+        notes = "".join(f"\nnote: {visible_lines(n)}" for n in self.notes)
         return self.summary() + notes + "\n\n" + table
 
     def __repr__(self) -> str:

@@ -23,6 +23,7 @@ from ckptviz.core.display import render
 from ckptviz.core.errors import PlanError
 from ckptviz.core.matching import KeyMapping, RuleSuggestion, Suggestion
 from ckptviz.core.reading import Checkpoint, GlobalSpec, TensorInfo, global_name
+from ckptviz.core.text import visible
 
 if TYPE_CHECKING:
     from ckptviz.core.apply import Report
@@ -305,7 +306,7 @@ class Plan:
 
     def summary(self) -> str:
         parts = [f"{c['rows']} {a}" for a, c in self.counts.items() if c["rows"]]
-        return f"Plan for {self.diff.checkpoint.source}: " + ", ".join(parts)
+        return f"Plan for {visible(self.diff.checkpoint.source)}: " + ", ".join(parts)
 
     def __str__(self) -> str:
         from ckptviz.core.text import diff_text
