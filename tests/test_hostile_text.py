@@ -264,6 +264,13 @@ def test_str_and_repr_of_every_object_show_control_characters_as_escapes(
     assert "\\x1b[2J" in str(diff) and "\\u202e" in str(diff)
 
 
+def test_error_messages_show_control_characters_as_escapes(control_file: Path) -> None:
+    with pytest.raises(ckptviz.PlanError) as caught:
+        ckptviz.compare(control_file, control_file).plan()  # no model to apply to
+    assert_terminal_safe(str(caught.value), "PlanError")
+    assert "\\x1b[31m\\u202e" in str(caught.value)
+
+
 def test_cli_shows_control_characters_as_escapes(
     control_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
