@@ -3,7 +3,8 @@
 The HTML is a pandas Styler rendered to a plain ``<table>`` with inline styles, so it survives
 nbviewer, GitHub and HTML export, where widgets do not render. Every highlighted cell also says
 its status in words, so colour is never the only signal. Every cell, header and caption is
-HTML-escaped: what a file names is shown as text, never read as markup.
+HTML-escaped, and the table is marked for MathJax to leave alone: what a file names is shown as
+text, never read as markup or math.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckptviz.core.display import register_renderer
+
+#: Classes that keep MathJax (JupyterLab: ``mathjax_ignore``; classic Notebook, nbviewer:
+#: ``tex2jax_ignore``) from typesetting a name such as ``$x^2$`` inside the element as math.
+NO_MATH_CLASSES = "mathjax_ignore tex2jax_ignore"
 
 #: Background colours per status / action, light enough for black text in any theme.
 STATUS_COLOURS = {
@@ -60,6 +65,7 @@ def _styled(df: Any, caption: str, colour_columns: dict[str, dict[str, str]]) ->
         .format_index(escape="html", axis="index")
         .hide(axis="index")
         .set_caption(html.escape(caption))
+        .set_table_attributes(f'class="{NO_MATH_CLASSES}"')
     )
     for column, colours in colour_columns.items():
         if column in df:

@@ -691,4 +691,5 @@ def static_html(loader: Loader) -> str:
         )
     if loader.report is not None:
         parts.append(loader.report._repr_html_())
-    return "<div class='ckptviz-loader-static'>" + "".join(parts) + "</div>"
+    body = f"<div class='{tables.NO_MATH_CLASSES}'>" + "".join(parts) + "</div>"
+    return "<div class='ckptviz-loader-static'>" + body + "</div>"
