@@ -246,20 +246,27 @@ class ControlNames(nn.Module):
             self.add_module(name.replace(".", "_"), nn.Linear(2, 2 + i))
 
 
-@pytest.fixture
-def control_file(tmp_path: Path) -> Path:
+@pytest.fixture(params=["safetensors", "torch"])
+def control_file(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     """A file named with an ESC sequence and a bidi override; keys and metadata with every
-    control character; one tensor of another shape, one renamed, unexpected ones."""
+    control character; one tensor of another shape, one renamed, unexpected ones. The torch
+    file also nests its state dict under a hostile name, holds entries that are not tensors
+    and a key with a lone surrogate (which ``print`` could not even encode)."""
     model = ControlNames()
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state: dict[str, Any] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     first = next(iter(state))
     state[first] = torch.zeros(9, 2)
     moved = list(state)[1]
     state[f"module{CONTROLS[0]}.{moved}"] = state.pop(moved)
     for name in CONTROLS:
         state[f"extra.{name}"] = torch.full((2,), float("nan"))
-    path = tmp_path / "ckpt\x1b[31m\u202e.safetensors"
-    save_file(state, path, metadata={name: name for name in CONTROLS})
+    path = tmp_path / f"ckpt\x1b[31m\u202e.{request.param}"
+    if request.param == "safetensors":
+        save_file(state, path, metadata={name: name for name in CONTROLS})
+    else:
+        state["extra.\udc80"] = torch.zeros(1)
+        state.update({f"note{name}": name for name in CONTROLS})
+        torch.save({f"state{CONTROLS[0]}dict": state, "epoch": 1}, path)
     return path
 
 
