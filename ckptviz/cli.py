@@ -4,7 +4,9 @@ Tables with aligned columns for people (colour only when stdout is a terminal an
 is unset), ``--json`` and ``--csv`` for scripts. Exit codes follow diff(1): 0 identical,
 1 different, 2 trouble (the message names the file and the next step; no traceback).
 Checkpoints are read with ``weights_only=True``; nothing is unpickled unsafely unless
-``--allow-global NAME`` or ``--trusted`` say so.
+``--allow-global NAME`` or ``--trusted`` say so. Names from a file are text: the tables and
+messages show their control characters as escapes (``core.text.visible``) in capped columns,
+``--csv`` cells never start a spreadsheet formula, and ``--json`` keeps them exact.
 """
 
 from __future__ import annotations

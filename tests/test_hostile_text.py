@@ -352,8 +352,10 @@ def test_tables_cap_every_column_and_look_at_little_of_a_huge_name() -> None:
     table = format_table(["name", "other"], [[huge, "x" * 5000], ["short", "\x1b[2J"]])
     assert max(len(line) for line in table.splitlines()) <= 2 * 60 + 2
     assert "\\x1b[2J" in table
-    assert visible(huge, 10) == "k" * 9 + "…"
-    assert visible("\x1b" * 50, 10) == "\\x1b\\x1b\\…"
+    assert visible(huge, 10) == "kkkkk…kkkk"
+    long_key = "encoder." * 20 + "attn.weight"
+    assert visible(long_key, 40) == "encoder.encoder.enco…encoder.attn.weight"  # both ends
+    assert visible("\x1b" * 50, 10) == "\\x1b\\…\\x1b"
 
 
 def test_cli_table_of_a_huge_key_stays_narrow(

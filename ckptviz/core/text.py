@@ -6,7 +6,7 @@ bidi override (U+202E) that shows ``gpj.exe`` as ``exe.jpg``, a zero-width space
 keys look alike, or a megabyte-long name. ``visible`` is the one function every piece of such
 text passes through on its way to a terminal: each character Python does not count as
 printable (Unicode's "Other" and "Separator" categories, except the plain space) becomes a
-visible escape, the way ``repr`` writes it, and long text is clipped with an ellipsis.
+visible escape, the way ``repr`` writes it, and long text is shortened in the middle.
 """
 
 from __future__ import annotations
@@ -37,20 +37,33 @@ def _escape(char: str) -> str:
     return f"\\U{code:08x}"
 
 
+def _escaped(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
 def visible(text: object, width: int | None = NAME_WIDTH) -> str:
     """``text`` safe to print: control, format and separator characters (C0, DEL, C1, ESC,
     ``\\r``, ``\\n``, bidi overrides, zero-width characters, lone surrogates...) written as
-    escapes such as ``\\x1b`` or ``\\u202e``; longer than ``width`` characters, clipped with
-    "…" (``None``: never clipped). Only the first ``width`` characters are looked at."""
+    escapes such as ``\\x1b`` or ``\\u202e``.
+
+    Longer than ``width`` characters (``None``: never clipped), its middle gives way to "…":
+    the start and the end, which tell files and tensors apart, stay. Only ``width``
+    characters of a longer text are looked at.
+    """
     text = str(text)
-    longer = width is not None and len(text) > width
-    if width is not None:
-        text = text[:width]
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else _escape(c) for c in text)
-    if width is not None and (longer or len(text) > width):
-        text = text[: max(width - 1, 0)] + ELLIPSIS
-    return text
+    if width is None:
+        return _escaped(text)
+    if len(text) <= width:
+        shown = _escaped(text)
+        if len(shown) <= width:
+            return shown
+    kept = max(width - 1, 0)
+    head, tail = (kept + 1) // 2, kept // 2
+    start = _escaped(text[:head])[:head]
+    end = _escaped(text[len(text) - tail :])[-tail:] if tail else ""
+    return start + ELLIPSIS + end
 
 
 def visible_lines(text: object, width: int | None = None) -> str:
