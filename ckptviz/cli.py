@@ -4,7 +4,9 @@ Tables with aligned columns for people (colour only when stdout is a terminal an
 is unset), ``--json`` and ``--csv`` for scripts. Exit codes follow diff(1): 0 identical,
 1 different, 2 trouble (the message names the file and the next step; no traceback).
 Checkpoints are read with ``weights_only=True``; nothing is unpickled unsafely unless
-``--allow-global NAME`` or ``--trusted`` say so.
+``--allow-global NAME`` or ``--trusted`` say so. Names from a file are text: the tables and
+messages show their control characters as escapes (``core.text.visible``) in capped columns,
+``--csv`` cells never start a spreadsheet formula, and ``--json`` keeps them exact.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import io
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -33,7 +36,7 @@ from ckptviz.core.stats import (
     value_stats,
     values_equal,
 )
-from ckptviz.core.text import row_cells, shape_text
+from ckptviz.core.text import format_table, row_cells, shape_text, visible, visible_lines
 
 EXIT_IDENTICAL, EXIT_DIFFERENT, EXIT_TROUBLE = 0, 1, 2
 
@@ -88,20 +91,14 @@ def aligned_table(
     style: Styler,
     colour_of: Callable[[int, str], str | None] = lambda column, cell: None,
 ) -> str:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-    header = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
-    lines = [style(header, "bold")]
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        cells = [
-            style(cell.ljust(width), colour_of(i, cell))
-            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    """``format_table`` (cells made visible, columns capped) with the header bold and each cell
+    coloured by ``colour_of(column, cell)``."""
+    return format_table(
+        headers,
+        rows,
+        header_style=lambda header: style(header, "bold"),
+        cell_style=lambda cell, column: style(cell, colour_of(column, cell)),
+    )
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -110,11 +107,21 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
+#: A spreadsheet opening the CSV runs a cell that starts with one of these as a formula (a
+#: leading tab or carriage return, the other two such starts, is already an escape by then).
+_FORMULA_STARTS = ("=", "+", "-", "@")
+
+
 def _csv_cell(value: Any) -> Any:
+    """A CSV cell: text from a file made visible (the CSV may go to a terminal) and, where it
+    would start a spreadsheet formula, prefixed with ``'``. ``--json`` keeps text exact."""
     if isinstance(value, tuple):
         return shape_text(value)
     if value is None:
         return ""
+    if isinstance(value, str):
+        text = visible(value, None)
+        return "'" + text if text.startswith(_FORMULA_STARTS) else text
     return value
 
 
@@ -207,7 +214,8 @@ def run_inspect(args: argparse.Namespace, out: TextIO) -> int:
         _write_csv(out, ["name", "shape", "dtype", "numel", "nbytes"], records)
         return EXIT_IDENTICAL
     style = Styler(use_colour(out, args.color))
-    lines = [style(ckpt.summary().splitlines()[0], "bold"), *ckpt.summary().splitlines()[1:]]
+    summary = visible_lines(ckpt.summary()).splitlines()
+    lines = [style(summary[0], "bold"), *summary[1:]]
     if not ckpt.location:
         lines.append("state dict found at the top level")
     if prefix:
@@ -215,7 +223,7 @@ def run_inspect(args: argparse.Namespace, out: TextIO) -> int:
             f"wrapper prefix: every key starts with {prefix!r} (ckptviz removes it when comparing)"
         )
     if ckpt.metadata:
-        shown = ", ".join(f"{k}={v}" for k, v in list(ckpt.metadata.items())[:8])
+        shown = ", ".join(f"{visible(k)}={visible(v)}" for k, v in list(ckpt.metadata.items())[:8])
         lines.append(f"metadata: {shown}")
     rows = [
         [r["name"], shape_text(r["shape"]), r["dtype"], f"{r['numel']:,}", human_bytes(r["nbytes"])]
@@ -326,7 +334,8 @@ def _verdict(diff: Diff, equal: dict[str, bool] | None, stats: ValueStats | None
     elif differing:
         parts.append(f"values differ in {len(differing)} of {len(equal)} tensor pairs")
     if nonfinite:
-        parts.append(f"{len(nonfinite)} tensor pair(s) hold NaN/Inf: {', '.join(nonfinite[:5])}")
+        shown = ", ".join(visible(k) for k in nonfinite[:5])
+        parts.append(f"{len(nonfinite)} tensor pair(s) hold NaN/Inf: {shown}")
     if diff.identical and equal is not None and not differing:
         return "identical: same keys, shapes, dtypes and bytes"
     if diff.identical and equal is None:
@@ -379,12 +388,7 @@ def _diff_text(
             return "red"
         return None
 
-    head = [
-        f"a: {left.source} ({left.format}{', at ' + left.location_text if left.location else ''})",
-        f"b: {right.source} ({right.format}"
-        f"{', at ' + right.location_text if right.location else ''})",
-        diff.summary,
-    ]
+    head = [_side_line("a", left), _side_line("b", right), visible_lines(diff.summary)]
     table = aligned_table(headers, rows, style, colour_of)
     verdict_line = style(verdict, "green" if verdict.startswith("identical") else "bold")
     return "\n".join(head) + "\n\n" + table + "\n\n" + verdict_line
@@ -495,8 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _side_line(name: str, ckpt: Checkpoint) -> str:
+    where = f", at {visible(ckpt.location_text)}" if ckpt.location else ""
+    return f"{name}: {visible(ckpt.source)} ({visible(ckpt.format)}{where})"
+
+
 def _error(message: str) -> None:
-    sys.stderr.write(f"ckptviz: error: {message}\n")
+    """The message on stderr, its file-controlled parts (names, keys) made visible."""
+    sys.stderr.write(f"ckptviz: error: {visible_lines(message)}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -514,7 +524,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_TROUBLE
     except UnsafeCheckpointError as exc:
-        names = " ".join(f"--allow-global {n}" for n in exc.unsafe_globals) or "--allow-global NAME"
+        # the names come from the file: quoted, so pasting the advice into a shell runs nothing
+        names = (
+            " ".join(f"--allow-global {shlex.quote(n)}" for n in exc.unsafe_globals)
+            or "--allow-global NAME"
+        )
         _error(
             f"{exc}\nFrom the command line: add {names} to allow exactly these, or --trusted "
             "to unpickle fully (only for files you trust)."

@@ -5,7 +5,8 @@ bars in model order: the picture a fine-tuning paper shows. ``plot_change_strip`
 numbers as one strip of coloured cells, compact enough for models with hundreds of modules.
 Both take a ``Diff`` (its values are compared first, streamed), a ``ValueStats`` or the
 DataFrame of ``diff.stats()``. The histogram of one tensor across both sides is in
-``ckptviz.plots``. matplotlib is imported only when a plot is drawn.
+``ckptviz.plots``. matplotlib is imported only when a plot is drawn. Names are drawn as plain
+text (``ckptviz.plots.PLAIN_TEXT``), never as mathtext.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from ckptviz.core.diff import Diff
 from ckptviz.core.stats import ValueStats
+from ckptviz.plots import PLAIN_TEXT, label_text, plain_legend
 
 #: How rows are grouped: each tensor, its owning module, or its numbered block.
 GROUPINGS = ("tensor", "module", "block")
@@ -130,7 +132,7 @@ def _use_log(values: list[float], log: bool | None) -> bool:
 
 def _sides(frame: Any) -> str:
     attrs = getattr(frame, "attrs", {})
-    return f"a = {attrs.get('a', 'a')}  →  b = {attrs.get('b', 'b')}"
+    return f"a = {label_text(attrs.get('a', 'a'))}  →  b = {label_text(attrs.get('b', 'b'))}"
 
 
 def _label_ticks(ax: Any, labels: list[str], max_labels: int = 60) -> None:
@@ -138,7 +140,9 @@ def _label_ticks(ax: Any, labels: list[str], max_labels: int = 60) -> None:
     step = 1 if count <= max_labels else math.ceil(count / 40)
     positions = list(range(0, count, step))
     ax.set_xticks(positions)
-    ax.set_xticklabels([labels[i] for i in positions], rotation=90, fontsize=7)
+    ax.set_xticklabels(
+        [label_text(labels[i]) for i in positions], rotation=90, fontsize=7, **PLAIN_TEXT
+    )
 
 
 def plot_changes(
@@ -207,19 +211,23 @@ def plot_changes(
     _label_ticks(ax, labels)
     ax.set_xlim(-0.6, max(len(values), 1) - 0.4)
     ax.set_ylabel(_RELATIVE_LABEL + (" (log)" if log_scale else ""))
-    ax.set_title(f"Relative change per {by}, in model order\n{_sides(table)}", fontsize=9)
+    ax.set_title(
+        f"Relative change per {by}, in model order\n{_sides(table)}", fontsize=9, **PLAIN_TEXT
+    )
     handles, names = ax.get_legend_handles_labels()
     if any(table["overlap"]):
         handles.append(Patch(facecolor=_OVERLAP_COLOUR, hatch="///", edgecolor="black"))
         names.append("shape row: overlap compared")
     if handles:
-        ax.legend(
-            handles,
-            names,
-            fontsize=7,
-            loc="upper left",
-            bbox_to_anchor=(1.01, 1.0),
-            borderaxespad=0,
+        plain_legend(
+            ax.legend(
+                handles,
+                names,
+                fontsize=7,
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),
+                borderaxespad=0,
+            )
         )
     return ax
 
@@ -274,5 +282,7 @@ def plot_change_strip(
     ax.set_yticks([])
     colorbar = ax.figure.colorbar(image, ax=ax, pad=0.01)
     colorbar.set_label(_RELATIVE_LABEL, fontsize=8)
-    ax.set_title(f"Relative change per {by} in model order · {_sides(table)}", fontsize=9)
+    ax.set_title(
+        f"Relative change per {by} in model order · {_sides(table)}", fontsize=9, **PLAIN_TEXT
+    )
     return ax

@@ -5,6 +5,10 @@ category is named in words (legend and a text beside each bar) and drawn with it
 colour is never the only signal. Each function returns a matplotlib ``Figure``: made with pyplot
 and closed before it is returned, so a notebook shows it once (as the cell's result) and a script
 saves it with ``fig.savefig(...)``; pass ``ax=`` to draw into an Axes of your own instead.
+
+Names come from files, so every text drawn from them is plain text (``PLAIN_TEXT``: no mathtext,
+where ``$x^2$`` would be typeset and ``$\\frac{a}{$`` fails to draw, and no TeX) and made
+``visible`` (control characters escaped, long names clipped).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptviz.core.diff import STATUSES, Diff
 from ckptviz.core.display import register_renderer
+from ckptviz.core.text import visible
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +48,23 @@ REPORT_STYLE: dict[str, tuple[str, str]] = {
 }
 SIDE_COLOURS = ("#0072B2", "#D55E00")
 ROOT_LABEL = "(root)"
+#: Text properties for every text that shows a name: drawn as it is, never as math or TeX.
+PLAIN_TEXT: dict[str, Any] = {"parse_math": False, "usetex": False}
+#: Widest a name is drawn, in characters.
+LABEL_WIDTH = 80
+
+
+def label_text(name: str) -> str:
+    """A name as it is drawn: control characters escaped, clipped to ``LABEL_WIDTH``."""
+    return visible(name, LABEL_WIDTH)
+
+
+def plain_legend(legend: Any) -> Any:
+    """``legend`` with its entries drawn as plain text (they may quote file names)."""
+    if legend is not None:
+        for text in legend.get_texts():
+            text.update(PLAIN_TEXT)
+    return legend
 
 
 @dataclass
@@ -216,8 +238,9 @@ def _draw_bars(
             va="center",
             fontsize=8,
             annotation_clip=False,
+            **PLAIN_TEXT,
         )
-    ax.set_yticks(ys, [_label(g) for g in groups])
+    ax.set_yticks(ys, [label_text(_label(g)) for g in groups], **PLAIN_TEXT)
     ax.invert_yaxis()
     ax.tick_params(axis="y", length=0)
     for side in ("top", "right"):
@@ -228,11 +251,13 @@ def _draw_bars(
         ax.set_xlabel("share of the module's values (parameters and buffers)")
     else:
         ax.set_xlabel("values (parameters and buffers)")
-    ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncols=5, frameon=False, fontsize=9)
+    plain_legend(
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncols=5, frameon=False, fontsize=9)
+    )
 
 
 def _short(name: str) -> str:
-    return PurePath(name).name if ("/" in name or "\\" in name) else name
+    return label_text(PurePath(name).name if ("/" in name or "\\" in name) else name)
 
 
 # -- the diff at a glance ------------------------------------------------------------------------
@@ -274,6 +299,7 @@ def plot_diff(
         loc="left",
         fontsize=10,
         pad=22,
+        **PLAIN_TEXT,
     )
     return _finish(fig, created)
 
@@ -324,7 +350,7 @@ def plot_values(diff: Diff, key: str, *, bins: int | None = None, ax: Any = None
             continue
         with checkpoint.open() as data:
             tensor = data[info.key]
-        where = f"{info.key!r} in {_short(name)}"
+        where = f"{label_text(info.key)!r} in {_short(name)}"
         sides.append((_short(name), tensor, _finite_values(tensor, where)))
     finite = [values for _, _, values in sides if values.numel()]
     lo = min((v.min().item() for v in finite), default=0.0)
@@ -360,13 +386,20 @@ def plot_values(diff: Diff, key: str, *, bins: int | None = None, ax: Any = None
             ha="right",
             va="top",
             fontsize=9,
+            **PLAIN_TEXT,
         )
-    ax.set_title(f"{key} · {row.status}", loc="left", fontsize=10, pad=8 + 13 * len(sides))
+    ax.set_title(
+        f"{label_text(key)} · {row.status}",
+        loc="left",
+        fontsize=10,
+        pad=8 + 13 * len(sides),
+        **PLAIN_TEXT,
+    )
     ax.set_xlabel("value")
     ax.set_ylabel("share of the tensor's values")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.legend(fontsize=8, frameon=False, loc="lower left", bbox_to_anchor=(0, 1.0))
+    plain_legend(ax.legend(fontsize=8, frameon=False, loc="lower left", bbox_to_anchor=(0, 1.0)))
     return _finish(fig, created)
 
 
@@ -413,6 +446,7 @@ def plot_report(
         loc="left",
         fontsize=10,
         pad=22,
+        **PLAIN_TEXT,
     )
     return _finish(fig, created)
 

@@ -2,7 +2,9 @@
 
 The HTML is a pandas Styler rendered to a plain ``<table>`` with inline styles, so it survives
 nbviewer, GitHub and HTML export, where widgets do not render. Every highlighted cell also says
-its status in words, so colour is never the only signal.
+its status in words, so colour is never the only signal. Every cell, header and caption is
+HTML-escaped, and the table is marked for MathJax to leave alone: what a file names is shown as
+text, never read as markup or math.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckptviz.core.display import register_renderer
+
+#: Classes that keep MathJax (JupyterLab: ``mathjax_ignore``; classic Notebook, nbviewer:
+#: ``tex2jax_ignore``) from typesetting a name such as ``$x^2$`` inside the element as math.
+NO_MATH_CLASSES = "mathjax_ignore tex2jax_ignore"
 
 #: Background colours per status / action, light enough for black text in any theme.
 STATUS_COLOURS = {
@@ -51,7 +57,16 @@ def _styled(df: Any, caption: str, colour_columns: dict[str, dict[str, str]]) ->
         background = colours.get(str(value))
         return f"background-color: {background}; color: #111" if background else ""
 
-    styler = df.style.hide(axis="index").set_caption(html.escape(caption))
+    # Keys, shapes, dtypes, file names and notes come from files: every cell, header and the
+    # caption is escaped (a Styler writes them into the HTML as they are otherwise).
+    styler = (
+        df.style.format(escape="html")
+        .format_index(escape="html", axis="columns")
+        .format_index(escape="html", axis="index")
+        .hide(axis="index")
+        .set_caption(html.escape(caption))
+        .set_table_attributes(f'class="{NO_MATH_CLASSES}"')
+    )
     for column, colours in colour_columns.items():
         if column in df:
             styler = styler.map(lambda v, c=colours: colour(v, c), subset=[column])

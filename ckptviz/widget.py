@@ -38,7 +38,7 @@ from ckptviz.core.errors import PlanError
 from ckptviz.core.explain import explain_row
 from ckptviz.core.matching import KeyMapping, RuleSuggestion, Suggestion
 from ckptviz.core.plan import ACTIONS, SKIP, Plan, refusal
-from ckptviz.core.text import format_table, row_cells
+from ckptviz.core.text import format_table, row_cells, visible
 
 STATIC = Path(__file__).parent / "static"
 
@@ -657,7 +657,7 @@ def static_text(loader: Loader) -> str:
     )
     more = len(diff.rows) - len(shown)
     lines = [
-        f"ckptviz.Loader: {type(loader.model).__name__} <- {diff.checkpoint.source}",
+        f"ckptviz.Loader: {type(loader.model).__name__} <- {visible(diff.checkpoint.source)}",
         diff.summary,
         _counts_line(plan),
     ]
@@ -691,4 +691,5 @@ def static_html(loader: Loader) -> str:
         )
     if loader.report is not None:
         parts.append(loader.report._repr_html_())
-    return "<div class='ckptviz-loader-static'>" + "".join(parts) + "</div>"
+    body = f"<div class='{tables.NO_MATH_CLASSES}'>" + "".join(parts) + "</div>"
+    return "<div class='ckptviz-loader-static'>" + body + "</div>"

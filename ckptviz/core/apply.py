@@ -37,6 +37,7 @@ from ckptviz.core.errors import ApplyError, PlanError
 from ckptviz.core.formats import format_named
 from ckptviz.core.plan import ACTIONS, initialiser_of, refusal, reinit_seed
 from ckptviz.core.reading import read_checkpoint
+from ckptviz.core.text import visible, visible_lines
 
 if TYPE_CHECKING:
     from ckptviz.core.diff import Row
@@ -198,7 +199,8 @@ class Report:
                     f"{action} {c['rows']} ({c['numel']:,} values, {human_bytes(c['bytes'])})"
                 )
         state = "undone" if self.undone else ("verified" if self.verified else "NOT verified")
-        return f"Applied {self.plan.diff.checkpoint.source}: " + ", ".join(parts) + f"; {state}"
+        source = visible(self.plan.diff.checkpoint.source)
+        return f"Applied {source}: " + ", ".join(parts) + f"; {state}"
 
     def to_records(self) -> list[dict[str, Any]]:
         return [
@@ -233,7 +235,7 @@ class Report:
             for e in self.entries
         ]
         table = format_table(["model key", "action", "from", "verified", "detail"], rows)
-        notes = "".join(f"\nnote: {n}" for n in self.notes)
+        notes = "".join(f"\nnote: {visible_lines(n)}" for n in self.notes)
         return self.summary() + notes + "\n\n" + table
 
     def __repr__(self) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ckptviz.core.errors import CheckpointError
+from ckptviz.core.text import visible
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -254,20 +255,23 @@ class Checkpoint:
     def summary(self) -> str:
         """A few lines: where the tensors came from and what was passed over."""
         lines = [
-            f"{self.source} ({self.format}): {len(self.tensors)} tensors, "
+            f"{visible(self.source)} ({visible(self.format)}): {len(self.tensors)} tensors, "
             f"{self.total_numel:,} values, {human_bytes(self.total_bytes)}"
         ]
         if self.location:
-            lines.append(f"state dict found at {self.location_text!r}")
+            lines.append(f"state dict found at '{visible(self.location_text)}'")
         if self.candidates:
-            others = ", ".join("/".join(c) or "(top level)" for c in self.candidates)
+            others = ", ".join(visible("/".join(c)) or "(top level)" for c in self.candidates)
             lines.append(f"other candidates (pick one with key=...): {others}")
         if self.skipped:
-            shown = ", ".join(f"{k} ({v})" for k, v in list(self.skipped.items())[:5])
+            shown = ", ".join(
+                f"{visible(k)} ({visible(v)})" for k, v in list(self.skipped.items())[:5]
+            )
             more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
             lines.append(f"not tensors, passed over: {shown}{more}")
         if self.ties:
-            lines.append(f"tied (shared storage): {'; '.join(' = '.join(t) for t in self.ties)}")
+            tied = "; ".join(" = ".join(visible(k) for k in t) for t in self.ties)
+            lines.append(f"tied (shared storage): {tied}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

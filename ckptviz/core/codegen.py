@@ -3,6 +3,10 @@
 It is the hand-written recipe, written for you: read the checkpoint with ``weights_only=True``,
 copy what loads, copy the overlap of what partially loads, re-initialise from a seeded copy of
 the owning module. With ``model`` in scope it gives the same tensors as ``plan.apply(model)``.
+
+File names, checkpoint keys, rename rules and every field of a plan JSON are data: they appear in
+the code only as Python literals written by ``repr`` (a comment quoting one quotes its ``repr``
+too), so a newline or a quote in them can never start a statement of its own.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def _read_lines(plan: Plan) -> list[str]:
     ckpt = plan.diff.checkpoint
     if ckpt.path is None:
         return [
-            f"# The checkpoint was {ckpt.source}, not a file: put that state dict in `state`.",
+            f"# The checkpoint was {ckpt.source!r}, not a file: put that state dict in `state`.",
             "state = state_dict",
         ]
     wanted = [r.checkpoint_key for r, a in plan if a in ("load", "partial") and r.model]
@@ -71,7 +75,7 @@ def plan_code(plan: Plan) -> str:
     counts = ", ".join(f"{c['rows']} {a}" for a, c in plan.counts.items() if c["rows"])
 
     lines = [
-        f"# ckptviz plan for {plan.diff.checkpoint.source}, in plain PyTorch: {counts}.",
+        f"# ckptviz plan for {plan.diff.checkpoint.source!r}, in plain PyTorch: {counts}.",
         "# Rows not listed keep the model's current values. Needs `model` in scope.",
     ]
     if reinit:

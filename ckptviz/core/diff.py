@@ -32,6 +32,7 @@ from ckptviz.core.matching import (
 )
 from ckptviz.core.reading import read_checkpoint
 from ckptviz.core.safety import GlobalSpec
+from ckptviz.core.text import NAME_WIDTH, visible
 
 if TYPE_CHECKING:
     from ckptviz.core.plan import Plan
@@ -228,11 +229,13 @@ class Diff:
         counts = self.counts
         parts = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         lines = [f"{len(self.rows)} rows: {parts or 'nothing to compare'}"]
-        lines.append(f"key mapping: {self.mapping.describe()}")
+        lines.append(f"key mapping: {visible(self.mapping.describe(), 4 * NAME_WIDTH)}")
         if self.checkpoint.location:
-            lines.append(f"checkpoint state dict at {self.checkpoint.location_text!r}")
+            lines.append(f"checkpoint state dict at '{visible(self.checkpoint.location_text)}'")
         if self.checkpoint.candidates:
-            others = ", ".join("/".join(c) or "(top level)" for c in self.checkpoint.candidates)
+            others = ", ".join(
+                visible("/".join(c)) or "(top level)" for c in self.checkpoint.candidates
+            )
             lines.append(f"other state dicts in the file (key=...): {others}")
         if self.checkpoint.skipped:
             lines.append(f"{len(self.checkpoint.skipped)} checkpoint entries are not tensors")
@@ -336,7 +339,8 @@ class Diff:
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{n} {s}" for s, n in self.counts.items() if n)
-        return f"<Diff {self.side_names[0]} vs {self.side_names[1]}: {counts}>"
+        left, right = (visible(name) for name in self.side_names)
+        return f"<Diff {left} vs {right}: {counts}>"
 
 
 def compare(

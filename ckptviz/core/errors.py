@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from ckptviz.core.text import visible_lines
+
 
 class CkptvizError(Exception):
     """Base class of every error ckptviz raises on purpose."""
+
+    def __str__(self) -> str:
+        # messages quote file names and keys, which a file controls: a traceback in a terminal
+        # or a notebook shows their control characters as escapes, never runs them
+        return visible_lines(super().__str__())
 
 
 class CheckpointError(CkptvizError, ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ckptviz.core.diff import Diff, Row
+from ckptviz.core.text import NAME_WIDTH, visible
 
 if TYPE_CHECKING:
     from ckptviz.core.checkpoint import TensorInfo
@@ -56,25 +57,29 @@ def _dimension_word(info: TensorInfo, dim: int) -> str:
 
 def _initialiser(row: Row) -> str:
     module_type = row.model.module_type if row.model else None
-    return f"{module_type}'s own initialisation" if module_type else "the module's initialisation"
+    if not module_type:
+        return "the module's initialisation"
+    return f"{visible(module_type)}'s own initialisation"
 
 
 def explain_row(diff: Diff, row: Row) -> str:
     model, ckpt = row.model, row.checkpoint
-    names = diff.side_names
-    renamed = f" ({row.note})" if row.note else ""
-    tied = f" It shares its storage with {', '.join(row.tied)}." if row.tied else ""
+    names = (visible(diff.side_names[0]), visible(diff.side_names[1]))
+    renamed = f" ({visible(row.note, 2 * NAME_WIDTH)})" if row.note else ""
+    tied = ""
+    if row.tied:
+        tied = f" It shares its storage with {', '.join(visible(k) for k in row.tied[:10])}."
     if row.status == "match" and model:
         return (
-            f"Same shape {list(model.shape)} and dtype {model.dtype}{renamed}: load copies it "
-            f"as is.{tied}"
+            f"Same shape {list(model.shape)} and dtype {visible(model.dtype)}{renamed}: load "
+            f"copies it as is.{tied}"
         )
     if row.status == "dtype" and model and ckpt:
         exact = (ckpt.dtype, model.dtype) in _EXACT_CASTS
         how = "exactly" if exact else "with rounding (values may lose precision or range)"
         return (
-            f"The {names[1]} stores {ckpt.dtype}, the {names[0]} uses {model.dtype}{renamed}: load "
-            f"copies it and converts it {how}.{tied}"
+            f"The {names[1]} stores {visible(ckpt.dtype)}, the {names[0]} uses "
+            f"{visible(model.dtype)}{renamed}: load copies it and converts it {how}.{tied}"
         )
     if row.status == "shape" and model and ckpt:
         return _explain_shape(row, model, ckpt, names) + renamed + tied
@@ -85,18 +90,22 @@ def explain_row(diff: Diff, row: Row) -> str:
                 "keep leaves the model's counter, which only matters with momentum=None."
             )
         return (
-            f"Your {names[0]} has {model.key} {list(model.shape)} but the {names[1]} does not: "
-            "nothing to load. keep leaves its current value (for a freshly built model, its "
-            f"random initialisation); reinit draws it anew with {_initialiser(row)}.{tied}"
+            f"Your {names[0]} has {visible(model.key)} {list(model.shape)} but the {names[1]} "
+            "does not: nothing to load. keep leaves its current value (for a freshly built "
+            f"model, its random initialisation); reinit draws it anew with {_initialiser(row)}."
+            f"{tied}"
         )
     if row.status == "unexpected" and ckpt:
         hint = ""
         for suggestion in diff.suggestions:
             if suggestion.checkpoint_key == ckpt.key:
-                hint = f" It may be the renamed {suggestion.model_key} ({suggestion.reason})."
+                hint = (
+                    f" It may be the renamed {visible(suggestion.model_key)} "
+                    f"({visible(suggestion.reason)})."
+                )
         return (
-            f"The {names[1]} has {ckpt.key} {list(ckpt.shape)}, which your {names[0]} does not "
-            "have. It is shown, never applied. If the layer was renamed, pair it with the "
+            f"The {names[1]} has {visible(ckpt.key)} {list(ckpt.shape)}, which your {names[0]} "
+            "does not have. It is shown, never applied. If the layer was renamed, pair it with the "
             f"missing key it belongs to.{hint}"
         )
     return row.status

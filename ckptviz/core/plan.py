@@ -26,6 +26,7 @@ from ckptviz.core.errors import PlanError
 from ckptviz.core.formats.memory import MODULE
 from ckptviz.core.matching import KeyMapping, RuleSuggestion, Suggestion
 from ckptviz.core.safety import GlobalSpec, global_name
+from ckptviz.core.text import visible
 
 if TYPE_CHECKING:
     from ckptviz.core.apply import Report
@@ -308,7 +309,7 @@ class Plan:
 
     def summary(self) -> str:
         parts = [f"{c['rows']} {a}" for a, c in self.counts.items() if c["rows"]]
-        return f"Plan for {self.diff.checkpoint.source}: " + ", ".join(parts)
+        return f"Plan for {visible(self.diff.checkpoint.source)}: " + ", ".join(parts)
 
     def __str__(self) -> str:
         from ckptviz.core.text import diff_text

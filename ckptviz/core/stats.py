@@ -37,7 +37,7 @@ from ckptviz.core.apply import bitwise_equal
 from ckptviz.core.checkpoint import Checkpoint, TensorSource, human_bytes
 from ckptviz.core.display import render
 from ckptviz.core.formats import format_named
-from ckptviz.core.text import format_table, shape_text
+from ckptviz.core.text import format_table, shape_text, visible
 
 if TYPE_CHECKING:
     from ckptviz.core.diff import Diff, Row
@@ -190,7 +190,7 @@ class ValueStats:
             ]
             for e in self.entries
         ]
-        a, b = self.side_names
+        a, b = (visible(name) for name in self.side_names)
         return f"value statistics, a = {a}, b = {b}\n\n" + format_table(headers, rows)
 
     def __repr__(self) -> str:
