@@ -410,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-global",
         action="append",
         metavar="NAME",
-        help="allow this pickle global (e.g. argparse.Namespace); repeat for several",
+        help="allow this harmless pickle global (argparse.Namespace, numpy arrays, scalars and "
+        "dtypes, pathlib paths, frozenset, slice; any other needs --trusted); repeat for several",
     )
     group.add_argument(
         "--trusted",
@@ -514,11 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_TROUBLE
     except UnsafeCheckpointError as exc:
-        names = " ".join(f"--allow-global {n}" for n in exc.unsafe_globals) or "--allow-global NAME"
-        _error(
-            f"{exc}\nFrom the command line: add {names} to allow exactly these, or --trusted "
-            "to unpickle fully (only for files you trust)."
-        )
+        _error(exc.command_line_message)  # the Python API's words, options spelled for here
         return EXIT_TROUBLE
     except CkptvizError as exc:
         _error(str(exc))
