@@ -3,8 +3,9 @@
 Tables with aligned columns for people (colour only when stdout is a terminal and ``NO_COLOR``
 is unset), ``--json`` and ``--csv`` for scripts. Exit codes follow diff(1): 0 identical,
 1 different, 2 trouble (the message names the file and the next step; no traceback).
-Checkpoints are read with ``weights_only=True``; nothing is unpickled unsafely unless
-``--allow-global NAME`` or ``--trusted`` say so.
+Checkpoints are read with ``weights_only=True``; ``--allow-global NAME`` allows one of a short
+list of harmless globals, and only ``--trusted`` unpickles fully. A refusal is worded as the
+Python API words it (``core/safety.py``), with these options in place of its arguments.
 """
 
 from __future__ import annotations

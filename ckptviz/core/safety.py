@@ -39,9 +39,8 @@ a real one pickles its statistics methods through ``builtins.getattr``, and its 
 puts whatever the file holds into a registry shared by every buffer in the process, which
 mmengine later calls. An mmengine runner checkpoint therefore needs ``trusted=True``.
 
-Storages. Before ``torch.load`` reads a file, its pickles are looked into: ``torch.load(weights_only=True)``
-refuses unsafe pickle globals, but for pre-1.6 files it names only the first one, and it believes
-the storage sizes a pickle declares: the pre-1.6 format allocates every storage at its declared
+Storages. Before ``torch.load`` reads a file, its pickles are looked into: torch believes the
+storage sizes a pickle declares: the pre-1.6 format allocates every storage at its declared
 size before reading it (a few bytes of pickle can ask for terabytes), and a memory-mapped zip file
 lets a tensor run past its own record into whatever bytes follow it (other tensors, the zip
 directory) without a word.
@@ -85,59 +84,12 @@ _UntypedStorage: Any = torch.UntypedStorage
 #: An ``allow_globals`` entry: a dotted name, or the object itself.
 GlobalSpec = str | Callable[..., Any] | type
 
-#: Modules whose functions can run arbitrary code when a pickle calls them.
-CODE_RUNNING_MODULES = frozenset(
-    {
-        "os",
-        "posix",
-        "nt",
-        "sys",
-        "subprocess",
-        "builtins",
-        "__builtin__",
-        "shutil",
-        "socket",
-        "importlib",
-        "runpy",
-        "pickle",
-        "_pickle",
-        "marshal",
-        "ctypes",
-        "pty",
-        "code",
-        "codeop",
-        "types",
-        "operator",
-        "functools",
-        "webbrowser",
-        "pydoc",
-        "timeit",
-    }
-)
-#: Single globals that look harmless but unpickle or execute without restriction.
-CODE_RUNNING_GLOBALS = frozenset(
-    {
-        "torch.load",
-        "torch.serialization.load",
-        "torch.storage._load_from_bytes",
-        "torch.jit.load",
-        "numpy.load",
-        "numpy.lib.npyio.load",
-    }
-)
-
 # Bounds on the walk over an unpickled object: it is hostile input too.
 _MAX_DEPTH = 8
 _MAX_NODES = 1_000_000
 # The size of every stand-in meta storage: big enough that torch's own bounds check never fires,
 # so the extents are checked here, against the file, with the tensor's name in the message.
 _UNBOUNDED = 2**62
-
-
-def runs_code(name: str) -> bool:
-    """A pickle global that can run arbitrary code: allowing it is the same as ``trusted=True``."""
-    module = name.split(".", 1)[0]
-    return module in CODE_RUNNING_MODULES or name in CODE_RUNNING_GLOBALS
 
 
 class _Bytes:
@@ -538,6 +490,33 @@ def recorded_globals(path: Path, allow: Sequence[GlobalSpec]) -> tuple[str, ...]
     covered = [_import(harmless_location(name)) for name in named]
     rest = [name for obj, name in resolved if not any(obj is c for c in covered)]
     return tuple(dict.fromkeys([*named, *rest]))
+
+
+def safe_globals_lines(names: Sequence[str]) -> list[str]:
+    """Plain-Python lines that put in ``safe`` the (object, name) pairs for
+    ``torch.serialization.safe_globals``: each harmless global under the name the file spells it
+    with, imported from where it lives here, and numpy's concrete dtype classes with
+    ``numpy.dtype`` (numpy builds a dtype as one of them; the file never names them)."""
+    where = {name: harmless_location(name) for name in names}
+    lines = [
+        "import importlib",
+        "",
+        "def allowed(name, location):  # a pickle global, allowed under the name the file uses",
+        "    module, _, attr = location.rpartition('.')",
+        "    return (getattr(importlib.import_module(module), attr), name)",
+        "",
+        "names = {  # the harmless pickle globals this checkpoint names: where each lives",
+        *(f"    {name!r}: {location!r}," for name, location in where.items()),
+        "}",
+        "safe = [allowed(name, location) for name, location in names.items()]",
+    ]
+    if "numpy.dtype" in names:
+        lines += [
+            "# numpy.dtype(...) builds an instance of a concrete class the file does not name",
+            "dtypes = importlib.import_module('numpy.dtypes').__all__",
+            "safe += [allowed(f'numpy.dtypes.{n}', f'numpy.dtypes.{n}') for n in dtypes]",
+        ]
+    return lines
 
 
 #: torch refusals that are about globals (not damage)

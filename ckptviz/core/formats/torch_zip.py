@@ -44,8 +44,8 @@ from ckptviz.core.safety import (
     allowed_globals,
     check_legacy_storages,
     check_zip_storages,
-    harmless_location,
     recorded_globals,
+    safe_globals_lines,
     safe_globals_scope,
     unsafe_error,
     unsafe_globals,
@@ -358,33 +358,6 @@ def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:
         f"checkpoint = torch.load({path!r}, map_location='cpu', weights_only=True)",
         f"state = checkpoint{where}",
     ]
-
-
-def safe_globals_lines(names: Sequence[str]) -> list[str]:
-    """Plain-Python lines that put in ``safe`` the (object, name) pairs for
-    ``torch.serialization.safe_globals``: each harmless global under the name the file spells it
-    with, imported from where it lives here, and numpy's concrete dtype classes with
-    ``numpy.dtype`` (numpy builds a dtype as one of them; the file never names them)."""
-    where = {name: harmless_location(name) for name in names}
-    lines = [
-        "import importlib",
-        "",
-        "def allowed(name, location):  # a pickle global, allowed under the name the file uses",
-        "    module, _, attr = location.rpartition('.')",
-        "    return (getattr(importlib.import_module(module), attr), name)",
-        "",
-        "names = {  # the harmless pickle globals this checkpoint names: where each lives",
-        *(f"    {name!r}: {location!r}," for name, location in where.items()),
-        "}",
-        "safe = [allowed(name, location) for name, location in names.items()]",
-    ]
-    if "numpy.dtype" in names:
-        lines += [
-            "# numpy.dtype(...) builds an instance of a concrete class the file does not name",
-            "dtypes = importlib.import_module('numpy.dtypes').__all__",
-            "safe += [allowed(f'numpy.dtypes.{n}', f'numpy.dtypes.{n}') for n in dtypes]",
-        ]
-    return lines
 
 
 FORMAT = FileFormat("torch", is_torch_zip, read_torch_zip, read_code)
