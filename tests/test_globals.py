@@ -238,8 +238,10 @@ def test_every_harmless_global_loads_after_one_retry_with_exactly_the_listed_nam
 def mmengine_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """What an mmengine ``Runner`` saves: meta, its message hub (history buffers of numpy
     values), the model's state dict and the optimizer, written by mmengine's save_checkpoint."""
-    from mmengine.logging import MessageHub
-    from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # mmengine's use of torch.jit
+        from mmengine.logging import MessageHub
+        from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
 
     torch.manual_seed(0)
     model = nn.Linear(3, 2)

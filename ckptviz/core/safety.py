@@ -505,10 +505,10 @@ def safe_globals_lines(names: Sequence[str]) -> list[str]:
         "    module, _, attr = location.rpartition('.')",
         "    return (getattr(importlib.import_module(module), attr), name)",
         "",
-        "names = {  # the harmless pickle globals this checkpoint names: where each lives",
+        "file_globals = {  # the harmless pickle globals this checkpoint names: where each lives",
         *(f"    {name!r}: {location!r}," for name, location in where.items()),
         "}",
-        "safe = [allowed(name, location) for name, location in names.items()]",
+        "safe = [allowed(name, location) for name, location in file_globals.items()]",
     ]
     if "numpy.dtype" in names:
         lines += [
