@@ -3,10 +3,12 @@
 Tables with aligned columns for people (colour only when stdout is a terminal and ``NO_COLOR``
 is unset), ``--json`` and ``--csv`` for scripts. Exit codes follow diff(1): 0 identical,
 1 different, 2 trouble (the message names the file and the next step; no traceback).
-Checkpoints are read with ``weights_only=True``; nothing is unpickled unsafely unless
-``--allow-global NAME`` or ``--trusted`` say so. Names from a file are text: the tables and
-messages show their control characters as escapes (``core.text.visible``) in capped columns,
-``--csv`` cells never start a spreadsheet formula, and ``--json`` keeps them exact.
+Checkpoints are read with ``weights_only=True``; ``--allow-global NAME`` allows one of a short
+list of harmless globals, and only ``--trusted`` unpickles fully. A refusal is worded as the
+Python API words it (``core/safety.py``), with these options in place of its arguments.
+Names from a file are text: the tables and messages show their control characters as escapes
+(``core.text.visible``) in capped columns, ``--csv`` cells never start a spreadsheet formula,
+and ``--json`` keeps them exact.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import io
 import json
 import math
 import os
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -414,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-global",
         action="append",
         metavar="NAME",
-        help="allow this pickle global (e.g. argparse.Namespace); repeat for several",
+        help="allow this harmless pickle global (argparse.Namespace, numpy arrays, scalars and "
+        "dtypes, pathlib paths, frozenset, slice; any other needs --trusted); repeat for several",
     )
     group.add_argument(
         "--trusted",
@@ -524,15 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_TROUBLE
     except UnsafeCheckpointError as exc:
-        # the names come from the file: quoted, so pasting the advice into a shell runs nothing
-        names = (
-            " ".join(f"--allow-global {shlex.quote(n)}" for n in exc.unsafe_globals)
-            or "--allow-global NAME"
-        )
-        _error(
-            f"{exc}\nFrom the command line: add {names} to allow exactly these, or --trusted "
-            "to unpickle fully (only for files you trust)."
-        )
+        _error(exc.command_line_message)  # the Python API's words, options spelled for here
         return EXIT_TROUBLE
     except CkptvizError as exc:
         _error(str(exc))

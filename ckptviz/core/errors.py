@@ -21,9 +21,13 @@ class CheckpointError(CkptvizError, ValueError):
 class UnsafeCheckpointError(CheckpointError):
     """Reading the checkpoint would need pickle globals that are not allowed by default."""
 
-    def __init__(self, message: str, unsafe_globals: list[str]) -> None:
+    def __init__(
+        self, message: str, unsafe_globals: list[str], *, command_line_message: str | None = None
+    ) -> None:
         super().__init__(message)
         self.unsafe_globals = unsafe_globals
+        #: the same words with the opt-in spelled as command-line options
+        self.command_line_message = command_line_message or message
 
 
 class PlanError(CkptvizError, ValueError):

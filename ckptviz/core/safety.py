@@ -1,13 +1,46 @@
 """What may be unpickled, and the words of every refusal.
 
-``allow_globals`` entries are resolved here (``resolve_global``), allowed for one read
-(``safe_globals_scope``), and a refused file is explained here (``unsafe_error``): which globals
-it needs, and whether any of them can run code (``runs_code``), in which case allowing it is the
-same as ``trusted=True`` and the error says so.
+Globals. ``torch.load(weights_only=True)`` builds only tensors and plain containers; a file that
+names any other pickle global is refused, and the refusal (``refusal``) lists *every* global the
+file needs, read statically from the file, in one error. ``allow_globals`` may then allow a
+global for one read (``safe_globals_scope``: nothing leaks into torch), but only one from the
+short list below (``HARMLESS_GLOBALS``). A pickle calls a global it names with arguments of its
+own choosing (and sets the state of what it builds), so any global whose call can reach code
+(``io.open``, ``torch.save``, ``builtins.getattr``, fx's ``reduce_graph_module``, numpy's
+``runstring``, a class whose ``__setstate__`` does work) would run the file's code. ckptviz
+cannot tell which globals are like that, so every global off the list is named as able to run
+code, ``allow_globals`` refuses it (``not_allowable``), and the only opt-in offered for it is
+``trusted=True``, named as running that code. Following an error's advice therefore never runs a
+file's code: what it suggests to allow is harmless, and ``trusted=True`` is never a call to copy.
 
-Before ``torch.load`` reads a file, its pickles are looked into: ``torch.load(weights_only=True)``
-refuses unsafe pickle globals, but for pre-1.6 files it names only the first one, and it believes
-the storage sizes a pickle declares: the pre-1.6 format allocates every storage at its declared
+The list, and why:
+
+- ``argparse.Namespace`` (old research checkpoints save their ``args``): built empty, then its
+  attributes set from the pickle; it has no ``__setstate__`` and runs nothing it is given.
+- numpy's array, scalar and dtype reconstruction, under both names numpy has written them
+  (``numpy.core.multiarray`` up to numpy 1, ``numpy._core.multiarray`` since numpy 2):
+  ``_reconstruct`` (an empty ``ndarray``), ``ndarray`` (its ``__setstate__`` copies raw bytes, or
+  for an object array takes a list the same restricted unpickler already built: numpy never
+  unpickles bytes there), ``scalar`` (a scalar from raw bytes), ``dtype`` and each concrete
+  ``numpy.dtypes.*`` class (``numpy.dtype(...)`` returns an instance of one, which the file never
+  names, and torch sets the state of allowed classes only, so allowing ``numpy.dtype`` allows
+  them too). They parse data; they call nothing the
+  file chooses.
+- ``builtins.frozenset`` and ``builtins.slice``: an immutable set of values already unpickled,
+  and three stored values. (``set``, ``complex``, ``bytearray``, ``collections.OrderedDict`` and
+  ``collections.Counter`` need no opt-in: torch allows them by default.)
+- ``pathlib`` paths (``PurePosixPath``, ``PureWindowsPath``, ``PosixPath``, ``WindowsPath``;
+  Lightning ``hyper_parameters`` hold them): built from their parts as strings, touching no file.
+
+Left off on purpose: ``collections.defaultdict`` (torch's unpickler cannot fill one even when
+allowed, and its factory is called on every missing key later), ``builtins.getattr`` (fetches
+any attribute, running properties, of anything already built), and mmengine's ``HistoryBuffer``:
+a real one pickles its statistics methods through ``builtins.getattr``, and its ``__setstate__``
+puts whatever the file holds into a registry shared by every buffer in the process, which
+mmengine later calls. An mmengine runner checkpoint therefore needs ``trusted=True``.
+
+Storages. Before ``torch.load`` reads a file, its pickles are looked into: torch believes the
+storage sizes a pickle declares: the pre-1.6 format allocates every storage at its declared
 size before reading it (a few bytes of pickle can ask for terabytes), and a memory-mapped zip file
 lets a tensor run past its own record into whatever bytes follow it (other tensors, the zip
 directory) without a word.
@@ -20,13 +53,13 @@ shape, dtype and extent, which are checked against the bytes the file really hol
 
 from __future__ import annotations
 
+import _compat_pickle
 import importlib
 import io
 import mmap
 import pickle
 import pickletools
 import re
-import sys
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -51,59 +84,12 @@ _UntypedStorage: Any = torch.UntypedStorage
 #: An ``allow_globals`` entry: a dotted name, or the object itself.
 GlobalSpec = str | Callable[..., Any] | type
 
-#: Modules whose functions can run arbitrary code when a pickle calls them.
-CODE_RUNNING_MODULES = frozenset(
-    {
-        "os",
-        "posix",
-        "nt",
-        "sys",
-        "subprocess",
-        "builtins",
-        "__builtin__",
-        "shutil",
-        "socket",
-        "importlib",
-        "runpy",
-        "pickle",
-        "_pickle",
-        "marshal",
-        "ctypes",
-        "pty",
-        "code",
-        "codeop",
-        "types",
-        "operator",
-        "functools",
-        "webbrowser",
-        "pydoc",
-        "timeit",
-    }
-)
-#: Single globals that look harmless but unpickle or execute without restriction.
-CODE_RUNNING_GLOBALS = frozenset(
-    {
-        "torch.load",
-        "torch.serialization.load",
-        "torch.storage._load_from_bytes",
-        "torch.jit.load",
-        "numpy.load",
-        "numpy.lib.npyio.load",
-    }
-)
-
 # Bounds on the walk over an unpickled object: it is hostile input too.
 _MAX_DEPTH = 8
 _MAX_NODES = 1_000_000
 # The size of every stand-in meta storage: big enough that torch's own bounds check never fires,
 # so the extents are checked here, against the file, with the tensor's name in the message.
 _UNBOUNDED = 2**62
-
-
-def runs_code(name: str) -> bool:
-    """A pickle global that can run arbitrary code: allowing it is the same as ``trusted=True``."""
-    module = name.split(".", 1)[0]
-    return module in CODE_RUNNING_MODULES or name in CODE_RUNNING_GLOBALS
 
 
 class _Bytes:
@@ -145,6 +131,16 @@ class _Bytes:
         return chunk
 
 
+def _python3_name(module: str, name: str) -> str:
+    """A global as a Python 3 unpickler (and torch's) reads it: ``__builtin__.set`` is
+    ``builtins.set``."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    else:
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{module}.{name}"
+
+
 def pickle_globals(path: Path) -> list[str]:
     """Every global named by the pickles at the start of a pre-1.6 torch file or plain pickle.
 
@@ -160,7 +156,7 @@ def pickle_globals(path: Path) -> list[str]:
             try:
                 for opcode, arg, _ in pickletools.genops(cast(IO[bytes], stream)):
                     if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                        names.append(arg.replace(" ", "."))
+                        names.append(_python3_name(*arg.split(" ", 1)))
             except Exception:
                 break
             if stream.tell() == start:
@@ -338,33 +334,189 @@ def check_legacy_storages(path: Path) -> None:
 
 # -- allowed globals, and the refusal that lists what a file needs -------------------------------
 
+#: The globals ``allow_globals`` may allow, by every name a pickle uses for them (numpy 2 writes
+#: ``numpy._core``, numpy 1 wrote ``numpy.core``). ``numpy.dtypes.*`` stands for each concrete
+#: dtype class of the running numpy (``numpy.dtypes.Float64DType``, ...). Why each is here, and
+#: why nothing else is, is in the module docstring.
+HARMLESS_GLOBALS: tuple[str, ...] = (
+    "argparse.Namespace",
+    "builtins.frozenset",
+    "builtins.slice",
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.*",
+    "pathlib.PurePosixPath",
+    "pathlib.PureWindowsPath",
+    "pathlib.PosixPath",
+    "pathlib.WindowsPath",
+)
+_NUMPY_MULTIARRAY = ("numpy.core.multiarray", "numpy._core.multiarray")
+# where numpy's multiarray functions are imported from: numpy 2 first (its numpy.core is a
+# deprecated shim), numpy 1 otherwise
+_NUMPY_MULTIARRAY_HOMES = ("numpy._core.multiarray", "numpy.core.multiarray")
 
-def global_name(spec: GlobalSpec) -> str:
-    """The dotted name of an ``allow_globals`` entry (checked to exist)."""
-    return resolve_global(spec)[1]
+
+def _import(location: str) -> Any:
+    module, _, attr = location.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _numpy_dtype_classes() -> list[str]:
+    """``numpy.dtypes.<name>`` for each concrete dtype class of the running numpy."""
+    try:
+        dtypes = importlib.import_module("numpy.dtypes")
+    except ImportError:
+        return []
+    return [f"numpy.dtypes.{name}" for name in getattr(dtypes, "__all__", ())]
+
+
+def is_harmless(name: str) -> bool:
+    """A global on the short list ``allow_globals`` accepts (``HARMLESS_GLOBALS``)."""
+    if name.startswith("numpy.dtypes."):
+        return name in _numpy_dtype_classes()
+    return name in HARMLESS_GLOBALS
+
+
+def runs_code(name: str) -> bool:
+    """A pickle global that may run code: everything off the harmless list (a pickle calls a
+    global with arguments of its choosing, and ckptviz cannot tell what that runs)."""
+    return not is_harmless(name)
+
+
+def harmless_location(name: str) -> str:
+    """Where the harmless global ``name`` is imported from in this environment."""
+    if not is_harmless(name):
+        raise not_allowable([name])
+    module, _, attr = name.rpartition(".")
+    homes = _NUMPY_MULTIARRAY_HOMES if module in _NUMPY_MULTIARRAY else (module,)
+    failure: BaseException | None = None
+    for home in homes:
+        try:
+            _import(f"{home}.{attr}")
+        except (ImportError, AttributeError) as exc:
+            failure = exc
+            continue
+        return f"{home}.{attr}"
+    raise CheckpointError(
+        f"allow_globals: {name!r} cannot be imported here ({failure}); install the package that "
+        "wrote it (numpy?) in this environment."
+    )
+
+
+def _harmless_objects() -> list[tuple[str, Any]]:
+    """(name, object) for every harmless global importable here, under each of its names."""
+    found = []
+    for name in (*HARMLESS_GLOBALS, *_numpy_dtype_classes()):
+        if not is_harmless(name):
+            continue  # the "numpy.dtypes.*" entry
+        try:
+            found.append((name, _import(harmless_location(name))))
+        except CheckpointError:
+            continue  # numpy is not installed: nothing of it can be allowed, or needed
+    return found
+
+
+def allowed_globals(allow: Sequence[GlobalSpec]) -> list[tuple[Any, str]]:
+    """(object, name) for each ``allow_globals`` entry, all checked to be harmless.
+
+    An entry is a dotted name from ``HARMLESS_GLOBALS`` or the object itself. Every entry off
+    the list is refused, all of them in one error, and nothing is imported for them.
+    """
+    resolved: list[tuple[Any, str]] = []
+    refused: list[str] = []
+    harmless: list[tuple[str, Any]] | None = None
+    for spec in allow:
+        if isinstance(spec, str):
+            if is_harmless(spec):
+                resolved.append((_import(harmless_location(spec)), spec))
+            else:
+                refused.append(spec)
+            continue
+        own = f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', spec)}"
+        if harmless is None:
+            harmless = _harmless_objects()
+        names = [name for name, obj in harmless if obj is spec]
+        if names:
+            resolved.append((spec, own if own in names else names[0]))
+        else:
+            refused.append(own)
+    if refused:
+        raise not_allowable(refused)
+    return resolved
 
 
 def resolve_global(spec: GlobalSpec) -> tuple[Any, str]:
-    if not isinstance(spec, str):
-        name = f"{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', spec)}"
-        return spec, name
-    parts = spec.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:cut])
-        try:
-            value: Any = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        try:
-            for attr in parts[cut:]:
-                value = getattr(value, attr)
-        except AttributeError:
-            continue
-        return value, spec
-    raise CheckpointError(
-        f"allow_globals: cannot find {spec!r}; give the full dotted name as the error listed it "
-        "(e.g. 'argparse.Namespace'), or pass the object itself."
-    )
+    """The object and dotted name of one harmless ``allow_globals`` entry."""
+    return allowed_globals([spec])[0]
+
+
+def global_name(spec: GlobalSpec) -> str:
+    """The dotted name of a harmless ``allow_globals`` entry."""
+    return resolve_global(spec)[1]
+
+
+def allowed_pairs(allow: Sequence[GlobalSpec]) -> list[tuple[Any, str]]:
+    """(object, name) pairs to allow for ``allow``: each object under every name a pickle may
+    use for it, and with ``numpy.dtype`` its concrete classes, which torch rebuilds a pickled
+    dtype as although no file names them."""
+    objects = [obj for obj, _ in allowed_globals(allow)]
+    if not objects:
+        return []
+    harmless = _harmless_objects()
+    numpy_dtype = dict(harmless).get("numpy.dtype")
+    with_dtypes = numpy_dtype is not None and any(obj is numpy_dtype for obj in objects)
+    return [
+        (obj, name)
+        for name, obj in harmless
+        if any(obj is o for o in objects) or (with_dtypes and name.startswith("numpy.dtypes."))
+    ]
+
+
+def safe_globals_scope(allow: Sequence[GlobalSpec]) -> AbstractContextManager[Any]:
+    """``allow`` allowed for one ``torch.load`` (torch's ``safe_globals``; nothing leaks)."""
+    pairs: list[Any] = allowed_pairs(allow)
+    return torch.serialization.safe_globals(pairs) if pairs else nullcontext()
+
+
+def recorded_globals(path: Path, allow: Sequence[GlobalSpec]) -> tuple[str, ...]:
+    """The allowed globals to record for a file read with ``allow``: those the file names, as
+    it spells them (so exported code allows exactly that spelling), then any other entry."""
+    resolved = allowed_globals(allow)
+    named = [name for name in unsafe_globals(path, "", ()) if is_harmless(name)]
+    covered = [_import(harmless_location(name)) for name in named]
+    rest = [name for obj, name in resolved if not any(obj is c for c in covered)]
+    return tuple(dict.fromkeys([*named, *rest]))
+
+
+def safe_globals_lines(names: Sequence[str]) -> list[str]:
+    """Plain-Python lines that put in ``safe`` the (object, name) pairs for
+    ``torch.serialization.safe_globals``: each harmless global under the name the file spells it
+    with, imported from where it lives here, and numpy's concrete dtype classes with
+    ``numpy.dtype`` (numpy builds a dtype as one of them; the file never names them)."""
+    where = {name: harmless_location(name) for name in names}
+    lines = [
+        "import importlib",
+        "",
+        "def allowed(name, location):  # a pickle global, allowed under the name the file uses",
+        "    module, _, attr = location.rpartition('.')",
+        "    return (getattr(importlib.import_module(module), attr), name)",
+        "",
+        "file_globals = {  # the harmless pickle globals this checkpoint names: where each lives",
+        *(f"    {name!r}: {location!r}," for name, location in where.items()),
+        "}",
+        "safe = [allowed(name, location) for name, location in file_globals.items()]",
+    ]
+    if "numpy.dtype" in names:
+        lines += [
+            "# numpy.dtype(...) builds an instance of a concrete class the file does not name",
+            "dtypes = importlib.import_module('numpy.dtypes').__all__",
+            "safe += [allowed(f'numpy.dtypes.{n}', f'numpy.dtypes.{n}') for n in dtypes]",
+        ]
+    return lines
 
 
 #: torch refusals that are about globals (not damage)
@@ -376,7 +528,8 @@ _NAMED_IN_REFUSAL = re.compile(r"GLOBAL ([\w.]+)|<class '([\w.]+)'>")
 
 
 def unsafe_globals(path: Path, message: str, allowed: Sequence[str]) -> list[str]:
-    """Every global a refused file needs: read statically from the file, plus any torch named."""
+    """Every global a file needs beyond torch's defaults and ``allowed``: read statically from
+    the file (nothing is imported or called), plus any that torch's refusal ``message`` names."""
     names: list[str] = []
     try:
         if zipfile.is_zipfile(path):
@@ -391,49 +544,102 @@ def unsafe_globals(path: Path, message: str, allowed: Sequence[str]) -> list[str
     return sorted(n for n in dict.fromkeys(names) if n not in allowed)
 
 
-def unsafe_error(path: Path, exc: Exception, allowed: Sequence[str]) -> UnsafeCheckpointError:
-    names = unsafe_globals(path, str(exc), allowed)
-    code = [n for n in names if runs_code(n)]
-    if code:
-        return UnsafeCheckpointError(
-            f"{path}: this file asks to call {', '.join(code)}, which can run any code on this "
-            "machine. It was refused and nothing from it ran. Do not open it unless you made it "
-            f"yourself: both allow_globals={code!r} and trusted=True would run that code.",
-            names,
-        )
-    listed = ", ".join(names) if names else "(torch did not name them)"
-    allow = repr([*allowed, *names]) if names else "['module.Name', ...]"
-    needs = (
-        "also needs pickle globals not in allow_globals"
-        if allowed
-        else ("needs pickle globals that are not allowed by default")
-    )
-    return UnsafeCheckpointError(
-        f"{path}: this checkpoint {needs}: {listed}. Nothing from it was run. If you trust the "
-        f"file, either allow exactly these for this read: ckptviz.read_checkpoint("
-        f"{str(path)!r}, allow_globals={allow}), or unpickle it fully (this runs any code the "
-        f"file contains): ckptviz.read_checkpoint({str(path)!r}, trusted=True).",
-        names,
+def _harmless_list_text() -> str:
+    return ", ".join(
+        "numpy.dtypes.* (numpy's concrete dtype classes)" if "*" in name else name
+        for name in HARMLESS_GLOBALS
     )
 
 
-def safe_globals_scope(allow: Sequence[GlobalSpec]) -> AbstractContextManager[Any]:
-    if not allow:
-        return nullcontext()
-    resolved = [resolve_global(spec) for spec in allow]
-    # torch's (object, name) form keeps the exact spelling in the file (numpy.core vs numpy._core)
-    pairs: list[Any] = [(obj, name) for obj, name in resolved]
-    return torch.serialization.safe_globals(pairs + _numpy_dtype_classes(resolved))
+def _only_trusted(them: str, *, command_line: bool) -> str:
+    allow = "--allow-global" if command_line else "allow_globals=[...]"
+    trusted = "--trusted" if command_line else "trusted=True"
+    return (
+        f"{allow} cannot allow {them}: the only way to read a file that needs {them} is "
+        f"{trusted}, which would run that code. Use it only for a file you made yourself or "
+        "fully trust; otherwise ask for the weights alone (a state dict saved with torch.save, "
+        "or a .safetensors file)."
+    )
 
 
-def _numpy_dtype_classes(resolved: Sequence[tuple[Any, str]]) -> list[Any]:
-    """Allowing ``numpy.dtype`` allows its concrete classes (``numpy.dtypes.Float64DType``, ...).
+def refusal_text(
+    where: str | Path, needed: Sequence[str], allowed: Sequence[str], *, command_line: bool
+) -> str:
+    """Why a file was refused and the one opt-in that reads it: the same words for the Python
+    API and the command line, only the opt-in spelled for each (``command_line``).
 
-    torch rebuilds a pickled dtype as an instance of one of them, and the file never names them,
-    so an allow-list copied from the error would otherwise fail on them one by one.
+    ``needed`` is every global the file needs beyond what is allowed: all are listed at once.
+    When all of them are harmless the opt-in is allowing exactly them; when any is not, it is
+    ``trusted=True`` alone, named as running the file's code, with no call to copy.
     """
-    numpy = sys.modules.get("numpy")
-    if numpy is None or not any(obj is numpy.dtype for obj, _ in resolved):
-        return []
-    dtypes = getattr(numpy, "dtypes", None)
-    return [getattr(dtypes, name) for name in getattr(dtypes, "__all__", ())]
+    listed = ", ".join(needed)
+    option = "--allow-global" if command_line else "allow_globals"
+    if not needed:
+        head = (
+            f"{where}: this checkpoint needs pickle globals that could not be read from the "
+            "file; they could be anything, including ones that run code."
+        )
+    elif allowed:
+        head = f"{where}: this checkpoint also needs pickle globals not in {option}: {listed}."
+    else:
+        head = (
+            f"{where}: this checkpoint needs pickle globals that are not allowed by default: "
+            f"{listed}."
+        )
+    code = [n for n in needed if runs_code(n)]
+    if needed and not code:
+        everything = [*allowed, *needed]
+        if command_line:
+            call = "run again with " + " ".join(f"--allow-global {n}" for n in everything)
+        else:
+            call = f"ckptviz.read_checkpoint({str(where)!r}, allow_globals={everything!r})"
+        return (
+            f"{head} Each is on ckptviz's short list of harmless globals: rebuilding it runs "
+            "nothing the file chooses. Nothing from it ran. To read it, allow exactly these "
+            f"for this read: {call}."
+        )
+    if code:
+        one = len(code) == 1
+        named = code[0] if one else f"{', '.join(code[:-1])} and {code[-1]}"
+        head += (
+            f" {named} {'is' if one else 'are'} not on ckptviz's list of harmless globals: a "
+            f"pickle can call {'it' if one else 'them'} with arguments of its choosing, so "
+            f"{'it' if one else 'they'} can run any code on this machine."
+        )
+    them = "it" if len(code) == 1 else "them"
+    return f"{head} Nothing from it ran. {_only_trusted(them, command_line=command_line)}"
+
+
+def refusal(
+    where: str | Path, needed: Sequence[str], allowed: Sequence[str]
+) -> UnsafeCheckpointError:
+    """The error for a file that needs the globals ``needed`` (see ``refusal_text``)."""
+    return UnsafeCheckpointError(
+        refusal_text(where, needed, allowed, command_line=False),
+        list(needed),
+        command_line_message=refusal_text(where, needed, allowed, command_line=True),
+    )
+
+
+def unsafe_error(path: Path, exc: Exception, allowed: Sequence[str]) -> UnsafeCheckpointError:
+    """The error for a torch file whose load torch refused over a global: every global it
+    needs, read from the file, not only the one torch stopped at."""
+    return refusal(path, unsafe_globals(path, str(exc), allowed), allowed)
+
+
+def not_allowable(names: Sequence[str]) -> UnsafeCheckpointError:
+    """The error for ``allow_globals`` entries off the harmless list."""
+
+    def text(command_line: bool) -> str:
+        option = "--allow-global" if command_line else "allow_globals"
+        them = "it" if len(names) == 1 else "them"
+        return (
+            f"{option}: {', '.join(names)} cannot be allowed by name: {option} takes only "
+            "ckptviz's short list of harmless globals, by their full dotted name as a refusal "
+            f"lists them{'' if command_line else ' (or the objects themselves)'}: "
+            f"{_harmless_list_text()}. Any other global can be called by a pickle with "
+            "arguments of its choosing, which can run any code. Nothing was read. "
+            + _only_trusted(them, command_line=command_line)
+        )
+
+    return UnsafeCheckpointError(text(False), list(names), command_line_message=text(True))

@@ -38,13 +38,12 @@ from ckptviz.core._torch_private import (
     pickled_layout_global,
 )
 from ckptviz.core.checkpoint import Checkpoint, FileFingerprint, TensorSource
-from ckptviz.core.errors import CheckpointError, UnsafeCheckpointError, torch_reason
+from ckptviz.core.errors import CheckpointError, torch_reason
 from ckptviz.core.errors import first_line as _first_line
 from ckptviz.core.formats.base import FileFormat
 from ckptviz.core.formats.sharded import member_file, read_regular_file
 from ckptviz.core.locate import checkpoint_from_object as _checkpoint_from_object
-from ckptviz.core.safety import GlobalSpec
-from ckptviz.core.safety import resolve_global as _resolve_global
+from ckptviz.core.safety import GlobalSpec, allowed_globals, allowed_pairs, refusal
 
 METADATA_NAME = ".metadata"
 #: The largest ``.metadata`` read. DCP pickles ~150-250 bytes per chunk, so this holds about five
@@ -137,8 +136,7 @@ def read_metadata(folder: Path, *, trusted: bool = False, allow: Sequence[Global
             f"{torch.__version__} has no usable torch.distributed ({_first_line(exc)}); read it "
             "with a torch build that has it (the standard Linux, macOS and Windows wheels do)."
         ) from None
-    for spec in allow:
-        obj, name = _resolve_global(spec)
+    for obj, name in allowed_pairs(allow):  # refuses any that can run code
         module, _, attr = name.rpartition(".")
         allowed[(module, attr)] = obj
     raw = read_regular_file(
@@ -159,15 +157,7 @@ def read_metadata(folder: Path, *, trusted: bool = False, allow: Sequence[Global
             f"({_first_line(exc)}). It may be truncated or damaged; save the checkpoint again."
         ) from None
     if refused:
-        raise UnsafeCheckpointError(
-            f"{path}: this DCP metadata names Python objects that are not allowed by default: "
-            f"{', '.join(refused)}. Nothing from it was run (torch's own reader would unpickle "
-            "it fully). If you trust the directory, allow exactly these for this read: "
-            f"ckptviz.read_checkpoint({str(folder)!r}, allow_globals={refused!r}), or read it "
-            f"fully (this runs any code the file contains): "
-            f"ckptviz.read_checkpoint({str(folder)!r}, trusted=True).",
-            refused,
-        )
+        raise refusal(folder, refused, [name for _, name in allowed_globals(allow)])
     if not isinstance(metadata, Metadata):
         raise CheckpointError(
             f"{path}: expected torch.distributed.checkpoint Metadata, found "
@@ -561,7 +551,7 @@ def read_dcp(
         path=metadata_path,
         opener=opener,
         trusted=trusted,
-        allow_globals=tuple(_resolve_global(a)[1] for a in allow),
+        allow_globals=tuple(name for _, name in allowed_globals(allow)),
     )
     ckpt.fingerprint = fingerprint  # taken before .metadata was read: a save meanwhile shows
     return ckpt

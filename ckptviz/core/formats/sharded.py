@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from ckptviz.core.checkpoint import Checkpoint, FileFingerprint, TensorInfo, TensorSource
-from ckptviz.core.errors import CheckpointError
+from ckptviz.core.errors import CheckpointError, UnsafeCheckpointError
 from ckptviz.core.formats.base import FORMATS, FileFormat
-from ckptviz.core.safety import GlobalSpec
+from ckptviz.core.safety import GlobalSpec, allowed_globals, refusal, safe_globals_lines
 from ckptviz.core.safety import resolve_global as _resolve_global
 
 #: Index names Hugging Face writes, preferred in this order when a directory holds several.
@@ -293,6 +293,8 @@ def read_sharded(
     for k, shard_name in weight_map.items():
         first_key.setdefault(shard_name, k)
     shards: dict[str, Checkpoint] = {}
+    allowed = [name for _, name in allowed_globals(allow)]  # refuses any that can run code
+    needed: list[str] = []  # the globals every refused shard needs: one error lists them all
     for name in names:
         shard_path = member_file(
             folder,
@@ -300,7 +302,12 @@ def read_sharded(
             what=f"{index}: weight_map puts {first_key[name]!r} in",
             anchors=anchors,
         )
-        shards[name] = _read_shard(index, name, shard_path, trusted=trusted, allow=allow)
+        try:
+            shards[name] = _read_shard(index, name, shard_path, trusted=trusted, allow=allow)
+        except UnsafeCheckpointError as exc:
+            needed += exc.unsafe_globals
+    if needed:
+        raise refusal(index, sorted(set(needed)), allowed)
 
     tensors: dict[str, TensorInfo] = {}
     shard_of: dict[str, str] = {}
@@ -343,7 +350,9 @@ def read_sharded(
         metadata=metadata,
         fingerprint=FileFingerprint.of(index),
         trusted=trusted,
-        allow_globals=tuple(_resolve_global(a)[1] for a in allow),
+        # as the shards spell them (so exported code allows exactly those), else as given
+        allow_globals=tuple(dict.fromkeys(n for s in shards.values() for n in s.allow_globals))
+        or tuple(_resolve_global(a)[1] for a in allow),
         _opener=_lazy_opener(shards, shard_of),
     )
 
@@ -386,6 +395,8 @@ def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:
     torch_files = ckpt.format in ("torch-sharded", "mixed-sharded")
     if safetensors:
         lines += ["from safetensors import safe_open", ""]
+    if torch_files and ckpt.allow_globals:
+        lines += [*safe_globals_lines(ckpt.allow_globals), ""]
     lines += [
         f"index = Path({str(ckpt.path)!r})",
         'weight_map = json.loads(index.read_text())["weight_map"]',
@@ -398,11 +409,13 @@ def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:
         "with safe_open(index.parent / shard, framework='pt') as f:",
         "    state.update({k: f.get_tensor(k) for k in keys})",
     ]
-    torch_lines = [
+    load = [
         "shard_state = torch.load(index.parent / shard, map_location='cpu', weights_only=True, "
-        "mmap=True)",
-        "state.update({k: shard_state[k] for k in keys})",
+        "mmap=True)"
     ]
+    if ckpt.allow_globals:  # the harmless globals the shards need, as they spell them
+        load = ["with torch.serialization.safe_globals(safe):", f"    {load[0]}"]
+    torch_lines = [*load, "state.update({k: shard_state[k] for k in keys})"]
     if safetensors and torch_files:
         lines.append("    if shard.endswith('.safetensors'):")
         lines += ["        " + line for line in safetensors_lines]

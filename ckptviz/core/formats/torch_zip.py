@@ -41,9 +41,11 @@ from ckptviz.core.locate import checkpoint_from_object, navigate
 from ckptviz.core.safety import (
     GLOBALS_REFUSAL,
     GlobalSpec,
+    allowed_globals,
     check_legacy_storages,
     check_zip_storages,
-    resolve_global,
+    recorded_globals,
+    safe_globals_lines,
     safe_globals_scope,
     unsafe_error,
     unsafe_globals,
@@ -225,7 +227,7 @@ def load_torch(
     mmap: bool,
     check_sizes: bool = False,
 ) -> object:
-    allowed = [resolve_global(spec)[1] for spec in allow]
+    allowed = [name for _, name in allowed_globals(allow)]  # refuses any that can run code
     with safe_globals_scope(allow):
         try:
             if check_sizes and not trusted:
@@ -283,7 +285,7 @@ def read_torch_file(
     mmap: bool,
 ) -> Checkpoint:
     obj = load_torch(path, trusted=trusted, allow=allow, mmap=mmap, check_sizes=True)
-    allow_names = tuple(resolve_global(a)[1] for a in allow)
+    allow_names = recorded_globals(path, allow) if allow and not trusted else ()
     return checkpoint_from_object(
         obj,
         source=str(path),
@@ -345,14 +347,8 @@ def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:
         ]
     if ckpt.allow_globals:
         return [
-            "import importlib",
-            "",
-            "def allowed(name):  # the pickle globals this checkpoint needs, allowed by name",
-            "    module, _, attr = name.rpartition('.')",
-            "    return (getattr(importlib.import_module(module), attr), name)",
-            "",
-            f"names = {list(ckpt.allow_globals)!r}",
-            "with torch.serialization.safe_globals([allowed(n) for n in names]):",
+            *safe_globals_lines(ckpt.allow_globals),
+            "with torch.serialization.safe_globals(safe):",
             f"    checkpoint = torch.load({path!r}, map_location='cpu', weights_only=True)",
             f"state = checkpoint{where}",
         ]
