@@ -23,6 +23,7 @@ from torch import nn
 import ckptviz
 from ckptviz.core.apply import bitwise_equal
 from ckptviz.widget import ACTION_CODES, ROW_FIELDS, STATIC_ROWS, Loader
+from ckptviz.widget_columns import COLUMNS
 
 CODE_ACTIONS = {code: action for action, code in ACTION_CODES.items()}
 
@@ -46,6 +47,12 @@ def wire_bytes(data: Any) -> int:
 @pytest.fixture(autouse=True)
 def recording_comms(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(comm, "create_comm", RecordingComm)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loaders keep plan files in the working directory they were made in: a test's own."""
+    monkeypatch.chdir(tmp_path)
 
 
 class FrontEnd:
@@ -649,8 +656,11 @@ def test_import_ckptviz_does_not_load_the_widget_stack() -> None:
 
 
 def test_the_row_fields_are_what_the_front_end_reads() -> None:
+    """The front end reads the row fields by name: the columns' through the declared keys
+    (``model_<key>``, ``checkpoint_<key>``), the others literally."""
     script = (Path(ckptviz.__file__).parent / "static" / "loader.js").read_text()
-    for field in ROW_FIELDS:
+    column_fields = {f"{side}_{c.key}" for side in ("model", "checkpoint") for c in COLUMNS}
+    assert column_fields <= set(ROW_FIELDS)
+    assert "get(`model_${c.key}`)" in script and "get(`checkpoint_${c.key}`)" in script
+    for field in set(ROW_FIELDS) - column_fields | {"model_key", "checkpoint_key"}:
         assert f'"{field}"' in script, field
-    for action, code in ACTION_CODES.items():
-        assert f'{code}: "{action}"' in script

@@ -35,11 +35,12 @@ from ckptviz.core.reading import (
     gc_paused,
     read_checkpoint,
 )
+from ckptviz.core.vocabulary import Status
 
 if TYPE_CHECKING:
     from ckptviz.core.plan import Plan
 
-STATUSES = ("match", "dtype", "shape", "missing", "unexpected")
+STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
 
 Source = str | os.PathLike[str] | Mapping[Any, Any] | torch.nn.Module | Checkpoint
 
