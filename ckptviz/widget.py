@@ -41,6 +41,7 @@ import anywidget
 import torch
 import traitlets
 
+from ckptviz import widget_columns
 from ckptviz.core.apply import Report
 from ckptviz.core.diff import STATUSES, Diff, Row, compare
 from ckptviz.core.errors import PlanError
@@ -55,7 +56,7 @@ from ckptviz.core.vocabulary import (
     STATUS_TERMS,
     Action,
 )
-from ckptviz.widget_columns import COLUMNS
+from ckptviz.widget_columns import COLUMNS, Column
 
 STATIC = Path(__file__).parent / "static"
 
@@ -64,18 +65,23 @@ ACTION_CODES: Mapping[str, str] = MappingProxyType({a.value: a.value[0] for a in
 if len(set(ACTION_CODES.values())) != len(ACTION_CODES):
     raise ValueError(f"two actions share an initial, the widget's wire code: {ACTION_CODES}")
 
-#: The order of the values in each row of ``_rows["data"]``: the status, each declared column
-#: for the model side and then the checkpoint side, and what the table needs besides.
-ROW_FIELDS = (
-    "status",
-    *(f"model_{c.key}" for c in COLUMNS),
-    *(f"checkpoint_{c.key}" for c in COLUMNS),
-    "note",
-    "refused",
-    "tied",
-    "place",
-    "renamed",
-)
+
+def row_fields(columns: Sequence[Column]) -> tuple[str, ...]:
+    """The order of the values in each row of ``_rows["data"]``: the status, each declared
+    column for the model side and then the checkpoint side, and what the table needs besides."""
+    return (
+        "status",
+        *(f"model_{c.key}" for c in columns),
+        *(f"checkpoint_{c.key}" for c in columns),
+        "note",
+        "refused",
+        "tied",
+        "place",
+        "renamed",
+    )
+
+
+ROW_FIELDS = row_fields(COLUMNS)
 
 #: A plan file larger than this is refused before it is read.
 PLAN_FILE_LIMIT = 256 * 2**20
@@ -192,7 +198,7 @@ class Loader(anywidget.AnyWidget):
         self._sent_codes = ""
         super().__init__(
             _vocabulary=_vocabulary_state(),
-            _columns=[c.state() for c in COLUMNS],
+            _columns=[c.state() for c in widget_columns.COLUMNS],
             **self._diff_state(),
         )
         self.on_msg(self._on_front_end_message)
@@ -566,6 +572,7 @@ def _counts_state(plan: Plan) -> dict[str, list[int]]:
 
 def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
     """Row metadata, one list per row in ``ROW_FIELDS`` order; refusal reasons deduplicated."""
+    columns = widget_columns.COLUMNS  # read at each call: a column added is a column sent
     reasons: dict[str, int] = {}
     data = []
     mapping = plan.diff.mapping
@@ -586,8 +593,8 @@ def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
         data.append(
             [
                 row.status,
-                *(column.value(m) if m else None for column in COLUMNS),
-                *(column.value(c) if c else None for column in COLUMNS),
+                *(column.value(m) if m else None for column in columns),
+                *(column.value(c) if c else None for column in columns),
                 row.note,
                 refused,
                 list(row.tied),
@@ -597,7 +604,7 @@ def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
         )
     return {
         "gen": generation,
-        "fields": list(ROW_FIELDS),
+        "fields": list(row_fields(columns)),
         "actions_order": list(ACTIONS),
         "data": data,
         "reasons": list(reasons),
@@ -656,19 +663,18 @@ def _confined(path: Any, folder: Path) -> Path:
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     where = f"plan files are saved and loaded inside {str(folder)!r}"
+    elsewhere = "pass plan_dir= to Loader to use another folder"
     if not isinstance(path, str) or not path.strip():
         raise PlanError(f"name the plan file, e.g. 'model.plan.json': {where}")
     if "\x00" in path:
         raise PlanError(f"the plan file name {path!r} holds a NUL character; {where}")
     given = Path(path)
     if ".." in given.parts:
-        raise PlanError(
-            f"the plan file name {path!r} contains '..': {where}; "
-            "pass plan_dir= to Loader to use another folder"
-        )
+        raise PlanError(f"the plan file name {path!r} contains '..': {where}; {elsewhere}")
     if given.parts and given.parts[0].startswith("~"):
         raise PlanError(
-            f"the plan file name {path!r} starts with '~', which is not expanded: {where}"
+            f"the plan file name {path!r} starts with '~', which is not expanded: {where}; "
+            + elsewhere
         )
     candidate = given if given.is_absolute() else folder / given
     try:
@@ -680,10 +686,10 @@ def _confined(path: Any, folder: Path) -> Path:
         raise PlanError(
             f"the plan file {path!r} is outside {str(folder)!r}"
             + (f" (a symbolic link leads to {str(resolved)!r})" if through_link else "")
-            + f": {where}; pass plan_dir= to Loader to use another folder"
+            + f": {where}; {elsewhere}"
         )
     if resolved == folder:
-        raise PlanError(f"{path!r} is the plan folder itself; name a file in it")
+        raise PlanError(f"{path!r} is the plan folder itself: {where}; name a file in it")
     return resolved
 
 
@@ -696,15 +702,17 @@ def _read_plan_json(path: Path) -> Any:
         raise PlanError(f"{path}: no such plan file; save one first or check the name") from None
     except OSError as exc:
         raise PlanError(f"{path}: cannot read the plan file ({exc.strerror or exc})") from None
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        raise PlanError(f"{path} is not a regular file; a plan file is JSON saved by ckptviz")
+    if info.st_size > PLAN_FILE_LIMIT:
+        os.close(descriptor)
+        raise PlanError(
+            f"{path} is {info.st_size:,} bytes, more than a plan file may be "
+            f"({PLAN_FILE_LIMIT:,}); it is not a ckptviz plan"
+        )
     with os.fdopen(descriptor, "rb") as source:
-        info = os.fstat(source.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise PlanError(f"{path} is not a regular file; a plan file is JSON saved by ckptviz")
-        if info.st_size > PLAN_FILE_LIMIT:
-            raise PlanError(
-                f"{path} is {info.st_size:,} bytes, more than a plan file may be "
-                f"({PLAN_FILE_LIMIT:,}); it is not a ckptviz plan"
-            )
         data = source.read(PLAN_FILE_LIMIT + 1)
     if len(data) > PLAN_FILE_LIMIT:
         raise PlanError(f"{path} grew past {PLAN_FILE_LIMIT:,} bytes while being read")

@@ -770,7 +770,7 @@ class LoaderView {
   actionCell(row) {
     const cell = make("div", ["ckv-cell", "ckv-act"]);
     if (row.modelKey == null) {
-      const skip = make("span", ["ckv-skip"], `${this.skipAction} · never applied`);
+      const skip = make("span", ["ckv-never"], `${this.skipAction} · never applied`);
       skip.setAttribute("title", this.refusal(row.index, this.chosenActions[0]) || this.actionTerm(this.skipAction).label);
       cell.append(skip);
       return cell;
@@ -911,7 +911,7 @@ class LoaderView {
       }
       controls.append(seg);
     } else {
-      const skip = make("span", ["ckv-skip"], `${this.skipAction} · never applied`);
+      const skip = make("span", ["ckv-never"], `${this.skipAction} · never applied`);
       skip.setAttribute("title", "the model has no tensors here: these checkpoint entries are never applied");
       controls.append(skip);
     }
