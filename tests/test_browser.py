@@ -210,6 +210,18 @@ def _drive(nb: NotebookUI, url: str, shots: Path) -> None:
     nb.run_cell(2, lambda: "CHECK 2 " in nb.output_text(2))
     assert _json_after("CHECK 2", nb.output_text(2))["changed"] == []
 
+    # Save plan writes next to the notebook; saving again asks before replacing the file
+    notice, confirm = widget.locator(".ckv-notice"), widget.locator(".ckv-confirm")
+    save = widget.locator("button", has_text="Save plan")
+    save.click()
+    wait_until(lambda: "plan saved to" in notice.inner_text(), 30, "the plan to be saved")
+    save.click()
+    wait_until(lambda: confirm.is_visible() and "Replace" in confirm.inner_text(), 30, "a question")
+    assert "exists already" in widget.locator(".ckv-error").inner_text()
+    confirm.locator("button", has_text="Replace it").click()
+    wait_until(lambda: "plan saved to" in notice.inner_text(), 30, "the plan to be replaced")
+    assert not confirm.is_visible()
+
     # the dark theme: the widget follows JupyterLab's colours
     nb.set_theme("JupyterLab Dark")
     try:
