@@ -298,11 +298,18 @@ def test_a_hostile_checkpoint_in_the_loader_runs_nothing(
     def drive() -> None:
         nb.open(lab.notebook_url("HOSTILE_LOADER.ipynb"))
         nb.run_cell(0, lambda: "READY" in nb.output_text(0))
-        for index in (1, 2):
-            widget = nb.cell(index).locator(".ckv")
-            nb.run_cell(index, lambda w=widget: w.locator(".ckv-row").count() >= 5, timeout=90)
-            _explore_hostile_loader(nb, widget, shots / f"hostile-loader-{index}.png")
-            assert _pwned(nb) is None
+        # the safetensors file: its rows render as text; the torch file (the same keys, one
+        # more, and a hostile file name) is explored in every part of the widget
+        first = nb.cell(1).locator(".ckv")
+        nb.run_cell(1, lambda: first.locator(".ckv-row").count() >= 5, timeout=90)
+        keys = [row.get_attribute("data-key") for row in first.locator(".ckv-row").all()]
+        assert f"{IMG}fc.bias" in keys and f"extra.{SCRIPT}" in keys
+        assert first.locator("img, script").count() == 0
+        assert _pwned(nb) is None
+        widget = nb.cell(2).locator(".ckv")
+        nb.run_cell(2, lambda: widget.locator(".ckv-row").count() >= 5, timeout=90)
+        _explore_hostile_loader(nb, widget, shots / "hostile-loader.png")
+        assert _pwned(nb) is None
         title = nb.cell(2).locator(".ckv-title").inner_text()
         assert HOSTILE_PT in title  # the file name, shown as text
         assert _pwned(nb) is None
