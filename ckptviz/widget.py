@@ -15,14 +15,23 @@ What goes over the wire, and why it stays small at 10,000 rows:
   letter each, with the counters. A single tick is one message of a few hundred bytes.
 - A front end that renders later (a second view, a reloaded page) sends ``hello`` and gets the
   full action list in one message.
+- ``_vocabulary`` and ``_columns`` (sent once) say what the statuses and actions are called, how
+  they look and which columns the table has: the front end restates none of it.
+
+Everything the checkpoint controls (keys, shapes, dtypes, notes, file names) reaches the page as
+DOM text only; ``loader.js`` never parses a string as HTML. Plan files are read and written only
+inside one folder (``plan_dir``, by default the working directory when the Loader was made).
 """
 
 from __future__ import annotations
 
 import functools
 import html
+import json
 import logging
+import os
 import re
+import stat
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -32,36 +41,50 @@ import anywidget
 import torch
 import traitlets
 
+from ckptviz import widget_columns
 from ckptviz.core.apply import Report
 from ckptviz.core.diff import STATUSES, Diff, Row, compare
 from ckptviz.core.errors import PlanError
 from ckptviz.core.explain import explain_row
 from ckptviz.core.matching import KeyMapping, RuleSuggestion, Suggestion
-from ckptviz.core.plan import ACTIONS, SKIP, Plan, refusal
+from ckptviz.core.plan import ACTIONS, SKIP, Plan, plan_from_dict, refusal
 from ckptviz.core.text import format_table, row_cells, visible
+from ckptviz.core.vocabulary import (
+    ACTION_TERMS,
+    CHOSEN_ACTIONS,
+    COLOUR_ROLES,
+    STATUS_TERMS,
+    Action,
+)
+from ckptviz.widget_columns import COLUMNS, Column
 
 STATIC = Path(__file__).parent / "static"
 
-#: One letter per action in the action strings and deltas sent to the front end.
-ACTION_CODES = {"load": "l", "keep": "k", "reinit": "r", "partial": "p", SKIP: "s"}
+#: One letter per action in the action strings and deltas sent to the front end: its initial.
+ACTION_CODES: Mapping[str, str] = MappingProxyType({a.value: a.value[0] for a in Action})
+if len(set(ACTION_CODES.values())) != len(ACTION_CODES):
+    raise ValueError(f"two actions share an initial, the widget's wire code: {ACTION_CODES}")
 
-#: The order of the values in each row of ``_rows["data"]``.
-ROW_FIELDS = (
-    "status",
-    "model_key",
-    "model_shape",
-    "model_dtype",
-    "model_bytes",
-    "checkpoint_key",
-    "checkpoint_shape",
-    "checkpoint_dtype",
-    "checkpoint_bytes",
-    "note",
-    "refused",
-    "tied",
-    "place",
-    "renamed",
-)
+
+def row_fields(columns: Sequence[Column]) -> tuple[str, ...]:
+    """The order of the values in each row of ``_rows["data"]``: the status, each declared
+    column for the model side and then the checkpoint side, and what the table needs besides."""
+    return (
+        "status",
+        *(f"model_{c.key}" for c in columns),
+        *(f"checkpoint_{c.key}" for c in columns),
+        "note",
+        "refused",
+        "tied",
+        "place",
+        "renamed",
+    )
+
+
+ROW_FIELDS = row_fields(COLUMNS)
+
+#: A plan file larger than this is refused before it is read.
+PLAN_FILE_LIMIT = 256 * 2**20
 
 #: The methods a front-end message may call (its "do"), with the fields passed as arguments.
 FRONT_END_CALLS: Mapping[str, tuple[str, ...]] = MappingProxyType(
@@ -76,7 +99,7 @@ FRONT_END_CALLS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "undo": (),
         "show_code": (),
         "hide_code": (),
-        "save_plan": ("path",),
+        "save_plan": ("path", "overwrite"),
         "load_plan": ("path",),
     }
 )
@@ -88,6 +111,10 @@ _FULL_RESEND_SHARE = 0.25
 
 log = logging.getLogger(__name__)
 Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+class PlanFileExistsError(PlanError):
+    """``save_plan`` would replace an existing file; pass ``overwrite=True`` to replace it."""
 
 
 def _error_text(exc: BaseException) -> str:
@@ -123,6 +150,10 @@ class Loader(anywidget.AnyWidget):
     ``allow_globals``). Display the widget in a notebook; drive it from code with the same
     methods its buttons call: ``set_action``, ``set_module``, ``set_bulk``, ``accept``, ``pair``,
     ``apply``, ``undo``, ``show_code``, ``save_plan``, ``load_plan``.
+
+    Plan files are saved and loaded only inside ``plan_dir`` (by default the working directory
+    at the time the Loader is made): a name with ``..``, a path outside it, or a symbolic link
+    leading out of it is refused, and an existing file is replaced only with ``overwrite=True``.
     """
 
     _esm = STATIC / "loader.js"
@@ -133,24 +164,43 @@ class Loader(anywidget.AnyWidget):
     _suggestions: traitlets.List[dict[str, Any]] = traitlets.List().tag(sync=True)
     _report = traitlets.Dict().tag(sync=True)
     _code = traitlets.Unicode("").tag(sync=True)
+    #: Names, words, symbols and colour roles of every status and action (constant).
+    _vocabulary = traitlets.Dict().tag(sync=True)
+    #: The declared table columns (constant): see ``ckptviz.widget_columns``.
+    _columns: traitlets.List[dict[str, Any]] = traitlets.List().tag(sync=True)
     #: The last action's failure in words ("" when it succeeded); the model was not changed.
     error = traitlets.Unicode("").tag(sync=True)
     #: What the last action did that the table alone does not show (refused rows, saved file).
     notice = traitlets.Unicode("").tag(sync=True)
 
-    def __init__(self, model: torch.nn.Module, source: Any, **compare_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        source: Any,
+        *,
+        plan_dir: str | os.PathLike[str] | None = None,
+        **compare_kwargs: Any,
+    ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(
                 f"Loader needs a live torch.nn.Module to load into, got {type(model).__name__}; "
                 "to compare two checkpoints use ckptviz.compare(a, b)"
             )
+        folder = Path(os.getcwd() if plan_dir is None else plan_dir).resolve()
+        if not folder.is_dir():
+            raise PlanError(f"plan_dir {str(folder)!r} is not a folder; pass an existing one")
+        self._plan_dir = folder
         self._model = model
         self._plan = compare(model, source, **compare_kwargs).plan()
         self._reports: list[Report] = []
         self._generation = 0
         self._sent_diff: Diff | None = None
         self._sent_codes = ""
-        super().__init__(**self._diff_state())
+        super().__init__(
+            _vocabulary=_vocabulary_state(),
+            _columns=[c.state() for c in widget_columns.COLUMNS],
+            **self._diff_state(),
+        )
         self.on_msg(self._on_front_end_message)
 
     # -- what a script reads ---------------------------------------------------------------------
@@ -166,6 +216,11 @@ class Loader(anywidget.AnyWidget):
     @property
     def diff(self) -> Diff:
         return self._plan.diff
+
+    @property
+    def plan_dir(self) -> Path:
+        """The folder plan files are saved to and loaded from (symbolic links resolved)."""
+        return self._plan_dir
 
     @property
     def report(self) -> Report | None:
@@ -322,22 +377,47 @@ class Loader(anywidget.AnyWidget):
         self._code = ""
 
     @_user_action
-    def save_plan(self, path: str | Path) -> Path:
-        """Write the plan as JSON (``Plan.from_json`` or ``load_plan`` read it back)."""
-        target = Path(path).expanduser()
+    def save_plan(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the plan as JSON to ``path`` inside ``plan_dir`` (``Plan.from_json`` or
+        ``load_plan`` read it back); returns the file written.
+
+        An existing file is replaced only with ``overwrite=True`` (the widget asks first).
+        """
+        if not isinstance(overwrite, bool):
+            raise PlanError(f"overwrite must be True or False, got {overwrite!r}")
+        target = _confined(path, self._plan_dir)
+        text = self._plan.to_json()
+        if target.exists() and not target.is_file():
+            raise PlanError(f"{target} is not a regular file; choose another plan file name")
+        if target.exists() and not overwrite:
+            raise PlanFileExistsError(
+                f"{target} exists already: replace it (save_plan(..., overwrite=True)), "
+                "or choose another name"
+            )
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        flags |= os.O_TRUNC if overwrite else os.O_EXCL
         try:
-            self._plan.to_json(target)
+            descriptor = os.open(target, flags, 0o644)
+        except FileExistsError:
+            raise PlanFileExistsError(
+                f"{target} exists already: replace it (save_plan(..., overwrite=True)), "
+                "or choose another name"
+            ) from None
         except OSError as exc:
             raise PlanError(f"{target}: cannot write the plan ({exc.strerror or exc})") from None
-        self.notice = f"plan saved to {target.resolve()}"
+        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+            out.write(text)
+        self.notice = f"plan saved to {target}"
         return target
 
     @_user_action
-    def load_plan(self, path: str | Path) -> None:
-        """Take the key mapping and actions of a saved plan; every row must fit this model
-        and checkpoint, or nothing changes."""
-        self._plan = _plan_for(self._plan.diff, Plan.from_json(Path(path).expanduser()), path)
-        self.notice = f"plan loaded from {path}"
+    def load_plan(self, path: str | os.PathLike[str]) -> None:
+        """Take the key mapping and actions of a plan saved in ``plan_dir``; every row must fit
+        this model and checkpoint, or nothing changes."""
+        source = _confined(path, self._plan_dir)
+        saved = plan_from_dict(_read_plan_json(source))
+        self._plan = _plan_for(self._plan.diff, saved, source)
+        self.notice = f"plan loaded from {source}"
 
     @_user_action
     def refresh(self) -> None:
@@ -360,6 +440,9 @@ class Loader(anywidget.AnyWidget):
         kwargs = {f: content[f] for f in FRONT_END_CALLS[do] if f in content}
         try:
             getattr(self, do)(**kwargs)
+        except PlanFileExistsError:
+            # the error is shown; the front end asks whether to replace the file
+            self.send({"type": "confirm_overwrite", "path": kwargs.get("path")})
         except Exception:
             # Already shown in the widget by _user_action; the traceback goes to the log.
             log.debug("Loader.%s(%r) failed", do, kwargs, exc_info=True)
@@ -383,7 +466,7 @@ class Loader(anywidget.AnyWidget):
         self._sent_codes = _action_codes(plan)
         return {
             "_rows": _rows_state(plan, self._generation, self._sent_codes),
-            "_info": _info_state(plan, self._model),
+            "_info": _info_state(plan, self._model, self._plan_dir),
             "_suggestions": _suggestion_state(self.suggestions),
         }
 
@@ -489,6 +572,7 @@ def _counts_state(plan: Plan) -> dict[str, list[int]]:
 
 def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
     """Row metadata, one list per row in ``ROW_FIELDS`` order; refusal reasons deduplicated."""
+    columns = widget_columns.COLUMNS  # read at each call: a column added is a column sent
     reasons: dict[str, int] = {}
     data = []
     mapping = plan.diff.mapping
@@ -509,14 +593,8 @@ def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
         data.append(
             [
                 row.status,
-                m.key if m else None,
-                list(m.shape) if m else None,
-                m.dtype if m else None,
-                m.nbytes if m else 0,
-                c.key if c else None,
-                list(c.shape) if c else None,
-                c.dtype if c else None,
-                c.nbytes if c else 0,
+                *(column.value(m) if m else None for column in columns),
+                *(column.value(c) if c else None for column in columns),
                 row.note,
                 refused,
                 list(row.tied),
@@ -526,7 +604,7 @@ def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
         )
     return {
         "gen": generation,
-        "fields": list(ROW_FIELDS),
+        "fields": list(row_fields(columns)),
         "actions_order": list(ACTIONS),
         "data": data,
         "reasons": list(reasons),
@@ -535,7 +613,7 @@ def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
     }
 
 
-def _info_state(plan: Plan, model: torch.nn.Module) -> dict[str, Any]:
+def _info_state(plan: Plan, model: torch.nn.Module, plan_dir: Path) -> dict[str, Any]:
     diff = plan.diff
     ckpt = diff.checkpoint
     owners = {r.module for r in diff.rows if r.model is not None}
@@ -552,8 +630,96 @@ def _info_state(plan: Plan, model: torch.nn.Module) -> dict[str, Any]:
         "mapping": diff.mapping.describe(),
         "module_types": module_types,
         "plan_path": f"{stem}.plan.json",
+        "plan_dir": str(plan_dir),
         "statuses": diff.counts,
     }
+
+
+def _vocabulary_state() -> dict[str, Any]:
+    """The statuses and actions as the front end shows them, from ``core.vocabulary``."""
+    return {
+        "statuses": [
+            {"name": s.value, "label": t.label, "symbol": t.symbol, "colour": t.colour}
+            for s, t in STATUS_TERMS.items()
+        ],
+        "actions": [
+            {
+                "name": a.value,
+                "label": t.label,
+                "symbol": t.symbol,
+                "colour": t.colour,
+                "code": ACTION_CODES[a.value],
+                "chosen": a in CHOSEN_ACTIONS,
+            }
+            for a, t in ACTION_TERMS.items()
+        ],
+        "colours": list(COLOUR_ROLES),
+    }
+
+
+def _confined(path: Any, folder: Path) -> Path:
+    """``path`` (relative to ``folder``, or absolute) with every symbolic link resolved, if it
+    stays inside ``folder``; else a ``PlanError`` that says why and what to do."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    where = f"plan files are saved and loaded inside {str(folder)!r}"
+    elsewhere = "pass plan_dir= to Loader to use another folder"
+    if not isinstance(path, str) or not path.strip():
+        raise PlanError(f"name the plan file, e.g. 'model.plan.json': {where}")
+    if "\x00" in path:
+        raise PlanError(f"the plan file name {path!r} holds a NUL character; {where}")
+    given = Path(path)
+    if ".." in given.parts:
+        raise PlanError(f"the plan file name {path!r} contains '..': {where}; {elsewhere}")
+    if given.parts and given.parts[0].startswith("~"):
+        raise PlanError(
+            f"the plan file name {path!r} starts with '~', which is not expanded: {where}; "
+            + elsewhere
+        )
+    candidate = given if given.is_absolute() else folder / given
+    try:
+        resolved = candidate.resolve()
+    except (OSError, RuntimeError) as exc:  # a symbolic link loop
+        raise PlanError(f"{path!r}: cannot resolve the path ({exc}); {where}") from None
+    if not resolved.is_relative_to(folder):
+        through_link = candidate.absolute().is_relative_to(folder)
+        raise PlanError(
+            f"the plan file {path!r} is outside {str(folder)!r}"
+            + (f" (a symbolic link leads to {str(resolved)!r})" if through_link else "")
+            + f": {where}; {elsewhere}"
+        )
+    if resolved == folder:
+        raise PlanError(f"{path!r} is the plan folder itself: {where}; name a file in it")
+    return resolved
+
+
+def _read_plan_json(path: Path) -> Any:
+    """The parsed JSON of a regular file of at most ``PLAN_FILE_LIMIT`` bytes."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        descriptor = os.open(path, flags)
+    except FileNotFoundError:
+        raise PlanError(f"{path}: no such plan file; save one first or check the name") from None
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot read the plan file ({exc.strerror or exc})") from None
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        raise PlanError(f"{path} is not a regular file; a plan file is JSON saved by ckptviz")
+    if info.st_size > PLAN_FILE_LIMIT:
+        os.close(descriptor)
+        raise PlanError(
+            f"{path} is {info.st_size:,} bytes, more than a plan file may be "
+            f"({PLAN_FILE_LIMIT:,}); it is not a ckptviz plan"
+        )
+    with os.fdopen(descriptor, "rb") as source:
+        data = source.read(PLAN_FILE_LIMIT + 1)
+    if len(data) > PLAN_FILE_LIMIT:
+        raise PlanError(f"{path} grew past {PLAN_FILE_LIMIT:,} bytes while being read")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanError(f"{path}: not a ckptviz plan: the JSON is malformed ({exc})") from None
 
 
 def _suggestion_state(items: Sequence[RuleSuggestion | Suggestion]) -> list[dict[str, Any]]:

@@ -118,6 +118,8 @@ class LabServer:
             f"--LabApp.workspaces_dir={state / 'workspaces'}",
             "--LabApp.news_url=",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            # window.jupyterapp: tests switch the theme through the app's own command
+            "--LabApp.expose_app_in_browser=True",
         ]
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
@@ -250,6 +252,16 @@ class NotebookUI:
                 continue
             wait_until(done, timeout, f"cell {index} to finish")
             return
+
+    def set_theme(self, name: str, timeout: float = 30) -> None:
+        """Switch JupyterLab's theme ("JupyterLab Light", "JupyterLab Dark") and wait for it."""
+        self.page.evaluate(
+            "name => window.jupyterapp.commands.execute('apputils:change-theme', {theme: name})",
+            name,
+        )
+        self.page.locator(f"body[data-jp-theme-name='{name}']").wait_for(
+            state="attached", timeout=timeout * 1000
+        )
 
     def screenshot(self, path: Path, element: Any = None) -> None:
         """The page (or one element of it) as a PNG; an element is scrolled into view first."""

@@ -1,17 +1,23 @@
 """The Loader in a real JupyterLab: tick rows and a module group in the rendered widget, Apply,
-then check in the kernel that exactly the chosen tensors changed; Undo and check again."""
+then check in the kernel that exactly the chosen tensors changed; Undo and check again. And a
+hostile checkpoint (script payloads in its keys, metadata and file name) shown as a static table
+and as the Loader runs nothing in the page.
+
+One JupyterLab server and one browser serve every test of this module."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from jupyterlab_harness import (
     CHROMIUM,
+    LabServer,
     NotebookUI,
     chromium_page,
     keep_copy,
@@ -84,23 +90,52 @@ def _json_after(marker: str, text: str) -> Any:
     return json.loads(match.group(1))
 
 
-def test_loader_ticks_apply_and_undo_in_jupyterlab(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
     _require_chromium()
-    root = tmp_path / "lab"
-    root.mkdir()
-    write_notebook(root / "NB.ipynb", [SETUP, SHOW, CHECK])
-    shots = tmp_path / "screenshots"
+    root = tmp_path_factory.mktemp("lab")
+    with running_lab(root) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser_page(lab: LabServer) -> Iterator[Any]:
+    with chromium_page() as page:
+        yield page
+
+
+@pytest.fixture
+def nb(browser_page: Any) -> NotebookUI:
+    browser_page.set_viewport_size({"width": 1500, "height": 1100})
+    return NotebookUI(browser_page)
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Iterator[Path]:
+    """Where a test puts its screenshots; kept in test-output/browser afterwards."""
+    folder = tmp_path / "screenshots"
     try:
-        with running_lab(root) as lab, chromium_page() as page:
-            nb = NotebookUI(page)
-            try:
-                _drive(nb, lab.notebook_url("NB.ipynb"), shots)
-            except Exception:
-                nb.screenshot(shots / "failure.png")
-                raise
+        yield folder
     finally:
-        for shot in sorted(shots.glob("*.png")):
+        for shot in sorted(folder.glob("*.png")):
             keep_copy(shot, REPO / "test-output" / "browser")
+
+
+def _screenshot_on_failure(nb: NotebookUI, shots: Path, name: str, drive: Any) -> None:
+    try:
+        drive()
+    except Exception:
+        nb.screenshot(shots / f"{name}-failure.png")
+        raise
+
+
+def test_loader_ticks_apply_and_undo_in_jupyterlab(
+    lab: LabServer, nb: NotebookUI, shots: Path
+) -> None:
+    write_notebook(lab.root / "NB.ipynb", [SETUP, SHOW, CHECK])
+    _screenshot_on_failure(
+        nb, shots, "loader", lambda: _drive(nb, lab.notebook_url("NB.ipynb"), shots)
+    )
 
 
 def _drive(nb: NotebookUI, url: str, shots: Path) -> None:
@@ -175,7 +210,199 @@ def _drive(nb: NotebookUI, url: str, shots: Path) -> None:
     nb.run_cell(2, lambda: "CHECK 2 " in nb.output_text(2))
     assert _json_after("CHECK 2", nb.output_text(2))["changed"] == []
 
+    # Save plan writes next to the notebook; saving again asks before replacing the file
+    notice, confirm = widget.locator(".ckv-notice"), widget.locator(".ckv-confirm")
+    save = widget.locator("button", has_text="Save plan")
+    save.click()
+    wait_until(lambda: "plan saved to" in notice.inner_text(), 30, "the plan to be saved")
+    save.click()
+    wait_until(lambda: confirm.is_visible() and "Replace" in confirm.inner_text(), 30, "a question")
+    assert "exists already" in widget.locator(".ckv-error").inner_text()
+    confirm.locator("button", has_text="Replace it").click()
+    wait_until(lambda: "plan saved to" in notice.inner_text(), 30, "the plan to be replaced")
+    assert not confirm.is_visible()
+
+    # the dark theme: the widget follows JupyterLab's colours
+    nb.set_theme("JupyterLab Dark")
+    try:
+        nb.screenshot(shots / "loader-dark.png", element=widget)
+    finally:
+        nb.set_theme("JupyterLab Light")
+
     # narrow: the same widget stays usable in a narrow notebook
     nb.page.set_viewport_size({"width": 700, "height": 1800})
     wait_until(lambda: "ckv-narrow" in (widget.get_attribute("class") or ""), 30, "narrow mode")
     nb.screenshot(shots / "loader-narrow.png", element=widget)
+
+
+# -- a hostile checkpoint: everything it controls is shown as text, nothing runs ---------------
+
+IMG = '<img src=x onerror="window.__ckptviz_pwned=1">'
+SCRIPT = "<script>window.__ckptviz_pwned=1</script>"
+#: the torch.save'd checkpoint's own name carries a payload too (no "/" in it: a file name)
+HOSTILE_PT = f"weights{IMG}.pt"
+
+HOSTILE_SETUP = """\
+import torch
+from torch import nn
+import ckptviz
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 2)
+
+model = Net()
+print("READY")"""
+
+
+def _write_hostile_checkpoints(folder: Path) -> None:
+    """A safetensors file and a torch.save'd dict whose keys and metadata carry payloads: the
+    model's ``fc.bias`` appears renamed under a payload module (a rename suggestion), extra keys
+    are an image and a script element, ``head.bias`` has another shape (a refused action)."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {
+        "fc.weight": torch.zeros(3, 4),
+        f"{IMG}fc.bias": torch.zeros(3),
+        "head.weight": torch.zeros(2, 3, dtype=torch.float64),
+        "head.bias": torch.zeros(5),
+        f"extra.{SCRIPT}": torch.zeros(2),
+        f"head.{IMG}": torch.zeros(1),
+    }
+    save_file(
+        tensors,
+        str(folder / "hostile.safetensors"),
+        metadata={"format": "pt", f"note{IMG}": SCRIPT, "about": IMG},
+    )
+    torch.save({**tensors, f"meta{SCRIPT}": torch.ones(1)}, folder / HOSTILE_PT)
+
+
+def _pwned(nb: NotebookUI) -> Any:
+    return nb.page.evaluate("() => window.__ckptviz_pwned")
+
+
+def test_a_hostile_checkpoint_in_the_loader_runs_nothing(
+    lab: LabServer, nb: NotebookUI, shots: Path
+) -> None:
+    _write_hostile_checkpoints(lab.root)
+    cells = [
+        HOSTILE_SETUP,
+        'ckptviz.Loader(model, "hostile.safetensors")',
+        f"ckptviz.Loader(model, {HOSTILE_PT!r})",
+    ]
+    write_notebook(lab.root / "HOSTILE_LOADER.ipynb", cells)
+
+    def drive() -> None:
+        nb.open(lab.notebook_url("HOSTILE_LOADER.ipynb"))
+        nb.run_cell(0, lambda: "READY" in nb.output_text(0))
+        # the safetensors file: its rows render as text; the torch file (the same keys, one
+        # more, and a hostile file name) is explored in every part of the widget
+        first = nb.cell(1).locator(".ckv")
+        nb.run_cell(1, lambda: first.locator(".ckv-row").count() >= 5, timeout=90)
+        keys = [row.get_attribute("data-key") for row in first.locator(".ckv-row").all()]
+        assert f"{IMG}fc.bias" in keys and f"extra.{SCRIPT}" in keys
+        assert first.locator("img, script").count() == 0
+        assert _pwned(nb) is None
+        widget = nb.cell(2).locator(".ckv")
+        nb.run_cell(2, lambda: widget.locator(".ckv-row").count() >= 5, timeout=90)
+        _explore_hostile_loader(nb, widget, shots / "hostile-loader.png")
+        assert _pwned(nb) is None
+        title = nb.cell(2).locator(".ckv-title").inner_text()
+        assert HOSTILE_PT in title  # the file name, shown as text
+        assert _pwned(nb) is None
+
+    _screenshot_on_failure(nb, shots, "hostile-loader", drive)
+
+
+def _explore_hostile_loader(nb: NotebookUI, widget: Any, shot: Path) -> None:
+    """Open everything that shows a key: groups, details, explanations, a refusal, the rename
+    suggestion and its accepted row, the code, and an error naming a hostile plan file."""
+    details = widget.locator(".ckv-details")
+    # expand rows: collapse every group, then open them again one by one through the tree
+    widget.locator("button", has_text="collapse all").click()
+    wait_until(lambda: widget.locator(".ckv-row").count() == 0, 30, "every group collapsed")
+    widget.locator("button", has_text="expand all").click()
+    wait_until(lambda: widget.locator(".ckv-row").count() >= 5, 30, "every group open again")
+    twisty = widget.locator(".ckv-group .ckv-twisty").last
+    twisty.click()
+    twisty = widget.locator(".ckv-group .ckv-twisty").last
+    twisty.click()
+    wait_until(lambda: widget.locator(".ckv-row").count() >= 5, 30, "the last group open again")
+
+    rows = widget.locator(".ckv-row")
+    hostile = [
+        i for i in range(rows.count()) if "pwned" in (rows.nth(i).get_attribute("data-key") or "")
+    ]
+    assert len(hostile) >= 3
+    for i in hostile:
+        row = rows.nth(i)
+        key = row.get_attribute("data-key") or ""
+        assert IMG in key or SCRIPT in key, key
+        row.locator(".ckv-status").hover()
+        wait_until(
+            lambda k=key: k in details.inner_text() and "…" not in details.inner_text(),
+            30,
+            "the hostile row's explanation",
+        )
+    group = widget.locator(".ckv-group").filter(has_text=f"{IMG}fc")
+    group.locator(".ckv-gname").hover()
+    wait_until(lambda: f"{IMG}fc" in details.inner_text(), 30, "the group's details")
+
+    # a refused action says why in the details line
+    refused = widget.locator('.ckv-row button[aria-disabled="true"]').first
+    refused.click(force=True)  # aria-disabled: Playwright would wait for it to enable
+    wait_until(lambda: "not possible" in details.inner_text(), 30, "the refusal")
+
+    # the rename suggestion names the hostile key as text; accepting it shows the renamed row
+    suggestions = widget.locator(".ckv-suggest")
+    assert IMG in suggestions.inner_text()
+    suggestions.locator("button", has_text="accept").first.click()
+    renamed = widget.locator('.ckv-row[data-key="fc.bias"] .ckv-name.ckv-ck')
+    wait_until(
+        lambda: f"{IMG}fc.bias" in renamed.inner_text(), 30, "the renamed row's checkpoint key"
+    )
+
+    # the code names every key as a Python literal, shown as text
+    widget.locator("button", has_text="Code").click()
+    code = widget.locator(".ckv-code pre")
+    wait_until(lambda: code.count() and IMG in code.inner_text(), 30, "the code")
+
+    # an error about a hostile plan file name is text too
+    path = widget.locator(".ckv-path")
+    path.fill(f"../{IMG}.json")
+    widget.locator("button", has_text="Save plan").click()
+    error = widget.locator(".ckv-error")
+    wait_until(lambda: IMG in error.inner_text(), 30, "the refusal of the plan file")
+
+    assert widget.locator("img, script").count() == 0
+    nb.screenshot(shot, element=widget)
+
+
+def test_a_hostile_checkpoint_in_a_static_table_runs_nothing(
+    lab: LabServer, nb: NotebookUI, shots: Path
+) -> None:
+    """``ckptviz.compare(model, path)`` as the last line of a cell: the README's way."""
+    _write_hostile_checkpoints(lab.root)
+    cells = [
+        HOSTILE_SETUP,
+        'ckptviz.compare(model, "hostile.safetensors")',
+        f"ckptviz.compare(model, {HOSTILE_PT!r})",
+    ]
+    write_notebook(lab.root / "HOSTILE_TABLE.ipynb", cells)
+
+    def drive() -> None:
+        nb.open(lab.notebook_url("HOSTILE_TABLE.ipynb"))
+        nb.run_cell(0, lambda: "READY" in nb.output_text(0))
+        for index in (1, 2):
+            nb.run_cell(index, lambda i=index: "fc.weight" in nb.output_text(i))
+            output = nb.cell(index).locator(".jp-OutputArea-output")
+            text = output.inner_text()
+            assert IMG in text and SCRIPT in text, text
+            assert output.locator("img, script").count() == 0
+            assert _pwned(nb) is None
+        nb.screenshot(shots / "hostile-table.png", element=nb.cell(2))
+
+    _screenshot_on_failure(nb, shots, "hostile-table", drive)

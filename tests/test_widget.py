@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -21,8 +22,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ckptviz
+from ckptviz import widget
 from ckptviz.core.apply import bitwise_equal
 from ckptviz.widget import ACTION_CODES, ROW_FIELDS, STATIC_ROWS, Loader
+from ckptviz.widget_columns import COLUMNS
 
 CODE_ACTIONS = {code: action for action, code in ACTION_CODES.items()}
 
@@ -46,6 +49,12 @@ def wire_bytes(data: Any) -> int:
 @pytest.fixture(autouse=True)
 def recording_comms(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(comm, "create_comm", RecordingComm)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loaders keep plan files in the working directory they were made in: a test's own."""
+    monkeypatch.chdir(tmp_path)
 
 
 class FrontEnd:
@@ -649,8 +658,157 @@ def test_import_ckptviz_does_not_load_the_widget_stack() -> None:
 
 
 def test_the_row_fields_are_what_the_front_end_reads() -> None:
+    """The front end reads the row fields by name: the columns' through the declared keys
+    (``model_<key>``, ``checkpoint_<key>``), the others literally."""
     script = (Path(ckptviz.__file__).parent / "static" / "loader.js").read_text()
-    for field in ROW_FIELDS:
+    column_fields = {f"{side}_{c.key}" for side in ("model", "checkpoint") for c in COLUMNS}
+    assert column_fields <= set(ROW_FIELDS)
+    assert "get(`model_${c.key}`)" in script and "get(`checkpoint_${c.key}`)" in script
+    for field in set(ROW_FIELDS) - column_fields | {"model_key", "checkpoint_key"}:
         assert f'"{field}"' in script, field
-    for action, code in ACTION_CODES.items():
-        assert f'{code}: "{action}"' in script
+
+
+# -- plan files stay in one folder ------------------------------------------------------------
+
+
+@pytest.fixture
+def folders(tmp_path: Path, old_cnn_path: Path) -> tuple[Path, Path, Loader, FrontEnd]:
+    """A notebook folder (the working directory when the Loader is made) and one beside it."""
+    inside, outside = tmp_path / "notebook", tmp_path / "elsewhere"
+    inside.mkdir()
+    outside.mkdir()
+    os.chdir(inside)
+    loader = Loader(SmallCNN(32), old_cnn_path)
+    os.chdir(tmp_path)  # the kernel's directory may change later: the plan folder does not
+    return inside, outside, loader, FrontEnd(loader)
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def test_plan_files_go_to_the_folder_the_loader_was_made_in(
+    folders: tuple[Path, Path, Loader, FrontEnd],
+) -> None:
+    inside, _, loader, ui = folders
+    assert loader.plan_dir == inside.resolve()
+    ui.send(do="set_module", module="conv1", action="partial")
+    ui.send(do="save_plan", path="mine.plan.json", id=1)
+    assert loader.error == "" and ui.done == [1]
+    assert ckptviz.Plan.from_json(inside / "mine.plan.json").actions == loader.plan.actions
+    assert str(inside / "mine.plan.json") in loader.notice
+    assert not (inside.parent / "mine.plan.json").exists()
+    # an absolute path inside the folder is the same file
+    ui.send(do="reset")
+    ui.send(do="load_plan", path=str(inside / "mine.plan.json"))
+    assert loader.error == "" and ui.actions()["conv1.weight"] == "partial"
+    assert ui.state["_info"]["plan_dir"] == str(inside.resolve())
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("../escaped.json", "contains '..'"),
+        ("sub/../../escaped.json", "contains '..'"),
+        ("OUTSIDE/escaped.json", "is outside"),
+        ("~/escaped.json", "starts with '~'"),
+        ("", "name the plan file"),
+        (".", "the plan folder itself"),
+    ],
+)
+def test_a_plan_file_outside_the_folder_is_refused(
+    folders: tuple[Path, Path, Loader, FrontEnd], name: str, words: str
+) -> None:
+    inside, outside, loader, ui = folders
+    name = name.replace("OUTSIDE", str(outside))
+    (outside / "escaped.json").write_text(loader.plan.to_json())
+    before = files_in(inside.parent)
+    actions = loader.plan.actions
+    ui.send(do="save_plan", path=name, id=1)
+    assert words in loader.error and ui.state["error"] == loader.error
+    assert f"inside {str(inside.resolve())!r}" in loader.error  # where plan files may go
+    ui.send(do="set_module", module="fc", action="reinit")
+    ui.send(do="load_plan", path=name, id=2)
+    assert words in loader.error
+    assert ui.done == [1, 2]
+    assert files_in(inside.parent) == before
+    assert loader.plan.actions == {**actions, "fc.weight": "reinit", "fc.bias": "reinit"}
+    with pytest.raises(ckptviz.PlanError, match=re.escape(words)):
+        loader.save_plan(name, overwrite=True)
+
+
+def test_a_symbolic_link_out_of_the_folder_is_refused(
+    folders: tuple[Path, Path, Loader, FrontEnd],
+) -> None:
+    inside, outside, loader, ui = folders
+    loader.save_plan("real.json")
+    (outside / "target.json").write_text((inside / "real.json").read_text())
+    (inside / "link.json").symlink_to(outside / "target.json")
+    (inside / "linked-dir").symlink_to(outside, target_is_directory=True)
+    (inside / "alias.json").symlink_to(inside / "real.json")
+    before = files_in(outside)
+    for name in ("link.json", "linked-dir/new.json", "linked-dir/target.json"):
+        ui.send(do="save_plan", path=name, overwrite=True)
+        assert "is outside" in loader.error and "symbolic link" in loader.error, name
+        ui.send(do="load_plan", path=name)
+        assert "is outside" in loader.error and "symbolic link" in loader.error, name
+    assert files_in(outside) == before
+    ui.send(do="load_plan", path="alias.json")  # a link that stays inside is followed
+    assert loader.error == ""
+
+
+def test_saving_over_a_file_asks_first(folders: tuple[Path, Path, Loader, FrontEnd]) -> None:
+    inside, _, loader, ui = folders
+    ui.send(do="save_plan", path="p.json")
+    first = (inside / "p.json").read_bytes()
+    ui.send(do="set_module", module="bn1", action="reinit")
+    sent = ui.send(do="save_plan", path="p.json", id=3)
+    assert "exists already" in loader.error and "overwrite=True" in loader.error
+    assert (inside / "p.json").read_bytes() == first  # nothing replaced silently
+    asks = [d["content"] for _, d in sent if d.get("method") == "custom"]
+    assert {"type": "confirm_overwrite", "path": "p.json"} in asks
+    assert ui.done == [3]
+    with pytest.raises(widget.PlanFileExistsError):
+        loader.save_plan("p.json")
+    ui.send(do="save_plan", path="p.json", overwrite="yes")  # only a real True replaces
+    assert "overwrite must be True or False" in loader.error
+    assert (inside / "p.json").read_bytes() == first
+    # what the "Replace it" button sends
+    ui.send(do="save_plan", path="p.json", overwrite=True)
+    assert loader.error == ""
+    assert ckptviz.Plan.from_json(inside / "p.json").actions == loader.plan.actions
+
+
+def test_only_a_regular_plan_file_is_read(folders: tuple[Path, Path, Loader, FrontEnd]) -> None:
+    inside, _, loader, ui = folders
+    os.mkfifo(inside / "pipe.json")  # reading a FIFO would hang the kernel
+    ui.send(do="load_plan", path="pipe.json")
+    assert "not a regular file" in loader.error
+    ui.send(do="save_plan", path="pipe.json", overwrite=True)
+    assert "not a regular file" in loader.error
+    (inside / "folder.json").mkdir()
+    ui.send(do="load_plan", path="folder.json")
+    assert "not a regular file" in loader.error
+    (inside / "broken.json").write_text('{"format": ')
+    ui.send(do="load_plan", path="broken.json")
+    assert "malformed" in loader.error and "broken.json" in loader.error
+    ui.send(do="load_plan", path="absent.json")
+    assert "no such plan file" in loader.error
+    ui.send(do="save_plan", path=7)
+    assert "name the plan file" in loader.error
+
+
+def test_plan_dir_chooses_another_folder(tmp_path: Path, old_cnn_path: Path) -> None:
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    loader = Loader(SmallCNN(32), old_cnn_path, plan_dir=plans)
+    written = loader.save_plan("a.json")
+    assert written == (plans / "a.json").resolve() and written.is_file()
+    with pytest.raises(ckptviz.PlanError, match="is outside"):
+        loader.save_plan(tmp_path / "b.json")
+    with pytest.raises(ckptviz.PlanError, match="not a folder"):
+        Loader(SmallCNN(32), old_cnn_path, plan_dir=tmp_path / "absent")

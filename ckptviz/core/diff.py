@@ -33,11 +33,12 @@ from ckptviz.core.matching import (
 from ckptviz.core.reading import read_checkpoint
 from ckptviz.core.safety import GlobalSpec
 from ckptviz.core.text import NAME_WIDTH, visible
+from ckptviz.core.vocabulary import Status
 
 if TYPE_CHECKING:
     from ckptviz.core.plan import Plan
 
-STATUSES = ("match", "dtype", "shape", "missing", "unexpected")
+STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
 
 Source = str | os.PathLike[str] | Mapping[Any, Any] | torch.nn.Module | Checkpoint
 

@@ -27,12 +27,13 @@ from ckptviz.core.formats.memory import MODULE
 from ckptviz.core.matching import KeyMapping, RuleSuggestion, Suggestion
 from ckptviz.core.safety import GlobalSpec, global_name
 from ckptviz.core.text import visible
+from ckptviz.core.vocabulary import CHOSEN_ACTIONS, Action
 
 if TYPE_CHECKING:
     from ckptviz.core.apply import Report
 
-ACTIONS = ("load", "keep", "reinit", "partial")
-SKIP = "skip"
+ACTIONS: tuple[str, ...] = tuple(a.value for a in CHOSEN_ACTIONS)
+SKIP: str = Action.SKIP.value
 PLAN_FORMAT = "ckptviz.plan"
 PLAN_VERSION = 1
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")

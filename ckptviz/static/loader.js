@@ -2,29 +2,37 @@
 // no network. Python owns every decision: a click sends {do: <method>, ...} and the kernel
 // answers with what changed (an action delta, or new row metadata when the Diff changes).
 // Only the visible rows are in the DOM, so 10,000 rows scroll as smoothly as 10.
+//
+// The kernel also sends what this file would otherwise restate: the statuses and actions with
+// their words, symbols and colour roles (_vocabulary), and the table's columns (_columns).
+//
+// Every value from the kernel is data, never markup: keys, shapes, dtypes, notes and file names
+// come from a checkpoint someone else made. The DOM is built with createElement and textContent
+// only; attribute names, class names and style properties are fixed in this file, and a class
+// picked by a value is looked up in the vocabulary first (roleClass). Nothing is parsed as HTML.
+// tests/test_loader_js_safety.py holds this file to that.
 
-const ACTIONS = ["load", "keep", "reinit", "partial"];
-const ACTION_OF_CODE = { l: "load", k: "keep", r: "reinit", p: "partial", s: "skip" };
-const STATUSES = ["match", "dtype", "shape", "missing", "unexpected"];
-const MARK = { match: "✓", dtype: "≈", shape: "✗", missing: "−", unexpected: "+" };
-const ACTION_HELP = {
-  load: "copy the checkpoint's tensor into the model (casting the dtype if it differs)",
-  keep: "leave the model's current value",
-  reinit: "draw a fresh value with the module's own initialiser",
-  partial: "copy the overlapping slice of a grown or shrunk tensor; the rest keeps its value",
-};
 const ROW_HEIGHT = { wide: 28, medium: 28, narrow: 50 };
+const MODE_CLASS = { wide: "ckv-wide", medium: "ckv-medium", narrow: "ckv-narrow" };
 const VISIBLE_LINES = 16;
 const OVERSCAN = 6;
+// the grid track of each width hint a declared column may give (widget_columns.WIDTHS)
+const WIDTH_TRACK = { name: "minmax(7em, 1.2fr)", wide: "minmax(8.5em, 0.8fr)", short: "5.6em" };
+// a cell standing for a whole absent side spans that side's columns
+const SPAN_CLASS = ["ckv-span-1", "ckv-span-1", "ckv-span-2", "ckv-span-3", "ckv-span-4", "ckv-span-5", "ckv-span-6", "ckv-span-7", "ckv-span-8"];
+// how a cell of each column kind is drawn (widget_columns.COLUMN_KINDS)
+const KIND_CLASS = { key: "ckv-name", shape: "ckv-shape", text: "ckv-text", bytes: "ckv-size" };
+const UNKNOWN_TERM = { name: "?", label: "not known to this front end", symbol: "?", colour: "neutral" };
+const MAX_DEPTH = 40;
 
-const escapeHtml = (text) =>
-  String(text ?? "").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
-const shapeText = (shape) => (shape ? `[${shape.join(", ")}]` : "");
 const numberText = (n) => Number(n).toLocaleString("en-US");
 const plural = (n, word) => `${numberText(n)} ${word}${n === 1 ? "" : "s"}`;
+const textOf = (value) => (value === null || value === undefined ? "" : String(value));
+const keyOf = (value) => (typeof value === "string" ? value : null);
 
 function bytesText(n) {
-  let size = n;
+  let size = Number(n);
+  if (!Number.isFinite(size)) return "";
   for (const unit of ["B", "KiB", "MiB", "GiB"]) {
     if (size < 1024 || unit === "GiB") {
       return unit === "B" ? `${size} B` : `${size.toFixed(1)} ${unit}`;
@@ -47,15 +55,26 @@ function compactNumber(n) {
   return numberText(n);
 }
 
-function element(tag, attrs = {}, children = []) {
+/** A column value as the text its kind shows. */
+function cellText(kind, value) {
+  if (value === null || value === undefined) return "";
+  if (kind === "shape") return Array.isArray(value) ? `[${value.map(textOf).join(", ")}]` : textOf(value);
+  if (kind === "bytes") return bytesText(value);
+  return textOf(value);
+}
+
+/** A new element with fixed class names and optional text (set as text, never parsed). */
+function make(tag, classes = [], text = undefined) {
   const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(attrs)) {
-    if (name === "text") node.textContent = value;
-    else if (value !== undefined && value !== null && value !== false) {
-      node.setAttribute(name, value === true ? "" : value);
-    }
-  }
-  for (const child of children) node.append(child);
+  for (const name of classes) if (name) node.classList.add(name);
+  if (text !== undefined) node.textContent = textOf(text);
+  return node;
+}
+
+function button(classes, text, title = "") {
+  const node = make("button", ["ckv-btn", ...classes], text);
+  node.setAttribute("type", "button");
+  if (title) node.setAttribute("title", title);
   return node;
 }
 
@@ -94,7 +113,6 @@ class LoaderView {
     this.collapsed = new Set();
     this.filterText = "";
     this.regex = false;
-    this.shownStatuses = new Set(STATUSES);
     this.explanations = new Map();
     this.focus = null; // {kind: "row", index} | {kind: "group", path} shown in the details line
     this.moduleTypes = {};
@@ -103,6 +121,9 @@ class LoaderView {
     this.pending = new Map(); // request id -> label, for the slow calls (apply, undo, files)
     this.nextRequest = 1;
     this.frame = 0;
+    this.loadVocabulary();
+    this.shownStatuses = new Set(this.statusNames);
+    this.loadColumns();
     this.build();
     this.listen();
     this.renderInfo();
@@ -112,6 +133,59 @@ class LoaderView {
     this.renderMessages();
     this.renderCode();
     this.send("hello");
+  }
+
+  // -- what the kernel declares: vocabulary and columns ----------------------------------------
+  loadVocabulary() {
+    const vocabulary = this.model.get("_vocabulary") || {};
+    const terms = (list) =>
+      new Map(
+        (Array.isArray(list) ? list : [])
+          .filter((t) => t && typeof t.name === "string")
+          .map((t) => [t.name, t]),
+      );
+    this.colours = new Set(Array.isArray(vocabulary.colours) ? vocabulary.colours : []);
+    this.statusTerms = terms(vocabulary.statuses);
+    this.statusNames = [...this.statusTerms.keys()];
+    this.actionTerms = terms(vocabulary.actions);
+    this.actionNames = [...this.actionTerms.keys()];
+    this.chosenActions = this.actionNames.filter((a) => this.actionTerms.get(a).chosen);
+    // what a row without a model tensor shows: the one action nobody chooses
+    this.skipAction = this.actionNames.find((a) => !this.actionTerms.get(a).chosen) || "";
+    this.actionOfCode = new Map([...this.actionTerms.values()].map((t) => [t.code, t.name]));
+  }
+
+  statusTerm(status) {
+    return this.statusTerms.get(status) || UNKNOWN_TERM;
+  }
+
+  actionTerm(action) {
+    return this.actionTerms.get(action) || UNKNOWN_TERM;
+  }
+
+  /** The class that gives an element a colour role's colour: only roles the vocabulary names. */
+  roleClass(role) {
+    return this.colours.has(role) ? `ckv-role-${role}` : "ckv-role-neutral";
+  }
+
+  loadColumns() {
+    const declared = this.model.get("_columns") || [];
+    this.columns = (Array.isArray(declared) ? declared : []).filter(
+      (c) => c && typeof c.key === "string" && typeof c.title === "string",
+    );
+  }
+
+  /** The declared columns this width shows on each side. */
+  sideColumns() {
+    if (this.mode === "narrow") return this.columns.filter((c) => c.narrow);
+    if (this.mode === "medium") return this.columns.filter((c) => c.medium);
+    return this.columns;
+  }
+
+  fitColumns() {
+    const side = this.sideColumns().map((c) => WIDTH_TRACK[c.width] || WIDTH_TRACK.short);
+    const tracks = [...side, "var(--ckv-status-w)", ...side, "var(--ckv-act-w)"];
+    this.root.style.setProperty("--ckv-cols", tracks.join(" "));
   }
 
   // -- talking to the kernel --------------------------------------------------------------------
@@ -143,11 +217,13 @@ class LoaderView {
       this.renderDetails();
       this.renderCode();
     } else if (msg.type === "explain" && msg.gen === this.gen) {
-      this.explanations.set(msg.index, msg.text);
+      this.explanations.set(msg.index, textOf(msg.text));
       this.renderDetails();
     } else if (msg.type === "done") {
       this.pending.delete(msg.id);
       this.renderBusy();
+    } else if (msg.type === "confirm_overwrite" && typeof msg.path === "string") {
+      this.askOverwrite(msg.path);
     }
   }
 
@@ -184,88 +260,96 @@ class LoaderView {
 
   // -- the skeleton -----------------------------------------------------------------------------
   build() {
-    const root = element("div", { class: "ckv ckv-wide" });
+    const root = make("div", ["ckv", MODE_CLASS.wide]);
     this.root = root;
+    this.fitColumns();
 
-    this.title = element("div", { class: "ckv-title" });
-    this.summary = element("div", { class: "ckv-summary" });
-    this.counters = element("div", { class: "ckv-counters", "aria-live": "polite" });
-    root.append(element("div", { class: "ckv-head" }, [this.title, this.summary]), this.counters);
+    this.title = make("div", ["ckv-title"]);
+    this.summary = make("div", ["ckv-summary"]);
+    this.counters = make("div", ["ckv-counters"]);
+    this.counters.setAttribute("aria-live", "polite");
+    const head = make("div", ["ckv-head"]);
+    head.append(this.title, this.summary);
+    root.append(head, this.counters);
 
     // bulk controls: a status selection and a key filter decide the shown rows
-    this.filterInput = element("input", {
-      class: "ckv-filter",
-      type: "search",
-      placeholder: "filter keys…",
-      "aria-label": "filter rows by key (substring, or a regular expression)",
-    });
-    this.regexBox = element("input", { type: "checkbox", class: "ckv-regex-box" });
-    const regexLabel = element("label", { class: "ckv-regex", title: "treat the filter as a regular expression" }, [
-      this.regexBox,
-      element("span", { text: "regex" }),
-    ]);
-    this.statusChips = element("div", { class: "ckv-chips", role: "group", "aria-label": "statuses shown" });
-    this.bulkLabel = element("span", { class: "ckv-bulk-label" });
-    this.bulkButtons = element("div", { class: "ckv-seg ckv-bulk", role: "group" });
-    for (const action of ACTIONS) {
-      this.bulkButtons.append(
-        element("button", { class: `ckv-btn ckv-a-${action}`, "data-bulk": action, text: action }),
-      );
+    this.filterInput = make("input", ["ckv-filter"]);
+    this.filterInput.setAttribute("type", "search");
+    this.filterInput.setAttribute("placeholder", "filter keys…");
+    this.filterInput.setAttribute("aria-label", "filter rows by key (substring, or a regular expression)");
+    this.regexBox = make("input", ["ckv-regex-box"]);
+    this.regexBox.setAttribute("type", "checkbox");
+    const regexLabel = make("label", ["ckv-regex"]);
+    regexLabel.setAttribute("title", "treat the filter as a regular expression");
+    regexLabel.append(this.regexBox, make("span", [], "regex"));
+    this.statusChips = make("div", ["ckv-chips"]);
+    this.statusChips.setAttribute("role", "group");
+    this.statusChips.setAttribute("aria-label", "statuses shown");
+    this.bulkLabel = make("span", ["ckv-bulk-label"]);
+    this.bulkButtons = make("div", ["ckv-seg", "ckv-bulk"]);
+    this.bulkButtons.setAttribute("role", "group");
+    for (const action of this.chosenActions) {
+      const bulk = button([this.roleClass(this.actionTerm(action).colour)], action);
+      bulk.setAttribute("data-bulk", action);
+      this.bulkButtons.append(bulk);
     }
-    const resetButton = element("button", {
-      class: "ckv-btn ckv-plain",
-      text: "defaults",
-      title: "back to the default plan: load what fits, keep the rest",
-    });
-    this.expandButton = element("button", { class: "ckv-btn ckv-plain", text: "collapse all" });
-    root.append(
-      element("div", { class: "ckv-toolbar" }, [
-        element("div", { class: "ckv-find" }, [this.filterInput, regexLabel]),
-        this.statusChips,
-      ]),
-      element("div", { class: "ckv-toolbar ckv-bulkbar" }, [
-        this.bulkLabel,
-        this.bulkButtons,
-        resetButton,
-        this.expandButton,
-      ]),
-    );
+    const resetButton = button(["ckv-plain"], "defaults", "back to the default plan: load what fits, keep the rest");
+    this.expandButton = button(["ckv-plain"], "collapse all");
+    const find = make("div", ["ckv-find"]);
+    find.append(this.filterInput, regexLabel);
+    const toolbar = make("div", ["ckv-toolbar"]);
+    toolbar.append(find, this.statusChips);
+    const bulkbar = make("div", ["ckv-toolbar", "ckv-bulkbar"]);
+    bulkbar.append(this.bulkLabel, this.bulkButtons, resetButton, this.expandButton);
+    root.append(toolbar, bulkbar);
 
-    this.suggestBox = element("div", { class: "ckv-suggest" });
+    this.suggestBox = make("div", ["ckv-suggest"]);
     root.append(this.suggestBox);
 
     // the table: a sticky column header and a spacer holding only the visible lines
-    this.header = element("div", { class: "ckv-colhead" });
-    this.spacer = element("div", { class: "ckv-spacer" });
-    this.lineBox = element("div", { class: "ckv-lines", role: "rowgroup" });
+    this.header = make("div", ["ckv-colhead"]);
+    this.spacer = make("div", ["ckv-spacer"]);
+    this.lineBox = make("div", ["ckv-lines"]);
+    this.lineBox.setAttribute("role", "rowgroup");
     this.spacer.append(this.lineBox);
-    this.scroller = element("div", { class: "ckv-scroll", role: "table", "aria-label": "checkpoint and model tensors" }, [
-      this.header,
-      this.spacer,
-    ]);
-    this.details = element("div", { class: "ckv-details", "aria-live": "polite" });
-    root.append(element("div", { class: "ckv-table" }, [this.scroller, this.details]));
+    this.scroller = make("div", ["ckv-scroll"]);
+    this.scroller.setAttribute("role", "table");
+    this.scroller.setAttribute("aria-label", "checkpoint and model tensors");
+    this.scroller.append(this.header, this.spacer);
+    this.details = make("div", ["ckv-details"]);
+    this.details.setAttribute("aria-live", "polite");
+    const table = make("div", ["ckv-table"]);
+    table.append(this.scroller, this.details);
+    root.append(table);
 
-    this.errorBox = element("div", { class: "ckv-error", role: "alert" });
-    this.noticeBox = element("div", { class: "ckv-notice", role: "status" });
-    root.append(this.errorBox, this.noticeBox);
+    this.errorBox = make("div", ["ckv-error"]);
+    this.errorBox.setAttribute("role", "alert");
+    this.confirmBox = make("div", ["ckv-confirm"]);
+    this.confirmBox.hidden = true;
+    this.noticeBox = make("div", ["ckv-notice"]);
+    this.noticeBox.setAttribute("role", "status");
+    root.append(this.errorBox, this.confirmBox, this.noticeBox);
 
     // apply, undo, code, plan files
-    this.applyButton = element("button", { class: "ckv-btn ckv-primary", text: "Apply", title: "apply the plan to the live model (all-or-nothing, verified)" });
-    this.undoButton = element("button", { class: "ckv-btn", text: "Undo", title: "put back what the last apply wrote, bit for bit" });
-    this.codeButton = element("button", { class: "ckv-btn", text: "Code", title: "show the plan as plain PyTorch code" });
-    this.pathInput = element("input", { class: "ckv-path", type: "text", "aria-label": "plan file (JSON)" });
-    this.saveButton = element("button", { class: "ckv-btn", text: "Save plan" });
-    this.loadButton = element("button", { class: "ckv-btn", text: "Load plan" });
-    this.busy = element("span", { class: "ckv-busy", "aria-live": "polite" });
-    root.append(
-      element("div", { class: "ckv-footer" }, [
-        element("div", { class: "ckv-group-buttons" }, [this.applyButton, this.undoButton, this.codeButton, this.busy]),
-        element("div", { class: "ckv-group-buttons ckv-files" }, [this.pathInput, this.saveButton, this.loadButton]),
-      ]),
-    );
-    this.reportBox = element("div", { class: "ckv-report" });
-    this.codeBox = element("div", { class: "ckv-code" });
+    this.applyButton = button(["ckv-primary"], "Apply", "apply the plan to the live model (all-or-nothing, verified)");
+    this.undoButton = button([], "Undo", "put back what the last apply wrote, bit for bit");
+    this.codeButton = button([], "Code", "show the plan as plain PyTorch code");
+    this.pathInput = make("input", ["ckv-path"]);
+    this.pathInput.setAttribute("type", "text");
+    this.pathInput.setAttribute("aria-label", "plan file (JSON), in the plan folder");
+    this.saveButton = button([], "Save plan");
+    this.loadButton = button([], "Load plan");
+    this.busy = make("span", ["ckv-busy"]);
+    this.busy.setAttribute("aria-live", "polite");
+    const actionsGroup = make("div", ["ckv-group-buttons"]);
+    actionsGroup.append(this.applyButton, this.undoButton, this.codeButton, this.busy);
+    const filesGroup = make("div", ["ckv-group-buttons", "ckv-files"]);
+    filesGroup.append(this.pathInput, this.saveButton, this.loadButton);
+    const footer = make("div", ["ckv-footer"]);
+    footer.append(actionsGroup, filesGroup);
+    root.append(footer);
+    this.reportBox = make("div", ["ckv-report"]);
+    this.codeBox = make("div", ["ckv-code"]);
     root.append(this.reportBox, this.codeBox);
     this.el.append(root);
 
@@ -286,10 +370,10 @@ class LoaderView {
       this.rebuildLines();
     });
     this.bulkButtons.addEventListener("click", (event) => {
-      const button = event.target.closest("[data-bulk]");
-      if (!button || button.getAttribute("aria-disabled") === "true") return;
-      const args = { action: button.dataset.bulk, filter: this.filterText, regex: this.regex };
-      if (this.shownStatuses.size < STATUSES.length) args.statuses = [...this.shownStatuses];
+      const bulk = event.target.closest("[data-bulk]");
+      if (!bulk || bulk.getAttribute("aria-disabled") === "true") return;
+      const args = { action: bulk.dataset.bulk, filter: this.filterText, regex: this.regex };
+      if (this.shownStatuses.size < this.statusNames.length) args.statuses = [...this.shownStatuses];
       this.send("set_bulk", args);
     });
     resetButton.addEventListener("click", () => this.send("reset"));
@@ -310,48 +394,69 @@ class LoaderView {
       this.renderCode();
       this.send("show_code");
     });
-    this.saveButton.addEventListener("click", () =>
-      this.request("save_plan", { path: this.pathInput.value }, "saving…"),
-    );
-    this.loadButton.addEventListener("click", () =>
-      this.request("load_plan", { path: this.pathInput.value }, "loading…"),
-    );
+    this.saveButton.addEventListener("click", () => {
+      this.confirmBox.hidden = true;
+      this.request("save_plan", { path: this.pathInput.value }, "saving…");
+    });
+    this.loadButton.addEventListener("click", () => {
+      this.confirmBox.hidden = true;
+      this.request("load_plan", { path: this.pathInput.value }, "loading…");
+    });
+  }
+
+  /** Saving would replace a file: ask before sending the same request with overwrite. */
+  askOverwrite(path) {
+    const replace = button(["ckv-danger"], "Replace it", "write the plan over the existing file");
+    const cancel = button([], "Keep the file");
+    replace.addEventListener("click", () => {
+      this.confirmBox.hidden = true;
+      this.request("save_plan", { path, overwrite: true }, "saving…");
+    });
+    cancel.addEventListener("click", () => {
+      this.confirmBox.hidden = true;
+      this.pathInput.focus();
+    });
+    const question = make("span", [], "Replace the existing plan file ");
+    question.append(make("code", [], path), make("span", [], "?"));
+    this.confirmBox.replaceChildren(question, replace, cancel);
+    this.confirmBox.hidden = false;
+    replace.focus();
   }
 
   // -- rows, tree and the visible lines ---------------------------------------------------------
   loadRows() {
     const state = this.model.get("_rows") || {};
-    const fields = state.fields || [];
-    const at = Object.fromEntries(fields.map((name, i) => [name, i]));
+    const fields = Array.isArray(state.fields) ? state.fields : [];
+    const at = new Map(fields.map((name, i) => [name, i]));
     this.gen = state.gen || 0;
-    this.actionOrder = state.actions_order || ACTIONS;
-    this.reasons = state.reasons || [];
-    this.rows = (state.data || []).map((values, index) => {
-      const get = (name) => values[at[name]];
-      const key = get("model_key") ?? get("checkpoint_key");
-      const place = get("place") ?? key;
+    this.actionOrder = Array.isArray(state.actions_order) ? state.actions_order : this.chosenActions;
+    this.reasons = Array.isArray(state.reasons) ? state.reasons.map(textOf) : [];
+    const data = Array.isArray(state.data) ? state.data : [];
+    this.rows = data.map((values, index) => {
+      const get = (name) => (at.has(name) ? values[at.get(name)] : undefined);
+      const modelKey = keyOf(get("model_key"));
+      const ckptKey = keyOf(get("checkpoint_key"));
+      const key = modelKey ?? ckptKey ?? "";
+      const place = keyOf(get("place")) ?? key;
       const cut = place.lastIndexOf(".");
+      const tied = get("tied");
       return {
         index,
         key,
         module: cut < 0 ? "" : place.slice(0, cut),
         leaf: cut < 0 ? place : place.slice(cut + 1),
         renamed: Boolean(get("renamed")),
-        status: get("status"),
-        modelKey: get("model_key"),
-        modelShape: get("model_shape"),
-        modelDtype: get("model_dtype"),
-        modelBytes: get("model_bytes"),
-        ckptKey: get("checkpoint_key"),
-        ckptShape: get("checkpoint_shape"),
-        ckptDtype: get("checkpoint_dtype"),
-        ckptBytes: get("checkpoint_bytes"),
-        note: get("note"),
-        refused: get("refused") || 0,
-        tied: get("tied") || [],
+        status: textOf(get("status")),
+        modelKey,
+        ckptKey,
+        md: this.columns.map((c) => get(`model_${c.key}`)),
+        ck: this.columns.map((c) => get(`checkpoint_${c.key}`)),
+        note: textOf(get("note")),
+        refused: Array.isArray(get("refused")) ? get("refused") : 0,
+        tied: Array.isArray(tied) ? tied.map(textOf) : [],
       };
     });
-    this.codes = state.actions || "";
+    this.codes = typeof state.actions === "string" ? state.actions : "";
     this.counts = state.counts || {};
     this.explanations.clear();
     this.focus = null;
@@ -374,11 +479,11 @@ class LoaderView {
     const refused = this.rows[index].refused;
     if (!refused) return "";
     const code = refused[this.actionOrder.indexOf(action)];
-    return code ? this.reasons[code - 1] : "";
+    return code ? this.reasons[code - 1] || "" : "";
   }
 
   actionOf(index) {
-    return ACTION_OF_CODE[this.codes[index]] || "…";
+    return this.actionOfCode.get(this.codes[index]) || "…";
   }
 
   matcher() {
@@ -448,9 +553,10 @@ class LoaderView {
     const width = this.root.clientWidth;
     const mode = width < 680 ? "narrow" : width < 1000 ? "medium" : "wide";
     if (mode === this.mode) return;
-    this.root.classList.remove(`ckv-${this.mode}`);
+    this.root.classList.remove(MODE_CLASS[this.mode]);
     this.mode = mode;
-    this.root.classList.add(`ckv-${mode}`);
+    this.root.classList.add(MODE_CLASS[mode]);
+    this.fitColumns();
     this.renderHeader();
     this.renderRows();
   }
@@ -458,66 +564,110 @@ class LoaderView {
   // -- rendering --------------------------------------------------------------------------------
   renderInfo() {
     const info = this.model.get("_info") || {};
-    this.title.innerHTML =
-      `Load <b>${escapeHtml(info.checkpoint)}</b> into <b>${escapeHtml(info.model)}</b>`;
-    this.title.title = info.checkpoint_source || "";
-    this.summary.textContent = (info.summary || "").split("\n").join(" · ");
-    if (!this.pathInput.value) this.pathInput.value = info.plan_path || "plan.json";
-    this.moduleTypes = info.module_types || {};
+    this.title.replaceChildren(
+      make("span", [], "Load "),
+      make("b", [], info.checkpoint),
+      make("span", [], " into "),
+      make("b", [], info.model),
+    );
+    this.title.setAttribute("title", textOf(info.checkpoint_source));
+    this.summary.textContent = textOf(info.summary).split("\n").join(" · ");
+    if (!this.pathInput.value) this.pathInput.value = textOf(info.plan_path) || "plan.json";
+    this.pathInput.setAttribute("title", `a file in ${textOf(info.plan_dir)} (plan files are kept inside this folder)`);
+    this.moduleTypes = info.module_types && typeof info.module_types === "object" ? info.module_types : {};
     this.renderHeader();
     this.renderToolbar();
     this.renderRows();
   }
 
+  /** The type of the module at `path`, or "" (never a property of the object's prototype). */
+  moduleType(path) {
+    return Object.prototype.hasOwnProperty.call(this.moduleTypes, path) ? textOf(this.moduleTypes[path]) : "";
+  }
+
   renderHeader() {
     const info = this.model.get("_info") || {};
-    const side = (label, name, cls) =>
-      `<div class="ckv-side-title ${cls}" title="${escapeHtml(name)}">${label} <span>${escapeHtml(name)}</span></div>`;
-    const columns = (cls) =>
-      ["name", "shape", "dtype", "size"]
-        .map((c) => `<div class="ckv-colname ckv-c-${c} ${cls}">${c}</div>`)
-        .join("");
+    const columns = this.sideColumns();
+    const sideTitle = (label, name, sideClass) => {
+      const title = make("div", ["ckv-side-title", sideClass, SPAN_CLASS[Math.min(columns.length, 8)]], `${label} `);
+      title.setAttribute("title", textOf(name));
+      title.append(make("span", [], name));
+      return title;
+    };
+    const columnName = (text, classes) => make("div", ["ckv-colname", ...classes], text);
     if (this.mode === "narrow") {
-      this.header.innerHTML =
-        `<div class="ckv-hline">${side("checkpoint", info.checkpoint, "ckv-ck")}<div class="ckv-colname ckv-c-arrow">→</div>${side("model", info.model, "ckv-md")}</div>`;
+      const line = make("div", ["ckv-hline"]);
+      line.append(
+        sideTitle("checkpoint", info.checkpoint, "ckv-ck"),
+        columnName("→", ["ckv-c-arrow"]),
+        sideTitle("model", info.model, "ckv-md"),
+      );
+      this.header.replaceChildren(line);
       return;
     }
-    this.header.innerHTML =
-      `<div class="ckv-hline ckv-grid">${side("checkpoint", info.checkpoint, "ckv-ck")}<div class="ckv-colname ckv-c-status">status</div>${side("model", info.model, "ckv-md")}<div class="ckv-colname ckv-c-act">action</div></div>` +
-      `<div class="ckv-hline ckv-grid ckv-sub">${columns("ckv-ck")}<div class="ckv-colname ckv-c-status"></div>${columns("ckv-md")}<div class="ckv-colname ckv-c-act"></div></div>`;
+    const top = make("div", ["ckv-hline", "ckv-grid"]);
+    top.append(
+      sideTitle("checkpoint", info.checkpoint, "ckv-ck"),
+      columnName("status", ["ckv-c-status"]),
+      sideTitle("model", info.model, "ckv-md"),
+      columnName("action", ["ckv-c-act"]),
+    );
+    const sub = make("div", ["ckv-hline", "ckv-grid", "ckv-sub"]);
+    const names = (sideClass) => columns.map((c) => columnName(c.title, [sideClass]));
+    sub.append(
+      ...names("ckv-ck"),
+      columnName("", ["ckv-c-status"]),
+      ...names("ckv-md"),
+      columnName("", ["ckv-c-act"]),
+    );
+    this.header.replaceChildren(top, sub);
   }
 
   renderToolbar() {
     const info = this.model.get("_info") || {};
     const statuses = info.statuses || {};
-    this.statusChips.innerHTML = STATUSES.filter((s) => statuses[s])
+    const chips = this.statusNames
+      .filter((s) => statuses[s])
       .map((s) => {
+        const term = this.statusTerm(s);
         const on = this.shownStatuses.has(s);
-        return `<button class="ckv-chip ckv-s-${s}" data-status="${s}" aria-pressed="${on}" title="${on ? "hide" : "show"} ${s} rows">${MARK[s]} ${s} <b>${numberText(statuses[s])}</b></button>`;
-      })
-      .join("");
+        const chip = make("button", ["ckv-chip", this.roleClass(term.colour)], `${term.symbol} ${s} `);
+        chip.setAttribute("type", "button");
+        chip.setAttribute("data-status", s);
+        chip.setAttribute("aria-pressed", String(on));
+        chip.setAttribute("title", `${on ? "hide" : "show"} ${s} rows (${term.label})`);
+        chip.append(make("b", [], numberText(statuses[s])));
+        return chip;
+      });
+    this.statusChips.replaceChildren(...chips);
     const all = this.shownModelRows === this.rows.filter((r) => r.modelKey != null).length;
     this.bulkLabel.textContent = all
       ? `Set all ${numberText(this.shownModelRows)} rows to`
       : `Set the ${numberText(this.shownModelRows)} shown rows to`;
-    for (const button of this.bulkButtons.children) {
-      button.setAttribute("aria-disabled", String(this.shownModelRows === 0));
-      button.title = `${button.dataset.bulk} on every shown row that can take it: ${ACTION_HELP[button.dataset.bulk]}`;
+    for (const bulk of this.bulkButtons.children) {
+      const action = bulk.dataset.bulk;
+      bulk.setAttribute("aria-disabled", String(this.shownModelRows === 0));
+      bulk.setAttribute("title", `${action} on every shown row that can take it: ${this.actionTerm(action).label}`);
     }
     this.expandButton.textContent = this.collapsed.size ? "expand all" : "collapse all";
   }
 
   renderCounters() {
     const parts = [];
-    for (const action of [...ACTIONS, "skip"]) {
+    for (const action of this.actionNames) {
+      const term = this.actionTerm(action);
       const [rows, values] = this.counts[action] || [0, 0];
-      if (action === "skip" && !rows) continue;
-      parts.push(
-        `<span class="ckv-counter ckv-a-${action}${rows ? "" : " ckv-zero"}" title="${numberText(rows)} rows, ${numberText(values)} values (parameters and buffers)">` +
-          `<b>${action}</b> ${plural(rows, "row")} · ${compactNumber(values)} values</span>`,
+      if (!term.chosen && !rows) continue;
+      const counter = make("span", ["ckv-counter", this.roleClass(term.colour), rows ? "" : "ckv-zero"]);
+      counter.setAttribute("title", `${numberText(rows)} rows, ${numberText(values)} values (parameters and buffers): ${term.label}`);
+      counter.append(
+        make("span", ["ckv-symbol"], term.symbol),
+        make("b", [], action),
+        make("span", [], ` ${plural(rows, "row")} · ${compactNumber(values)} values`),
       );
+      parts.push(counter);
     }
-    this.counters.innerHTML = parts.join("");
+    this.counters.replaceChildren(...parts);
   }
 
   renderRows() {
@@ -532,94 +682,168 @@ class LoaderView {
     const first = Math.max(0, Math.floor(top / height) - OVERSCAN);
     const last = Math.min(total, Math.ceil((top + viewport) / height) + OVERSCAN);
     const active = document.activeElement;
-    const refocus =
-      active && this.lineBox.contains(active)
-        ? `[data-a="${active.dataset.a}"][data-${active.dataset.i !== undefined ? "i" : "g"}="${CSS.escape(active.dataset.i ?? active.dataset.g ?? "")}"]`
-        : null;
-    let html = "";
+    const refocus = active && this.lineBox.contains(active) && active.dataset ? { ...active.dataset } : null;
+    const lines = [];
     for (let k = first; k < last; k++) {
       const line = this.lines[k];
-      html += line.kind === "row" ? this.rowHtml(line, k * height) : this.groupHtml(line, k * height);
+      const node = line.kind === "row" ? this.rowLine(line) : this.groupLine(line);
+      node.style.top = `${k * height}px`;
+      lines.push(node);
     }
-    if (!total) {
-      html = `<div class="ckv-empty-table">no rows match the filter and the statuses chosen</div>`;
+    if (!total) lines.push(make("div", ["ckv-empty-table"], "no rows match the filter and the statuses chosen"));
+    this.lineBox.replaceChildren(...lines);
+    if (refocus && refocus.a) {
+      for (const candidate of this.lineBox.querySelectorAll("button[data-a]")) {
+        const same = candidate.dataset.a === refocus.a && candidate.dataset.i === refocus.i && candidate.dataset.g === refocus.g;
+        if (same) {
+          candidate.focus({ preventScroll: true });
+          break;
+        }
+      }
     }
-    this.lineBox.innerHTML = html;
-    if (refocus) this.lineBox.querySelector(refocus)?.focus({ preventScroll: true });
+  }
+
+  /** A cell indented to a depth of the module tree. */
+  indented(classes, depth) {
+    const cell = make("div", classes);
+    cell.style.setProperty("--ckv-depth", String(Math.min(Math.trunc(depth), MAX_DEPTH)));
+    return cell;
+  }
+
+  /** The name cell of one side: the leaf name (the full key if renamed) and its tags. */
+  nameCell(row, side, depth) {
+    const key = side === "ck" ? row.ckptKey : row.modelKey;
+    const shown = side === "ck" && row.renamed ? key : row.leaf;
+    const cell = this.indented(["ckv-cell", "ckv-name", side === "ck" ? "ckv-ck" : "ckv-md"], depth);
+    cell.setAttribute("title", row.note && side === "ck" ? `${key}: ${row.note}` : key);
+    cell.append(make("span", ["ckv-key"], shown));
+    if (side === "ck" && row.renamed) {
+      const tag = make("span", ["ckv-tag"], "renamed");
+      tag.setAttribute("title", row.note);
+      cell.append(tag);
+    }
+    if (side === "md" && row.tied.length) {
+      const tag = make("span", ["ckv-tag"], "tied");
+      tag.setAttribute("title", `shares its storage with ${row.tied.join(", ")}`);
+      cell.append(tag);
+    }
+    return cell;
+  }
+
+  /** One declared column's cell: its value as text, flagged when the row's status says so. */
+  valueCell(row, column, value, sideClass) {
+    const cell = make("div", ["ckv-cell", KIND_CLASS[column.kind] || "ckv-text", sideClass]);
+    if (column.flagged_by && column.flagged_by === row.status) {
+      const term = this.statusTerm(row.status);
+      cell.classList.add("ckv-flag", this.roleClass(term.colour));
+      const icon = make("span", ["ckv-icon"], term.symbol);
+      icon.setAttribute("aria-label", `${column.title} differs`);
+      cell.append(icon);
+    }
+    cell.append(make("span", [], cellText(column.kind, value)));
+    return cell;
   }
 
   sideCells(row, side, depth) {
     const key = side === "ck" ? row.ckptKey : row.modelKey;
+    const sideClass = side === "ck" ? "ckv-ck" : "ckv-md";
+    const columns = this.sideColumns();
     if (key == null) {
       const what = side === "ck" ? "not in the checkpoint" : "not in the model";
-      return `<div class="ckv-cell ckv-absent ckv-${side}">${what}</div>`;
+      return [make("div", ["ckv-cell", "ckv-absent", sideClass, SPAN_CLASS[Math.min(columns.length, 8)]], what)];
     }
-    const shape = side === "ck" ? row.ckptShape : row.modelShape;
-    const dtype = side === "ck" ? row.ckptDtype : row.modelDtype;
-    const bytes = side === "ck" ? row.ckptBytes : row.modelBytes;
-    const shown = side === "ck" && row.renamed ? key : row.leaf; // renamed: the full key
-    const shapeBad = row.status === "shape";
-    const dtypeBad = row.status === "dtype";
-    const indent = `style="padding-left:${0.4 + depth * 1.1}em"`;
-    const tied = side === "md" && row.tied.length ? `<span class="ckv-tag" title="shares its storage with ${escapeHtml(row.tied.join(", "))}">tied</span>` : "";
-    const renamed = side === "ck" && row.renamed ? `<span class="ckv-tag" title="${escapeHtml(row.note)}">renamed</span>` : "";
-    const title = escapeHtml(row.note && side === "ck" ? `${key}: ${row.note}` : key);
-    return (
-      `<div class="ckv-cell ckv-name ckv-${side}" ${indent} title="${title}"><span class="ckv-key">${escapeHtml(shown)}</span>${renamed}${tied}</div>` +
-      `<div class="ckv-cell ckv-shape ckv-${side}${shapeBad ? " ckv-bad" : ""}">${shapeBad ? '<span class="ckv-icon" aria-label="shape differs">✗</span>' : ""}${shapeText(shape)}</div>` +
-      `<div class="ckv-cell ckv-dtype ckv-${side}${dtypeBad ? " ckv-warn" : ""}">${dtypeBad ? '<span class="ckv-icon" aria-label="dtype differs">≈</span>' : ""}${escapeHtml(dtype)}</div>` +
-      `<div class="ckv-cell ckv-size ckv-${side}">${bytesText(bytes)}</div>`
+    const values = side === "ck" ? row.ck : row.md;
+    return columns.map((column) =>
+      column.kind === "key"
+        ? this.nameCell(row, side, depth)
+        : this.valueCell(row, column, values[this.columns.indexOf(column)], sideClass),
     );
   }
 
-  rowButtons(row) {
+  statusBadge(status) {
+    const term = this.statusTerm(status);
+    const badge = make("span", ["ckv-badge", this.roleClass(term.colour)], `${term.symbol} ${status}`);
+    badge.setAttribute("title", term.label);
+    return badge;
+  }
+
+  actionCell(row) {
+    const cell = make("div", ["ckv-cell", "ckv-act"]);
     if (row.modelKey == null) {
-      return `<div class="ckv-cell ckv-act"><span class="ckv-skip" title="${escapeHtml(this.refusal(row.index, "load"))}">skip · never applied</span></div>`;
+      const skip = make("span", ["ckv-never"], `${this.skipAction} · never applied`);
+      skip.setAttribute("title", this.refusal(row.index, this.chosenActions[0]) || this.actionTerm(this.skipAction).label);
+      cell.append(skip);
+      return cell;
     }
     const current = this.actionOf(row.index);
-    const buttons = ACTIONS.map((action) => {
+    const group = make("div", ["ckv-seg"]);
+    group.setAttribute("role", "radiogroup");
+    group.setAttribute("aria-label", `action for ${row.key}`);
+    for (const action of this.chosenActions) {
+      const term = this.actionTerm(action);
       const why = this.refusal(row.index, action);
-      const title = why ? `${action} is not possible: ${why}` : `${action}: ${ACTION_HELP[action]}`;
-      return `<button class="ckv-btn ckv-a-${action}" data-i="${row.index}" data-a="${action}" aria-pressed="${current === action}" aria-disabled="${Boolean(why)}" title="${escapeHtml(title)}">${action}</button>`;
-    }).join("");
-    return `<div class="ckv-cell ckv-act"><div class="ckv-seg" role="radiogroup" aria-label="action for ${escapeHtml(row.key)}">${buttons}</div></div>`;
+      const choice = button([this.roleClass(term.colour)], action, why ? `${action} is not possible: ${why}` : `${action}: ${term.label}`);
+      choice.setAttribute("data-i", String(row.index));
+      choice.setAttribute("data-a", action);
+      choice.setAttribute("aria-pressed", String(current === action));
+      choice.setAttribute("aria-disabled", String(Boolean(why)));
+      group.append(choice);
+    }
+    cell.append(group);
+    return cell;
   }
 
-  rowHtml(line, top) {
+  rowLine(line) {
     const row = this.rows[line.index];
-    const badge = `<span class="ckv-badge ckv-s-${row.status}">${MARK[row.status]} ${row.status}</span>`;
-    const focused = this.focus?.kind === "row" && this.focus.index === row.index ? " ckv-focused" : "";
-    const open = `<div class="ckv-line ckv-row ckv-grid ckv-row-${row.status}${focused}" role="row" data-row="${row.index}" data-key="${escapeHtml(row.key)}" style="top:${top}px">`;
+    const node = make("div", ["ckv-line", "ckv-row", "ckv-grid"]);
+    if (this.focus?.kind === "row" && this.focus.index === row.index) node.classList.add("ckv-focused");
+    node.setAttribute("role", "row");
+    node.setAttribute("data-row", String(row.index));
+    node.setAttribute("data-key", row.key);
+    node.setAttribute("data-status", row.status);
+    const status = make("div", ["ckv-cell", "ckv-status"]);
+    status.append(this.statusBadge(row.status));
     if (this.mode === "narrow") {
-      const shapeClass = row.status === "shape" ? "ckv-bad" : "";
-      const dtypeClass = row.status === "dtype" ? "ckv-warn" : "";
-      const side = (key, shape, dtype, what) =>
-        key == null
-          ? `<span class="ckv-absent-text">${what}</span>`
-          : `<span class="${shapeClass}">${shapeText(shape)}</span> <span class="${dtypeClass}">${escapeHtml(dtype)}</span>`;
-      return (
-        open +
-        `<div class="ckv-cell ckv-status">${badge}</div>` +
-        `<div class="ckv-cell ckv-name" style="padding-left:${0.4 + line.depth * 0.8}em" title="${escapeHtml(row.key)}">${escapeHtml(row.leaf)}</div>` +
-        this.rowButtons(row) +
-        `<div class="ckv-cell ckv-pair">${side(row.ckptKey, row.ckptShape, row.ckptDtype, "not in the checkpoint")} → ${side(row.modelKey, row.modelShape, row.modelDtype, "not in the model")}</div>` +
-        `</div>`
-      );
+      const name = this.indented(["ckv-cell", "ckv-name"], line.depth);
+      name.setAttribute("title", row.key);
+      name.append(make("span", ["ckv-key"], row.leaf));
+      node.append(status, name, this.actionCell(row), this.pairCell(row));
+      return node;
     }
-    return (
-      open +
-      this.sideCells(row, "ck", line.depth) +
-      `<div class="ckv-cell ckv-status">${badge}</div>` +
-      this.sideCells(row, "md", line.depth) +
-      this.rowButtons(row) +
-      `</div>`
+    node.append(...this.sideCells(row, "ck", line.depth), status, ...this.sideCells(row, "md", line.depth), this.actionCell(row));
+    return node;
+  }
+
+  /** Narrow layout: both sides' short columns on one line, "checkpoint → model". */
+  pairCell(row) {
+    const cell = make("div", ["ckv-cell", "ckv-pair"]);
+    const side = (key, values, what) => {
+      if (key == null) return [make("span", ["ckv-absent-text"], what)];
+      const parts = [];
+      for (const column of this.sideColumns()) {
+        const value = values[this.columns.indexOf(column)];
+        const part = make("span", [], cellText(column.kind, value));
+        if (column.flagged_by && column.flagged_by === row.status) {
+          part.classList.add("ckv-flag", this.roleClass(this.statusTerm(row.status).colour));
+        }
+        if (parts.length) parts.push(make("span", [], " "));
+        parts.push(part);
+      }
+      return parts;
+    };
+    cell.append(
+      ...side(row.ckptKey, row.ck, "not in the checkpoint"),
+      make("span", [], " → "),
+      ...side(row.modelKey, row.md, "not in the model"),
     );
+    return cell;
   }
 
   groupSummary(node) {
-    const statuses = {};
-    const actions = {};
-    const refused = {};
+    // counts keyed by names: no prototype, so no name can reach an inherited property
+    const statuses = Object.create(null);
+    const actions = Object.create(null);
+    const refused = Object.create(null);
     let modelRows = 0;
     for (const i of node.all) {
       const row = this.rows[i];
@@ -628,7 +852,7 @@ class LoaderView {
       modelRows += 1;
       const action = this.actionOf(i);
       actions[action] = (actions[action] || 0) + 1;
-      for (const a of ACTIONS) {
+      for (const a of this.chosenActions) {
         const why = this.refusal(i, a);
         if (why) (refused[a] ||= []).push(`${row.key}: ${why}`);
       }
@@ -636,39 +860,63 @@ class LoaderView {
     return { statuses, actions, refused, modelRows };
   }
 
-  groupHtml(line, top) {
+  groupLine(line) {
     const node = line.node;
     const { statuses, actions, refused, modelRows } = this.groupSummary(node);
     const open = !this.collapsed.has(node.path);
-    const type = this.moduleTypes[node.path] || "";
-    const statusText = STATUSES.filter((s) => statuses[s])
-      .map((s) => `<span class="ckv-mini ckv-s-${s}">${MARK[s]} ${statuses[s]} ${s}</span>`)
-      .join(" ");
-    const buttons = ACTIONS.map((action) => {
-      const count = actions[action] || 0;
-      const cannot = refused[action] || [];
-      const none = cannot.length === modelRows;
-      const pressed = modelRows > 0 && count === modelRows ? "true" : count ? "mixed" : "false";
-      let title = none
-        ? `${action} is not possible for any tensor under ${node.path}: ${cannot[0] || "no model tensors here"}`
-        : `${action} on the ${modelRows - cannot.length} tensors under ${node.path} that can take it`;
-      if (!none && cannot.length) title += `; ${cannot.length} cannot: ${cannot.slice(0, 3).join("; ")}`;
-      return `<button class="ckv-btn ckv-a-${action}" data-g="${escapeHtml(node.path)}" data-a="${action}" aria-pressed="${pressed}" aria-disabled="${none}" title="${escapeHtml(title)}">${action}</button>`;
-    }).join("");
-    const focused = this.focus?.kind === "group" && this.focus.path === node.path ? " ckv-focused" : "";
-    const controls = modelRows
-      ? `<div class="ckv-seg" role="group" aria-label="action for every tensor under ${escapeHtml(node.path)}">${buttons}</div>`
-      : `<span class="ckv-skip" title="the model has no tensors here: these checkpoint entries are never applied">skip · never applied</span>`;
-    return (
-      `<div class="ckv-line ckv-group ckv-grid${focused}" role="row" data-group="${escapeHtml(node.path)}" style="top:${top}px">` +
-      `<div class="ckv-cell ckv-glabel" style="padding-left:${0.2 + line.depth * 1.1}em">` +
-      `<button class="ckv-twisty" data-toggle="${escapeHtml(node.path)}" aria-expanded="${open}" title="${open ? "collapse" : "expand"} ${escapeHtml(node.path)}">${open ? "▾" : "▸"}</button>` +
-      `<span class="ckv-gname" title="${escapeHtml(node.path)}">${escapeHtml(line.label)}</span>` +
-      (type ? `<span class="ckv-gtype">${escapeHtml(type)}</span>` : "") +
-      `<span class="ckv-gmeta">${plural(node.all.length, "tensor")} ${statusText}</span></div>` +
-      `<div class="ckv-cell ckv-act">${controls}</div>` +
-      `</div>`
-    );
+    const type = this.moduleType(node.path);
+    const group = make("div", ["ckv-line", "ckv-group", "ckv-grid"]);
+    if (this.focus?.kind === "group" && this.focus.path === node.path) group.classList.add("ckv-focused");
+    group.setAttribute("role", "row");
+    group.setAttribute("data-group", node.path);
+
+    const label = this.indented(["ckv-cell", "ckv-glabel"], line.depth);
+    const twisty = make("button", ["ckv-twisty"], open ? "▾" : "▸");
+    twisty.setAttribute("type", "button");
+    twisty.setAttribute("data-toggle", node.path);
+    twisty.setAttribute("aria-expanded", String(open));
+    twisty.setAttribute("title", `${open ? "collapse" : "expand"} ${node.path}`);
+    const name = make("span", ["ckv-gname"], line.label);
+    name.setAttribute("title", node.path);
+    label.append(twisty, name);
+    if (type) label.append(make("span", ["ckv-gtype"], type));
+    const meta = make("span", ["ckv-gmeta"], plural(node.all.length, "tensor"));
+    for (const s of this.statusNames) {
+      if (!statuses[s]) continue;
+      const term = this.statusTerm(s);
+      meta.append(make("span", [], " "), make("span", ["ckv-mini", this.roleClass(term.colour)], `${term.symbol} ${statuses[s]} ${s}`));
+    }
+    label.append(meta);
+
+    const controls = make("div", ["ckv-cell", "ckv-act"]);
+    if (modelRows) {
+      const seg = make("div", ["ckv-seg"]);
+      seg.setAttribute("role", "group");
+      seg.setAttribute("aria-label", `action for every tensor under ${node.path}`);
+      for (const action of this.chosenActions) {
+        const count = actions[action] || 0;
+        const cannot = refused[action] || [];
+        const none = cannot.length === modelRows;
+        const pressed = count === modelRows ? "true" : count ? "mixed" : "false";
+        let title = none
+          ? `${action} is not possible for any tensor under ${node.path}: ${cannot[0] || "no model tensors here"}`
+          : `${action} on the ${modelRows - cannot.length} tensors under ${node.path} that can take it`;
+        if (!none && cannot.length) title += `; ${cannot.length} cannot: ${cannot.slice(0, 3).join("; ")}`;
+        const choice = button([this.roleClass(this.actionTerm(action).colour)], action, title);
+        choice.setAttribute("data-g", node.path);
+        choice.setAttribute("data-a", action);
+        choice.setAttribute("aria-pressed", pressed);
+        choice.setAttribute("aria-disabled", String(none));
+        seg.append(choice);
+      }
+      controls.append(seg);
+    } else {
+      const skip = make("span", ["ckv-never"], `${this.skipAction} · never applied`);
+      skip.setAttribute("title", "the model has no tensors here: these checkpoint entries are never applied");
+      controls.append(skip);
+    }
+    group.append(label, controls);
+    return group;
   }
 
   onTableClick(event) {
@@ -680,18 +928,18 @@ class LoaderView {
       this.rebuildLines();
       return;
     }
-    const button = event.target.closest("button[data-a]");
-    if (!button) return;
-    if (button.getAttribute("aria-disabled") === "true") {
-      this.details.innerHTML = `<span class="ckv-refused">${escapeHtml(button.title)}</span>`;
+    const choice = event.target.closest("button[data-a]");
+    if (!choice) return;
+    if (choice.getAttribute("aria-disabled") === "true") {
+      this.details.replaceChildren(make("span", ["ckv-refused"], choice.getAttribute("title")));
       return;
     }
-    const action = button.dataset.a;
-    if (button.dataset.i !== undefined) {
-      const row = this.rows[Number(button.dataset.i)];
+    const action = choice.dataset.a;
+    if (choice.dataset.i !== undefined) {
+      const row = this.rows[Number(choice.dataset.i)];
       this.send("set_action", { pattern: row.modelKey, action });
     } else {
-      this.send("set_module", { module: button.dataset.g, action });
+      this.send("set_module", { module: choice.dataset.g, action });
     }
   }
 
@@ -715,31 +963,44 @@ class LoaderView {
   renderDetails() {
     const focus = this.focus;
     if (!focus) {
-      this.details.innerHTML = `<span class="ckv-hint">Point at a row for what its status means and what each action would do.</span>`;
+      this.details.replaceChildren(
+        make("span", ["ckv-hint"], "Point at a row for what its status means and what each action would do."),
+      );
       return;
     }
     if (focus.kind === "group") {
       const node = this.findNode(focus.path);
       if (!node) return;
       const { statuses, actions } = this.groupSummary(node);
-      const st = STATUSES.filter((s) => statuses[s]).map((s) => `${statuses[s]} ${s}`).join(", ");
-      const ac = [...ACTIONS, "skip"].filter((a) => actions[a]).map((a) => `${actions[a]} ${a}`).join(", ");
-      this.details.innerHTML =
-        `<b>${escapeHtml(focus.path)}</b> ${escapeHtml(this.moduleTypes[focus.path] || "")}: ${node.all.length} tensors (${st}); now ${ac || "nothing to apply"}. ` +
-        `The buttons on this line set every tensor under it that can take the action.`;
+      const st = this.statusNames.filter((s) => statuses[s]).map((s) => `${statuses[s]} ${s}`).join(", ");
+      const ac = this.actionNames.filter((a) => actions[a]).map((a) => `${actions[a]} ${a}`).join(", ");
+      this.details.replaceChildren(
+        make("b", [], focus.path),
+        make("span", [], ` ${this.moduleType(focus.path)}: ${node.all.length} tensors (${st}); now ${ac || "nothing to apply"}. `),
+        make("span", [], "The buttons on this line set every tensor under it that can take the action."),
+      );
       return;
     }
     const row = this.rows[focus.index];
     if (!row) return;
     const text = this.explanations.get(focus.index);
-    const refused = ACTIONS.map((a) => [a, this.refusal(row.index, a)]).filter(([, why]) => why && row.modelKey != null);
-    const refusedHtml = refused.length
-      ? `<div class="ckv-refused">${refused.map(([a, why]) => `<b>${a}</b> not possible: ${escapeHtml(why)}`).join(" · ")}</div>`
-      : "";
-    this.details.innerHTML =
-      `<span class="ckv-badge ckv-s-${row.status}">${MARK[row.status]} ${row.status}</span> <b>${escapeHtml(row.key)}</b> ` +
-      `<span class="ckv-now">action: ${this.actionOf(row.index)}</span> ` +
-      `<span class="ckv-explain">${text === undefined ? "…" : escapeHtml(text)}</span>${refusedHtml}`;
+    const parts = [
+      this.statusBadge(row.status),
+      make("span", [], " "),
+      make("b", [], row.key),
+      make("span", ["ckv-now"], `action: ${this.actionOf(row.index)}`),
+      make("span", ["ckv-explain"], text === undefined ? "…" : text),
+    ];
+    const refused = this.chosenActions.map((a) => [a, this.refusal(row.index, a)]).filter(([, why]) => why && row.modelKey != null);
+    if (refused.length) {
+      const box = make("div", ["ckv-refused"]);
+      refused.forEach(([action, why], i) => {
+        if (i) box.append(make("span", [], " · "));
+        box.append(make("b", [], action), make("span", [], ` not possible: ${why}`));
+      });
+      parts.push(box);
+    }
+    this.details.replaceChildren(...parts);
   }
 
   findNode(path) {
@@ -752,51 +1013,75 @@ class LoaderView {
 
   renderSuggestions() {
     const items = this.model.get("_suggestions") || [];
-    const missing = this.rows.filter((r) => r.status === "missing");
-    const unexpected = this.rows.filter((r) => r.status === "unexpected");
+    // a model tensor no checkpoint entry feeds, and a checkpoint entry that feeds nothing
+    const missing = this.rows.filter((r) => r.modelKey != null && r.ckptKey == null);
+    const unexpected = this.rows.filter((r) => r.modelKey == null && r.ckptKey != null);
     if (!items.length && !(missing.length && unexpected.length)) {
       this.suggestBox.replaceChildren();
       this.suggestBox.hidden = true;
       return;
     }
     this.suggestBox.hidden = false;
-    const list = element("ul", { class: "ckv-suggestions" });
+    const list = make("ul", ["ckv-suggestions"]);
     items.forEach((item, index) => {
-      const text =
-        item.kind === "rule"
-          ? `rename rule <code>${escapeHtml(item.pattern)}</code> → <code>${escapeHtml(item.replacement)}</code> pairs ${item.pairs} keys`
-          : `checkpoint <code>${escapeHtml(item.checkpoint_key)}</code> → model <code>${escapeHtml(item.model_key)}</code> <span class="ckv-dim">(${escapeHtml(item.reason)})</span>`;
-      const button = element("button", { class: "ckv-btn", text: "accept", "data-accept": String(index) });
-      const li = element("li");
-      li.innerHTML = text + " ";
-      li.append(button);
+      const li = make("li");
+      if (item.kind === "rule") {
+        li.append(
+          make("span", [], "rename rule "),
+          make("code", [], item.pattern),
+          make("span", [], " → "),
+          make("code", [], item.replacement),
+          make("span", [], ` pairs ${numberText(item.pairs)} keys `),
+        );
+      } else {
+        li.append(
+          make("span", [], "checkpoint "),
+          make("code", [], item.checkpoint_key),
+          make("span", [], " → model "),
+          make("code", [], item.model_key),
+          make("span", [], " "),
+          make("span", ["ckv-dim"], `(${textOf(item.reason)})`),
+          make("span", [], " "),
+        );
+      }
+      const accept = button([], "accept");
+      accept.setAttribute("data-accept", String(index));
+      li.append(accept);
       list.append(li);
     });
-    const children = [element("div", { class: "ckv-suggest-title", text: "Renamed keys?" })];
+    const children = [make("div", ["ckv-suggest-title"], "Renamed keys?")];
     if (items.length) children.push(list);
     if (missing.length && unexpected.length) {
-      const pickModel = element("select", { "aria-label": "missing model key" });
-      for (const r of missing) pickModel.append(element("option", { value: r.modelKey, text: r.modelKey }));
-      const pickCkpt = element("select", { "aria-label": "unexpected checkpoint key" });
-      for (const r of unexpected) pickCkpt.append(element("option", { value: r.ckptKey, text: r.ckptKey }));
-      const pairButton = element("button", { class: "ckv-btn", text: "pair" });
+      const picker = (label, rows, keyOfRow) => {
+        const select = make("select");
+        select.setAttribute("aria-label", label);
+        for (const r of rows) {
+          const option = make("option", [], keyOfRow(r));
+          option.value = keyOfRow(r);
+          select.append(option);
+        }
+        return select;
+      };
+      const pickCkpt = picker("unexpected checkpoint key", unexpected, (r) => r.ckptKey);
+      const pickModel = picker("missing model key", missing, (r) => r.modelKey);
+      const pairButton = button([], "pair");
       pairButton.addEventListener("click", () =>
         this.send("pair", { model_key: pickModel.value, checkpoint_key: pickCkpt.value }),
       );
-      children.push(
-        element("div", { class: "ckv-pair-hand" }, [
-          element("span", { text: "pair by hand: checkpoint " }),
-          pickCkpt,
-          element("span", { text: " feeds model " }),
-          pickModel,
-          pairButton,
-        ]),
+      const byHand = make("div", ["ckv-pair-hand"]);
+      byHand.append(
+        make("span", [], "pair by hand: checkpoint "),
+        pickCkpt,
+        make("span", [], " feeds model "),
+        pickModel,
+        pairButton,
       );
+      children.push(byHand);
     }
     this.suggestBox.replaceChildren(...children);
     list.addEventListener("click", (event) => {
-      const button = event.target.closest("[data-accept]");
-      if (button) this.send("accept", { which: Number(button.dataset.accept) });
+      const accept = event.target.closest("[data-accept]");
+      if (accept) this.send("accept", { which: Number(accept.dataset.accept) });
     });
   }
 
@@ -810,28 +1095,43 @@ class LoaderView {
     }
     this.reportBox.hidden = false;
     const state = report.undone
-      ? `<span class="ckv-badge ckv-undone">↶ undone</span>`
+      ? make("span", ["ckv-badge", "ckv-role-neutral"], "↶ undone")
       : report.verified
-        ? `<span class="ckv-badge ckv-s-match">✓ applied and verified</span>`
-        : `<span class="ckv-badge ckv-s-shape">✗ NOT verified</span>`;
-    const parts = ACTIONS.filter((a) => report.counts[a]?.rows).map((a) => {
-      const c = report.counts[a];
-      const keys = report.keys[a] || [];
-      const more = c.rows > keys.length ? ` and ${numberText(c.rows - keys.length)} more` : "";
-      return `<li><span class="ckv-counter ckv-a-${a}"><b>${a}</b> ${numberText(c.rows)}</span> ${numberText(c.numel)} values, ${bytesText(c.bytes)}: <code>${keys.map(escapeHtml).join("</code>, <code>")}</code>${more}</li>`;
-    });
-    const notes = (report.notes || []).map((n) => `<div class="ckv-dim">note: ${escapeHtml(n)}</div>`).join("");
-    this.reportBox.innerHTML =
-      `<div class="ckv-report-head">${state} <span>${escapeHtml(report.summary)}</span></div><ul>${parts.join("")}</ul>${notes}`;
+        ? make("span", ["ckv-badge", "ckv-role-ok"], "✓ applied and verified")
+        : make("span", ["ckv-badge", "ckv-role-bad"], "✗ NOT verified");
+    const head = make("div", ["ckv-report-head"]);
+    head.append(state, make("span", [], " "), make("span", [], report.summary));
+    const list = make("ul");
+    const counts = report.counts || {};
+    const reportKeys = report.keys || {};
+    for (const action of this.chosenActions) {
+      const c = counts[action];
+      if (!c || !c.rows) continue;
+      const keys = Array.isArray(reportKeys[action]) ? reportKeys[action] : [];
+      const term = this.actionTerm(action);
+      const counter = make("span", ["ckv-counter", this.roleClass(term.colour)]);
+      counter.append(make("span", ["ckv-symbol"], term.symbol), make("b", [], action), make("span", [], ` ${numberText(c.rows)}`));
+      const li = make("li");
+      li.append(counter, make("span", [], ` ${numberText(c.numel)} values, ${bytesText(c.bytes)}: `));
+      keys.forEach((key, i) => {
+        if (i) li.append(make("span", [], ", "));
+        li.append(make("code", [], key));
+      });
+      if (c.rows > keys.length) li.append(make("span", [], ` and ${numberText(c.rows - keys.length)} more`));
+      list.append(li);
+    }
+    const notes = (Array.isArray(report.notes) ? report.notes : []).map((n) => make("div", ["ckv-dim"], `note: ${textOf(n)}`));
+    this.reportBox.replaceChildren(head, list, ...notes);
   }
 
   renderMessages() {
     const error = this.model.get("error");
     const notice = this.model.get("notice");
-    this.errorBox.textContent = error || "";
+    this.errorBox.textContent = textOf(error);
     this.errorBox.hidden = !error;
-    this.noticeBox.textContent = notice || "";
+    this.noticeBox.textContent = textOf(notice);
     this.noticeBox.hidden = !notice;
+    if (!error) this.confirmBox.hidden = true;
     if (error) {
       this.pending.clear();
       this.renderBusy();
@@ -845,7 +1145,7 @@ class LoaderView {
   }
 
   renderCode() {
-    const code = this.model.get("_code");
+    const code = textOf(this.model.get("_code"));
     this.codeButton.setAttribute("aria-pressed", String(Boolean(code) && this.codeRev === this.rev));
     if (!code) {
       this.codeBox.replaceChildren();
@@ -854,8 +1154,9 @@ class LoaderView {
     }
     this.codeBox.hidden = false;
     const stale = this.codeRev !== this.rev;
-    const copy = element("button", { class: "ckv-btn", text: "copy" });
-    const pre = element("pre", {}, [element("code", { text: code })]);
+    const copy = button([], "copy");
+    const pre = make("pre");
+    pre.append(make("code", [], code));
     copy.addEventListener("click", async () => {
       try {
         await navigator.clipboard.writeText(code);
@@ -869,15 +1170,17 @@ class LoaderView {
         copy.textContent = "selected: press Ctrl+C";
       }
     });
-    const head = element("div", { class: "ckv-code-head" }, [
-      element("span", {
-        text: stale
+    const head = make("div", ["ckv-code-head"]);
+    head.append(
+      make(
+        "span",
+        [stale ? "ckv-stale" : ""],
+        stale
           ? "The plan changed since: press Code again for the current code."
           : "Plain PyTorch that does what Apply does (paste it into a cell, with model in scope):",
-        class: stale ? "ckv-stale" : "",
-      }),
+      ),
       copy,
-    ]);
+    );
     this.codeBox.replaceChildren(head, pre);
   }
 }

@@ -1,0 +1,109 @@
+"""The status and action vocabulary has one source (core/vocabulary.py): the core's tuples come
+from it, every row's status and action is in it, and the widget sends it to the front end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import comm
+import pytest
+import torch
+from comm.base_comm import BaseComm
+from conftest import SmallCNN
+
+import ckptviz
+from ckptviz import widget, widget_columns
+from ckptviz.core.vocabulary import (
+    ACTION_TERMS,
+    CHOSEN_ACTIONS,
+    COLOUR_ROLES,
+    STATUS_TERMS,
+    Action,
+    Status,
+)
+
+
+def test_every_status_and_action_has_words_a_symbol_and_a_known_colour() -> None:
+    assert set(STATUS_TERMS) == set(Status)
+    assert set(ACTION_TERMS) == set(Action)
+    for term in (*STATUS_TERMS.values(), *ACTION_TERMS.values()):
+        assert term.label and term.symbol and term.colour in COLOUR_ROLES
+    assert len({t.symbol for t in STATUS_TERMS.values()}) == len(Status)  # not by colour alone
+
+
+def test_the_core_names_come_from_the_vocabulary() -> None:
+    assert tuple(s.value for s in Status) == ckptviz.STATUSES
+    assert tuple(a.value for a in CHOSEN_ACTIONS) == ckptviz.ACTIONS
+    assert Action.SKIP not in CHOSEN_ACTIONS
+    assert Status.MATCH == "match" and str(Action.PARTIAL) == "partial"
+    assert json.dumps([Status.SHAPE, Action.LOAD]) == '["shape", "load"]'
+
+
+def test_every_row_says_a_status_and_an_action_of_the_vocabulary(
+    old_cnn_path: Path, tmp_path: Path
+) -> None:
+    state = torch.load(old_cnn_path, weights_only=True)
+    state["extra.weight"] = torch.zeros(2)
+    state["bn1.num_batches_tracked"] = state["bn1.num_batches_tracked"].int()
+    del state["bn1.running_mean"]
+    torch.save(state, tmp_path / "mixed.pt")
+    plan = ckptviz.compare(SmallCNN(32), tmp_path / "mixed.pt").plan()
+    assert {r.status for r in plan.diff.rows} == set(Status)
+    assert {action for _, action in plan} <= set(Action)
+    assert set(plan.counts) == set(Action)
+
+
+class RecordingComm(BaseComm):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.sent: list[tuple[str, Any]] = []
+        super().__init__(*args, **kwargs)
+
+    def publish_msg(self, msg_type: str, data: Any = None, *args: Any, **kwargs: Any) -> None:
+        self.sent.append((msg_type, data))
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, old_cnn_path: Path) -> dict[str, Any]:
+    """The state the front end receives first, as JSON (with an extra column declared)."""
+    monkeypatch.setattr(comm, "create_comm", RecordingComm)
+    monkeypatch.chdir(tmp_path)
+    extra = widget_columns.Column("numel", "values", lambda t: t.numel, "text", width="short")
+    monkeypatch.setattr(widget_columns, "COLUMNS", (*widget_columns.COLUMNS, extra))
+    loader = widget.Loader(SmallCNN(32), old_cnn_path)
+    (state,) = [d["state"] for t, d in loader.comm.sent if t == "comm_open"]
+    return dict(json.loads(json.dumps(state)))
+
+
+def test_the_widget_sends_the_vocabulary(opened: dict[str, Any]) -> None:
+    vocabulary = opened["_vocabulary"]
+    assert [s["name"] for s in vocabulary["statuses"]] == [s.value for s in Status]
+    assert [a["name"] for a in vocabulary["actions"]] == [a.value for a in Action]
+    for sent in vocabulary["statuses"]:
+        term = STATUS_TERMS[Status(sent["name"])]
+        assert (sent["label"], sent["symbol"], sent["colour"]) == (
+            term.label,
+            term.symbol,
+            term.colour,
+        )
+    chosen = [a["name"] for a in vocabulary["actions"] if a["chosen"]]
+    assert chosen == list(ckptviz.ACTIONS)
+    codes = {a["code"]: a["name"] for a in vocabulary["actions"]}
+    assert len(codes) == len(Action)  # the letters of the action string decode one way
+    rows = opened["_rows"]
+    assert {codes[c] for c in rows["actions"]} <= set(Action)
+    assert vocabulary["colours"] == list(COLOUR_ROLES)
+
+
+def test_a_new_column_is_one_entry(opened: dict[str, Any]) -> None:
+    """The extra column declared in the fixture travels in every row and in ``_columns``."""
+    assert [c["key"] for c in opened["_columns"]] == ["key", "shape", "dtype", "bytes", "numel"]
+    assert opened["_columns"][-1]["title"] == "values"
+    rows = opened["_rows"]
+    fields = rows["fields"]
+    model = SmallCNN(32).state_dict()
+    for values in rows["data"]:
+        row = dict(zip(fields, values, strict=True))
+        assert row["model_numel"] == model[row["model_key"]].numel()
+        assert row["checkpoint_numel"] is not None
