@@ -7,6 +7,7 @@ from ckptviz import tables as _tables  # registers the DataFrame and HTML views
 from ckptviz.compare_plots import plot_change_strip, plot_changes
 from ckptviz.core.apply import Report, ReportEntry
 from ckptviz.core.diff import STATUSES, Diff, Row, compare
+from ckptviz.core.distributed import apply_distributed
 from ckptviz.core.errors import (
     ApplyError,
     CheckpointError,
@@ -46,6 +47,7 @@ __all__ = [
     "TensorStats",
     "UnsafeCheckpointError",
     "ValueStats",
+    "apply_distributed",
     "compare",
     "plot_change_strip",
     "plot_changes",
