@@ -75,7 +75,7 @@ def _model() -> Net:
     return Net()
 
 
-# -- inside each worker ------------------------------------------------------------------------------
+# -- inside each worker ----------------------------------------------------------------------------
 
 
 def _fsdp_model(mesh: Any) -> Net:
@@ -194,7 +194,9 @@ def _worker(rank: int, port: int, folder: str) -> None:
                 "shards": _shards(model),
                 "verified": report.verified,
                 "entries": report.to_records(),
-                "reads": [(r.checkpoint_key, r.box.offsets, r.box.sizes, r.nbytes) for r in report.reads],
+                "reads": [
+                    (r.checkpoint_key, r.box.offsets, r.box.sizes, r.nbytes) for r in report.reads
+                ],
                 "safetensors": log,
                 "summary": report.summary(),
             }
@@ -269,7 +271,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
         def scenario() -> dict[str, Any]:
             code = Plan.from_json(root / plan).to_code(distributed=True)
             model = make(mesh)
-            exec(compile(code, f"<{plan} code>", "exec"), {"model": model})  # noqa: S102
+            exec(compile(code, f"<{plan} code>", "exec"), {"model": model})
             return {"shards": _shards(model), "code": code}
 
         return scenario
@@ -284,7 +286,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
     dist.destroy_process_group()
 
 
-# -- in the test process -----------------------------------------------------------------------------
+# -- in the test process ---------------------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -359,7 +361,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _assert_same_as(reference: dict[str, torch.Tensor], shards: dict[str, Any]) -> None:
     assert set(shards) == set(reference)
     for key, (offsets, sizes, local) in shards.items():
-        region = tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
+        region = tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))
         want = reference[key][region]
         assert local.dtype == want.dtype and local.shape == want.shape, key
         assert torch.equal(_bits(local), _bits(want)), f"{key}: this shard differs"
@@ -370,7 +372,7 @@ def _covers(shards_per_rank: list[dict[str, Any]], key: str, shape: tuple[int, .
     covered = torch.zeros(shape, dtype=torch.int32)
     for shards in shards_per_rank:
         offsets, sizes, _ = shards[key]
-        covered[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] += 1
+        covered[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))] += 1
     return bool((covered >= 1).all())
 
 
@@ -427,7 +429,10 @@ def test_each_rank_reads_only_its_slices(runs: dict[str, Any], name: str) -> Non
     for key in ("fc1.weight", "fc2.weight", "head.weight", "head.bias"):
         per_rank = [sum(1 for _, k, _ in r["safetensors"] if k == key) for r in results]
         read[key] = sum(
-            torch.Size(shape).numel() for r in results for _, k, shape in r["safetensors"] if k == key
+            torch.Size(shape).numel()
+            for r in results
+            for _, k, shape in r["safetensors"]
+            if k == key
         )
         if key == "fc2.weight":
             assert per_rank == [0, 0]  # reinit: nothing read

@@ -67,9 +67,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,7 +119,9 @@ class Box:
 
     def intersect(self, other: Box) -> Box:
         offsets, sizes = [], []
-        for o1, s1, o2, s2 in zip(self.offsets, self.sizes, other.offsets, other.sizes, strict=True):
+        for o1, s1, o2, s2 in zip(
+            self.offsets, self.sizes, other.offsets, other.sizes, strict=True
+        ):
             start, stop = max(o1, o2), min(o1 + s1, o2 + s2)
             offsets.append(start)
             sizes.append(max(stop - start, 0))
@@ -134,7 +135,11 @@ class Box:
         )
 
     def text(self) -> str:
-        return "[" + ", ".join(f"{o}:{o + s}" for o, s in zip(self.offsets, self.sizes)) + "]"
+        return (
+            "["
+            + ", ".join(f"{o}:{o + s}" for o, s in zip(self.offsets, self.sizes, strict=True))
+            + "]"
+        )
 
 
 def _dtensor_type() -> type | None:
@@ -191,7 +196,7 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
-# -- agreeing across ranks ------------------------------------------------------------------------
+# -- agreeing across ranks -------------------------------------------------------------------------
 
 
 class _Ranks:
@@ -251,7 +256,7 @@ def _problem_text(head: str, problems: dict[str, str], tail: str) -> str:
     return f"{head} ({len(problems)} row(s)); {tail}:\n{lines}{more}"
 
 
-# -- what each rank writes ------------------------------------------------------------------------
+# -- what each rank writes -------------------------------------------------------------------------
 
 
 @dataclass
@@ -391,7 +396,7 @@ def _tasks(plan: Plan, targets: dict[str, Any]) -> list[_Task]:
     return tasks
 
 
-# -- reading slices ---------------------------------------------------------------------------------
+# -- reading slices --------------------------------------------------------------------------------
 
 
 class _SliceReader:
@@ -418,24 +423,36 @@ class _SliceReader:
 
     @contextmanager
     def _opened(self) -> Iterator[Callable[[str, Box], torch.Tensor]]:
+        import safetensors  # looked up at call time, so a test can count what is read
+
         ckpt = self.ckpt
-        files: dict[Path, Any] = {}
+        assert ckpt.path is not None or ckpt.format == "state dict"
         shard_of: dict[str, str] = {}
         if ckpt.format in ("safetensors-sharded", "torch-sharded", "mixed-sharded"):
             assert ckpt.path is not None  # an index: read_checkpoint checked every shard in it
             shard_of = json.loads(ckpt.path.read_text(encoding="utf-8"))["weight_map"]
-        with ckpt.open() as source:
+        with ExitStack() as stack:
+            source = stack.enter_context(ckpt.open())
+            files: dict[Path, Any] = {}
+
+            def safetensors_slice(path: Path, key: str, box: Box) -> torch.Tensor:
+                handle = files.get(path)
+                if handle is None:
+                    opened = safetensors.safe_open(str(path), framework="pt")
+                    handle = files[path] = stack.enter_context(opened)
+                value: torch.Tensor = handle.get_slice(key)[box.slices()]
+                return value
 
             def fetch(key: str, box: Box) -> torch.Tensor:
                 if box.numel == 0:
                     return self._empty(key, box)
                 if ckpt.format == "safetensors":
                     assert ckpt.path is not None
-                    return self._safetensors_slice(files, ckpt.path, key, box)
+                    return safetensors_slice(ckpt.path, key, box)
                 shard = shard_of.get(key)
                 if shard is not None and shard.endswith(".safetensors"):
                     assert ckpt.path is not None
-                    return self._safetensors_slice(files, ckpt.path.parent / shard, key, box)
+                    return safetensors_slice(ckpt.path.parent / shard, key, box)
                 # torch zip files (and their shards) are memory-mapped: the slice is a view of
                 # the mapping, and copying it out reads the pages it touches
                 whole = source[key]
@@ -447,23 +464,10 @@ class _SliceReader:
                 return whole[box.slices()].clone()
 
             yield fetch
-        for handle in files.values():
-            close = getattr(handle, "__exit__", None)
-            if close is not None:
-                close(None, None, None)
-
-    @staticmethod
-    def _safetensors_slice(files: dict[Path, Any], path: Path, key: str, box: Box) -> torch.Tensor:
-        import safetensors  # looked up at call time, so a test can count what is read
-
-        handle = files.get(path)
-        if handle is None:
-            handle = files[path] = safetensors.safe_open(str(path), framework="pt")
-        return handle.get_slice(key)[box.slices()]
 
     def _read_dcp(self, wanted: dict[str, tuple[str, Box]]) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.filesystem import FileSystemReader
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, StorageMeta
         from torch.distributed.checkpoint.planner import LoadPlan
         from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
@@ -526,14 +530,14 @@ class _SliceReader:
         return buffers
 
 
-# -- fresh values for reinit -------------------------------------------------------------------------
+# -- fresh values for reinit -----------------------------------------------------------------------
 
 
 def _gathered(tensor: torch.Tensor) -> torch.Tensor:
     """The whole value of ``tensor`` in this process, never sharing memory with the model."""
     if not _is_dtensor(tensor):
         return tensor.detach().clone()
-    full = tensor.full_tensor().detach()  # type: ignore[attr-defined]
+    full: torch.Tensor = tensor.full_tensor().detach()  # type: ignore[attr-defined]
     local = tensor.to_local()  # type: ignore[attr-defined]
     if full.untyped_storage().data_ptr() == local.untyped_storage().data_ptr():
         full = full.clone()  # replicated everywhere: the gather handed back the model's memory
@@ -565,8 +569,8 @@ def _plain_twin(module: torch.nn.Module, memo: dict[int, torch.Tensor]) -> torch
         if buffer is not None and id(buffer) not in memo:
             memo[id(buffer)] = _gathered(buffer)
         buffers[name] = None if buffer is None else memo[id(buffer)]
-    twin._parameters = params  # type: ignore[assignment]
-    twin._buffers = buffers  # type: ignore[assignment]
+    twin._parameters = params
+    twin._buffers = buffers
     twin._modules = {
         name: None if child is None else _plain_twin(child, memo)
         for name, child in module._modules.items()
@@ -618,7 +622,7 @@ def _fresh_values(plan: Plan, model: torch.nn.Module, tasks: list[_Task]) -> dic
     return problems
 
 
-# -- writing --------------------------------------------------------------------------------------
+# -- writing ---------------------------------------------------------------------------------------
 
 
 def _write_shard(local: torch.Tensor, region: tuple[slice, ...], value: torch.Tensor) -> None:
@@ -673,9 +677,7 @@ def _tie_problems(tasks: list[_Task]) -> dict[str, str]:
         same = (
             task.action == other.action
             and task.region == other.region
-            and bitwise_equal(
-                task.value.to(task.local.dtype), other.value.to(other.local.dtype)
-            )
+            and bitwise_equal(task.value.to(task.local.dtype), other.value.to(other.local.dtype))
         )
         if not same:
             problems[task.row.key] = (
@@ -752,7 +754,7 @@ def _keep_entries(
     return entries
 
 
-# -- the report -----------------------------------------------------------------------------------
+# -- the report ------------------------------------------------------------------------------------
 
 
 class DistributedReport(Report):
@@ -798,8 +800,10 @@ class DistributedReport(Report):
         if agreed:
             raise PlanError(
                 _problem_text(
-                    "cannot undo", agreed, "nothing was restored on any rank (it was changed "
-                    "or rebuilt since, or undone already)"
+                    "cannot undo",
+                    agreed,
+                    "nothing was restored on any rank (it was changed "
+                    "or rebuilt since, or undone already)",
                 ),
                 agreed,
             )
@@ -818,11 +822,11 @@ class DistributedReport(Report):
         )
 
 
-# -- the entry point ------------------------------------------------------------------------------
+# -- the entry point -------------------------------------------------------------------------------
 
 
 def apply_distributed(
-    plan: Plan | str | os.PathLike[str],
+    plan: Plan | str | Path,
     model: torch.nn.Module,
     *,
     source: Any = None,
@@ -928,8 +932,7 @@ def apply_distributed(
     )
 
 
-
-# -- the plan as code a job runs without ckptviz ------------------------------------------------------
+# -- the plan as code a job runs without ckptviz ---------------------------------------------------
 
 _BOX_HELPERS = '''
 def local_box(tensor):
@@ -1036,7 +1039,12 @@ def _read_code(plan: Plan) -> tuple[list[str], list[str]]:
             "                values[name] = state[key][region(offsets, sizes)].clone()",
             "    return values",
         ]
-        return ["import json", "from pathlib import Path", "", "from safetensors import safe_open"], lines
+        return [
+            "import json",
+            "from pathlib import Path",
+            "",
+            "from safetensors import safe_open",
+        ], lines
     if fmt == "torch":
         where = "".join(f"[{part!r}]" for part in ckpt.location)
         unsafe = ckpt.trusted or bool(ckpt.allow_globals)
@@ -1046,7 +1054,7 @@ def _read_code(plan: Plan) -> tuple[list[str], list[str]]:
             f"state = checkpoint{where}",
         ]
         if unsafe:
-            load.insert(0, "# trusted: full unpickling, only for files you trust (it can run code).")
+            load.insert(0, "# trusted: full unpickling, only for files you trust (it runs code).")
         return [], [
             *load,
             "",
@@ -1070,14 +1078,14 @@ def _read_code(plan: Plan) -> tuple[list[str], list[str]]:
             "create_read_items_for_chunk_list",
         ]
         lines = [
-            "# torch's reader unpickles the directory's .metadata fully (it can run code): run this",
-            "# only on a checkpoint you trust. ckptviz read it with a restricted unpickler.",
+            "# torch's reader unpickles the directory's .metadata fully (it can run code): run",
+            "# this only on a checkpoint you trust. ckptviz read it with a restricted unpickler.",
             f"checkpoint = {str(ckpt.path.parent)!r}",
             f"dtypes = {dtypes!r}",
             "",
             "",
             "class BoxPlanner(DefaultLoadPlanner):",
-            '    """DCP\'s planner; each request reads only the stored chunks overlapping its box."""',
+            '    """DCP\'s planner: a request reads only the stored chunks overlapping its box."""',
             "",
             "    def __init__(self, requests):",
             "        super().__init__(flatten_state_dict=False, allow_partial_load=True)",
@@ -1146,8 +1154,8 @@ def distributed_code(plan: Plan) -> str:
         "from torch.distributed.tensor import DTensor, Replicate, Shard",
     ]
     lines += imports
-    lines += ["", ""] + _code_lines(_BOX_HELPERS) + ["", ""] + _code_lines(_TWIN_HELPERS)
-    lines += ["", ""] + read_lines + ["", ""]
+    lines += ["", "", *_code_lines(_BOX_HELPERS), "", "", *_code_lines(_TWIN_HELPERS)]
+    lines += ["", "", *read_lines, "", ""]
     lines += ["params = model.state_dict(keep_vars=True)"]
     lines += [f"load = {load!r}  # model key: checkpoint key"]
     lines += [f"partial = {partial!r}  # model key: (checkpoint key, its shape)"]
