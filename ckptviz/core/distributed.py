@@ -67,8 +67,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+import warnings
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -281,6 +282,14 @@ class ReadRecord:
     nbytes: int  # bytes copied out of the checkpoint (DCP: bytes of the stored chunks decoded)
 
 
+def _safetensors_slice(path: Path, key: str, box: Box) -> torch.Tensor:
+    import safetensors  # looked up at call time, so a test can count what is read
+
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        value: torch.Tensor = handle.get_slice(key)[box.slices()]
+    return value
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -400,70 +409,68 @@ def _tasks(plan: Plan, targets: dict[str, Any]) -> list[_Task]:
 
 
 class _SliceReader:
-    """Reads boxes of checkpoint tensors on this rank; ``records`` lists every read."""
+    """Reads boxes of checkpoint tensors on this rank; ``records`` lists every read.
+
+    A DCP directory is read in one collective ``load`` before anything is written (``staged``);
+    other formats are read one slice at a time, right before it is written, so a rank holds one
+    slice besides its snapshot. Each safetensors slice opens its file on its own: the pages the
+    slice touched are unmapped with it and do not pile up in the rank's resident memory.
+    """
 
     def __init__(self, ckpt: Checkpoint, ranks: _Ranks) -> None:
         self.ckpt = ckpt
         self.ranks = ranks
         self.records: list[ReadRecord] = []
+        self.staged = ckpt.format == "dcp"
+        self._stack = ExitStack()
+        self._source: Any = None
+        self._shard_of: dict[str, str] = {}
+        if ckpt.format in ("safetensors-sharded", "torch-sharded", "mixed-sharded"):
+            assert ckpt.path is not None  # an index: read_checkpoint checked every shard in it
+            self._shard_of = json.loads(ckpt.path.read_text(encoding="utf-8"))["weight_map"]
 
-    def read(self, wanted: dict[str, tuple[str, Box]]) -> dict[str, torch.Tensor]:
-        """row key -> the box of its checkpoint tensor, for ``wanted`` (row key -> key, box)."""
-        if self.ckpt.format == "dcp":
-            return self._read_dcp(wanted)
-        out: dict[str, torch.Tensor] = {}
-        with self._opened() as fetch:
-            for row_key, (key, box) in wanted.items():
-                out[row_key] = fetch(key, box)
-                self.records.append(ReadRecord(key, box, out[row_key].nbytes))
-        return out
+    def __enter__(self) -> _SliceReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
 
     def _empty(self, key: str, box: Box) -> torch.Tensor:
         return torch.empty(box.sizes, dtype=getattr(torch, self.ckpt.tensors[key].dtype))
 
-    @contextmanager
-    def _opened(self) -> Iterator[Callable[[str, Box], torch.Tensor]]:
-        import safetensors  # looked up at call time, so a test can count what is read
+    def read(self, key: str, box: Box) -> torch.Tensor:
+        """The box of checkpoint tensor ``key`` (not for a DCP directory: see ``read_staged``)."""
+        value = self._fetch(key, box)
+        self.records.append(ReadRecord(key, box, value.nbytes))
+        return value
 
+    def _fetch(self, key: str, box: Box) -> torch.Tensor:
         ckpt = self.ckpt
-        assert ckpt.path is not None or ckpt.format == "state dict"
-        shard_of: dict[str, str] = {}
-        if ckpt.format in ("safetensors-sharded", "torch-sharded", "mixed-sharded"):
-            assert ckpt.path is not None  # an index: read_checkpoint checked every shard in it
-            shard_of = json.loads(ckpt.path.read_text(encoding="utf-8"))["weight_map"]
-        with ExitStack() as stack:
-            source = stack.enter_context(ckpt.open())
-            files: dict[Path, Any] = {}
+        if box.numel == 0:
+            return self._empty(key, box)
+        if ckpt.format == "safetensors":
+            assert ckpt.path is not None
+            return _safetensors_slice(ckpt.path, key, box)
+        shard = self._shard_of.get(key)
+        if shard is not None and shard.endswith(".safetensors"):
+            assert ckpt.path is not None
+            return _safetensors_slice(ckpt.path.parent / shard, key, box)
+        # torch zip files (and their shards) are memory-mapped: the slice is a view of the
+        # mapping, and copying it out reads the pages it touches
+        if self._source is None:
+            self._source = self._stack.enter_context(ckpt.open())
+        whole = self._source[key]
+        if _is_dtensor(whole):
+            raise CheckpointError(
+                f"{ckpt.source}: {key!r} is a DTensor; pass plain tensors as source= (e.g. a "
+                "file path), each rank reads its own slices"
+            )
+        value: torch.Tensor = whole[box.slices()].clone()
+        return value
 
-            def safetensors_slice(path: Path, key: str, box: Box) -> torch.Tensor:
-                handle = files.get(path)
-                if handle is None:
-                    opened = safetensors.safe_open(str(path), framework="pt")
-                    handle = files[path] = stack.enter_context(opened)
-                value: torch.Tensor = handle.get_slice(key)[box.slices()]
-                return value
-
-            def fetch(key: str, box: Box) -> torch.Tensor:
-                if box.numel == 0:
-                    return self._empty(key, box)
-                if ckpt.format == "safetensors":
-                    assert ckpt.path is not None
-                    return safetensors_slice(ckpt.path, key, box)
-                shard = shard_of.get(key)
-                if shard is not None and shard.endswith(".safetensors"):
-                    assert ckpt.path is not None
-                    return safetensors_slice(ckpt.path.parent / shard, key, box)
-                # torch zip files (and their shards) are memory-mapped: the slice is a view of
-                # the mapping, and copying it out reads the pages it touches
-                whole = source[key]
-                if _is_dtensor(whole):
-                    raise CheckpointError(
-                        f"{ckpt.source}: {key!r} is a DTensor; pass plain tensors as source= "
-                        "(e.g. a file path), each rank reads its own slices"
-                    )
-                return whole[box.slices()].clone()
-
-            yield fetch
+    def read_staged(self, wanted: dict[str, tuple[str, Box]]) -> dict[str, torch.Tensor]:
+        """row key -> its box, for every row of ``wanted`` at once (collective: DCP)."""
+        return self._read_dcp(wanted)
 
     def _read_dcp(self, wanted: dict[str, tuple[str, Box]]) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -664,32 +671,13 @@ def _storage_key(local: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[
     )
 
 
-def _tie_problems(tasks: list[_Task]) -> dict[str, str]:
-    """Rows sharing one shard must receive the same values, or the last write would win."""
-    first: dict[Any, _Task] = {}
-    problems: dict[str, str] = {}
-    for task in tasks:
-        ident = _storage_key(task.local)
-        other = first.setdefault(ident, task)
-        if other is task:
-            continue
-        assert task.value is not None and other.value is not None
-        same = (
-            task.action == other.action
-            and task.region == other.region
-            and bitwise_equal(task.value.to(task.local.dtype), other.value.to(other.local.dtype))
-        )
-        if not same:
-            problems[task.row.key] = (
-                f"tied to {other.row.key} in the model (one storage), but the plan writes "
-                f"other values into them ({task.action} vs {other.action}); set one of them to "
-                "keep so the other decides"
-            )
-    return problems
+def _write_all(
+    tasks: list[_Task], reader: _SliceReader, verify: bool
+) -> tuple[_Written, dict[str, str]]:
+    """Snapshot this rank's shards, then per row: read, write, verify, let go of the value.
 
-
-def _write_all(tasks: list[_Task], verify: bool) -> tuple[_Written, dict[str, str]]:
-    """Snapshot, write and verify this rank's shards; on a failure, restore them at once."""
+    On any failure (a read included) this rank's shards are restored at once.
+    """
     snapshot: list[tuple[torch.Tensor, torch.Tensor]] = []
     saved: dict[Any, torch.Tensor] = {}
     for task in tasks:
@@ -701,19 +689,30 @@ def _write_all(tasks: list[_Task], verify: bool) -> tuple[_Written, dict[str, st
     current = "?"
     try:
         with torch.no_grad():
-            written: set[Any] = set()
+            written: dict[Any, str] = {}
             for task in tasks:
                 current = task.row.key
                 ident = _storage_key(task.local)
-                assert task.value is not None
-                if ident not in written:
-                    written.add(ident)
+                if task.value is None:
+                    assert task.row.checkpoint is not None  # reinit values are computed before
+                    task.value = reader.read(task.row.checkpoint.key, task.region)
+                tied_to = written.get(ident)
+                if tied_to is None:
+                    written[ident] = task.row.key
                     _write_shard(task.local, task.region.within(task.box), task.value)
                 ok, detail = True, "not verified (verify=False)"
-                if verify:
+                if verify or tied_to is not None:
                     ok, detail = _verify(task, saved[ident])
+                if not ok and tied_to is not None:
+                    raise ApplyError(
+                        f"{task.row.key} is tied to {tied_to} in the model (one storage), but "
+                        "the plan writes other values into them; set one of them to keep so the "
+                        "other decides"
+                    )
                 if not ok:
                     raise ApplyError(f"verification failed for {task.row.key}: {detail}")
+                if tied_to is not None:
+                    detail += f" (tied to {tied_to}, written once)"
                 source = task.row.checkpoint_key if task.action in ("load", "partial") else None
                 nbytes = task.region.numel * task.local.element_size()
                 entries.append(
@@ -721,6 +720,7 @@ def _write_all(tasks: list[_Task], verify: bool) -> tuple[_Written, dict[str, st
                         task.row.key, task.action, source, task.region.numel, nbytes, ok, detail
                     )
                 )
+                task.value = None  # written and verified: the snapshot is what restores it
         return _Written(entries, snapshot), {}
     except BaseException as exc:
         _restore(snapshot)
@@ -769,7 +769,7 @@ class DistributedReport(Report):
         plan: Plan,
         model: torch.nn.Module,
         entries: list[ReportEntry],
-        snapshot: list[tuple[torch.Tensor, torch.Tensor]],
+        snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None,
         notes: list[str],
         *,
         ranks: _Ranks,
@@ -791,6 +791,12 @@ class DistributedReport(Report):
     def undo(self) -> int:
         """Restore every shard this apply wrote, on every rank (collective); returns how many
         shards this rank restored."""
+        if self._snapshot is None:  # the same on every rank: no collective needed
+            warnings.warn(
+                "nothing to undo: this apply ran with undo=False, so no snapshot was kept",
+                stacklevel=2,
+            )
+            return 0
         live = {id(t) for t in self.model.state_dict(keep_vars=True).values()}
         gone = sum(1 for t in self._targets if id(t) not in live)
         problems = {"model": f"{gone} tensor(s) are no longer in the model"} if gone else {}
@@ -807,7 +813,6 @@ class DistributedReport(Report):
                 ),
                 agreed,
             )
-        assert self._snapshot is not None
         _restore(self._snapshot)
         self.undone = True
         restored = len(self._snapshot)
@@ -831,6 +836,7 @@ def apply_distributed(
     *,
     source: Any = None,
     group: Any = None,
+    undo: bool = True,
     verify: bool = True,
     trusted: bool = False,
     allow_globals: Sequence[Any] = (),
@@ -838,7 +844,9 @@ def apply_distributed(
     """Apply ``plan`` to a model sharded across the ranks of ``group``; call it on every rank.
 
     ``plan`` is a ``Plan`` or the JSON (text or file) ``plan.to_json()`` wrote. ``source`` reads
-    the tensors from another copy of the checkpoint (a path every rank can read); ``trusted`` and
+    the tensors from another copy of the checkpoint (a path every rank can read). ``undo=False``
+    drops each rank's snapshot once the apply succeeded (it is still taken, so a failure on any
+    rank changes nothing), instead of keeping it for ``report.undo()``; ``trusted`` and
     ``allow_globals`` are granted to the JSON plan's checkpoint as in ``Plan.from_json``. Returns
     this rank's verified report; raises the same error on every rank when any rank cannot apply,
     and then no rank's model changed. See the module doc for what is read and the guarantees.
@@ -863,32 +871,33 @@ def apply_distributed(
         )
     assert ckpt is not None
 
-    # Read and compute everything before writing: a failure here changes nothing anywhere.
+    # Compute fresh values (and read a DCP directory) before writing: a failure here changes
+    # nothing anywhere. Other formats are read slice by slice while writing.
     tasks = _tasks(plan, targets)
     versions = {k: local_tensor(t)._version for k, t in targets.items()}
-    problems = _fresh_values(plan, model, tasks)
-    reader = _SliceReader(ckpt, ranks)
-    wanted = {
-        t.row.key: (t.row.checkpoint.key, t.region)
-        for t in tasks
-        if t.action in ("load", "partial") and t.row.checkpoint is not None
-    }
-    try:
-        values = reader.read(wanted)
-    except (CheckpointError, OSError, RuntimeError, ValueError) as exc:
-        problems["checkpoint"] = f"{type(exc).__name__}: {exc}"
-    else:
-        for task in tasks:
-            if task.row.key in values:
-                task.value = values[task.row.key]
-        problems.update(_tie_problems([t for t in tasks if t.value is not None]))
-    agreed = ranks.agree(problems)
-    if agreed:
-        raise PlanError(
-            _problem_text("cannot apply", agreed, "nothing was changed on any rank"), agreed
-        )
-
-    written, problems = _write_all(tasks, verify)
+    with _SliceReader(ckpt, ranks) as reader:
+        problems = _fresh_values(plan, model, tasks)
+        if reader.staged:
+            wanted = {
+                t.row.key: (t.row.checkpoint.key, t.region)
+                for t in tasks
+                if t.action in ("load", "partial") and t.row.checkpoint is not None
+            }
+            try:
+                values = reader.read_staged(wanted)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # DCP's CheckpointException is a BaseException
+                problems["checkpoint"] = f"{type(exc).__name__}: {exc}"
+            else:
+                for task in tasks:
+                    task.value = values.get(task.row.key, task.value)
+        agreed = ranks.agree(problems)
+        if agreed:
+            raise PlanError(
+                _problem_text("cannot apply", agreed, "nothing was changed on any rank"), agreed
+            )
+        written, problems = _write_all(tasks, reader, verify)
     entries: list[ReportEntry] = []
     if not problems:
         entries = written.entries + _keep_entries(plan, tasks, targets, versions)
@@ -924,7 +933,7 @@ def apply_distributed(
         plan,
         model,
         entries,
-        written.snapshot,
+        written.snapshot if undo else None,
         notes,
         ranks=ranks,
         targets=[t.target for t in tasks],
