@@ -196,7 +196,8 @@ def main() -> None:
         if key not in best or row["growth"] < best[key]["growth"]:
             best[key] = row
     baseline = best[("load_state_dict(load_file)", None)]
-    print(f"checkpoint: {size / MIB:,.0f} MiB safetensors, {args.layers} layers, {args.ranks} ranks")
+    what = f"{size / MIB:,.0f} MiB safetensors, {args.layers} layers"
+    print(f"checkpoint: {what}; {args.ranks} ranks")
     print(f"{'case':34} {'rank':>4} {'peak RSS growth':>16} {'x baseline':>10} {'seconds':>8}")
     for (case, rank), row in best.items():
         ratio = row["growth"] / baseline["growth"]

@@ -45,6 +45,16 @@ class Net(nn.Module):
         self.head = nn.Linear(9, classes)
 
 
+class TiedNet(nn.Module):
+    """An embedding and an output head sharing one weight, as language models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 6)
+        self.head = nn.Linear(6, 7, bias=False)
+        self.head.weight = self.embed.weight
+
+
 #: the distribute_tensor layout: every kind of placement, on rows and on columns
 def _tp_placements() -> dict[str, Any]:
     from torch.distributed.tensor import Replicate, Shard
@@ -243,6 +253,26 @@ def _worker(rank: int, port: int, folder: str) -> None:
 
     _run("failure-on-rank-1", results, failure_on_rank_1)
 
+    def tied(plan: str) -> Callable[[], dict[str, Any]]:
+        def scenario() -> dict[str, Any]:
+            from torch.distributed.fsdp import fully_shard
+
+            torch.manual_seed(0)
+            model = TiedNet()
+            fully_shard(model, mesh=mesh)
+            before = _shards(model)
+            try:
+                report = ckptviz.apply_distributed(root / plan, model)
+            except ckptviz.ApplyError as exc:
+                return {"error": str(exc), "before": before, "after": _shards(model)}
+            return {"shards": _shards(model), "entries": report.to_records(), "error": None,
+                    "same": model.head.weight is model.embed.weight}  # fmt: skip
+
+        return scenario
+
+    _run("tied", results, tied("plan-tied.json"))
+    _run("tied-disagreeing", results, tied("plan-tied-disagreeing.json"))
+
     def refused_on_rank_1() -> dict[str, Any]:
         model = _fsdp_model(mesh)
         before = _shards(model)
@@ -314,6 +344,10 @@ def _save_checkpoints(root: Path) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state, checkpoint_id=str(root / "dcp-one"), no_dist=True)
+    torch.manual_seed(1)
+    weight = torch.randn(7, 6)
+    save_file({"embed.weight": weight, "head.weight": weight.clone()}, root / "tied.safetensors")
+    save_file({"embed.weight": weight, "head.weight": weight + 1}, root / "tied-disagreeing.sft")
 
 
 def _plan(checkpoint: Path) -> Plan:
@@ -338,11 +372,24 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ("torch", root / "ckpt.pt"),
     ):
         _plan(checkpoint).to_json(root / f"plan-{name}.json")
+    with torch.device("meta"):
+        tied = TiedNet()
+    for name in ("tied.safetensors", "tied-disagreeing.sft"):
+        plan = Plan(ckptviz.compare(tied, root / name))
+        plan.to_json(root / f"plan-{name.split('.')[0]}.json")
     mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=True)
     reference = _model()
     Plan.from_json(root / "plan-file.json").apply(reference)
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return {"ranks": ranks, "reference": reference.state_dict(), "root": root}
+    torch.manual_seed(0)
+    tied = TiedNet()
+    Plan.from_json(root / "plan-tied.json").apply(tied)
+    return {
+        "ranks": ranks,
+        "reference": reference.state_dict(),
+        "tied": tied.state_dict(),
+        "root": root,
+    }
 
 
 def _scenario(runs: dict[str, Any], name: str) -> list[dict[str, Any]]:
@@ -524,3 +571,20 @@ def test_reinit_without_a_seed_is_refused_in_a_job(runs: dict[str, Any]) -> None
     problems = _model_problems(plan, model, dict(model.state_dict(keep_vars=True)))
     assert set(problems) == {"fc2.weight", "fc2.bias"}
     assert "seed" in problems["fc2.weight"]
+
+
+def test_tied_tensors_are_written_once_and_stay_tied(runs: dict[str, Any]) -> None:
+    for result in _scenario(runs, "tied"):
+        assert result["error"] is None and result["same"]
+        _assert_same_as(runs["tied"], result["shards"])
+        details = {e["key"]: e["detail"] for e in result["entries"]}
+        assert "tied to embed.weight, written once" in details["head.weight"]
+
+
+def test_tied_tensors_fed_different_values_change_nothing(runs: dict[str, Any]) -> None:
+    results = _scenario(runs, "tied-disagreeing")
+    assert results[0]["error"] == results[1]["error"]
+    assert "head.weight is tied to embed.weight" in results[0]["error"]
+    for result in results:
+        for key, (_, _, before) in result["before"].items():
+            assert torch.equal(_bits(before), _bits(result["after"][key][2])), key

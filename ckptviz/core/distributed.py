@@ -1166,8 +1166,12 @@ def distributed_code(plan: Plan) -> str:
     lines += ["", "", *_code_lines(_BOX_HELPERS), "", "", *_code_lines(_TWIN_HELPERS)]
     lines += ["", "", *read_lines, "", ""]
     lines += ["params = model.state_dict(keep_vars=True)"]
-    lines += [f"load = {load!r}  # model key: checkpoint key"]
-    lines += [f"partial = {partial!r}  # model key: (checkpoint key, its shape)"]
+    lines.append("load = {  # model key: checkpoint key")
+    lines += [f"    {k!r}: {v!r}," for k, v in load.items()]
+    lines.append("}")
+    lines.append("partial = {  # model key: (checkpoint key, its shape)")
+    lines += [f"    {k!r}: {v!r}," for k, v in partial.items()]
+    lines.append("}")
     lines.append("reinit = [  # module, its initialiser, tensors to take from it, seed")
     for (module_name, method), names in reinit.items():
         assert plan.seed is not None
