@@ -8,14 +8,15 @@ saved as one safetensors file, and a plan (every row ``load``) is made on a meta
 - single-process ckptviz: ``Plan.apply(model)`` in one process (snapshot kept for undo);
 - distributed: ``--ranks`` processes (gloo, CPU) build the model on the meta device, shard it
   with FSDP2 ``fully_shard`` (one group per layer), give each rank storage for its shards only
-  (``to_empty``) and run ``ckptviz.apply_distributed(plan_json, model)``.
+  (``to_empty``) and run ``ckptviz.apply_distributed(plan_json, model)``; with ``--torch``,
+  also from the same tensors saved by ``torch.save`` (memory-mapped, sliced).
 
 Each case runs in a fresh process; peak RSS growth is the peak (``VmHWM``, reset just before the
 case through ``/proc/self/clear_refs``) over the RSS just before it, so building the model does
 not count. The file is read through once before each case, so every case starts from a warm page
 cache. Figures are ratios to the baseline measured in the same run.
 
-    python -m benchmarks.bench_distributed [--layers 24] [--ranks 2] [--repeat 2] [--tmpdir DIR]
+    python -m benchmarks.bench_distributed [--layers 24] [--ranks 2] [--repeat 2] [--torch]
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ def _single(case: str, folder: str, layers: int, out: Any) -> None:
     out.put({"case": case, "rank": None, "growth": _peak() - before, "seconds": elapsed})
 
 
-def _rank(rank: int, folder: str, layers: int, ranks: int, port: int, out: Any) -> None:
-    """One rank of the distributed case."""
+def _rank(
+    rank: int, folder: str, layers: int, ranks: int, port: int, source: str, out: Any
+) -> None:
+    """One rank of the distributed case, reading ``source`` (a file in ``folder``)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -115,18 +118,18 @@ def _rank(rank: int, folder: str, layers: int, ranks: int, port: int, out: Any) 
     with torch.no_grad():  # touched, as an initialised model's memory is (not counted below)
         for param in model.parameters():
             param.to_local().normal_()
-    _warm(root / "stack.safetensors")
+    _warm(root / source)
     dist.barrier()
     before = _reset_peak()
     start = time.perf_counter()
-    report = ckptviz.apply_distributed(root / "plan.json", model)
+    report = ckptviz.apply_distributed(root / "plan.json", model, source=root / source)
     elapsed = time.perf_counter() - start
     growth = _peak() - before
     assert report.verified
     written = sum(e.nbytes for e in report.entries)
     out.put(
         {
-            "case": "apply_distributed",
+            "case": f"apply_distributed ({source})",
             "rank": rank,
             "growth": growth,
             "seconds": elapsed,
@@ -145,7 +148,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _prepare(root: Path, layers: int) -> int:
+def _prepare(root: Path, layers: int, torch_file: bool) -> int:
     """The checkpoint and the plan (made on a meta-device model); returns the file's size."""
     from safetensors.torch import save_file
 
@@ -156,6 +159,8 @@ def _prepare(root: Path, layers: int) -> int:
         f"layers.{i}.weight": torch.randn(DIM, DIM, generator=generator) for i in range(layers)
     }
     save_file(state, root / "stack.safetensors")
+    if torch_file:
+        torch.save(state, root / "stack.pt")
     del state
     with torch.device("meta"):
         meta = Stack(layers)
@@ -170,11 +175,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="rounds; the lowest peak is kept")
     parser.add_argument("--tmpdir", default=None)
     parser.add_argument("--json", default=None, help="also save the raw figures here")
+    parser.add_argument(
+        "--torch", action="store_true", help="also apply from the same state saved by torch.save"
+    )
     args = parser.parse_args()
     context = mp.get_context("spawn")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
-        size = _prepare(Path(tmp), args.layers)
+        size = _prepare(Path(tmp), args.layers, args.torch)
+        sources = ["stack.safetensors"] + (["stack.pt"] if args.torch else [])
         for _ in range(args.repeat):
             for case in ("load_state_dict(load_file)", "Plan.apply (one process)"):
                 queue = context.Queue()
@@ -182,14 +191,15 @@ def main() -> None:
                 process.start()
                 rows.append(queue.get())
                 process.join()
-            queue = context.Queue()
-            mp.spawn(
-                _rank,
-                args=(tmp, args.layers, args.ranks, _free_port(), queue),
-                nprocs=args.ranks,
-                join=True,
-            )
-            rows += [queue.get() for _ in range(args.ranks)]
+            for source in sources:
+                queue = context.Queue()
+                mp.spawn(
+                    _rank,
+                    args=(tmp, args.layers, args.ranks, _free_port(), source, queue),
+                    nprocs=args.ranks,
+                    join=True,
+                )
+                rows += [queue.get() for _ in range(args.ranks)]
     best: dict[tuple[str, Any], dict[str, Any]] = {}
     for row in rows:
         key = (row["case"], row["rank"])
@@ -198,16 +208,16 @@ def main() -> None:
     baseline = best[("load_state_dict(load_file)", None)]
     what = f"{size / MIB:,.0f} MiB safetensors, {args.layers} layers"
     print(f"checkpoint: {what}; {args.ranks} ranks")
-    print(f"{'case':34} {'rank':>4} {'peak RSS growth':>16} {'x baseline':>10} {'seconds':>8}")
+    print(f"{'case':40} {'rank':>4} {'peak RSS growth':>16} {'x baseline':>10} {'seconds':>8}")
     for (case, rank), row in best.items():
         ratio = row["growth"] / baseline["growth"]
         print(
-            f"{case:34} {'' if rank is None else rank:>4} {row['growth'] / MIB:>12,.0f} MiB "
+            f"{case:40} {'' if rank is None else rank:>4} {row['growth'] / MIB:>12,.0f} MiB "
             f"{ratio:>10.2f} {row['seconds']:>8.2f}"
         )
         if rank is not None:
             print(
-                f"{'':34} {'':>4} wrote {row['written'] / MIB:,.0f} MiB, read "
+                f"{'':40} {'':>4} wrote {row['written'] / MIB:,.0f} MiB, read "
                 f"{row['bytes_read'] / MIB:,.0f} MiB, snapshot {row['snapshot'] / MIB:,.0f} MiB"
             )
     if args.json:
