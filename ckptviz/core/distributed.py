@@ -69,7 +69,6 @@ import json
 import math
 import warnings
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -413,8 +412,10 @@ class _SliceReader:
 
     A DCP directory is read in one collective ``load`` before anything is written (``staged``);
     other formats are read one slice at a time, right before it is written, so a rank holds one
-    slice besides its snapshot. Each safetensors slice opens its file on its own: the pages the
-    slice touched are unmapped with it and do not pile up in the rank's resident memory.
+    slice besides its snapshot. Each slice opens its file on its own: the pages it touched are
+    unmapped with it and do not pile up in the rank's resident memory. (A torch file read with
+    ``trusted``/``allow_globals`` is unpickled again for each slice; the default safe reading
+    maps it only.)
     """
 
     def __init__(self, ckpt: Checkpoint, ranks: _Ranks) -> None:
@@ -422,18 +423,10 @@ class _SliceReader:
         self.ranks = ranks
         self.records: list[ReadRecord] = []
         self.staged = ckpt.format == "dcp"
-        self._stack = ExitStack()
-        self._source: Any = None
         self._shard_of: dict[str, str] = {}
         if ckpt.format in ("safetensors-sharded", "torch-sharded", "mixed-sharded"):
             assert ckpt.path is not None  # an index: read_checkpoint checked every shard in it
             self._shard_of = json.loads(ckpt.path.read_text(encoding="utf-8"))["weight_map"]
-
-    def __enter__(self) -> _SliceReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
 
     def _empty(self, key: str, box: Box) -> torch.Tensor:
         return torch.empty(box.sizes, dtype=getattr(torch, self.ckpt.tensors[key].dtype))
@@ -456,16 +449,17 @@ class _SliceReader:
             assert ckpt.path is not None
             return _safetensors_slice(ckpt.path.parent / shard, key, box)
         # torch zip files (and their shards) are memory-mapped: the slice is a view of the
-        # mapping, and copying it out reads the pages it touches
-        if self._source is None:
-            self._source = self._stack.enter_context(ckpt.open())
-        whole = self._source[key]
-        if _is_dtensor(whole):
-            raise CheckpointError(
-                f"{ckpt.source}: {key!r} is a DTensor; pass plain tensors as source= (e.g. a "
-                "file path), each rank reads its own slices"
-            )
-        value: torch.Tensor = whole[box.slices()].clone()
+        # mapping, and copying it out reads the pages it touches. The file is opened for each
+        # slice, so those pages are unmapped right after (as for safetensors).
+        with ckpt.open() as source:
+            whole = source[key]
+            if _is_dtensor(whole):
+                raise CheckpointError(
+                    f"{ckpt.source}: {key!r} is a DTensor; pass plain tensors as source= (e.g. "
+                    "a file path), each rank reads its own slices"
+                )
+            value: torch.Tensor = whole[box.slices()].clone()
+            del whole
         return value
 
     def read_staged(self, wanted: dict[str, tuple[str, Box]]) -> dict[str, torch.Tensor]:
@@ -875,29 +869,29 @@ def apply_distributed(
     # nothing anywhere. Other formats are read slice by slice while writing.
     tasks = _tasks(plan, targets)
     versions = {k: local_tensor(t)._version for k, t in targets.items()}
-    with _SliceReader(ckpt, ranks) as reader:
-        problems = _fresh_values(plan, model, tasks)
-        if reader.staged:
-            wanted = {
-                t.row.key: (t.row.checkpoint.key, t.region)
-                for t in tasks
-                if t.action in ("load", "partial") and t.row.checkpoint is not None
-            }
-            try:
-                values = reader.read_staged(wanted)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:  # DCP's CheckpointException is a BaseException
-                problems["checkpoint"] = f"{type(exc).__name__}: {exc}"
-            else:
-                for task in tasks:
-                    task.value = values.get(task.row.key, task.value)
-        agreed = ranks.agree(problems)
-        if agreed:
-            raise PlanError(
-                _problem_text("cannot apply", agreed, "nothing was changed on any rank"), agreed
-            )
-        written, problems = _write_all(tasks, reader, verify)
+    reader = _SliceReader(ckpt, ranks)
+    problems = _fresh_values(plan, model, tasks)
+    if reader.staged:
+        wanted = {
+            t.row.key: (t.row.checkpoint.key, t.region)
+            for t in tasks
+            if t.action in ("load", "partial") and t.row.checkpoint is not None
+        }
+        try:
+            values = reader.read_staged(wanted)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            problems["checkpoint"] = f"{type(exc).__name__}: {exc}"
+        else:
+            for task in tasks:
+                task.value = values.get(task.row.key, task.value)
+    agreed = ranks.agree(problems)
+    if agreed:
+        raise PlanError(
+            _problem_text("cannot apply", agreed, "nothing was changed on any rank"), agreed
+        )
+    written, problems = _write_all(tasks, reader, verify)
     entries: list[ReportEntry] = []
     if not problems:
         entries = written.entries + _keep_entries(plan, tasks, targets, versions)
