@@ -110,11 +110,15 @@ def _tp_model(mesh: Any) -> Net:
     return model
 
 
-def _shards(model: nn.Module) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]]:
+def _shards(
+    model: nn.Module, skip: tuple[str, ...] = ()
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]]:
     from ckptviz.core.distributed import Box, local_box, local_tensor
 
     out = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
+        if key in skip:
+            continue
         box = local_box(tensor)
         assert isinstance(box, Box)
         out[key] = (box.offsets, box.sizes, local_tensor(tensor).detach().clone())
@@ -285,6 +289,23 @@ def _worker(rank: int, port: int, folder: str) -> None:
         return {"error": None}
 
     _run("refused-on-rank-1", results, refused_on_rank_1)
+
+    def refused_placement() -> dict[str, Any]:
+        from torch.distributed.tensor import DTensor, Partial
+
+        model = _tp_model(mesh)
+        before = _shards(model)
+        pending = DTensor.from_local(torch.zeros(9, 6), mesh, [Partial()])  # a sum not yet taken
+        model.fc1.weight = nn.Parameter(pending)
+        try:
+            ckptviz.apply_distributed(root / "plan-file.json", model)
+        except ckptviz.PlanError as exc:
+            del before["fc1.weight"]
+            after = _shards(model, skip=("fc1.weight",))
+            return {"error": str(exc), "rows": exc.rows, "before": before, "after": after}
+        return {"error": None}
+
+    _run("refused-placement", results, refused_placement)
 
     def undo() -> dict[str, Any]:
         model = _fsdp_model(mesh)
@@ -529,6 +550,17 @@ def test_a_problem_on_one_rank_stops_every_rank_before_writing(runs: dict[str, A
     assert results[0]["error"] == results[1]["error"]
     assert "rank 1: " in results[0]["error"] and "missing.safetensors" in results[0]["error"]
     assert "nothing was changed on any rank" in results[0]["error"]
+    for result in results:
+        for key, (_, _, before) in result["before"].items():
+            assert torch.equal(_bits(before), _bits(result["after"][key][2])), key
+
+
+def test_a_placement_other_than_shard_or_replicate_is_refused(runs: dict[str, Any]) -> None:
+    results = _scenario(runs, "refused-placement")
+    assert results[0]["error"] == results[1]["error"]
+    assert list(results[0]["rows"]) == ["fc1.weight"]
+    assert "Partial" in results[0]["rows"]["fc1.weight"]
+    assert "redistribute" in results[0]["rows"]["fc1.weight"]
     for result in results:
         for key, (_, _, before) in result["before"].items():
             assert torch.equal(_bits(before), _bits(result["after"][key][2])), key

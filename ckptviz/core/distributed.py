@@ -171,7 +171,8 @@ def local_box(tensor: torch.Tensor) -> Box | str:
             continue
         if type(placement) is not Shard:
             return (
-                f"placement {placement} is not Shard(dim) or Replicate; redistribute the tensor "
+                f"placement {type(placement).__name__} ({placement}) is not Shard(dim) or "
+                "Replicate; redistribute the tensor "
                 "to those (tensor.redistribute(mesh, [Shard(0)])) before applying, or keep it"
             )
         dim = placement.dim % max(tensor.dim(), 1)
