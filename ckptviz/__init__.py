@@ -8,6 +8,7 @@ from ckptviz.compare_plots import plot_change_strip, plot_changes
 from ckptviz.core.apply import Report, ReportEntry
 from ckptviz.core.checkpoint import Checkpoint, TensorInfo
 from ckptviz.core.diff import STATUSES, Diff, Row, compare
+from ckptviz.core.distributed import apply_distributed
 from ckptviz.core.errors import (
     ApplyError,
     CheckpointError,
@@ -47,6 +48,7 @@ __all__ = [
     "TensorStats",
     "UnsafeCheckpointError",
     "ValueStats",
+    "apply_distributed",
     "compare",
     "plot_change_strip",
     "plot_changes",

@@ -287,8 +287,16 @@ class Plan:
             ) from None
         return plan_from_dict(data, trusted=trusted, allow_globals=allow_globals)
 
-    def to_code(self) -> str:
-        """A short plain-PyTorch snippet that, with ``model`` in scope, does what ``apply`` does."""
+    def to_code(self, *, distributed: bool = False) -> str:
+        """A short plain-PyTorch snippet that, with ``model`` in scope, does what ``apply`` does.
+
+        ``distributed=True``: the variant every rank of a torch.distributed job runs on its
+        sharded model, as ``ckptviz.apply_distributed`` does (reading only its slices).
+        """
+        if distributed:
+            from ckptviz.core.distributed import distributed_code
+
+            return distributed_code(self)
         from ckptviz.core.codegen import plan_code
 
         return plan_code(self)

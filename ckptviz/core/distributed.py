@@ -1,0 +1,1203 @@
+"""Apply a Plan to a model sharded across processes with ``torch.distributed``.
+
+A plan is made in the notebook (typically against a meta-device copy of the model), saved with
+``plan.to_json(path)``, and applied in the training job after the model is sharded, by every rank:
+
+    model = build_model(); fully_shard(...)           # or distribute_tensor on a DeviceMesh
+    report = ckptviz.apply_distributed("plan.json", model)
+
+Each model tensor is a ``DTensor`` (placements ``Shard(d)`` and ``Replicate`` on any mesh, as
+FSDP2 ``fully_shard`` and tensor parallelism make them) or a plain tensor, which every rank holds
+whole. A rank's shard is a box of the global tensor: offsets and sizes per dimension, found from
+the placements with DTensor's own chunking (``torch.chunk``: ceil-sized pieces, the last ones
+short or empty) and checked against the local tensor's shape.
+
+Reading: every rank reads only the part of each checkpoint tensor that its box needs.
+- safetensors (one file, or a Hugging Face index of shards): ``safe_open(...).get_slice(key)[box]``
+  copies just those bytes out of the memory-mapped file.
+- torch zip files (``torch.save``): the file is memory-mapped (as ``read_checkpoint`` opens it,
+  ``weights_only``), the box is a view of it and is copied out; only the pages the box touches
+  are read from disk. (For a box that cuts every row, e.g. ``Shard(1)`` of a row-major matrix,
+  those pages can be most of the tensor's, though only the box is copied.) A legacy (pre-1.6)
+  torch file cannot be memory-mapped and is refused: every rank would load all of it.
+- DCP directories: DCP's own load path (``torch.distributed.checkpoint.load`` with the rank's
+  process group) and its planner helper ``create_read_items_for_chunk_list``, given the rank's box
+  as its local chunk: the same reads DCP plans for a ``DTensor`` target, and also for ``partial``'s
+  overlap box. DCP reads whole stored chunks: a checkpoint saved by a sharded job stores one chunk
+  per rank's shard, so each rank reads the chunks overlapping its box; a checkpoint saved by one
+  process stores each tensor as one chunk, which DCP decodes whole, one at a time.
+The report lists what each rank read (``report.reads``, ``report.bytes_read``).
+
+Actions: ``load`` copies the box; ``partial`` copies the overlap of the checkpoint and the model
+tensor intersected with the box and keeps the rest; ``keep`` writes nothing; ``reinit`` runs the
+module's initialiser, seeded per module exactly as the single-process ``apply`` does, on a plain
+twin of the module whose tensors are the full (gathered) values, then takes the rank's box of the
+result. So every rank's shard equals the same slice of a single-process apply, bit for bit. The
+cost: for each re-initialised module in turn, its whole tensors (its submodules' too) are
+all-gathered and held on every rank, as the single-process apply holds a copy of that module. A
+plan with ``seed=None`` cannot reinit here: each rank's own random state would give each shard
+other values.
+
+All-or-nothing across ranks: every rank checks the whole plan (model, placements, checkpoint),
+reads its slices and computes its fresh values; an all-reduce of "ok" flags decides, and if any
+rank found a problem every rank raises the same ``PlanError`` naming each rank's problems, before
+one byte is written. Then each rank snapshots its written shards, writes and verifies them bit for
+bit; another all-reduce decides, and if any rank failed every rank restores its snapshot and
+raises the same ``ApplyError``. ``Report.undo()`` is collective too (call it on every rank).
+
+On GPUs with NCCL (this module runs the same code; tested here on CPU with gloo):
+- device placement: the flags all-reduced must be CUDA tensors (NCCL has no CPU path), so they are
+  made on ``torch.cuda.current_device()``; set it per rank (``torch.cuda.set_device(local_rank)``)
+  before calling, which ``all_gather_object`` needs too. Slices are read into CPU memory and
+  copied into the local shards on their GPU; snapshots are kept next to the shard, in GPU memory.
+- CUDA streams: the copies are issued on the current stream and verification compares on the
+  GPU, which synchronises with them; a faster variant would stage slices in pinned CPU memory
+  (``pin_memory()``) and copy with ``non_blocking=True`` on a side stream, overlapping reading the
+  next slice with copying this one, and snapshot to pinned host memory to spare GPU memory.
+- reinit: the twin's tensors are gathered onto the GPU and the initialiser draws from the CUDA
+  generator, so the shards equal a single-process apply *on the same kind of GPU*, not a CPU one.
+- failure: a rank that dies (not raises) leaves the others waiting in the next collective until
+  the process group's timeout; set ``timeout=`` in ``init_process_group`` (and NCCL's async error
+  handling) so the job ends instead of hanging. Ctrl-C on one rank restores that rank's shards
+  and re-raises; the others stop at their next collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from ckptviz.core.apply import Report, ReportEntry, bitwise_equal
+from ckptviz.core.errors import ApplyError, CheckpointError, PlanError
+from ckptviz.core.plan import Plan, initialiser_of, refusal, reinit_seed
+from ckptviz.core.reading import Checkpoint, read_checkpoint
+
+if TYPE_CHECKING:
+    from ckptviz.core.diff import Row
+
+#: Checkpoint formats a rank can read slices of (see the module doc for how each is read).
+SLICED_FORMATS = (
+    "safetensors",
+    "safetensors-sharded",
+    "torch-sharded",
+    "mixed-sharded",
+    "torch",
+    "dcp",
+    "state dict",
+)
+
+
+# -- boxes: the part of a global tensor one rank holds ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Box:
+    """A block of a global tensor: ``offsets`` and ``sizes`` per dimension."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def whole(cls, shape: Sequence[int]) -> Box:
+        return cls((0,) * len(shape), tuple(shape))
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sizes)
+
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(o, o + s) for o, s in zip(self.offsets, self.sizes, strict=True))
+
+    def intersect(self, other: Box) -> Box:
+        offsets, sizes = [], []
+        for o1, s1, o2, s2 in zip(
+            self.offsets, self.sizes, other.offsets, other.sizes, strict=True
+        ):
+            start, stop = max(o1, o2), min(o1 + s1, o2 + s2)
+            offsets.append(start)
+            sizes.append(max(stop - start, 0))
+        return Box(tuple(offsets), tuple(sizes))
+
+    def within(self, outer: Box) -> tuple[slice, ...]:
+        """This box as slices of ``outer``'s local tensor (this box lies inside ``outer``)."""
+        return tuple(
+            slice(o - p, o - p + s)
+            for o, s, p in zip(self.offsets, self.sizes, outer.offsets, strict=True)
+        )
+
+    def text(self) -> str:
+        return (
+            "["
+            + ", ".join(f"{o}:{o + s}" for o, s in zip(self.offsets, self.sizes, strict=True))
+            + "]"
+        )
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
+def _is_dtensor(tensor: object) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def local_box(tensor: torch.Tensor) -> Box | str:
+    """This rank's box of ``tensor`` (a plain tensor is held whole), or why it has none."""
+    if not _is_dtensor(tensor):
+        return Box.whole(tensor.shape)
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = tensor.device_mesh  # type: ignore[attr-defined]
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return "this rank is not in the tensor's device mesh"
+    offsets, sizes = [0] * tensor.dim(), list(tensor.shape)
+    for mesh_dim, placement in enumerate(tensor.placements):  # type: ignore[attr-defined]
+        if type(placement) is Replicate:
+            continue
+        if type(placement) is not Shard:
+            return (
+                f"placement {type(placement).__name__} ({placement}) is not Shard(dim) or "
+                "Replicate; redistribute the tensor "
+                "to those (tensor.redistribute(mesh, [Shard(0)])) before applying, or keep it"
+            )
+        dim = placement.dim % max(tensor.dim(), 1)
+        pieces, index = mesh.size(mesh_dim), coordinate[mesh_dim]
+        chunk = -(-sizes[dim] // pieces)
+        start = min(index * chunk, sizes[dim])
+        stop = min(start + chunk, sizes[dim])
+        offsets[dim] += start
+        sizes[dim] = stop - start
+    local_shape = tuple(tensor.to_local().shape)  # type: ignore[attr-defined]
+    if local_shape != tuple(sizes):
+        return (
+            f"its local shard is {list(local_shape)}, but even chunking of {list(tensor.shape)} "
+            f"by {list(tensor.placements)} gives {sizes}: an uneven layout ckptviz cannot "  # type: ignore[attr-defined]
+            "place in the global tensor; keep it"
+        )
+    return Box(tuple(offsets), tuple(sizes))
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The memory this rank holds for ``tensor`` (writes into it change the model)."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+# -- agreeing across ranks -------------------------------------------------------------------------
+
+
+class _Ranks:
+    """The collectives an apply needs, on ``group`` (the default group when ``None``)."""
+
+    def __init__(self, group: Any) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise PlanError(
+                "apply_distributed needs an initialised process group: call "
+                "torch.distributed.init_process_group(...) on every rank first (torchrun sets "
+                "up the environment it reads); in one process, use plan.apply(model)"
+            )
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        backend = str(dist.get_backend(group))
+        if "nccl" in backend and torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+
+    def all_ok(self, ok: bool) -> bool:
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+    def gather(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def agree(self, problems: dict[str, str]) -> dict[str, str]:
+        """Every rank's problems, merged the same way on every rank (empty if none had any)."""
+        if self.all_ok(not problems):
+            return {}
+        per_rank: list[dict[str, str]] = self.gather(problems)
+        merged: dict[str, dict[str, list[int]]] = {}
+        for rank, found in enumerate(per_rank):
+            for key, why in found.items():
+                merged.setdefault(key, {}).setdefault(why, []).append(rank)
+        out = {}
+        for key, reasons in merged.items():
+            out[key] = "; ".join(
+                why if ranks == list(range(self.size)) else f"rank {_ranks_text(ranks)}: {why}"
+                for why, ranks in reasons.items()
+            )
+        return out
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    return ", ".join(str(r) for r in ranks)
+
+
+def _problem_text(head: str, problems: dict[str, str], tail: str) -> str:
+    lines = "\n".join(f"  {k}: {v}" for k, v in list(problems.items())[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    return f"{head} ({len(problems)} row(s)); {tail}:\n{lines}{more}"
+
+
+# -- what each rank writes -------------------------------------------------------------------------
+
+
+@dataclass
+class _Task:
+    """One written row on this rank: where it writes and where its value comes from."""
+
+    row: Row
+    action: str
+    target: torch.Tensor  # the model's tensor (a DTensor or a plain tensor)
+    local: torch.Tensor  # this rank's memory of it
+    box: Box  # this rank's box of the global tensor
+    region: Box  # the part of the box written (load/reinit: all of it; partial: the overlap)
+    value: torch.Tensor | None = None  # shaped like ``region``
+
+
+@dataclass(frozen=True)
+class ReadRecord:
+    """One read of a checkpoint tensor's slice on this rank."""
+
+    checkpoint_key: str
+    box: Box
+    nbytes: int  # bytes copied out of the checkpoint (DCP: bytes of the stored chunks decoded)
+
+
+def _safetensors_slice(path: Path, key: str, box: Box) -> torch.Tensor:
+    import safetensors  # looked up at call time, so a test can count what is read
+
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        value: torch.Tensor = handle.get_slice(key)[box.slices()]
+    return value
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _model_problems(plan: Plan, model: torch.nn.Module, targets: dict[str, Any]) -> dict[str, str]:
+    problems: dict[str, str] = {}
+    for row, action in plan:
+        m = row.model
+        if m is None:
+            continue
+        now = targets.get(m.key)
+        if now is None:
+            problems[m.key] = "not in this model"
+            continue
+        shape, dtype = tuple(now.shape), _dtype_name(now.dtype)
+        if shape != m.shape or dtype != m.dtype:
+            problems[m.key] = (
+                f"the model has {list(shape)} {dtype}, the plan expects {list(m.shape)} {m.dtype}"
+            )
+            continue
+        if why := refusal(row, action, model):
+            problems[m.key] = f"{action}: {why}"
+            continue
+        if action == "reinit" and plan.seed is None:
+            problems[m.key] = (
+                "reinit with seed=None draws from each rank's own random state, so the shards "
+                "would not fit together; give the plan a seed (Plan(diff, seed=0)) and save it "
+                "again"
+            )
+            continue
+        if action == "keep":
+            continue
+        box = local_box(now)
+        if isinstance(box, str):
+            problems[m.key] = box
+            continue
+        local = local_tensor(now)
+        if local.is_meta:
+            problems[m.key] = (
+                "the model tensor is on the meta device (a shape, no storage): materialise the "
+                "sharded model first (model.to_empty(device=...)), then apply"
+            )
+        elif any(s == 0 and n > 1 for s, n in zip(local.stride(), local.shape, strict=True)):
+            problems[m.key] = (
+                "the model tensor is an expanded view (several entries share one memory cell); "
+                "replace it with a real tensor before writing into it"
+            )
+    return problems
+
+
+def _checkpoint_problems(plan: Plan, ckpt: Checkpoint) -> dict[str, str]:
+    problems: dict[str, str] = {}
+    reads = [(row, a) for row, a in plan if a in ("load", "partial") and row.checkpoint]
+    if reads and ckpt.format not in SLICED_FORMATS:
+        why = (
+            f"{ckpt.source} is a {ckpt.format} checkpoint, of which a rank cannot read a slice "
+            "without loading all of it; save it as safetensors (safetensors.torch.save_file) "
+            "or with torch.save (zip), or as a DCP directory, and apply again"
+        )
+        return {row.key: why for row, _ in reads}
+    for row, _ in reads:
+        want = row.checkpoint
+        assert want is not None
+        now = ckpt.tensors.get(want.key)
+        if now is None:
+            problems[row.key] = f"{ckpt.source} no longer has {want.key!r}"
+        elif now.shape != want.shape or now.dtype != want.dtype:
+            problems[row.key] = (
+                f"{ckpt.source} now has {want.key!r} as {list(now.shape)} {now.dtype}, the plan "
+                f"expects {list(want.shape)} {want.dtype}"
+            )
+    return problems
+
+
+def _checkpoint_for(plan: Plan, source: Any) -> Checkpoint:
+    recorded = plan.diff.checkpoint
+    if source is not None:
+        return read_checkpoint(source, key=recorded.location or None)
+    if recorded.path is None:
+        if recorded._opener is not None:
+            return recorded
+        raise PlanError(
+            f"this plan was made from {recorded.source}, which was never saved to a file: pass "
+            "it with apply_distributed(plan, model, source=...) (a path every rank can read)"
+        )
+    if recorded.fingerprint is not None:
+        recorded.check_unchanged()
+        return recorded
+    return read_checkpoint(
+        recorded.path,
+        key=recorded.location or None,
+        trusted=recorded.trusted,
+        allow_globals=recorded.allow_globals,
+    )
+
+
+def _tasks(plan: Plan, targets: dict[str, Any]) -> list[_Task]:
+    tasks = []
+    for row, action in plan:
+        if row.model is None or action == "keep":
+            continue
+        target = targets[row.key]
+        box = local_box(target)
+        assert isinstance(box, Box)  # _model_problems refused it otherwise
+        region = box
+        if action == "partial":
+            assert row.checkpoint is not None
+            overlap = Box.whole(
+                [min(a, b) for a, b in zip(row.model.shape, row.checkpoint.shape, strict=True)]
+            )
+            region = box.intersect(overlap)
+        tasks.append(_Task(row, action, target, local_tensor(target), box, region))
+    return tasks
+
+
+# -- reading slices --------------------------------------------------------------------------------
+
+
+class _SliceReader:
+    """Reads boxes of checkpoint tensors on this rank; ``records`` lists every read.
+
+    A DCP directory is read in one collective ``load`` before anything is written (``staged``);
+    other formats are read one slice at a time, right before it is written, so a rank holds one
+    slice besides its snapshot. Each slice opens its file on its own: the pages it touched are
+    unmapped with it and do not pile up in the rank's resident memory. (A torch file read with
+    ``trusted``/``allow_globals`` is unpickled again for each slice; the default safe reading
+    maps it only.)
+    """
+
+    def __init__(self, ckpt: Checkpoint, ranks: _Ranks) -> None:
+        self.ckpt = ckpt
+        self.ranks = ranks
+        self.records: list[ReadRecord] = []
+        self.staged = ckpt.format == "dcp"
+        self._shard_of: dict[str, str] = {}
+        if ckpt.format in ("safetensors-sharded", "torch-sharded", "mixed-sharded"):
+            assert ckpt.path is not None  # an index: read_checkpoint checked every shard in it
+            self._shard_of = json.loads(ckpt.path.read_text(encoding="utf-8"))["weight_map"]
+
+    def _empty(self, key: str, box: Box) -> torch.Tensor:
+        return torch.empty(box.sizes, dtype=getattr(torch, self.ckpt.tensors[key].dtype))
+
+    def read(self, key: str, box: Box) -> torch.Tensor:
+        """The box of checkpoint tensor ``key`` (not for a DCP directory: see ``read_staged``)."""
+        value = self._fetch(key, box)
+        self.records.append(ReadRecord(key, box, value.nbytes))
+        return value
+
+    def _fetch(self, key: str, box: Box) -> torch.Tensor:
+        ckpt = self.ckpt
+        if box.numel == 0:
+            return self._empty(key, box)
+        if ckpt.format == "safetensors":
+            assert ckpt.path is not None
+            return _safetensors_slice(ckpt.path, key, box)
+        shard = self._shard_of.get(key)
+        if shard is not None and shard.endswith(".safetensors"):
+            assert ckpt.path is not None
+            return _safetensors_slice(ckpt.path.parent / shard, key, box)
+        # torch zip files (and their shards) are memory-mapped: the slice is a view of the
+        # mapping, and copying it out reads the pages it touches. The file is opened for each
+        # slice, so those pages are unmapped right after (as for safetensors).
+        with ckpt.open() as source:
+            whole = source[key]
+            if _is_dtensor(whole):
+                raise CheckpointError(
+                    f"{ckpt.source}: {key!r} is a DTensor; pass plain tensors as source= (e.g. "
+                    "a file path), each rank reads its own slices"
+                )
+            value: torch.Tensor = whole[box.slices()].clone()
+            del whole
+        return value
+
+    def read_staged(self, wanted: dict[str, tuple[str, Box]]) -> dict[str, torch.Tensor]:
+        """row key -> its box, for every row of ``wanted`` at once (collective: DCP)."""
+        return self._read_dcp(wanted)
+
+    def _read_dcp(self, wanted: dict[str, tuple[str, Box]]) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.filesystem import FileSystemReader
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, StorageMeta
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+        from torch.distributed.checkpoint.state_dict_loader import load
+
+        from ckptviz.core.dcp import read_metadata
+
+        ckpt = self.ckpt
+        assert ckpt.path is not None
+        folder = ckpt.path.parent
+        metadata = read_metadata(folder, trusted=ckpt.trusted, allow=ckpt.allow_globals)
+        entries = metadata.state_dict_metadata
+        buffers: dict[str, torch.Tensor] = {}
+        names: dict[str, str] = {}
+        for row_key, (key, box) in wanted.items():
+            name = ".".join((*ckpt.location, key))
+            if name not in entries:
+                raise CheckpointError(f"{folder}: no entry {name!r} in its .metadata")
+            names[row_key] = name  # filled per row: two rows may read other boxes of one entry
+            buffers[row_key] = self._empty(key, box)
+
+        class BoxPlanner(DefaultLoadPlanner):
+            """DCP's planner, with each row's box as the local chunk to fill."""
+
+            def create_local_plan(self) -> LoadPlan:
+                items = []
+                for row_key, (_, box) in wanted.items():
+                    if box.numel == 0:
+                        continue
+                    chunk = ChunkStorageMetadata(
+                        offsets=torch.Size(box.offsets), sizes=torch.Size(box.sizes)
+                    )
+                    name = names[row_key]
+                    for item in create_read_items_for_chunk_list(name, entries[name], [chunk]):
+                        dest = dataclasses.replace(item.dest_index, fqn=row_key, offset=None)
+                        items.append(dataclasses.replace(item, dest_index=dest))
+                return LoadPlan(items)
+
+        class VettedReader(FileSystemReader):
+            """DCP's file-system reader, handed the metadata ckptviz read without unpickling."""
+
+            def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+                if getattr(metadata, "storage_meta", None) is None:
+                    metadata.storage_meta = StorageMeta()
+                metadata.storage_meta.load_id = self.load_id
+                return metadata
+
+        planner = BoxPlanner(flatten_state_dict=False, allow_partial_load=True)
+        load(buffers, storage_reader=VettedReader(folder), planner=planner,
+             process_group=self.ranks.group)  # fmt: skip
+        for row_key, (key, box) in wanted.items():
+            itemsize = buffers[row_key].element_size()
+            stored = [
+                chunk
+                for chunk in entries[names[row_key]].chunks
+                if Box(tuple(chunk.offsets), tuple(chunk.sizes)).intersect(box).numel
+            ]
+            nbytes = sum(math.prod(chunk.sizes) * itemsize for chunk in stored)
+            self.records.append(ReadRecord(key, box, nbytes))
+        return buffers
+
+
+# -- fresh values for reinit -----------------------------------------------------------------------
+
+
+def _gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of ``tensor`` in this process, never sharing memory with the model."""
+    if not _is_dtensor(tensor):
+        return tensor.detach().clone()
+    full: torch.Tensor = tensor.full_tensor().detach()  # type: ignore[attr-defined]
+    local = tensor.to_local()  # type: ignore[attr-defined]
+    if full.untyped_storage().data_ptr() == local.untyped_storage().data_ptr():
+        full = full.clone()  # replicated everywhere: the gather handed back the model's memory
+    return full
+
+
+def _plain_twin(module: torch.nn.Module, memo: dict[int, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``module`` (and its submodules) whose tensors are plain, whole values.
+
+    The copy is shallow (the same class and attributes, without running any ``__new__`` or
+    ``__init__``: FSDP2's ``__new__`` would build the module again) with its own parameter,
+    buffer and submodule tables, so the initialiser writes only the twin. ``memo`` keeps tensors
+    shared between modules shared in the twin.
+    """
+    twin = object.__new__(type(module))
+    twin.__dict__.update(module.__dict__)
+    params: dict[str, torch.nn.Parameter | None] = {}
+    for name, param in module._parameters.items():
+        if param is None:
+            params[name] = None
+            continue
+        if id(param) not in memo:
+            memo[id(param)] = torch.nn.Parameter(
+                _gathered(param), requires_grad=param.requires_grad
+            )
+        params[name] = memo[id(param)]  # type: ignore[assignment]
+    buffers: dict[str, torch.Tensor | None] = {}
+    for name, buffer in module._buffers.items():
+        if buffer is not None and id(buffer) not in memo:
+            memo[id(buffer)] = _gathered(buffer)
+        buffers[name] = None if buffer is None else memo[id(buffer)]
+    twin._parameters = params
+    twin._buffers = buffers
+    twin._modules = {
+        name: None if child is None else _plain_twin(child, memo)
+        for name, child in module._modules.items()
+    }
+    return twin
+
+
+def _fresh_values(plan: Plan, model: torch.nn.Module, tasks: list[_Task]) -> dict[str, str]:
+    """Fill in each reinit task's value; returns problems (this rank goes on to keep step with
+    the others' gathers, so every rank makes the same collective calls)."""
+    groups: dict[tuple[str, str], list[_Task]] = {}
+    for task in tasks:
+        if task.action == "reinit":
+            module_name, _, tensor_name = task.row.key.rpartition(".")
+            method = initialiser_of(model.get_submodule(module_name), tensor_name)
+            assert method is not None  # refusal() checked it
+            groups.setdefault((module_name, method), []).append(task)
+    problems: dict[str, str] = {}
+    for (module_name, method), group in groups.items():
+        module = model.get_submodule(module_name)
+        twin = _plain_twin(module, {})  # collective: every rank gathers the same tensors
+        keys = [t.row.key for t in group]
+        names = [t.row.key.rpartition(".")[2] for t in group]
+        try:
+            before = {n: (id(getattr(twin, n)), getattr(twin, n)._version) for n in names}
+            assert plan.seed is not None  # _model_problems refused it otherwise
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(reinit_seed(plan.seed, module_name))
+                getattr(twin, method)()
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            for key in keys:
+                problems[key] = (
+                    f"running {type(module).__name__}.{method}() on a copy of "
+                    f"{module_name or 'the model'} failed ({type(exc).__name__}: {reason}); "
+                    "keep it instead"
+                )
+            continue
+        for task, name in zip(group, names, strict=True):
+            value = getattr(twin, name)
+            if (id(value), value._version) == before[name]:
+                problems[task.row.key] = (
+                    f"{type(module).__name__}.{method}() does not initialise {name!r} (a "
+                    "parametrization or custom tensor); keep it instead"
+                )
+                continue
+            task.value = value.detach()[task.box.slices()].clone()
+        del twin
+    return problems
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def _write_shard(local: torch.Tensor, region: tuple[slice, ...], value: torch.Tensor) -> None:
+    """The one place a rank writes into its shard (tests inject failures here)."""
+    local[region].copy_(value)
+
+
+def _verify(task: _Task, saved: torch.Tensor) -> tuple[bool, str]:
+    assert task.value is not None
+    local, region = task.local, task.region.within(task.box)
+    want = task.value.to(device=local.device, dtype=local.dtype)
+    ok = bitwise_equal(local[region], want)
+    where = f"{task.box.text()} of {list(task.row.model.shape) if task.row.model else '?'}"
+    if task.action == "partial":
+        detail = f"copied {task.region.text()} of the overlap into this rank's {where}"
+        if task.region != task.box:
+            outside = torch.ones(local.shape, dtype=torch.bool, device=local.device)
+            outside[region] = False
+            ok = ok and bitwise_equal(local[outside], saved[outside])
+            detail += ", kept the rest"
+        return ok, detail
+    if task.action == "load":
+        return ok, f"this rank's {where} equals the checkpoint"
+    return ok, f"this rank's {where} equals the module's seeded initialiser"
+
+
+@dataclass
+class _Written:
+    entries: list[ReportEntry]
+    snapshot: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _storage_key(local: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    return (
+        local.untyped_storage().data_ptr(),
+        int(local.storage_offset()),
+        tuple(local.shape),
+        tuple(local.stride()),
+    )
+
+
+def _write_all(
+    tasks: list[_Task], reader: _SliceReader, verify: bool
+) -> tuple[_Written, dict[str, str]]:
+    """Snapshot this rank's shards, then per row: read, write, verify, let go of the value.
+
+    On any failure (a read included) this rank's shards are restored at once.
+    """
+    snapshot: list[tuple[torch.Tensor, torch.Tensor]] = []
+    saved: dict[Any, torch.Tensor] = {}
+    for task in tasks:
+        ident = _storage_key(task.local)
+        if ident not in saved:
+            saved[ident] = task.local.detach().clone()
+            snapshot.append((task.local, saved[ident]))
+    entries: list[ReportEntry] = []
+    current = "?"
+    try:
+        with torch.no_grad():
+            written: dict[Any, str] = {}
+            for task in tasks:
+                current = task.row.key
+                ident = _storage_key(task.local)
+                if task.value is None:
+                    assert task.row.checkpoint is not None  # reinit values are computed before
+                    task.value = reader.read(task.row.checkpoint.key, task.region)
+                tied_to = written.get(ident)
+                if tied_to is None:
+                    written[ident] = task.row.key
+                    _write_shard(task.local, task.region.within(task.box), task.value)
+                ok, detail = True, "not verified (verify=False)"
+                if verify or tied_to is not None:
+                    ok, detail = _verify(task, saved[ident])
+                if not ok and tied_to is not None:
+                    raise ApplyError(
+                        f"{task.row.key} is tied to {tied_to} in the model (one storage), but "
+                        "the plan writes other values into them; set one of them to keep so the "
+                        "other decides"
+                    )
+                if not ok:
+                    raise ApplyError(f"verification failed for {task.row.key}: {detail}")
+                if tied_to is not None:
+                    detail += f" (tied to {tied_to}, written once)"
+                source = task.row.checkpoint_key if task.action in ("load", "partial") else None
+                nbytes = task.region.numel * task.local.element_size()
+                entries.append(
+                    ReportEntry(
+                        task.row.key, task.action, source, task.region.numel, nbytes, ok, detail
+                    )
+                )
+                task.value = None  # written and verified: the snapshot is what restores it
+        return _Written(entries, snapshot), {}
+    except BaseException as exc:
+        _restore(snapshot)
+        if not isinstance(exc, Exception):
+            raise  # Ctrl-C and the like: this rank is restored; the others stop at a collective
+        return _Written([], []), {current: f"{type(exc).__name__}: {exc}"}
+
+
+def _restore(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for local, saved in snapshot:
+            local.copy_(saved)
+
+
+def _keep_entries(
+    plan: Plan, tasks: list[_Task], targets: dict[str, Any], versions: dict[str, int]
+) -> list[ReportEntry]:
+    written = {_storage_key(t.local): t.row.key for t in tasks}
+    entries = []
+    for row, action in plan:
+        if action != "keep" or row.model is None:
+            continue
+        local = local_tensor(targets[row.key])
+        tied_to = written.get(_storage_key(local)) if not local.is_meta else None
+        if tied_to is not None:
+            ok, detail = True, f"changed with its tied tensor {tied_to}"
+        else:
+            ok, detail = local._version == versions[row.key], "this rank's shard unchanged"
+        nbytes = local.numel() * local.element_size()
+        entries.append(ReportEntry(row.key, "keep", None, local.numel(), nbytes, ok, detail))
+    return entries
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+class DistributedReport(Report):
+    """One rank's report: what it wrote into its shards, what it read, verified.
+
+    ``entries`` count this rank's values and bytes. ``undo()`` is collective: call it on every
+    rank; all of them restore, or (if any rank's model changed since) none does.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        model: torch.nn.Module,
+        entries: list[ReportEntry],
+        snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        notes: list[str],
+        *,
+        ranks: _Ranks,
+        targets: list[torch.Tensor],
+        reads: list[ReadRecord],
+    ) -> None:
+        super().__init__(plan, model, entries, snapshot, notes)
+        self._ranks = ranks
+        self._targets = targets
+        self.rank = ranks.rank
+        self.world_size = ranks.size
+        self.reads = reads
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes this rank read from the checkpoint."""
+        return sum(r.nbytes for r in self.reads)
+
+    def undo(self) -> int:
+        """Restore every shard this apply wrote, on every rank (collective); returns how many
+        shards this rank restored."""
+        if self._snapshot is None:  # the same on every rank: no collective needed
+            warnings.warn(
+                "nothing to undo: this apply ran with undo=False, so no snapshot was kept",
+                stacklevel=2,
+            )
+            return 0
+        live = {id(t) for t in self.model.state_dict(keep_vars=True).values()}
+        gone = sum(1 for t in self._targets if id(t) not in live)
+        problems = {"model": f"{gone} tensor(s) are no longer in the model"} if gone else {}
+        if self.undone:
+            problems = {"report": "already undone"}
+        agreed = self._ranks.agree(problems)
+        if agreed:
+            raise PlanError(
+                _problem_text(
+                    "cannot undo",
+                    agreed,
+                    "nothing was restored on any rank (it was changed "
+                    "or rebuilt since, or undone already)",
+                ),
+                agreed,
+            )
+        _restore(self._snapshot)
+        self.undone = True
+        restored = len(self._snapshot)
+        self._snapshot = []
+        return restored
+
+    def summary(self) -> str:
+        return (
+            f"rank {self.rank}/{self.world_size}: "
+            + super().summary()
+            + f"; read {self.bytes_read:,} bytes"
+        )
+
+
+# -- the entry point -------------------------------------------------------------------------------
+
+
+def apply_distributed(
+    plan: Plan | str | Path,
+    model: torch.nn.Module,
+    *,
+    source: Any = None,
+    group: Any = None,
+    undo: bool = True,
+    verify: bool = True,
+    trusted: bool = False,
+    allow_globals: Sequence[Any] = (),
+) -> DistributedReport:
+    """Apply ``plan`` to a model sharded across the ranks of ``group``; call it on every rank.
+
+    ``plan`` is a ``Plan`` or the JSON (text or file) ``plan.to_json()`` wrote. ``source`` reads
+    the tensors from another copy of the checkpoint (a path every rank can read). ``undo=False``
+    drops each rank's snapshot once the apply succeeded (it is still taken, so a failure on any
+    rank changes nothing), instead of keeping it for ``report.undo()``; ``trusted`` and
+    ``allow_globals`` are granted to the JSON plan's checkpoint as in ``Plan.from_json``. Returns
+    this rank's verified report; raises the same error on every rank when any rank cannot apply,
+    and then no rank's model changed. See the module doc for what is read and the guarantees.
+    """
+    if not isinstance(plan, Plan):
+        plan = Plan.from_json(plan, trusted=trusted, allow_globals=allow_globals)
+    ranks = _Ranks(group)
+    targets = dict(model.state_dict(keep_vars=True))
+    problems = _model_problems(plan, model, targets)
+    ckpt: Checkpoint | None = None
+    try:
+        ckpt = _checkpoint_for(plan, source)
+    except (CheckpointError, PlanError) as exc:
+        problems["checkpoint"] = str(exc)
+    if ckpt is not None:
+        problems.update(_checkpoint_problems(plan, ckpt))
+    agreed = ranks.agree(problems)
+    if agreed:
+        raise PlanError(
+            _problem_text("the plan does not fit", agreed, "nothing was changed on any rank"),
+            agreed,
+        )
+    assert ckpt is not None
+
+    # Compute fresh values (and read a DCP directory) before writing: a failure here changes
+    # nothing anywhere. Other formats are read slice by slice while writing.
+    tasks = _tasks(plan, targets)
+    versions = {k: local_tensor(t)._version for k, t in targets.items()}
+    reader = _SliceReader(ckpt, ranks)
+    problems = _fresh_values(plan, model, tasks)
+    if reader.staged:
+        wanted = {
+            t.row.key: (t.row.checkpoint.key, t.region)
+            for t in tasks
+            if t.action in ("load", "partial") and t.row.checkpoint is not None
+        }
+        try:
+            values = reader.read_staged(wanted)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # DCP's CheckpointException is a BaseException
+            problems["checkpoint"] = f"{type(exc).__name__}: {exc}"
+        else:
+            for task in tasks:
+                task.value = values.get(task.row.key, task.value)
+    agreed = ranks.agree(problems)
+    if agreed:
+        raise PlanError(
+            _problem_text("cannot apply", agreed, "nothing was changed on any rank"), agreed
+        )
+    written, problems = _write_all(tasks, reader, verify)
+    entries: list[ReportEntry] = []
+    if not problems:
+        entries = written.entries + _keep_entries(plan, tasks, targets, versions)
+        bad = [e for e in entries if not e.verified]
+        problems = {e.key: f"changed although the plan keeps it ({e.detail})" for e in bad}
+        if problems:
+            _restore(written.snapshot)
+    agreed = ranks.agree(problems)
+    if agreed:
+        if not problems:  # another rank failed: put back what this rank wrote
+            _restore(written.snapshot)
+        raise ApplyError(
+            _problem_text(
+                "apply failed",
+                agreed,
+                f"every rank restored what it had written, the model is as it was on all "
+                f"{ranks.size} ranks",
+            ),
+            agreed,
+        )
+    order = {row.key: i for i, row in enumerate(plan.diff.rows)}
+    entries.sort(key=lambda e: order.get(e.key, 0))
+    notes = [
+        f"rank {ranks.rank} of {ranks.size}: read {len(reader.records)} slice(s), "
+        f"{sum(r.nbytes for r in reader.records):,} bytes, from {ckpt.source}"
+    ]
+    extra = [k for k in targets if k not in plan.actions]
+    if extra:
+        notes.append(
+            f"{len(extra)} model tensor(s) not in the plan were left alone: {', '.join(extra[:5])}"
+        )
+    return DistributedReport(
+        plan,
+        model,
+        entries,
+        written.snapshot if undo else None,
+        notes,
+        ranks=ranks,
+        targets=[t.target for t in tasks],
+        reads=reader.records,
+    )
+
+
+# -- the plan as code a job runs without ckptviz ---------------------------------------------------
+
+_BOX_HELPERS = '''
+def local_box(tensor):
+    """(offsets, sizes) of this rank's shard of the global tensor; a plain tensor is all here."""
+    offsets, sizes = [0] * tensor.dim(), list(tensor.shape)
+    if isinstance(tensor, DTensor):
+        mesh, coordinate = tensor.device_mesh, tensor.device_mesh.get_coordinate()
+        for mesh_dim, placement in enumerate(tensor.placements):
+            if type(placement) is Shard:  # DTensor's chunking: ceil-sized pieces
+                dim, pieces = placement.dim % tensor.dim(), mesh.size(mesh_dim)
+                chunk = -(-sizes[dim] // pieces)
+                start = min(coordinate[mesh_dim] * chunk, sizes[dim])
+                offsets[dim] += start
+                sizes[dim] = min(start + chunk, sizes[dim]) - start
+            elif type(placement) is not Replicate:
+                raise RuntimeError(f"{placement}: only Shard(dim) and Replicate are handled")
+        if tuple(tensor.to_local().shape) != tuple(sizes):
+            raise RuntimeError(f"uneven shard {tuple(tensor.to_local().shape)} != {sizes}")
+    return offsets, sizes
+
+
+def local(tensor):
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def region(offsets, sizes):
+    return tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
+'''
+
+_TWIN_HELPERS = '''
+def gathered(tensor):  # the whole value, never the model's own memory
+    if not isinstance(tensor, DTensor):
+        return tensor.detach().clone()
+    full = tensor.full_tensor().detach()
+    shared = full.untyped_storage().data_ptr() == tensor.to_local().untyped_storage().data_ptr()
+    return full.clone() if shared else full
+
+
+def plain_twin(module, memo):
+    """A shallow copy of module with whole, plain tensors: its initialiser writes only this."""
+    twin = object.__new__(type(module))  # no __new__/__init__ (FSDP2's would rebuild it)
+    twin.__dict__.update(module.__dict__)
+    twin._parameters, twin._buffers = {}, {}
+    for name, p in module._parameters.items():
+        if p is not None and id(p) not in memo:
+            memo[id(p)] = torch.nn.Parameter(gathered(p), requires_grad=p.requires_grad)
+        twin._parameters[name] = None if p is None else memo[id(p)]
+    for name, b in module._buffers.items():
+        if b is not None and id(b) not in memo:
+            memo[id(b)] = gathered(b)
+        twin._buffers[name] = None if b is None else memo[id(b)]
+    twin._modules = {n: c if c is None else plain_twin(c, memo) for n, c in module._modules.items()}
+    return twin
+'''
+
+
+def _code_lines(block: str) -> list[str]:
+    return block.strip("\n").splitlines()
+
+
+def _read_code(plan: Plan) -> tuple[list[str], list[str]]:
+    """(imports, lines defining ``read_all(requests)``) for the plan's checkpoint."""
+    ckpt = plan.diff.checkpoint
+    path = str(ckpt.path) if ckpt.path is not None else None
+    fmt = ckpt.format
+    if path is None:
+        return [], [
+            f"# The checkpoint was {ckpt.source}, not a file: put that state dict in `state`.",
+            "state = state_dict",
+            "",
+            "",
+            "def read_all(requests):",
+            "    return {name: state[key][region(offsets, sizes)].clone()",
+            "            for name, (key, offsets, sizes) in requests.items()}",
+        ]
+    if fmt == "safetensors":
+        return ["from safetensors import safe_open"], [
+            f"checkpoint = {path!r}",
+            "",
+            "",
+            "def read_all(requests):  # only the slices this rank's shards hold",
+            "    with safe_open(checkpoint, framework='pt') as f:",
+            "        return {name: f.get_slice(key)[region(offsets, sizes)]",
+            "                for name, (key, offsets, sizes) in requests.items()}",
+        ]
+    if fmt in ("safetensors-sharded", "torch-sharded", "mixed-sharded"):
+        lines = [
+            f"index = Path({path!r})",
+            "weight_map = json.loads(index.read_text())['weight_map']",
+            "",
+            "",
+            "def read_all(requests):  # only the shards needed, only the slices this rank holds",
+            "    values = {}",
+            "    for shard in sorted({weight_map[key] for key, _, _ in requests.values()}):",
+            "        mine = {n: r for n, r in requests.items() if weight_map[r[0]] == shard}",
+            "        if shard.endswith('.safetensors'):",
+            "            with safe_open(str(index.parent / shard), framework='pt') as f:",
+            "                for name, (key, offsets, sizes) in mine.items():",
+            "                    values[name] = f.get_slice(key)[region(offsets, sizes)]",
+            "        else:  # memory-mapped: a slice reads only the pages it touches",
+            "            state = torch.load(index.parent / shard, map_location='cpu',",
+            "                               weights_only=True, mmap=True)",
+            "            for name, (key, offsets, sizes) in mine.items():",
+            "                values[name] = state[key][region(offsets, sizes)].clone()",
+            "    return values",
+        ]
+        return [
+            "import json",
+            "from pathlib import Path",
+            "",
+            "from safetensors import safe_open",
+        ], lines
+    if fmt == "torch":
+        where = "".join(f"[{part!r}]" for part in ckpt.location)
+        unsafe = ckpt.trusted or bool(ckpt.allow_globals)
+        load = [
+            f"checkpoint = torch.load({path!r}, map_location='cpu', mmap=True,"
+            f" weights_only={not unsafe})",
+            f"state = checkpoint{where}",
+        ]
+        if unsafe:
+            load.insert(0, "# trusted: full unpickling, only for files you trust (it runs code).")
+        return [], [
+            *load,
+            "",
+            "",
+            "def read_all(requests):  # memory-mapped: a slice reads only the pages it touches",
+            "    return {name: state[key][region(offsets, sizes)].clone()",
+            "            for name, (key, offsets, sizes) in requests.items()}",
+        ]
+    if fmt == "dcp":
+        assert ckpt.path is not None
+        prefix = "".join(f"{part}." for part in ckpt.location)
+        dtypes = {k: info.dtype for k, info in ckpt.tensors.items()}
+        imports = [
+            "import dataclasses",
+            "",
+            "import torch.distributed.checkpoint as dcp",
+            "from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner",
+            "from torch.distributed.checkpoint.metadata import ChunkStorageMetadata",
+            "from torch.distributed.checkpoint.planner import LoadPlan",
+            "from torch.distributed.checkpoint.planner_helpers import "
+            "create_read_items_for_chunk_list",
+        ]
+        lines = [
+            "# torch's reader unpickles the directory's .metadata fully (it can run code): run",
+            "# this only on a checkpoint you trust. ckptviz read it with a restricted unpickler.",
+            f"checkpoint = {str(ckpt.path.parent)!r}",
+            f"dtypes = {dtypes!r}",
+            "",
+            "",
+            "class BoxPlanner(DefaultLoadPlanner):",
+            '    """DCP\'s planner: a request reads only the stored chunks overlapping its box."""',
+            "",
+            "    def __init__(self, requests):",
+            "        super().__init__(flatten_state_dict=False, allow_partial_load=True)",
+            "        self.requests = requests",
+            "",
+            "    def create_local_plan(self):",
+            "        items = []",
+            "        for name, (key, offsets, sizes) in self.requests.items():",
+            "            if 0 in sizes:",
+            "                continue",
+            "            chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))",
+            f"            stored = self.metadata.state_dict_metadata[{prefix!r} + key]",
+            f"            for item in create_read_items_for_chunk_list({prefix!r} + key, stored, "
+            "[chunk]):",
+            "                dest = dataclasses.replace(item.dest_index, fqn=name, offset=None)",
+            "                items.append(dataclasses.replace(item, dest_index=dest))",
+            "        return LoadPlan(items)",
+            "",
+            "",
+            "def read_all(requests):",
+            "    values = {name: torch.empty(sizes, dtype=getattr(torch, dtypes[key]))",
+            "              for name, (key, _, sizes) in requests.items()}",
+            "    dcp.load(values, checkpoint_id=checkpoint, planner=BoxPlanner(requests))",
+            "    return values",
+        ]
+        return imports, lines
+    raise PlanError(
+        f"{ckpt.source} is a {fmt} checkpoint, of which a rank cannot read a slice without "
+        "loading all of it; save it as safetensors, a torch zip file or a DCP directory"
+    )
+
+
+def distributed_code(plan: Plan) -> str:
+    """``plan.to_code(distributed=True)``: plain PyTorch that every rank of a job runs.
+
+    With ``model`` in scope (sharded by FSDP2 ``fully_shard`` or ``distribute_tensor``), it gives
+    every rank the same shards as ``apply_distributed`` (without its checks, verification and
+    all-or-nothing).
+    """
+    load = {r.key: r.checkpoint_key for r, a in plan if a == "load" and r.model}
+    partial = {
+        r.key: (r.checkpoint_key, list(r.checkpoint.shape))
+        for r, a in plan
+        if a == "partial" and r.model and r.checkpoint
+    }
+    reinit: dict[tuple[str, str], list[str]] = {}
+    model = plan.diff.model
+    for key in plan.keys_with("reinit"):
+        module_name, _, tensor_name = key.rpartition(".")
+        method = "reset_parameters"
+        if model is not None:
+            method = initialiser_of(model.get_submodule(module_name), tensor_name) or method
+        reinit.setdefault((module_name, method), []).append(tensor_name)
+    if reinit and plan.seed is None:
+        raise PlanError(
+            "a plan with seed=None cannot reinit across ranks (each rank's own random state "
+            "would give its shard other values); set plan.seed and generate the code again"
+        )
+    imports, read_lines = _read_code(plan)
+    counts = ", ".join(f"{c['rows']} {a}" for a, c in plan.counts.items() if c["rows"])
+    lines = [
+        f"# ckptviz plan for {plan.diff.checkpoint.source}, distributed: {counts}.",
+        "# Run on every rank after sharding `model` (FSDP2 fully_shard or distribute_tensor):",
+        "# each rank reads only the slices its shards hold. Rows not listed keep their values.",
+        "import torch",
+        "from torch.distributed.tensor import DTensor, Replicate, Shard",
+    ]
+    lines += imports
+    lines += ["", "", *_code_lines(_BOX_HELPERS), "", "", *_code_lines(_TWIN_HELPERS)]
+    lines += ["", "", *read_lines, "", ""]
+    lines += ["params = model.state_dict(keep_vars=True)"]
+    lines.append("load = {  # model key: checkpoint key")
+    lines += [f"    {k!r}: {v!r}," for k, v in load.items()]
+    lines.append("}")
+    lines.append("partial = {  # model key: (checkpoint key, its shape)")
+    lines += [f"    {k!r}: {v!r}," for k, v in partial.items()]
+    lines.append("}")
+    lines.append("reinit = [  # module, its initialiser, tensors to take from it, seed")
+    for (module_name, method), names in reinit.items():
+        assert plan.seed is not None
+        seed = reinit_seed(plan.seed, module_name)
+        lines.append(f"    ({module_name!r}, {method!r}, {names!r}, {seed!r}),")
+    lines += [
+        "]",
+        "",
+        "requests = {}  # model key: (checkpoint key, offsets, sizes) of what this rank writes",
+        "for name, key in load.items():",
+        "    requests[name] = (key, *local_box(params[name]))",
+        "for name, (key, shape) in partial.items():  # the overlap, within this rank's box",
+        "    offsets, sizes = local_box(params[name])",
+        "    stops = [min(o + s, n) for o, s, n in zip(offsets, sizes, shape)]",
+        "    requests[name] = (key, offsets, [max(b - a, 0) for a, b in zip(offsets, stops)])",
+        "values = read_all(requests)",
+        "",
+        "with torch.no_grad():",
+        "    for name, (key, offsets, sizes) in requests.items():",
+        "        box, _ = local_box(params[name])",
+        "        where = tuple(slice(o - b, o - b + s) for o, b, s in zip(offsets, box, sizes))",
+        "        local(params[name])[where].copy_(values[name])",
+        "    for module_name, initialiser, names, seed in reinit:",
+        "        # every rank gathers the module's whole tensors and runs the same seeded",
+        "        # initialiser, then keeps its own box: the shards of a one-process reinit",
+        "        twin = plain_twin(model.get_submodule(module_name), {})",
+        "        with torch.random.fork_rng(devices=[]):",
+        "            torch.manual_seed(seed)",
+        "            getattr(twin, initialiser)()",
+        "        for n in names:",
+        "            key = f'{module_name}.{n}' if module_name else n",
+        "            local(params[key]).copy_(getattr(twin, n)[region(*local_box(params[key]))])",
+    ]
+    return "\n".join(lines) + "\n"
