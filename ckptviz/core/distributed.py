@@ -77,9 +77,10 @@ import torch
 import torch.distributed as dist
 
 from ckptviz.core.apply import Report, ReportEntry, bitwise_equal
+from ckptviz.core.checkpoint import Checkpoint
 from ckptviz.core.errors import ApplyError, CheckpointError, PlanError
 from ckptviz.core.plan import Plan, initialiser_of, refusal, reinit_seed
-from ckptviz.core.reading import Checkpoint, read_checkpoint
+from ckptviz.core.reading import read_checkpoint
 
 if TYPE_CHECKING:
     from ckptviz.core.diff import Row
@@ -475,7 +476,7 @@ class _SliceReader:
         from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
         from torch.distributed.checkpoint.state_dict_loader import load
 
-        from ckptviz.core.dcp import read_metadata
+        from ckptviz.core.formats.dcp import read_metadata
 
         ckpt = self.ckpt
         assert ckpt.path is not None
