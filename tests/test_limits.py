@@ -225,3 +225,155 @@ def test_sides_repeating_along_different_dimensions_are_refused_past_the_bound(
     small = value_stats(diff, keys=["small"], progress=False)["small"]
     for name, value in plain_measures(small_a, small_b).items():
         assert getattr(small, name) == pytest.approx(value, rel=1e-9), name
+
+
+# -- rename rules from files and command lines: linear time, or refused ----------------------------
+
+# Python's backtracking `re` takes about 2**len steps for this pattern on a's followed by a b
+CATASTROPHIC = r"^(a+)+$"
+ALL_A = "a" * 5000  # matches: renamed to "bias"
+ALMOST = "a" * 60 + "b"  # does not match: stays unexpected
+
+
+def _plan_with_catastrophic_rule() -> str:
+    """A plan JSON whose rename rule backtracks catastrophically in Python's ``re`` on a key it
+    names; written by hand (no rule applied here) so that building it cannot hang."""
+    model = torch.nn.Linear(2, 2)
+    state = {"weight": torch.zeros(2, 2), ALL_A: torch.zeros(2), ALMOST: torch.zeros(3)}
+    data = ckptviz.compare(model, state).pair("bias", ALL_A).plan().to_dict()
+    data["mapping"]["pairs"] = []
+    data["mapping"]["rules"] = [[CATASTROPHIC, "bias"]]
+    return json.dumps(data)
+
+
+_FROM_JSON = r"""
+import json, sys
+import ckptviz
+from ckptviz.cli import main
+
+plan = ckptviz.Plan.from_json(sys.argv[1])
+diff = plan.diff
+print(json.dumps({
+    "statuses": {row.key[:8]: row.status for row in diff.rows},
+    "bias_from": diff.row("bias").checkpoint_key,
+    "note": diff.row("bias").note[:40],
+}))
+sys.stdout.flush()
+status = main(["diff", sys.argv[2], sys.argv[3], "--rename", sys.argv[4] + "=bias", "--json"])
+print("exit", status)
+"""
+
+
+def test_a_catastrophic_rename_pattern_from_a_plan_or_the_cli_finishes_with_the_right_answer(
+    tmp_path: Path,
+) -> None:
+    torch.save({"bias": torch.zeros(2)}, tmp_path / "a.pt")
+    torch.save({ALL_A: torch.zeros(2), ALMOST: torch.zeros(3)}, tmp_path / "b.pt")
+    result = run_python(
+        _FROM_JSON,
+        _plan_with_catastrophic_rule(),
+        str(tmp_path / "a.pt"),
+        str(tmp_path / "b.pt"),
+        CATASTROPHIC,
+    )
+    assert result.returncode == 0, result.stderr
+    plan_line, cli_text = result.stdout.split("\n", 1)
+    plan = json.loads(plan_line)
+    assert plan["statuses"] == {"weight": "match", "bias": "match", "aaaaaaaa": "unexpected"}
+    assert plan["bias_from"] == ALL_A
+    assert plan["note"].startswith("renamed from aaaa")
+    report_text, _, exit_line = cli_text.rpartition("exit ")
+    assert exit_line.strip() == "1"  # different: ALMOST is in b only
+    rows = {(r["a_key"], r["b_key"]): r["status"] for r in json.loads(report_text)["rows"]}
+    assert rows == {("bias", ALL_A): "match", (None, ALMOST): "unexpected"}
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [r"(blocks)\.\1", r"(?P<name>\w+)\.(?P=name)", r"(?<!pre)blocks", r"blocks(?=\.0)"],
+)
+def test_backreferences_and_lookarounds_are_refused_saying_what_is_allowed(
+    tmp_path: Path, pattern: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, state = torch.nn.Linear(2, 2), {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}
+    diff = ckptviz.compare(model, state)
+    for run in (
+        lambda: ckptviz.compare(model, state, rename={pattern: "x"}),
+        lambda: diff.rename(pattern, "x"),
+        lambda: ckptviz.Plan.from_json(_with_rules(diff, [[pattern, "x"]])),
+    ):
+        with pytest.raises(ckptviz.PlanError) as caught:
+            run()
+        message = str(caught.value)
+        assert repr(pattern) in message and "is not allowed" in message
+        assert "linearly" in message and "no backreferences" in message
+        assert "no lookarounds" in message
+    torch.save(state, tmp_path / "a.pt")
+    written = pattern.replace("=", "\\=")  # on the command line the first bare = splits
+    status = cli_main(
+        ["diff", str(tmp_path / "a.pt"), str(tmp_path / "a.pt"), "--rename", f"{written}=x"]
+    )
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "rename rule" in error
+    if "=" not in pattern:
+        assert "no backreferences" in error
+
+
+def _with_rules(diff: ckptviz.Diff, rules: list[list[str]]) -> str:
+    data = diff.plan().to_dict()
+    data["mapping"]["rules"] = rules
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "replacement", "key"),
+    [
+        (r"^blocks\.", "layers.", "blocks.0.weight"),  # the README's example
+        (r"^(\w+)\.(\d+)\.", r"\2.\1.", "blocks.0.weight"),
+        (r"(?P<head>[a-z]+)_(?P<n>\d)", r"\g<n>\g<head>\g<0>", "fc_1.w_2"),
+        (r"\.", r"\\", "a.b.c"),
+        (r"x*", "-", "abxd"),  # empty matches next to others, as re.sub places them
+        (r"$", ".weight", "head"),
+        (r"^", "module.", "fc.bias"),
+        (r"é", "e", "café.w"),
+        (r"(?i)BLOCK", "stage", "Block.block"),
+        (r"(a)|b", r"[\1]", "abab"),  # a group that did not take part is empty
+    ],
+)
+def test_rename_rules_replace_as_python_re_sub_does(
+    pattern: str, replacement: str, key: str
+) -> None:
+    import re
+
+    from ckptviz.core.matching import KeyMapping
+
+    mapping = KeyMapping(rules=((pattern, replacement),))
+    assert mapping.checkpoint_name(key) == re.sub(pattern, replacement, key)
+
+
+@pytest.mark.parametrize(
+    ("replacement", "why"),
+    [(r"\q", "bad escape"), (r"\3", "invalid group reference"), (r"\g<nope>", "unknown group")],
+)
+def test_a_bad_replacement_is_refused_before_any_key_is_renamed(replacement: str, why: str) -> None:
+    with pytest.raises(ckptviz.PlanError, match=why):
+        ckptviz.compare(torch.nn.Linear(2, 2), {"w": torch.zeros(2)}, rename={r"(\w)": replacement})
+
+
+def test_a_rule_matching_a_key_too_often_is_refused_not_run() -> None:
+    from ckptviz.core.matching import MAX_RULE_MATCHES
+
+    key = "a." * (MAX_RULE_MATCHES + 1)
+    with pytest.raises(ckptviz.PlanError, match=r"more than \d+ times"):
+        ckptviz.compare(torch.nn.Linear(2, 2), {key: torch.zeros(2)}, rename={r"\.": "_"})
+
+
+def test_a_command_line_rule_splits_at_the_first_equals_sign_without_a_backslash() -> None:
+    from ckptviz.core.matching import parse_rules
+
+    assert parse_rules([r"^a\=b\.=c="]) == ((r"^a\=b\.", "c="),)
+    renamed = ckptviz.compare(
+        {"c=.w": torch.zeros(1)}, {"a=b.w": torch.zeros(1)}, rename=[r"^a\=b\.=c=."]
+    )
+    assert renamed.counts["match"] == 1

@@ -190,16 +190,19 @@ class KeyMapping:
     model_prefix: str = ""
     rules: tuple[tuple[str, str], ...] = ()
     pairs: tuple[tuple[str, str], ...] = field(default=())  # (model key, checkpoint key)
+    _compiled: tuple[RenameRule, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
-        for pattern, replacement in self.rules:
-            compile_rule(pattern, replacement)  # refuses what RE2 cannot run, saying why
+        # compiled once (compile_rule refuses what RE2 cannot run, saying why); not a field, so
+        # equality, repr and to_dict stay those of the rule strings
+        compiled = tuple(compile_rule(pattern, replacement) for pattern, replacement in self.rules)
+        object.__setattr__(self, "_compiled", compiled)
 
     def checkpoint_name(self, key: str) -> str:
         """The name a checkpoint key is matched under, after prefix and rules."""
         name = key.removeprefix(self.checkpoint_prefix) if self.checkpoint_prefix else key
-        for pattern, replacement in self.rules:
-            name = compile_rule(pattern, replacement).apply(name)
+        for rule in self._compiled:
+            name = rule.apply(name)
         return name
 
     def model_name(self, key: str) -> str:
@@ -253,20 +256,26 @@ def _string_pairs(data: Mapping[str, Any], name: str) -> tuple[tuple[str, str], 
     return tuple((str(a), str(b)) for a, b in value)
 
 
+_UNESCAPED_EQUALS = re.compile(r"(?<!\\)=")
+
+
 def parse_rules(
     rename: Mapping[str, str] | Iterable[tuple[str, str] | str] | None,
 ) -> tuple[tuple[str, str], ...]:
-    """``{"^blocks\\.": "layers."}`` or ``[("^old", "new")]`` or ``["^old=new"]`` -> rules."""
+    """``{"^blocks\\.": "layers."}`` or ``[("^old", "new")]`` or ``["^old=new"]`` -> rules.
+
+    In ``"REGEX=REPLACEMENT"`` the first ``=`` without a backslash before it splits the two,
+    so a pattern can hold ``\\=`` (a literal ``=``)."""
     if rename is None:
         return ()
     items: Iterable[Any] = rename.items() if isinstance(rename, Mapping) else rename
     rules = []
     for item in items:
         if isinstance(item, str):
-            pattern, sep, replacement = item.partition("=")
-            if not sep:
+            split = _UNESCAPED_EQUALS.search(item)
+            if split is None:
                 raise PlanError(f"rename rule {item!r}: expected 'REGEX=REPLACEMENT'")
-            item = (pattern, replacement)
+            item = (item[: split.start()], item[split.end() :])
         pattern, replacement = item
         rules.append((str(pattern), str(replacement)))
     return tuple(rules)
