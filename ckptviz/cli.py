@@ -475,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rename",
         action="append",
         metavar="REGEX=REPL",
-        help="rename B's keys before matching (Python regex, \\1 for groups); repeat for several",
+        help="rename B's keys before matching (RE2 regex: no backreferences or lookarounds; "
+        "\\1 for groups; \\= for a literal =); repeat for several",
     )
     diff.add_argument(
         "--key-a", metavar="KEY", help="where the state dict is inside A (nested checkpoints)"

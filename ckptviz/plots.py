@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptviz.core.diff import STATUSES, Diff
 from ckptviz.core.display import register_renderer
+from ckptviz.core.stats import stored_views
 from ckptviz.core.text import visible
 
 if TYPE_CHECKING:
@@ -307,24 +308,27 @@ def plot_diff(
 # -- one tensor's values on both sides -----------------------------------------------------------
 
 
-def _describe(tensor: torch.Tensor, finite: torch.Tensor) -> str:
+def _describe(tensor: torch.Tensor, finite: torch.Tensor, repeats: int) -> str:
     dtype = str(tensor.dtype).removeprefix("torch.")
     text = f"{list(tensor.shape)} {dtype}"
     if finite.numel():
         text += f", mean {finite.mean().item():.3g}, std {finite.std(unbiased=False).item():.3g}"
-    hidden = tensor.numel() - finite.numel()
+    hidden = tensor.numel() - finite.numel() * repeats
     if hidden:
         text += f", {hidden} NaN/Inf not drawn"
     return text
 
 
-def _finite_values(tensor: torch.Tensor, where: str) -> torch.Tensor:
+def _finite_values(tensor: torch.Tensor, where: str) -> tuple[torch.Tensor, int]:
+    """The finite stored values (an ``expand``-ed tensor's repeats read once: the shares per
+    bin, mean and std are the same) and how many logical values each stands for."""
     import torch
 
     if tensor.is_complex():
         raise ValueError(f"{where} is complex ({tensor.dtype}): no value histogram for it")
-    values = tensor.detach().flatten().to(torch.float64)
-    return values[torch.isfinite(values)]
+    (stored,), repeats = stored_views([tensor.detach()], where)
+    values = stored.flatten().to(torch.float64)
+    return values[torch.isfinite(values)], repeats
 
 
 def plot_values(diff: Diff, key: str, *, bins: int | None = None, ax: Any = None) -> Any:
@@ -351,8 +355,9 @@ def plot_values(diff: Diff, key: str, *, bins: int | None = None, ax: Any = None
         with checkpoint.open() as data:
             tensor = data[info.key]
         where = f"{label_text(info.key)!r} in {_short(name)}"
-        sides.append((_short(name), tensor, _finite_values(tensor, where)))
-    finite = [values for _, _, values in sides if values.numel()]
+        finite_values, repeats = _finite_values(tensor, where)
+        sides.append((_short(name), tensor, finite_values, repeats))
+    finite = [values for _, _, values, _ in sides if values.numel()]
     lo = min((v.min().item() for v in finite), default=0.0)
     hi = max((v.max().item() for v in finite), default=1.0)
     if lo == hi:
@@ -365,7 +370,7 @@ def plot_values(diff: Diff, key: str, *, bins: int | None = None, ax: Any = None
     fig, ax, created = _new_axes(ax, 0, width=8.0)
     if created:
         fig.set_size_inches(8.0, 4.0)
-    for (name, tensor, values), colour in zip(sides, SIDE_COLOURS, strict=False):
+    for (name, tensor, values, repeats), colour in zip(sides, SIDE_COLOURS, strict=False):
         counts, _ = torch.histogram(values, bins=edges)
         share = counts / max(values.numel(), 1)
         ax.stairs(share.numpy(), edges.numpy(), fill=True, alpha=0.25, color=colour)
@@ -374,7 +379,7 @@ def plot_values(diff: Diff, key: str, *, bins: int | None = None, ax: Any = None
             edges.numpy(),
             color=colour,
             linewidth=1.5,
-            label=f"{name}: {_describe(tensor, values)}",
+            label=f"{name}: {_describe(tensor, values, repeats)}",
         )
     absent = [n for n, i in ((names[0], row.model), (names[1], row.checkpoint)) if i is None]
     if absent:

@@ -74,7 +74,9 @@ def test_renamed_blocks_get_ranked_suggestions_but_nothing_is_applied_silently()
         (f"stage{i}.{t}", f"block{i}.{t}") for i in range(3) for t in ("weight", "bias")
     }
     rules = diff.rule_suggestions
-    assert rules and rules[0].replacement == "stage" and rules[0].pairs == 6
+    assert rules and rules[0].pairs == 6
+    # RE2 has no lookahead: the character after the name is matched as a group and put back
+    assert (rules[0].pattern, rules[0].replacement) == (r"\bblock([^A-Za-z_]|$)", r"stage\1")
     accepted = diff.accept(rules[0])
     assert accepted.identical is False  # renamed rows carry a note
     assert accepted.counts == {"match": 10, "dtype": 0, "shape": 0, "missing": 0, "unexpected": 0}
@@ -167,3 +169,22 @@ def test_rule_suggestion_for_a_plural_rename_pairs_every_row() -> None:
     accepted = diff.accept(rules[0])
     assert accepted.counts["match"] == 8
     assert accepted.counts["missing"] == accepted.counts["unexpected"] == 0
+
+
+def test_long_keys_are_compared_by_their_shared_start_and_end_and_still_paired() -> None:
+    from ckptviz.core.matching import MAX_SIMILARITY_CHARS, name_similarity
+
+    stem = "x" * MAX_SIMILARITY_CHARS  # a file decides how long its keys are
+    model = {f"{stem}.layers.{i}.weight": torch.zeros(2) for i in range(3)}
+    ckpt = {f"{stem}.blocks.{i}.weight": torch.zeros(2) for i in range(3)}
+    diff = ckptviz.compare(model, ckpt)
+    pairs = {(s.model_key, s.checkpoint_key) for s in diff.suggestions}
+    assert pairs == {(f"{stem}.layers.{i}.weight", f"{stem}.blocks.{i}.weight") for i in range(3)}
+    assert all("start and end: long names" in s.reason for s in diff.suggestions)
+    # same formula as difflib's ratio: twice the shared characters over both lengths
+    assert name_similarity("a" * 200 + "XY" + "b" * 100, "a" * 200 + "Z" + "b" * 100) == (
+        2 * 300 / (302 + 301),
+        " (start and end: long names)",
+    )
+    short = name_similarity("layers.0.weight", "blocks.0.weight")
+    assert short[1] == "" and 0.5 < short[0] < 1

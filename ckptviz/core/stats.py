@@ -15,6 +15,17 @@ NaN difference measures, with a note. A NaN or Inf anywhere makes that tensor's 
 and difference measures NaN (as numpy and torch do); the counts say where. Complex tensors are
 compared as (real, imaginary) pairs of float64 values.
 
+Repeated values (``expand``, stride 0): every measure is over the *logical* tensor, as
+``torch.load`` returns it, but computed from its *stored* values. Along a dimension where every
+side repeats one stored value (stride 0), the values are read once and weighted by the number
+of repeats: norms, ``diff_norm``, NaN/Inf counts and ``a·b`` scale with the repeats, while
+means, standard deviations, ``max_abs_diff``, ``cosine`` and ``equal`` are those of the stored
+values, exactly. What is left (elements that overlap in memory through other strides, or two
+sides that repeat along different dimensions) is computed value by value up to
+``MAX_VALUES_PER_STORED`` values per stored value; beyond that the tensor is refused with a
+``CheckpointError`` naming the file and key, so a tiny file that declares a huge view cannot
+run for hours.
+
 Memory: tensors are fetched one pair at a time from ``Checkpoint.open()`` (mmap or safetensors)
 and reduced in blocks of ``BLOCK_ELEMENTS`` values, so float64 temporaries stay small. Pages of
 a memory-mapped file stay resident while it is open, so once ``memory_budget`` bytes have been
@@ -36,6 +47,7 @@ import torch
 from ckptviz.core.apply import bitwise_equal
 from ckptviz.core.checkpoint import Checkpoint, TensorSource, human_bytes
 from ckptviz.core.display import render
+from ckptviz.core.errors import CheckpointError
 from ckptviz.core.formats import format_named
 from ckptviz.core.text import format_table, shape_text, visible
 
@@ -46,6 +58,10 @@ if TYPE_CHECKING:
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 #: Values reduced at once; float64 temporaries are about 3 x 8 bytes x this.
 BLOCK_ELEMENTS = 2**18
+#: Values computed per stored value, past plain repeats (stride 0), before a view is refused.
+MAX_VALUES_PER_STORED = 64
+#: Views of at most this many values are computed whatever their strides (a few ms at most).
+ALWAYS_COMPUTED_VALUES = 4096
 
 #: The statistics columns, in the order tables show them.
 STAT_COLUMNS = (
@@ -281,6 +297,9 @@ def _block_index(shape: Sequence[int], max_elements: int) -> Iterator[tuple[Any,
     if not shape:
         yield ()
         return
+    if math.prod(shape) == 0:
+        yield (Ellipsis,)  # one empty block, however large the other dimensions are declared
+        return
     row = math.prod(shape[1:])
     if row <= max_elements:
         step = max(1, max_elements // max(row, 1))
@@ -290,6 +309,51 @@ def _block_index(shape: Sequence[int], max_elements: int) -> Iterator[tuple[Any,
     for i in range(shape[0]):
         for rest in _block_index(shape[1:], max_elements):
             yield (i, *rest)
+
+
+def _span(tensor: torch.Tensor) -> int:
+    """How many storage positions a view can reach: its stored values, at most."""
+    if tensor.numel() == 0:
+        return 0
+    return 1 + sum(
+        (size - 1) * step for size, step in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+
+
+def stored_views(tensors: Sequence[torch.Tensor], where: str) -> tuple[list[torch.Tensor], int]:
+    """Views of same-shaped ``tensors`` that read each stored value once, and how many logical
+    values each position of them stands for.
+
+    Every dimension along which all the tensors repeat one stored value (stride 0, as
+    ``expand`` makes) is narrowed to size 1; ``repeats`` is the product of those sizes. Over the
+    logical tensors, sums (norms, dot products, counts) are the sums over the views times
+    ``repeats``; means, standard deviations, extremes, histogram shares and bitwise equality
+    are those of the views. The views may still repeat values in other ways (overlapping
+    strides, or tensors that repeat along different dimensions): past ``MAX_VALUES_PER_STORED``
+    values per stored value (and ``ALWAYS_COMPUTED_VALUES`` values in all) that is refused with
+    a ``CheckpointError`` naming ``where`` (the key and its file), rather than computed.
+    """
+    views = list(tensors)
+    if not views or any(t.layout != torch.strided for t in views):
+        return views, 1
+    repeats = 1
+    for dim, size in enumerate(views[0].shape):
+        if size > 1 and all(t.stride(dim) == 0 for t in views):
+            views = [t.narrow(dim, 0, 1) for t in views]
+            repeats *= size
+    values = views[0].numel()
+    stored = sum(_span(t) for t in views)
+    if values > max(ALWAYS_COMPUTED_VALUES, MAX_VALUES_PER_STORED * stored):
+        layout = "; ".join(f"strides {tuple(t.stride())}" for t in tensors)
+        raise CheckpointError(
+            f"{where}: {shape_text(tuple(tensors[0].shape))} is a view that repeats "
+            f"{stored:,} stored values as {values * repeats:,} values ({layout}); computing "
+            f"over them would take {values:,} steps, more than {MAX_VALUES_PER_STORED} per "
+            "stored value, so ckptviz refuses. Save the tensor again after .contiguous() if its "
+            "values are meant, or leave this key out (diff.stats(keys=...) in Python, "
+            "--no-values on the command line)."
+        )
+    return views, repeats
 
 
 def _as_float64(block: torch.Tensor) -> torch.Tensor:
@@ -313,8 +377,9 @@ class _Moments:
     nan: int = 0
     inf: int = 0
 
-    def add(self, raw: torch.Tensor, values: torch.Tensor) -> float:
-        """Fold in one block (``values`` is ``raw`` as float64); returns the block's ``Σx²``."""
+    def add(self, raw: torch.Tensor, values: torch.Tensor, repeats: int = 1) -> float:
+        """Fold in one block (``values`` is ``raw`` as float64), each value standing for
+        ``repeats`` equal ones; returns the block's own ``Σx²`` (not multiplied by repeats)."""
         count = values.numel()
         if count == 0:
             return 0.0
@@ -322,20 +387,21 @@ class _Moments:
         # A NaN or Inf makes Σx² non-finite, so only then are they counted (finite float64
         # squares can also overflow; the count is exact either way).
         if not math.isfinite(block_sumsq) and (raw.is_floating_point() or raw.is_complex()):
-            self.nan += int(torch.isnan(raw).sum())
-            self.inf += int(torch.isinf(raw).sum())
+            self.nan += int(torch.isnan(raw).sum()) * repeats
+            self.inf += int(torch.isinf(raw).sum()) * repeats
         # two passes over the block (mean, then squared deviations): exact where Σx² − n·mean²
         # would cancel, and much faster than torch.var_mean
         block_mean = float(values.sum()) / count
         centred = values - block_mean
-        block_m2 = float(torch.vdot(centred, centred))
+        block_m2 = float(torch.vdot(centred, centred)) * repeats
         del centred
+        count *= repeats
         total = self.n + count
         delta = block_mean - self.mean
         self.mean += delta * count / total
         self.m2 += block_m2 + delta * delta * self.n * count / total
         self.n = total
-        self.sumsq += block_sumsq
+        self.sumsq += block_sumsq * repeats
         return block_sumsq
 
     @property
@@ -369,17 +435,19 @@ class _Differences:
         b: torch.Tensor,
         a_sumsq: float | None = None,
         b_sumsq: float | None = None,
+        repeats: int = 1,
     ) -> None:
-        """``a`` and ``b`` are float64 blocks (their ``Σx²`` if already known); ``a`` is
-        overwritten with a−b in place, to save a temporary."""
+        """``a`` and ``b`` are float64 blocks (their own ``Σx²`` if already known), each pair
+        standing for ``repeats`` equal pairs; ``a`` is overwritten with a−b in place, to save a
+        temporary."""
         if a.numel() == 0:
             return
         self.seen = True
-        self.dot += float(torch.vdot(a, b))
-        self.a_sumsq += float(torch.vdot(a, a)) if a_sumsq is None else a_sumsq
-        self.b_sumsq += float(torch.vdot(b, b)) if b_sumsq is None else b_sumsq
+        self.dot += float(torch.vdot(a, b)) * repeats
+        self.a_sumsq += (float(torch.vdot(a, a)) if a_sumsq is None else a_sumsq) * repeats
+        self.b_sumsq += (float(torch.vdot(b, b)) if b_sumsq is None else b_sumsq) * repeats
         difference = a.sub_(b)
-        self.diff_sumsq += float(torch.vdot(difference, difference))
+        self.diff_sumsq += float(torch.vdot(difference, difference)) * repeats
         block_max = float(difference.abs_().amax())
         if math.isnan(block_max) or math.isnan(self.max_abs):
             self.max_abs = math.nan
@@ -411,36 +479,56 @@ def _overlap(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...] | None:
     return tuple(min(x, y) for x, y in zip(a, b, strict=True))
 
 
-def _pair_stats(row: Row, reader: PairReader, block_elements: int, advance: Any) -> TensorStats:
+def _where(key: str, *sides: str) -> str:
+    return f"{key!r} in {' and '.join(dict.fromkeys(sides))}"
+
+
+def _side_labels(diff: Diff) -> tuple[str, str]:
+    """The sides as refusals name them: the checkpoint's file, and the model or its file."""
+    if diff.against_model:
+        return ("the model", diff.checkpoint.source)
+    return diff.side_names
+
+
+def _pair_stats(
+    row: Row, reader: PairReader, block_elements: int, advance: Any, names: tuple[str, str]
+) -> TensorStats:
     a_info, b_info = row.model, row.checkpoint
     assert a_info is not None and b_info is not None
     a, b = reader.fetch([a_info.key, b_info.key])
     side_a, side_b, differences = _Moments(), _Moments(), _Differences()
     notes: list[str] = []
+    pair_where = _where(a_info.key, *names)
     if row.status in ("match", "dtype"):
         comparable = a.is_complex() == b.is_complex()
         compared, compared_shape = ("all", a_info.shape) if comparable else ("none", None)
         if not comparable:
             notes.append(f"{a_info.dtype} vs {b_info.dtype}: complex against real, not compared")
-        for index in _block_index(a_info.shape, block_elements):
-            raw_a, raw_b = a[index].cpu(), b[index].cpu()  # a live model may sit on a GPU
+        (stored_a, stored_b), repeats = stored_views([a, b], pair_where)
+        for index in _block_index(tuple(stored_a.shape), block_elements):
+            # .cpu(): a live model may sit on a GPU
+            raw_a, raw_b = stored_a[index].cpu(), stored_b[index].cpu()
             values_a, values_b = _as_float64(raw_a), _as_float64(raw_b)
-            a_sumsq = side_a.add(raw_a, values_a)
-            b_sumsq = side_b.add(raw_b, values_b)
+            a_sumsq = side_a.add(raw_a, values_a, repeats)
+            b_sumsq = side_b.add(raw_b, values_b, repeats)
             if differences.equal and not bitwise_equal(raw_a, raw_b):
                 differences.equal = False
             if comparable:
-                differences.add(values_a, values_b, a_sumsq, b_sumsq)
-            advance(raw_a.numel() * (raw_a.element_size() + raw_b.element_size()))
+                differences.add(values_a, values_b, a_sumsq, b_sumsq, repeats)
+            advance(raw_a.numel() * repeats * (raw_a.element_size() + raw_b.element_size()))
         if row.status == "dtype":
             notes.append(f"{a_info.dtype} vs {b_info.dtype}: values compared as float64")
     else:
         differences.equal = False
-        for raw, info, side in ((a, a_info, side_a), (b, b_info, side_b)):
-            for index in _block_index(info.shape, block_elements):
-                block = raw[index]
-                side.add(block, _as_float64(block))
-                advance(block.numel() * block.element_size())
+        for raw, info, side, name in (
+            (a, a_info, side_a, names[0]),
+            (b, b_info, side_b, names[1]),
+        ):
+            (stored,), repeats = stored_views([raw], _where(info.key, name))
+            for index in _block_index(tuple(stored.shape), block_elements):
+                block = stored[index]
+                side.add(block, _as_float64(block), repeats)
+                advance(block.numel() * repeats * block.element_size())
         overlap = _overlap(a_info.shape, b_info.shape)
         if overlap is None:
             compared, compared_shape = "none", None
@@ -454,9 +542,11 @@ def _pair_stats(row: Row, reader: PairReader, block_elements: int, advance: Any)
         else:
             compared, compared_shape = "overlap", overlap
             corner = tuple(slice(0, size) for size in overlap)
-            a_part, b_part = a[corner], b[corner]
-            for index in _block_index(overlap, block_elements):
-                differences.add(_as_float64(a_part[index]), _as_float64(b_part[index]))
+            (a_part, b_part), repeats = stored_views([a[corner], b[corner]], pair_where)
+            for index in _block_index(tuple(a_part.shape), block_elements):
+                differences.add(
+                    _as_float64(a_part[index]), _as_float64(b_part[index]), repeats=repeats
+                )
             notes.append(
                 f"differences over the overlapping {shape_text(overlap)} slice of "
                 f"{shape_text(a_info.shape)} vs {shape_text(b_info.shape)}"
@@ -559,7 +649,9 @@ def value_stats(
     try:
         with _one_thread(), PairReader([diff.model_side, diff.checkpoint], memory_budget) as reader:
             for row in rows:
-                entries.append(_pair_stats(row, reader, block_elements, bar.update))
+                entries.append(
+                    _pair_stats(row, reader, block_elements, bar.update, _side_labels(diff))
+                )
     finally:
         bar.close()
     return ValueStats(diff, entries)
@@ -583,24 +675,27 @@ def values_equal(
     try:
         with _one_thread(), PairReader([diff.model_side, diff.checkpoint], memory_budget) as reader:
             for row in same:
-                result[row.key] = _bitwise_equal_streamed(row, reader, block_elements, bar.update)
+                result[row.key] = _bitwise_equal_streamed(
+                    row, reader, block_elements, bar.update, _side_labels(diff)
+                )
     finally:
         bar.close()
     return result
 
 
 def _bitwise_equal_streamed(
-    row: Row, reader: PairReader, block_elements: int, advance: Any
+    row: Row, reader: PairReader, block_elements: int, advance: Any, names: tuple[str, str]
 ) -> bool:
     assert row.model is not None and row.checkpoint is not None
     a, b = reader.fetch([row.model.key, row.checkpoint.key])
+    (a, b), repeats = stored_views([a, b], _where(row.model.key, *names))
     remaining = row.model.nbytes * 2
-    for index in _block_index(row.model.shape, block_elements):
+    for index in _block_index(tuple(a.shape), block_elements):
         block_a, block_b = a[index].cpu(), b[index].cpu()
         if not bitwise_equal(block_a, block_b):
             advance(remaining)  # the first difference settles it: skip the rest of the pair
             return False
-        done = block_a.numel() * block_a.element_size() * 2
+        done = block_a.numel() * repeats * block_a.element_size() * 2
         advance(done)
         remaining -= done
     return True
