@@ -36,6 +36,7 @@ import torch
 from ckptviz.core.apply import bitwise_equal
 from ckptviz.core.checkpoint import Checkpoint, TensorSource, human_bytes
 from ckptviz.core.display import render
+from ckptviz.core.errors import CheckpointError
 from ckptviz.core.formats import format_named
 from ckptviz.core.text import format_table, shape_text
 
@@ -234,8 +235,17 @@ class PairReader:
         self._open()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            changed = next(filter(None, (source.changes() for source in self._sources)), None)
+            if exc_type is None and changed is not None:
+                raise CheckpointError(
+                    f"the checkpoint changed while its statistics were computed ({changed}); "
+                    "they could mix two saves of it, so none are given. Re-run when the file "
+                    "is stable (once whatever writes it has finished)."
+                )
+        finally:
+            self._close()
 
     def _open(self) -> None:
         stack = ExitStack()
