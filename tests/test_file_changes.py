@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -156,6 +157,28 @@ def test_a_file_rewritten_during_apply_is_refused_not_mixed(
     assert "the checkpoint changed while it was being applied" in message
     assert str(first_read) in message and "rewritten in place" in message
     assert "nothing was changed in the model" in message and "Re-run" in message
+
+
+def test_a_dcp_data_file_rewritten_during_apply_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+    for seed, folder in ((1, tmp_path / "step7"), (2, tmp_path / "elsewhere")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns that no process group is set up
+            dcp.save(_state(seed), storage_writer=FileSystemWriter(folder), no_dist=True)
+    [data] = (tmp_path / "step7").glob("*.distcp")
+    stat = data.stat()
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns - HOUR_NS))
+    source = ckptviz.read_checkpoint(tmp_path / "step7")
+    new = (tmp_path / "elsewhere" / data.name).read_bytes()
+    assert len(new) == stat.st_size
+    _before_second_write(monkeypatch, lambda: data.write_bytes(new))
+    message = _apply_refused(source, Stack())
+    assert "the checkpoint changed while it was being applied" in message
+    assert str(data) in message and "nothing was changed in the model" in message
 
 
 def test_stats_of_a_file_rewritten_meanwhile_are_refused(

@@ -15,12 +15,13 @@ NaN difference measures, with a note. A NaN or Inf anywhere makes that tensor's 
 and difference measures NaN (as numpy and torch do); the counts say where. Complex tensors are
 compared as (real, imaginary) pairs of float64 values.
 
-Memory: tensors are fetched one pair at a time from ``Checkpoint.open()`` (mmap or safetensors)
-and reduced in blocks of ``BLOCK_ELEMENTS`` values, so float64 temporaries stay small. Pages of
-a memory-mapped file stay resident while it is open, so once ``memory_budget`` bytes have been
-read the files are closed and reopened: peak memory stays near ``memory_budget`` plus the
-largest tensor pair, not the file sizes. Legacy (pre-1.6, non-zip) torch files are read whole
-when opened, so they are opened once and cost their full size.
+Memory: tensors are fetched one pair at a time from ``Checkpoint.open()`` (each read from its
+file into memory of its own, see ``formats/filedata.py``) and reduced in blocks of
+``BLOCK_ELEMENTS`` values, so float64 temporaries stay small: peak memory stays near the largest
+tensor pair, not the file sizes. Once ``memory_budget`` bytes have been read the files are closed
+and reopened, which also re-checks that they did not change. Legacy (pre-1.6, non-zip) torch
+files are read whole when opened, so they are opened once and cost their full size. A file that
+changes while it is read makes the run a ``CheckpointError``: no figures from two saves.
 """
 
 from __future__ import annotations

@@ -152,11 +152,11 @@ class CheckedFile:
 
 
 def plain(tensor: Any) -> bool:
-    """A dense, strided, unquantized tensor whose values are its storage's bytes."""
+    """A dense, strided, unquantized tensor whose values are its storage's bytes (or a meta
+    tensor, which has no values to read)."""
     return (
-        isinstance(tensor, torch.Tensor)
-        and type(tensor) in (torch.Tensor, torch.nn.Parameter)
+        type(tensor) in (torch.Tensor, torch.nn.Parameter)
         and tensor.layout == torch.strided
         and not tensor.is_quantized
-        and tensor.device.type == "cpu"
+        and tensor.device.type in ("cpu", "meta")
     )

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -102,15 +103,14 @@ def read_safetensors(
             def fetch(key: str) -> torch.Tensor:
                 info = ckpt.tensors[key]
                 place = places.get(key)
-                tensor = torch.empty(info.shape, dtype=dtype_from_name(info.dtype))
-                if place is None or place[::3] != (info.dtype, list(info.shape)) or (
-                    place[2] - place[1] != info.nbytes
-                ):
+                declared = (info.dtype, list(info.shape), info.nbytes)
+                if place is None or (place.dtype, place.shape, place.end - place.start) != declared:
                     raise CheckpointError(
                         f"{path}: the header no longer declares {key!r} as {list(info.shape)} "
                         f"{info.dtype}; the file changed since it was read. Compare again."
                     )
-                file.read_into(tensor, place[1], key)
+                tensor = torch.empty(info.shape, dtype=dtype_from_name(info.dtype))
+                file.read_into(tensor, place.start, key)
                 return tensor
 
             yield TensorSource(ckpt, fetch)
@@ -126,9 +126,17 @@ def read_safetensors(
     )
 
 
-def _data_places(path: Path, file: CheckedFile) -> dict[str, tuple[str, int, int, object]]:
-    """key -> (dtype name, first byte, end byte, shape) in the file, from the header as it is
-    now.
+class _Place(NamedTuple):
+    """Where a tensor's bytes are in the file, and what the header says they are."""
+
+    dtype: str
+    shape: object
+    start: int
+    end: int
+
+
+def _data_places(path: Path, file: CheckedFile) -> dict[str, _Place]:
+    """key -> where its bytes are in the file, from the header as it is now.
 
     The header was checked by ``safe_open`` when the file was read; it is read again here (a
     few bytes) so the offsets are those of the very file being read, checked against its size.
@@ -160,7 +168,7 @@ def _data_places(path: Path, file: CheckedFile) -> dict[str, tuple[str, int, int
             and 0 <= offsets[0] <= offsets[1] <= size - base
             and dtype is not None
         ):
-            places[key] = (dtype, base + offsets[0], base + offsets[1], entry.get("shape"))
+            places[key] = _Place(dtype, entry.get("shape"), base + offsets[0], base + offsets[1])
     return places
 
 
