@@ -145,7 +145,7 @@ class FileFingerprint:
 
 
 class TensorSource(Mapping[str, torch.Tensor]):
-    """An open checkpoint: ``source[key]`` fetches one tensor's data (CPU, possibly mmap-backed).
+    """An open checkpoint: ``source[key]`` fetches one tensor's data (CPU; from a file, a copy).
 
     ``get_many(keys)`` fetches several at once: formats that read faster in one go (a DCP
     directory loads them in one pass) give ``fetch_many``; others fetch one key at a time
