@@ -264,3 +264,27 @@ def test_a_short_read_names_the_file_and_the_key(tmp_path: Path, fmt: str) -> No
             data[last]
     message = str(caught.value).replace(str(first_read), "<file>")
     assert "<file>" in message and repr(last) in message and "truncated" in message
+
+
+def _mapped(path: Path) -> bool:
+    """Whether this process maps ``path`` (Linux)."""
+    real = os.path.realpath(path)
+    with open("/proc/self/maps") as maps:
+        return any(line.rstrip("\n").endswith(" " + real) for line in maps)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps")
+def test_tensors_that_are_more_than_their_bytes_are_read_without_a_mapping(
+    tmp_path: Path,
+) -> None:
+    """A quantized tensor is not its storage's bytes alone, so it cannot be read back from the
+    file at the place its storage is mapped from: such a file is loaded whole, unmapped."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors are deprecated in torch
+        quantized = torch.quantize_per_tensor(torch.randn(4, 4), 0.1, 0, torch.qint8)
+        path = tmp_path / "quantized.pt"
+        torch.save({"q": quantized, "w": torch.randn(3)}, path)
+        source = ckptviz.read_checkpoint(path, trusted=True)
+        with source.open() as data:
+            assert not _mapped(path)
+            assert torch.equal(data["q"].int_repr(), quantized.int_repr())
