@@ -1,4 +1,4 @@
-"""apply writes and verifies one tensor at a time, drops the checkpoint's pages once written, and
+"""apply writes and verifies one tensor at a time, reads the checkpoint without mapping it, and
 still leaves the model bitwise unchanged on any failure, with or without undo."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 import ckptviz
 from ckptviz.core import apply as apply_module
-from ckptviz.core.apply import _PageReleaser, bitwise_equal
+from ckptviz.core.apply import bitwise_equal
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise")
 
@@ -68,43 +68,26 @@ def test_apply_loads_every_tensor_from_a_file(tmp_path: Path, fmt: str, undo: bo
 
 @linux_only
 @pytest.mark.parametrize("fmt", ["pt", "safetensors"])
-def test_releasing_pages_of_the_checkpoint_file_keeps_its_values(tmp_path: Path, fmt: str) -> None:
+def test_apply_reads_the_file_without_mapping_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """Checked reads, not a mapping: nothing of the file is resident in this process while apply
+    writes (a mapped file that shrinks would kill the process on the next touch)."""
     path, state = _saved(tmp_path, fmt)
-    checkpoint = ckptviz.read_checkpoint(path)
-    with checkpoint.open() as source:
-        tensors = {k: source[k] for k in state}
-        assert all(float(t.abs().sum()) >= 0 for t in tensors.values())  # touch every page
-        resident = _mapped_rss_kib(path)
-        release = _PageReleaser(path)
-        for tensor in tensors.values():
-            release(tensor)
-        release.flush()
-        dropped = _mapped_rss_kib(path)
-        assert all(bitwise_equal(tensors[k], state[k]) for k in state)  # read back from the file
-    weights = sum(t.numel() * t.element_size() for t in state.values() if t.dim() == 2)
-    assert resident - dropped >= weights // 1024 * 3 // 4, (resident, dropped)
+    model = Stack()
+    plan = ckptviz.compare(model, path).plan()
+    real_write = apply_module._write
+    mapped: list[int] = []
 
+    def write(target: torch.Tensor, value: torch.Tensor, action: str) -> None:
+        mapped.append(_mapped_rss_kib(path))
+        real_write(target, value, action)
 
-@linux_only
-def test_release_never_touches_memory_that_is_not_the_checkpoint_file(tmp_path: Path) -> None:
-    path, _ = _saved(tmp_path, "pt")
-    with ckptviz.read_checkpoint(path).open():
-        release = _PageReleaser(path)
-        in_memory = torch.arange(1 << 18, dtype=torch.float32)  # 1 MiB of anonymous memory
-        expected = in_memory.clone()
-        release(in_memory)
-        assert bitwise_equal(in_memory, expected)  # dropping anonymous pages would zero them
-    assert _PageReleaser(None)._ranges == []
-
-
-@linux_only
-def test_a_mapping_written_in_this_process_is_never_released(tmp_path: Path) -> None:
-    path, _ = _saved(tmp_path, "pt")
-    with ckptviz.read_checkpoint(path).open() as source:
-        assert _PageReleaser(path)._ranges  # clean: its pages come back from the file
-        written = source["layers.0.weight"]
-        written.add_(1)  # a private copy of these pages now differs from the file
-        assert _PageReleaser(path)._ranges == []
+    monkeypatch.setattr(apply_module, "_write", write)
+    assert plan.apply(model).verified
+    assert len(mapped) == len(state) and set(mapped) == {0}, mapped
+    now = model.state_dict()
+    assert all(bitwise_equal(now[k], state[k]) for k in state)
 
 
 @pytest.mark.parametrize("undo", [True, False])

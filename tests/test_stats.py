@@ -370,8 +370,9 @@ def _measure(path: Path, budget: int) -> dict[str, float]:
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_stats_memory_stays_bounded_on_a_file_larger_than_the_budget(tmp_path: Path) -> None:
     """A 400 MB file of 50 tensors of 8 MB, compared with itself (800 MB read through two
-    mappings) under a 32 MiB budget: peak RSS growth stays under a quarter of the file size.
-    The same run with a budget above the file size shows the measurement can see mapped pages.
+    sides) under a 32 MiB budget: peak RSS growth stays under a quarter of the file size. Each
+    tensor is read into memory of its own and freed once reduced (nothing of the file stays
+    mapped), so it stays that low with a budget above the file size too.
 
     The peak is the child's VmHWM, not ru_maxrss: Linux carries the parent's peak into a
     child's ru_maxrss across fork and exec, so it would measure pytest, not the run."""
@@ -387,7 +388,7 @@ def test_stats_memory_stays_bounded_on_a_file_larger_than_the_budget(tmp_path: P
     assert bounded["equal"] and bounded["pairs"] == 50 and bounded["worst"] == 0
     assert bounded["growth"] < 0.25 * size, bounded
     unbounded = _measure(path, 4 * size)
-    assert unbounded["growth"] > 0.5 * size, unbounded
+    assert unbounded["growth"] < 0.25 * size, unbounded
     print(
         f"\nstats on {size / 1e6:.0f} MB x 2 sides: bounded growth "
         f"{bounded['growth'] / 1e6:.0f} MB in {bounded['seconds']:.2f} s "

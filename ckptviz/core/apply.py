@@ -16,16 +16,11 @@ on the meta device, and the report says so.
 from __future__ import annotations
 
 import copy
-import ctypes
-import mmap
-import os
-import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,8 +28,7 @@ import torch
 from ckptviz.core._torch_private import tensor_version
 from ckptviz.core.checkpoint import Checkpoint, TensorSource, dtype_name, human_bytes
 from ckptviz.core.display import render
-from ckptviz.core.errors import ApplyError, PlanError
-from ckptviz.core.formats import format_named
+from ckptviz.core.errors import ApplyError, CheckpointError, PlanError
 from ckptviz.core.plan import ACTIONS, initialiser_of, refusal, reinit_seed
 from ckptviz.core.reading import read_checkpoint
 from ckptviz.core.text import visible, visible_lines
@@ -449,11 +443,8 @@ def apply_plan(
         _check_tied_sources(written, values, targets, notes)
         # The snapshot is what makes a failure part-way leave the model as it was; with
         # undo=False it is dropped as soon as the apply has succeeded.
-        fmt = format_named(ckpt.format)
-        release = _PageReleaser(None if fmt is not None and fmt.eager else ckpt.path)
-        release.everything()  # what fetching touched: the snapshot needs the room
         snapshot = _take_snapshot(written, targets, device)
-        entries = _write_all(written, targets, values, snapshot, verify, release)
+        entries = _write_all(written, targets, values, snapshot, verify, data.changes)
     entries += _keep_entries(plan, written, targets, versions)
     notes += _meta_notes(entries, targets, device)
     order = {row.key: i for i, row in enumerate(plan.diff.rows)}
@@ -475,23 +466,51 @@ def _problem_text(head: str, problems: dict[str, str]) -> str:
 
 def _gather(
     written: list[tuple[Row, str]], data: TensorSource, fresh: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The value each written row takes: the checkpoint's tensor (not yet read) or a fresh one."""
-    from_checkpoint = [row.checkpoint.key for row, a in written if a != "reinit" and row.checkpoint]
-    read = data.get_many(from_checkpoint)  # one pass where the format allows (DCP)
-    values: dict[str, torch.Tensor] = {}
-    for row, action in written:
-        if action == "reinit":
-            values[row.key] = fresh[row.key]
-        else:
-            assert row.checkpoint is not None
-            values[row.key] = read[row.checkpoint.key]
-    return values
+) -> Mapping[str, torch.Tensor]:
+    """The value each written row takes: a fresh one, or the checkpoint's tensor."""
+    from_checkpoint = {
+        row.key: row.checkpoint.key for row, a in written if a != "reinit" and row.checkpoint
+    }
+    read = data.get_many(from_checkpoint.values()) if data.reads_at_once else None
+    return _Values(from_checkpoint, data, fresh, read)
+
+
+class _Values(Mapping[str, torch.Tensor]):
+    """model key -> its new value. A checkpoint tensor is read from the file when it is asked
+    for and only the last one is kept, so an apply holds one tensor's bytes at a time (a format
+    that reads everything in one pass, such as DCP, hands its tensors over already read)."""
+
+    def __init__(
+        self,
+        from_checkpoint: dict[str, str],
+        data: TensorSource,
+        fresh: dict[str, torch.Tensor],
+        read: dict[str, torch.Tensor] | None,
+    ) -> None:
+        self._from, self._data, self._fresh, self._read = from_checkpoint, data, fresh, read
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._fresh:
+            return self._fresh[key]
+        checkpoint_key = self._from[key]
+        if self._read is not None:
+            return self._read[checkpoint_key]
+        if self._last is None or self._last[0] != checkpoint_key:
+            self._last = None  # drop the last tensor before reading the next
+            self._last = (checkpoint_key, self._data[checkpoint_key])
+        return self._last[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter({**self._from, **self._fresh})
+
+    def __len__(self) -> int:
+        return len({**self._from, **self._fresh})
 
 
 def _check_tied_sources(
     written: list[tuple[Row, str]],
-    values: dict[str, torch.Tensor],
+    values: Mapping[str, torch.Tensor],
     targets: dict[str, torch.Tensor],
     notes: list[str],
 ) -> None:
@@ -545,15 +564,18 @@ def _take_snapshot(
 def _write_all(
     written: list[tuple[Row, str]],
     targets: dict[str, torch.Tensor],
-    values: dict[str, torch.Tensor],
+    values: Mapping[str, torch.Tensor],
     snapshot: list[tuple[torch.Tensor, torch.Tensor]],
     verify: bool,
-    release: _PageReleaser,
+    changes: Callable[[], str | None],
 ) -> list[ReportEntry]:
     """Write each storage once and verify each row right after (while its data is in cache).
 
     A row whose memory overlaps another written storage (views of one tensor that are not the
     same view) is verified again once everything is written, as a later write may change it.
+    Last, the checkpoint's files must be as they were when it was read (``changes``): data
+    read from a file rewritten meanwhile may mix two saves, each tensor "verified" against
+    what was read.
     """
     before = {id(t): saved for t, saved in snapshot}
     idents = {row.key: _storage_id(targets[row.key]) for row, _ in written}
@@ -577,14 +599,14 @@ def _write_all(
                 entries.append(
                     _checked(row, action, target, values[row.key], before, verify, fresh)
                 )
-                if row.key not in overlapping:
-                    release(values[row.key])
-            release.flush()
             for row, action in written:
                 if row.key in overlapping:
                     current = row.key
                     target = targets[row.key]
                     _checked(row, action, target, values[row.key], before, verify)
+            changed = changes()
+            if changed is not None:
+                raise CheckpointError(changed)
         return entries
     except BaseException as exc:
         with torch.no_grad():
@@ -592,6 +614,14 @@ def _write_all(
                 _restore(target, saved)
         if not isinstance(exc, Exception):
             raise  # KeyboardInterrupt and the like: restored, and passed on as they are
+        if isinstance(exc, CheckpointError):  # the checkpoint broke or changed while being read
+            changed = changes()
+            why = f"the checkpoint changed while it was being applied ({changed})"
+            raise CheckpointError(
+                f"{why if changed else str(exc).rstrip('.')}; nothing was changed in the model "
+                "(every tensor already written was restored). Re-run when the file is stable "
+                "(once whatever writes it has finished)."
+            ) from exc
         raise ApplyError(
             f"apply failed at {current} ({type(exc).__name__}: {exc}); every tensor already "
             "written was restored, the model is as it was",
@@ -632,87 +662,6 @@ def _overlapping_rows(written: list[tuple[Row, str]], targets: dict[str, torch.T
         views.setdefault(memory[row.key], set()).add(_storage_id(target))
     shared = {ptr for ptr, idents in views.items() if len(idents) > 1}
     return {key for key, ptr in memory.items() if ptr in shared}
-
-
-class _PageReleaser:
-    """Drops a checkpoint file's pages from this process once they are written into the model.
-
-    The checkpoint is memory-mapped privately and never written, so a dropped page comes back
-    from the file if it is touched again: no value changes, even for a neighbour that shares an
-    edge page and is read later. Without this the whole file stays in the process's resident
-    memory next to the undo snapshot, doubling an apply's peak. Only whole pages inside a
-    mapping of that very file are dropped (Linux; elsewhere it does nothing). Neighbouring
-    tensors are gathered into one range, so small tensors cost no system call each.
-    """
-
-    _DONTNEED = 4  # MADV_DONTNEED on Linux
-    _BATCH = 4 << 20  # drop this much at a time: few system calls, little held
-
-    def __init__(self, path: Path | None) -> None:
-        self._ranges: list[tuple[int, int]] = []
-        self._madvise: Any = None
-        self._page = mmap.PAGESIZE
-        self._pending: tuple[int, int] | None = None
-        if path is None or not sys.platform.startswith("linux"):
-            return
-        try:
-            self._ranges = _clean_mappings(Path(os.path.realpath(path)))
-            self._madvise = ctypes.CDLL(None, use_errno=True).madvise
-        except (OSError, AttributeError, ValueError):
-            self._ranges = []
-
-    def __call__(self, tensor: torch.Tensor) -> None:
-        if not self._ranges or not tensor.is_contiguous() or tensor.device.type != "cpu":
-            return
-        start = tensor.data_ptr()
-        end = start + tensor.numel() * tensor.element_size()
-        pending = self._pending
-        if pending is not None and pending[0] <= start <= pending[1] + self._page:
-            self._pending = (pending[0], max(end, pending[1]))
-        else:
-            self.flush()
-            self._pending = (start, end)
-        if self._pending[1] - self._pending[0] >= self._BATCH:
-            self.flush()
-
-    def everything(self) -> None:
-        """Drop every page of the file mapped so far."""
-        for first, last in self._ranges:
-            self._madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), self._DONTNEED)
-
-    def flush(self) -> None:
-        """Drop the gathered range now."""
-        if self._pending is None:
-            return
-        start, end = self._pending
-        self._pending = None
-        low = start // self._page * self._page
-        high = -(-end // self._page) * self._page
-        for first, last in self._ranges:
-            if first <= start and end <= last:
-                low, high = max(low, first), min(high, last)
-                self._madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), self._DONTNEED)
-                return
-
-
-def _clean_mappings(path: Path) -> list[tuple[int, int]]:
-    """Address ranges where this process maps ``path``, from /proc/self/smaps; none if any of
-    its pages was written here (torch byte-swaps a big-endian file in place, for one), since
-    dropping a written page of a private mapping would bring back the file's bytes. (Dirty
-    counts do not tell: a file just saved is dirty in the page cache, not written here.)"""
-    ranges: list[tuple[int, int]] = []
-    inside = False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            fields = line.split(maxsplit=5)
-            if not fields[0].endswith(":"):  # a mapping's first line: range, perms, ..., path
-                inside = len(fields) == 6 and fields[5].rstrip("\n") == str(path)
-                if inside:
-                    start, _, end = fields[0].partition("-")
-                    ranges.append((int(start, 16), int(end, 16)))
-            elif inside and fields[0] == "Anonymous:" and fields[1] != "0":
-                return []  # written pages of a private file mapping are anonymous copies
-    return ranges
 
 
 def _keep_entries(

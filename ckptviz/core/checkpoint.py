@@ -10,6 +10,7 @@ offset, shape, stride), before any data is read.
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -111,27 +112,47 @@ class DeclaredTensor:
 
 @dataclass(frozen=True)
 class FileFingerprint:
-    """Size, modification time and inode: enough to notice a file replaced since it was read.
+    """What notices a file replaced or rewritten since it was read.
 
-    The inode catches a same-size file moved into place (``os.replace``) within one tick of the
-    file system's clock, which the modification time alone can miss.
+    Size and modification time catch most changes; the inode catches a same-size file moved into
+    place (``os.replace``), and the status-change time a same-size rewrite in place whose
+    modification time was set back (``os.utime``, some copy tools). A rewrite within one tick of
+    the file system's clock that restores the modification time can still pass: no fingerprint
+    short of reading every byte again catches that.
     """
 
     size: int
     mtime_ns: int
     inode: int = 0
+    ctime_ns: int = 0
 
     @classmethod
     def of(cls, path: Path) -> FileFingerprint:
-        stat = path.stat()
-        return cls(stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        return cls.of_stat(path.stat())
+
+    @classmethod
+    def of_stat(cls, stat: os.stat_result) -> FileFingerprint:
+        return cls(stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
+
+    def change_to(self, now: FileFingerprint) -> str | None:
+        """How ``now`` differs from this fingerprint, in words (``None``: it does not)."""
+        if now == self:
+            return None
+        if now.size != self.size:
+            return f"size {self.size:,} -> {now.size:,} bytes"
+        if now.inode != self.inode:
+            return "replaced by another file of the same size"
+        return "rewritten in place (same size, new modification or status-change time)"
 
 
 class TensorSource(Mapping[str, torch.Tensor]):
-    """An open checkpoint: ``source[key]`` fetches one tensor's data (CPU, possibly mmap-backed).
+    """An open checkpoint: ``source[key]`` fetches one tensor's data (CPU; from a file, a copy).
 
     ``get_many(keys)`` fetches several at once: formats that read faster in one go (a DCP
-    directory loads them in one pass) give ``fetch_many``; others fetch one key at a time.
+    directory loads them in one pass) give ``fetch_many``; others fetch one key at a time
+    (``reads_at_once`` says which). ``changes()`` says whether a file the data comes from changed
+    since the checkpoint was read: formats whose data lives in more files than
+    ``Checkpoint.path`` (shards, DCP data files) give ``changes`` to check those too.
     """
 
     def __init__(
@@ -139,10 +160,27 @@ class TensorSource(Mapping[str, torch.Tensor]):
         checkpoint: Checkpoint,
         fetch: Callable[[str], torch.Tensor],
         fetch_many: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
+        *,
+        changes: Callable[[], str | None] | None = None,
     ) -> None:
         self._checkpoint = checkpoint
         self._fetch = fetch
         self._fetch_many = fetch_many
+        self._changes = changes
+
+    @property
+    def reads_at_once(self) -> bool:
+        """Whether ``get_many`` reads its keys in one pass (else one key at a time, on demand)."""
+        return self._fetch_many is not None
+
+    def changes(self) -> str | None:
+        """What changed in the files this data is read from since the checkpoint was read:
+        ``"<file>: <how>"``, or ``None`` when nothing did. Apply and statistics ask once they
+        are done, so data read from a file rewritten meanwhile is never reported as good."""
+        changed = self._checkpoint.changes()
+        if changed is None and self._changes is not None:
+            changed = self._changes()
+        return changed
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._checkpoint.tensors:
@@ -289,6 +327,18 @@ class Checkpoint:
             self.check_unchanged()
         return self._opener(self)
 
+    def changes(self) -> str | None:
+        """``"<file>: <how it changed>"`` if the file was replaced, rewritten, truncated or
+        deleted since it was read, else ``None`` (also for a checkpoint with no file)."""
+        if self.path is None or self.fingerprint is None:
+            return None
+        try:
+            now = FileFingerprint.of(self.path)
+        except OSError as exc:
+            return f"{self.path}: gone ({exc.strerror})"
+        how = self.fingerprint.change_to(now)
+        return None if how is None else f"{self.path}: {how}"
+
     def check_unchanged(self) -> None:
         """Raise if the file was replaced, truncated or deleted since it was read."""
         if self.path is None or self.fingerprint is None:
@@ -302,8 +352,8 @@ class Checkpoint:
             ) from exc
         if now != self.fingerprint:
             raise CheckpointError(
-                f"{self.path}: the file changed since it was read (size {self.fingerprint.size} "
-                f"-> {now.size} bytes); compare again before applying."
+                f"{self.path}: the file changed since it was read "
+                f"({self.fingerprint.change_to(now)}); compare again before applying."
             )
 
 

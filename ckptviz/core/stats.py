@@ -26,12 +26,13 @@ sides that repeat along different dimensions) is computed value by value up to
 ``CheckpointError`` naming the file and key, so a tiny file that declares a huge view cannot
 run for hours.
 
-Memory: tensors are fetched one pair at a time from ``Checkpoint.open()`` (mmap or safetensors)
-and reduced in blocks of ``BLOCK_ELEMENTS`` values, so float64 temporaries stay small. Pages of
-a memory-mapped file stay resident while it is open, so once ``memory_budget`` bytes have been
-read the files are closed and reopened: peak memory stays near ``memory_budget`` plus the
-largest tensor pair, not the file sizes. Legacy (pre-1.6, non-zip) torch files are read whole
-when opened, so they are opened once and cost their full size.
+Memory: tensors are fetched one pair at a time from ``Checkpoint.open()`` (each read from its
+file into memory of its own, see ``formats/filedata.py``) and reduced in blocks of
+``BLOCK_ELEMENTS`` values, so float64 temporaries stay small: peak memory stays near the largest
+tensor pair, not the file sizes. Once ``memory_budget`` bytes have been read the files are closed
+and reopened, which also re-checks that they did not change. Legacy (pre-1.6, non-zip) torch
+files are read whole when opened, so they are opened once and cost their full size. A file that
+changes while it is read makes the run a ``CheckpointError``: no figures from two saves.
 """
 
 from __future__ import annotations
@@ -250,8 +251,17 @@ class PairReader:
         self._open()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            changed = next(filter(None, (source.changes() for source in self._sources)), None)
+            if exc_type is None and changed is not None:
+                raise CheckpointError(
+                    f"the checkpoint changed while its statistics were computed ({changed}); "
+                    "they could mix two saves of it, so none are given. Re-run when the file "
+                    "is stable (once whatever writes it has finished)."
+                )
+        finally:
+            self._close()
 
     def _open(self) -> None:
         stack = ExitStack()

@@ -540,7 +540,10 @@ def read_dcp(
     @contextmanager
     def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
         yield TensorSource(
-            ckpt, lambda k: fetch_many(ckpt, [k])[k], lambda keys: fetch_many(ckpt, keys)
+            ckpt,
+            lambda k: fetch_many(ckpt, [k])[k],
+            lambda keys: fetch_many(ckpt, keys),
+            changes=lambda: _changed_file(folder, files),
         )
 
     ckpt = _checkpoint_from_object(
@@ -557,17 +560,26 @@ def read_dcp(
     return ckpt
 
 
-def _check_files(folder: Path, files: Mapping[str, FileFingerprint]) -> None:
+def _changed_file(folder: Path, files: Mapping[str, FileFingerprint]) -> str | None:
+    """``"<file>: <how>"`` for the first data file that changed or went since it was read."""
     for name, before in files.items():
         try:
             now = FileFingerprint.of(folder / name)
-        except OSError:
-            now = None
-        if now != before:
-            raise CheckpointError(
-                f"{folder / name}: the data file changed or is gone since the checkpoint was "
-                "read; compare again before applying."
-            )
+        except OSError as exc:
+            return f"{folder / name}: gone ({exc.strerror})"
+        how = before.change_to(now)
+        if how is not None:
+            return f"{folder / name}: {how}"
+    return None
+
+
+def _check_files(folder: Path, files: Mapping[str, FileFingerprint]) -> None:
+    changed = _changed_file(folder, files)
+    if changed is not None:
+        raise CheckpointError(
+            f"{changed}: the data file changed or is gone since the checkpoint was read; "
+            "compare again before applying."
+        )
 
 
 def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:

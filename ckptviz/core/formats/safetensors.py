@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
+
+import torch
 
 from ckptviz.core.checkpoint import (
     Checkpoint,
@@ -16,6 +21,7 @@ from ckptviz.core.checkpoint import (
 )
 from ckptviz.core.errors import CheckpointError, first_line
 from ckptviz.core.formats.base import FileFormat
+from ckptviz.core.formats.filedata import CheckedFile
 from ckptviz.core.safety import GlobalSpec
 
 _SAFETENSORS_DTYPES = {
@@ -36,6 +42,8 @@ _SAFETENSORS_DTYPES = {
     "F8_E5M2": "float8_e5m2",
     "C64": "complex64",
 }
+#: safetensors refuses headers above this size; so does reading the data here.
+MAX_HEADER_BYTES = 100_000_000
 
 
 def is_safetensors(path: Path, head: bytes) -> bool:
@@ -82,11 +90,30 @@ def read_safetensors(
 
     @contextmanager
     def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                yield TensorSource(ckpt, handle.get_tensor)
-        except SafetensorError as exc:
-            raise CheckpointError(f"{path}: cannot read tensor data ({exc}).") from None
+        if sys.byteorder != "little":  # safetensors swaps the little-endian bytes itself
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    yield TensorSource(ckpt, handle.get_tensor)
+            except SafetensorError as exc:
+                raise CheckpointError(f"{path}: cannot read tensor data ({exc}).") from None
+            return
+        with CheckedFile(path, ckpt.fingerprint) as file:
+            places = _data_places(path, file)
+
+            def fetch(key: str) -> torch.Tensor:
+                info = ckpt.tensors[key]
+                place = places.get(key)
+                declared = (info.dtype, list(info.shape), info.nbytes)
+                if place is None or (place.dtype, place.shape, place.end - place.start) != declared:
+                    raise CheckpointError(
+                        f"{path}: the header no longer declares {key!r} as {list(info.shape)} "
+                        f"{info.dtype}; the file changed since it was read. Compare again."
+                    )
+                tensor = torch.empty(info.shape, dtype=dtype_from_name(info.dtype))
+                file.read_into(tensor, place.start, key)
+                return tensor
+
+            yield TensorSource(ckpt, fetch)
 
     return Checkpoint(
         source=str(path),
@@ -97,6 +124,52 @@ def read_safetensors(
         fingerprint=FileFingerprint.of(path),
         _opener=opener,
     )
+
+
+class _Place(NamedTuple):
+    """Where a tensor's bytes are in the file, and what the header says they are."""
+
+    dtype: str
+    shape: object
+    start: int
+    end: int
+
+
+def _data_places(path: Path, file: CheckedFile) -> dict[str, _Place]:
+    """key -> where its bytes are in the file, from the header as it is now.
+
+    The header was checked by ``safe_open`` when the file was read; it is read again here (a
+    few bytes) so the offsets are those of the very file being read, checked against its size.
+    """
+    size = file.fingerprint.size
+    (header_len,) = struct.unpack("<Q", file.read_bytes(0, 8, "the header length"))
+    if not 2 <= header_len <= min(size - 8, MAX_HEADER_BYTES):
+        raise CheckpointError(
+            f"{path}: the header length ({header_len:,} bytes) does not fit the file "
+            f"({size:,} bytes); it changed since it was read or is damaged. Re-save it."
+        )
+    try:
+        header = json.loads(file.read_bytes(8, header_len, "the header"))
+    except (UnicodeDecodeError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header is no longer valid JSON; re-save the file.")
+    base = 8 + header_len
+    places = {}
+    for key, entry in header.items():
+        if key == "__metadata__" or not isinstance(entry, dict):
+            continue
+        offsets = entry.get("data_offsets")
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+        if (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(n) is int for n in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= size - base
+            and dtype is not None
+        ):
+            places[key] = _Place(dtype, entry.get("shape"), base + offsets[0], base + offsets[1])
+    return places
 
 
 def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:

@@ -378,7 +378,10 @@ def _lazy_opener(
                     opened[name] = source
                 return source[key]
 
-            yield TensorSource(ckpt, fetch)
+            def changes() -> str | None:
+                return next(filter(None, (source.changes() for source in opened.values())), None)
+
+            yield TensorSource(ckpt, fetch, changes=changes)
 
     return opener
 

@@ -37,6 +37,7 @@ from ckptviz.core.checkpoint import (
 )
 from ckptviz.core.errors import CheckpointError, first_line
 from ckptviz.core.formats.base import FileFormat
+from ckptviz.core.formats.filedata import CheckedFile, plain
 from ckptviz.core.locate import checkpoint_from_object, navigate
 from ckptviz.core.safety import (
     GLOBALS_REFUSAL,
@@ -172,43 +173,36 @@ def _declared_object(archive: zipfile.ZipFile) -> tuple[object, dict[str, zipfil
 def _declared_opener(
     path: Path, obj: object, records: dict[str, zipfile.ZipInfo]
 ) -> Callable[[Checkpoint], AbstractContextManager[TensorSource]]:
-    """Tensor data for a file read by ``_declared_object``: one private mapping of the file,
-    each tensor a view of its record's bytes, as ``torch.load(mmap=True)`` builds them, without
-    unpickling the file again."""
+    """Tensor data for a file read by ``_declared_object``: each tensor's bytes (offsets from
+    the local zip headers) read from the file when asked for, into memory of its own, as
+    ``torch.load`` would build it, without unpickling the file again (see ``filedata``)."""
 
     @contextmanager
     def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
         state: Mapping[str, Any] = navigate(obj, ckpt.location)  # of DeclaredTensor
-        size = path.stat().st_size
-        mapped = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-        storages: dict[str, torch.UntypedStorage] = {}
-        with path.open("rb") as stream:
+        starts: dict[str, int] = {}
+        with CheckedFile(path, ckpt.fingerprint) as file:
 
             def fetch(key: str) -> torch.Tensor:
                 declared = state[key]
                 if not isinstance(declared, DeclaredTensor):
                     raise KeyError(key)
                 storage = declared.storage
-                data = storages.get(storage.key)
-                if data is None:
+                start = starts.get(storage.key)
+                if start is None:
                     record = records[storage.key]
-                    stream.seek(record.header_offset)
-                    local = stream.read(30)
-                    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                    local = file.read_bytes(record.header_offset, 30, key)
+                    if local[:4] != b"PK\x03\x04":
                         raise CheckpointError(
                             f"{path}: the zip entry of {key!r} is damaged; re-save the file."
                         )
                     name_length, extra_length = struct.unpack("<HH", local[26:30])
-                    start = record.header_offset + 30 + name_length + extra_length
-                    end = start + storage.numel * ITEMSIZES[storage.dtype]
-                    if end > size:
-                        raise CheckpointError(
-                            f"{path}: the data of {key!r} runs past the end of the file; the "
-                            "file is truncated or damaged. Re-save it with torch.save."
-                        )
-                    data = storages[storage.key] = mapped[start:end]
-                tensor = torch.empty(0, dtype=dtype_from_name(storage.dtype))
-                return tensor.set_(data, declared.offset, declared.shape, declared.stride)
+                    start = starts[storage.key] = (
+                        record.header_offset + 30 + name_length + extra_length
+                    )
+                dtype = dtype_from_name(storage.dtype)
+                shape, stride = declared.shape, declared.stride
+                return file.tensor(key, dtype, start, declared.offset, shape, stride)
 
             yield TensorSource(ckpt, fetch)
 
@@ -267,13 +261,40 @@ def _torch_reason(exc: BaseException) -> str:
 def torch_opener(
     path: Path, *, mmap: bool
 ) -> Callable[[Checkpoint], AbstractContextManager[TensorSource]]:
+    """Tensor data through ``torch.load``. With ``mmap``, torch maps the file; each tensor is
+    then read from the file with a checked read at the place its storage is mapped from (see
+    ``filedata``), never by touching the mapping. Where that place cannot be known for sure
+    (not Linux, a byte-swapped file, tensors that are not plain), the file is loaded without a
+    mapping: every tensor in memory at once, the cost of the file's size."""
+
     @contextmanager
     def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
-        loaded = load_torch(path, trusted=ckpt.trusted, allow=ckpt.allow_globals, mmap=mmap)
-        state = navigate(loaded, ckpt.location)
-        yield TensorSource(ckpt, state.__getitem__)
+        def state_of(mapped: bool) -> Mapping[str, Any]:
+            loaded = load_torch(path, trusted=ckpt.trusted, allow=ckpt.allow_globals, mmap=mapped)
+            return navigate(loaded, ckpt.location)
+
+        with CheckedFile(path, ckpt.fingerprint) as file:
+            mapped = mmap and sys.platform.startswith("linux") and _native_byte_order(path)
+            state = state_of(mapped)
+            regions = file.mapped_regions() if mapped else None
+            if mapped and (regions is None or not all(plain(state[k]) for k in ckpt.tensors)):
+                # where a tensor's bytes are in the file is not known for sure: read them all now
+                state, regions = state_of(False), None
+            if regions is None:
+                yield TensorSource(ckpt, state.__getitem__)
+            else:
+                found = regions
+                yield TensorSource(ckpt, lambda key: file.copy_of_mapped(state[key], key, found))
 
     return opener
+
+
+def _native_byte_order(path: Path) -> bool:
+    """Whether a torch zip file's tensors are stored in this machine's byte order (else
+    torch swaps them in memory, and the mapped bytes are no longer the file's)."""
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.rpartition("/")[2] == "byteorder"]
+        return all(archive.read(n) == sys.byteorder.encode() for n in names)
 
 
 def read_torch_file(
