@@ -175,6 +175,9 @@ class ValueStats:
             attrs.update(zip(("a", "b"), self.side_names, strict=True))
         return frame
 
+    def _repr_html_(self) -> str:
+        return str(render("html", self))
+
     def __str__(self) -> str:
         headers = ["key", "status", "rel. change", "max |a-b|", "cosine", "NaN/Inf a", "b", "equal"]
         rows = [
