@@ -13,14 +13,16 @@ where ``$x^2$`` would be typeset and ``$\\frac{a}{$`` fails to draw, and no TeX)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckptviz.core.diff import STATUSES, Diff
 from ckptviz.core.display import register_renderer
+from ckptviz.core.order import in_model_order, order_source, order_words
 from ckptviz.core.text import visible
 
 if TYPE_CHECKING:
@@ -52,6 +54,44 @@ ROOT_LABEL = "(root)"
 PLAIN_TEXT: dict[str, Any] = {"parse_math": False, "usetex": False}
 #: Widest a name is drawn, in characters.
 LABEL_WIDTH = 80
+#: Text and axes colour that reads on a light page (white) and a dark one (JupyterLab's dark
+#: theme, #111): contrast about 4:1 on both, where black or white would vanish on one.
+NEUTRAL_INK = "#858585"
+#: The style every plot is drawn with: no background of its own (the page shows through, so a
+#: dark theme shows no white box), text, ticks and spines in ``NEUTRAL_INK``.
+THEME: dict[str, Any] = {
+    "figure.facecolor": "none",
+    "axes.facecolor": "none",
+    "savefig.facecolor": "none",
+    "savefig.transparent": True,
+    "legend.facecolor": "none",
+    "legend.edgecolor": NEUTRAL_INK,
+    "text.color": NEUTRAL_INK,
+    "axes.labelcolor": NEUTRAL_INK,
+    "axes.titlecolor": NEUTRAL_INK,
+    "axes.edgecolor": NEUTRAL_INK,
+    "xtick.color": NEUTRAL_INK,
+    "ytick.color": NEUTRAL_INK,
+    "xtick.labelcolor": NEUTRAL_INK,
+    "ytick.labelcolor": NEUTRAL_INK,
+    "legend.labelcolor": NEUTRAL_INK,
+    "hatch.color": NEUTRAL_INK,
+}
+
+_Plot = TypeVar("_Plot", bound=Callable[..., Any])
+
+
+def themed(plot: _Plot) -> _Plot:
+    """Draw ``plot`` in ``THEME`` (matplotlib imported only when it is called)."""
+
+    @functools.wraps(plot)
+    def draw(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib
+
+        with matplotlib.rc_context(THEME):
+            return plot(*args, **kwargs)
+
+    return draw  # type: ignore[return-value]
 
 
 def label_text(name: str) -> str:
@@ -263,6 +303,7 @@ def _short(name: str) -> str:
 # -- the diff at a glance ------------------------------------------------------------------------
 
 
+@themed
 def plot_diff(
     diff: Diff,
     *,
@@ -280,7 +321,7 @@ def plot_diff(
     the number of values. Beside each bar: its size and tensors per status, in words.
     """
     items = []
-    for row in diff.rows:
+    for row in in_model_order(diff, diff.rows):
         if row.model is not None:
             module = row.module
         else:
@@ -293,9 +334,14 @@ def plot_diff(
     _draw_bars(groups, STATUSES, STATUS_STYLE, STATUSES, scale, ax)
     left, right = (_short(n) for n in diff.side_names)
     counts = _counts_text(diff.counts, STATUSES)
+    modules = len({item.module for item in items})
+    level = f"depth {used_depth}"
+    if modules > len(groups):
+        level += f": {modules:,} modules summed into {len(groups)} bars"
+    order = "" if order_source(diff) == "a" else f"; bars {order_words(diff)}"
     ax.set_title(
-        f"Where the {left} and the {right} disagree, per module (depth {used_depth})\n"
-        f"{len(diff.rows)} tensors: {counts}",
+        f"Where the {left} and the {right} disagree, per module ({level})\n"
+        f"{len(diff.rows):,} tensors: {counts}{order}",
         loc="left",
         fontsize=10,
         pad=22,
@@ -327,6 +373,7 @@ def _finite_values(tensor: torch.Tensor, where: str) -> torch.Tensor:
     return values[torch.isfinite(values)]
 
 
+@themed
 def plot_values(diff: Diff, key: str, *, bins: int | None = None, ax: Any = None) -> Any:
     """Histogram overlay of one tensor's values: the model's current values (or the first
     checkpoint's) against the checkpoint's, to judge whether loading, a partial copy or
@@ -406,6 +453,7 @@ def plot_values(diff: Diff, key: str, *, bins: int | None = None, ax: Any = None
 # -- what an apply did ---------------------------------------------------------------------------
 
 
+@themed
 def plot_report(
     report: Report,
     *,
