@@ -86,10 +86,17 @@ def themed(plot: _Plot) -> _Plot:
 
     @functools.wraps(plot)
     def draw(*args: Any, **kwargs: Any) -> Any:
-        import matplotlib
+        from matplotlib import rcParams
 
-        with matplotlib.rc_context(THEME):
+        # Only THEME's own settings are put back afterwards, not every rcParam as rc_context
+        # would: Jupyter's inline backend sets some (``interactive`` among them) when the first
+        # figure starts it, and undoing those would show no later figure of the notebook.
+        before = {name: rcParams[name] for name in THEME}
+        rcParams.update(THEME)
+        try:
             return plot(*args, **kwargs)
+        finally:
+            rcParams.update(before)
 
     return draw  # type: ignore[return-value]
 

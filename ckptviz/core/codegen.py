@@ -4,9 +4,15 @@ It is the hand-written recipe, written for you: read the checkpoint with ``weigh
 copy what loads, copy the overlap of what partially loads, re-initialise from a seeded copy of
 the owning module. With ``model`` in scope it gives the same tensors as ``plan.apply(model)``.
 
+Big plans stay short: numbered blocks that hold the same tensors (``layers.0`` ...
+``layers.999``) are written once, as a loop over the block numbers, with the few keys that
+differ dropped or listed one by one; modules re-initialised alike in every block likewise.
+The dicts the loops build are checked, when the code is written, to hold exactly the plan's pairs.
+
 File names, checkpoint keys, rename rules and every field of a plan JSON are data: they appear in
 the code only as Python literals written by ``repr`` (a comment quoting one quotes its ``repr``
-too), so a newline or a quote in them can never start a statement of its own.
+too), so a newline or a quote in them can never start a statement of its own. The loops join
+such literals with block numbers in f-strings whose only fields are variables.
 """
 
 from __future__ import annotations
