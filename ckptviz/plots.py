@@ -27,6 +27,7 @@ from ckptviz.core.text import visible
 
 if TYPE_CHECKING:
     import torch
+    from matplotlib.typing import RcKeyType
 
     from ckptviz.core.apply import Report
 
@@ -59,7 +60,7 @@ LABEL_WIDTH = 80
 NEUTRAL_INK = "#7a7a7a"
 #: The style every plot is drawn with: no background of its own (the page shows through, so a
 #: dark theme shows no white box), text, ticks and spines in ``NEUTRAL_INK``.
-THEME: dict[str, Any] = {
+THEME: dict[RcKeyType, Any] = {
     "figure.facecolor": "none",
     "axes.facecolor": "none",
     "savefig.facecolor": "none",
