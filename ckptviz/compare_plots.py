@@ -16,10 +16,12 @@ from typing import Any
 
 from ckptviz.core.diff import Diff
 from ckptviz.core.stats import ValueStats
-from ckptviz.plots import PLAIN_TEXT, label_text, plain_legend
+from ckptviz.plots import PLAIN_TEXT, label_text, plain_legend, themed
 
 #: How rows are grouped: each tensor, its owning module, or its numbered block.
 GROUPINGS = ("tensor", "module", "block")
+#: Most bars ``plot_changes`` draws on its own (past it, it sums tensors per module or block).
+MAX_BARS = 120
 #: Values spanning more than this ratio are drawn on a log scale (when ``log=None``).
 LOG_SPAN = 100.0
 _RELATIVE_LABEL = "relative change ‖a−b‖/‖a‖"
@@ -59,13 +61,17 @@ def group_name(key: str, by: str) -> str:
     raise ValueError(f"by={by!r}: expected one of {', '.join(GROUPINGS)}")
 
 
-def change_by_group(data: Any, by: str = "module", progress: bool | None = None) -> Any:
+def change_by_group(
+    data: Any, by: str = "module", progress: bool | None = None, max_groups: int | None = None
+) -> Any:
     """One row per tensor/module/block in model order: ``group``, ``relative_change``,
     ``tensors``, ``nonfinite`` (a NaN/Inf in either side) and ``overlap`` (some tensor is a
     ``shape`` row, compared on its overlapping slice).
 
     A group's relative change is ``sqrt(Σ‖a−b‖²) / sqrt(Σ‖a‖²)`` over the compared parts of its
     tensors (whole tensors, or a ``shape`` row's overlap), NaN when none could be compared.
+    More groups than ``max_groups``: runs of neighbouring groups are summed the same way into
+    one row each, named ``"first … last"``.
     """
     import pandas as pd
 
@@ -94,6 +100,8 @@ def change_by_group(data: Any, by: str = "module", progress: bool | None = None)
             group["diff_sq"] += float(record["diff_norm"]) ** 2
             group["base_sq"] += float(record["norm_a_compared"]) ** 2
             group["overlap"] |= record["compared"] == "overlap"
+    if max_groups is not None and len(groups) > max_groups:
+        groups = _runs(groups, math.ceil(len(groups) / max_groups))
     rows = [
         {
             "group": name,
@@ -113,6 +121,24 @@ def change_by_group(data: Any, by: str = "module", progress: bool | None = None)
     )
     result.attrs.update(getattr(frame, "attrs", {}))
     return result
+
+
+def _runs(groups: dict[str, dict[str, Any]], size: int) -> dict[str, dict[str, Any]]:
+    """Each run of ``size`` neighbouring groups summed into one, named ``"first … last"``."""
+    names = list(groups)
+    merged: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(names), size):
+        run = names[start : start + size]
+        total = {
+            "diff_sq": sum(groups[n]["diff_sq"] for n in run),
+            "base_sq": sum(groups[n]["base_sq"] for n in run),
+            "compared": sum(groups[n]["compared"] for n in run),
+            "tensors": sum(groups[n]["tensors"] for n in run),
+            "nonfinite": any(groups[n]["nonfinite"] for n in run),
+            "overlap": any(groups[n]["overlap"] for n in run),
+        }
+        merged[run[0] if len(run) == 1 else f"{run[0]} … {run[-1]}"] = total
+    return merged
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -145,16 +171,46 @@ def _label_ticks(ax: Any, labels: list[str], max_labels: int = 60) -> None:
     )
 
 
+def _readable_table(frame: Any, by: str | None, max_bars: int) -> tuple[Any, str, str]:
+    """The change table for at most ``max_bars`` bars, its grouping and, when it was
+    aggregated on its own, how (for the title)."""
+    tensors = len(frame)
+    if by is not None:
+        table = change_by_group(frame, by=by, max_groups=max_bars)
+        runs = len(table) < len(change_by_group(frame, by=by))
+        how = f"{tensors:,} tensors; runs of {by}s summed to {len(table)} bars" if runs else ""
+        return table, by, how
+    for grouping in GROUPINGS:
+        table = change_by_group(frame, by=grouping)
+        if len(table) <= max_bars:
+            how = f"{tensors:,} tensors summed per {grouping}" if grouping != "tensor" else ""
+            return table, grouping, how
+    blocks = len(table)
+    table = change_by_group(frame, by="block", max_groups=max_bars)
+    how = f"{tensors:,} tensors in {blocks:,} blocks; runs of blocks summed to {len(table)} bars"
+    return table, "block", how
+
+
+def _order(table: Any) -> str:
+    return str(getattr(table, "attrs", {}).get("order", "in the order of the rows given"))
+
+
+@themed
 def plot_changes(
     data: Any,
     *,
-    by: str = "tensor",
+    by: str | None = None,
+    max_bars: int = MAX_BARS,
     log: bool | None = None,
     ax: Any = None,
     progress: bool | None = None,
 ) -> Any:
     """Bars of the relative change ``‖a−b‖/‖a‖`` per tensor (``by="module"``/``"block"``:
     aggregated per module or numbered block), in model order; returns the matplotlib Axes.
+
+    ``by=None`` (the default) draws one bar per tensor up to ``max_bars`` bars, else per
+    module, else per numbered block, and past that sums runs of neighbouring blocks; a ``by``
+    of your own is kept, with runs summed past ``max_bars``. The title says what was summed.
 
     Marked above the bars: red ✕ where either side holds NaN/Inf, orange ▲ where ``a`` is all
     zeros but ``b`` is not (an infinite relative change), grey ● where nothing could be compared
@@ -164,7 +220,9 @@ def plot_changes(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    table = change_by_group(data, by=by, progress=progress)
+    if max_bars < 1:
+        raise ValueError(f"max_bars must be at least 1, not {max_bars}")
+    table, by, how = _readable_table(stats_frame(data, progress), by, max_bars)
     values = [float(v) for v in table["relative_change"]]
     labels = list(table["group"])
     positions = list(range(len(values)))
@@ -211,8 +269,11 @@ def plot_changes(
     _label_ticks(ax, labels)
     ax.set_xlim(-0.6, max(len(values), 1) - 0.4)
     ax.set_ylabel(_RELATIVE_LABEL + (" (log)" if log_scale else ""))
+    summed = f" ({how})" if how else ""
     ax.set_title(
-        f"Relative change per {by}, in model order\n{_sides(table)}", fontsize=9, **PLAIN_TEXT
+        f"Relative change per {by}, {_order(table)}{summed}\n{_sides(table)}",
+        fontsize=9,
+        **PLAIN_TEXT,
     )
     handles, names = ax.get_legend_handles_labels()
     if any(table["overlap"]):
@@ -232,6 +293,7 @@ def plot_changes(
     return ax
 
 
+@themed
 def plot_change_strip(
     data: Any,
     *,
@@ -283,6 +345,6 @@ def plot_change_strip(
     colorbar = ax.figure.colorbar(image, ax=ax, pad=0.01)
     colorbar.set_label(_RELATIVE_LABEL, fontsize=8)
     ax.set_title(
-        f"Relative change per {by} in model order · {_sides(table)}", fontsize=9, **PLAIN_TEXT
+        f"Relative change per {by} {_order(table)} · {_sides(table)}", fontsize=9, **PLAIN_TEXT
     )
     return ax

@@ -13,19 +13,22 @@ where ``$x^2$`` would be typeset and ``$\\frac{a}{$`` fails to draw, and no TeX)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckptviz.core.diff import STATUSES, Diff
 from ckptviz.core.display import register_renderer
+from ckptviz.core.order import in_model_order, order_source, order_words
 from ckptviz.core.stats import stored_views
 from ckptviz.core.text import visible
 
 if TYPE_CHECKING:
     import torch
+    from matplotlib.typing import RcKeyType
 
     from ckptviz.core.apply import Report
 
@@ -53,6 +56,51 @@ ROOT_LABEL = "(root)"
 PLAIN_TEXT: dict[str, Any] = {"parse_math": False, "usetex": False}
 #: Widest a name is drawn, in characters.
 LABEL_WIDTH = 80
+#: Text and axes colour that reads on a light page (white) and a dark one (JupyterLab's dark
+#: theme, #111): contrast about 4.3:1 on both, where black or white would vanish on one.
+NEUTRAL_INK = "#7a7a7a"
+#: The style every plot is drawn with: no background of its own (the page shows through, so a
+#: dark theme shows no white box), text, ticks and spines in ``NEUTRAL_INK``.
+THEME: dict[RcKeyType, Any] = {
+    "figure.facecolor": "none",
+    "axes.facecolor": "none",
+    "savefig.facecolor": "none",
+    "savefig.transparent": True,
+    "legend.facecolor": "none",
+    "legend.edgecolor": NEUTRAL_INK,
+    "text.color": NEUTRAL_INK,
+    "axes.labelcolor": NEUTRAL_INK,
+    "axes.titlecolor": NEUTRAL_INK,
+    "axes.edgecolor": NEUTRAL_INK,
+    "xtick.color": NEUTRAL_INK,
+    "ytick.color": NEUTRAL_INK,
+    "xtick.labelcolor": NEUTRAL_INK,
+    "ytick.labelcolor": NEUTRAL_INK,
+    "legend.labelcolor": NEUTRAL_INK,
+    "hatch.color": NEUTRAL_INK,
+}
+
+_Plot = TypeVar("_Plot", bound=Callable[..., Any])
+
+
+def themed(plot: _Plot) -> _Plot:
+    """Draw ``plot`` in ``THEME`` (matplotlib imported only when it is called)."""
+
+    @functools.wraps(plot)
+    def draw(*args: Any, **kwargs: Any) -> Any:
+        from matplotlib import rcParams
+
+        # Only THEME's own settings are put back afterwards, not every rcParam as rc_context
+        # would: Jupyter's inline backend sets some (``interactive`` among them) when the first
+        # figure starts it, and undoing those would show no later figure of the notebook.
+        before = {name: rcParams[name] for name in THEME}
+        rcParams.update(THEME)
+        try:
+            return plot(*args, **kwargs)
+        finally:
+            rcParams.update(before)
+
+    return draw  # type: ignore[return-value]
 
 
 def label_text(name: str) -> str:
@@ -131,14 +179,45 @@ def choose_depth(modules: Iterable[str], max_groups: int) -> int:
     return depth
 
 
+def _runs(items: Sequence[_Item], depth: int, max_groups: int) -> tuple[list[_Group], int]:
+    """Items summed per module cut to ``depth + 1``, neighbours under one module at ``depth``
+    summed in runs (``layers.0 … layers.2``) of the smallest length that gives at most
+    ``max_groups`` groups; returns the groups and the run length."""
+    parents: dict[str, dict[str, None]] = {}
+    for item in items:
+        child = module_at_depth(item.module, depth + 1) or ROOT_LABEL
+        parents.setdefault(module_at_depth(item.module, depth), {})[child] = None
+    size = 2
+    while sum(-(-len(children) // size) for children in parents.values()) > max_groups:
+        size += 1
+    run_of: dict[str, str] = {}
+    for children in parents.values():
+        names = list(children)
+        for start in range(0, len(names), size):
+            run = names[start : start + size]
+            for name in run:
+                run_of[name] = run[0] if len(run) == 1 else f"{run[0]} … {run[-1]}"
+    groups: dict[str, _Group] = {}
+    for item in items:
+        name = run_of[module_at_depth(item.module, depth + 1) or ROOT_LABEL]
+        groups.setdefault(name, _Group(name)).add(item)
+    return list(groups.values()), size
+
+
 def _group(
     items: Sequence[_Item], depth: int | None, max_groups: int, settled: set[str]
-) -> tuple[list[_Group], int]:
-    """Items summed per module (cut to ``depth``), in model order. Past ``max_groups``, only
-    groups with unsettled values keep a bar (those with the most, if still too many) and the
-    rest fold into one "other" group; if nothing is unsettled, the first groups stay."""
+) -> tuple[list[_Group], int, int]:
+    """Items summed per module (cut to ``depth``), in model order; returns the groups, the
+    depth and the length of the runs summed (1: none).
+
+    With ``depth=None`` the deepest depth of at most ``max_groups`` groups is taken; when that
+    leaves few bars and the next depth has too many (1,000 blocks under ``layers``), runs of
+    neighbouring modules of the next depth are summed instead. Past ``max_groups``, only groups
+    with unsettled values keep a bar (those with the most, if still too many) and the rest fold
+    into one "other" group; if nothing is unsettled, the first groups stay."""
     if max_groups < 2:
         raise ValueError(f"max_groups must be at least 2 (one group and 'other'), not {max_groups}")
+    chosen = depth is None
     if depth is None:
         depth = choose_depth((i.module for i in items), max_groups)
     elif depth < 1:
@@ -148,8 +227,13 @@ def _group(
         name = module_at_depth(item.module, depth) or ROOT_LABEL
         groups.setdefault(name, _Group(name)).add(item)
     ordered = list(groups.values())
+    deeper = {module_at_depth(i.module, depth + 1) for i in items}
+    if chosen and len(ordered) < max_groups // 2 and len(deeper) > max_groups:
+        runs, size = _runs(items, depth, max_groups)
+        if len(ordered) < len(runs) <= max_groups:
+            return runs, depth + 1, size
     if len(ordered) <= max_groups:
-        return ordered, depth
+        return ordered, depth, 1
 
     def unsettled(g: _Group) -> int:
         return sum(n for c, n in g.values.items() if c not in settled)
@@ -165,7 +249,7 @@ def _group(
     other = _Group(f"other ({len(folded)} modules)")
     for g in folded:
         other.merge(g)
-    return [*shown, other], depth
+    return [*shown, other], depth, 1
 
 
 def _label(group: _Group) -> str:
@@ -176,7 +260,7 @@ def _label(group: _Group) -> str:
 
 
 def _counts_text(counts: dict[str, int], order: Sequence[str]) -> str:
-    return ", ".join(f"{counts[w]} {w}" for w in order if counts.get(w))
+    return ", ".join(f"{counts[w]:,} {w}" for w in order if counts.get(w))
 
 
 def _new_axes(ax: Any, rows: int, width: float = 9.0) -> tuple[Any, Any, bool]:
@@ -264,6 +348,7 @@ def _short(name: str) -> str:
 # -- the diff at a glance ------------------------------------------------------------------------
 
 
+@themed
 def plot_diff(
     diff: Diff,
     *,
@@ -281,7 +366,7 @@ def plot_diff(
     the number of values. Beside each bar: its size and tensors per status, in words.
     """
     items = []
-    for row in diff.rows:
+    for row in in_model_order(diff, diff.rows):
         if row.model is not None:
             module = row.module
         else:
@@ -289,14 +374,19 @@ def plot_diff(
         info = row.model or row.checkpoint
         module_type = info.module_type if info is not None else None
         items.append(_Item(module, row.status, row.numel, row.status, module_type))
-    groups, used_depth = _group(items, depth, max_groups, {"match"})
+    groups, used_depth, run = _group(items, depth, max_groups, {"match"})
     fig, ax, created = _new_axes(ax, len(groups))
     _draw_bars(groups, STATUSES, STATUS_STYLE, STATUSES, scale, ax)
     left, right = (_short(n) for n in diff.side_names)
     counts = _counts_text(diff.counts, STATUSES)
+    modules = len({item.module for item in items})
+    level = f"depth {used_depth}" + (f", runs of {run}" if run > 1 else "")
+    if modules > len(groups):
+        level += f": {modules:,} modules summed into {len(groups)} bars"
+    order = "" if order_source(diff) == "a" else f"; bars {order_words(diff)}"
     ax.set_title(
-        f"Where the {left} and the {right} disagree, per module (depth {used_depth})\n"
-        f"{len(diff.rows)} tensors: {counts}",
+        f"Where the {left} and the {right} disagree, per module ({level})\n"
+        f"{len(diff.rows):,} tensors: {counts}{order}",
         loc="left",
         fontsize=10,
         pad=22,
@@ -331,6 +421,7 @@ def _finite_values(tensor: torch.Tensor, where: str) -> tuple[torch.Tensor, int]
     return values[torch.isfinite(values)], repeats
 
 
+@themed
 def plot_values(diff: Diff, key: str, *, bins: int | None = None, ax: Any = None) -> Any:
     """Histogram overlay of one tensor's values: the model's current values (or the first
     checkpoint's) against the checkpoint's, to judge whether loading, a partial copy or
@@ -411,6 +502,7 @@ def plot_values(diff: Diff, key: str, *, bins: int | None = None, ax: Any = None
 # -- what an apply did ---------------------------------------------------------------------------
 
 
+@themed
 def plot_report(
     report: Report,
     *,
@@ -438,7 +530,8 @@ def plot_report(
             items.append(_Item(module, "partial: rest kept", rest, None, module_type))
         else:
             items.append(_Item(module, entry.action, entry.numel, entry.action, module_type, flag))
-    groups, used_depth = _group(items, depth, max_groups, {"load"})
+    groups, used_depth, run = _group(items, depth, max_groups, {"load"})
+    level = f"depth {used_depth}" + (f", runs of {run}" if run > 1 else "")
     fig, ax, created = _new_axes(ax, len(groups))
     actions = ("load", "partial", "reinit", "keep")
     _draw_bars(groups, REPORT_CATEGORIES, REPORT_STYLE, actions, scale, ax)
@@ -446,7 +539,7 @@ def plot_report(
     if report.undone:
         state += ", undone since (the model is back as it was)"
     ax.set_title(
-        f"What apply did, per module (depth {used_depth}): {_short(diff.checkpoint.source)}\n"
+        f"What apply did, per module ({level}): {_short(diff.checkpoint.source)}\n"
         f"{len(report.entries)} tensors: {_counts_text(_action_rows(report), actions)}; {state}",
         loc="left",
         fontsize=10,

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_stats import make_pair
 from torch import nn
 
 import ckptviz
+import ckptviz.compare_plots
 from ckptviz.compare_plots import change_by_group
 
 matplotlib.use("Agg")
@@ -156,3 +159,112 @@ def test_change_table_behind_the_plots(compared: tuple) -> None:
     }
     # head's shape rows are compared on their overlap; pos (other rank) not at all
     assert list(table["overlap"]) == [False, False, False, False, True]
+
+
+class Registered(nn.Module):
+    """Registered in an order names do not sort to: head before embed, layers.10 after .9."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(2, 2)
+        self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(12))
+        self.embed = nn.Embedding(3, 2)
+
+
+def test_plot_changes_is_in_model_order_when_the_first_file_keeps_none(tmp_path: Path) -> None:
+    """safetensors lists tensors by name: the model's order comes from the torch file."""
+    torch.manual_seed(0)
+    model = Registered()
+    order = list(model.state_dict())
+    tuned, base = tmp_path / "tuned.safetensors", tmp_path / "base.pt"
+    save_file({k: v.detach() + 1 for k, v in model.state_dict().items()}, str(tuned))
+    torch.save(model.state_dict(), base)
+    for by, labels in (
+        ("tensor", order),
+        ("module", ["head", *(f"layers.{i}" for i in range(12)), "embed"]),
+    ):
+        ax = ckptviz.plot_changes(ckptviz.compare(tuned, base), by=by, progress=False)
+        assert [t.get_text() for t in ax.get_xticklabels()] == labels
+        assert "in model order (as " in ax.get_title()
+    bars = ckptviz.compare(tuned, base).plot(depth=2).axes[0]
+    assert [t.get_text().split()[0] for t in bars.get_yticklabels()] == [
+        "head",
+        *(f"layers.{i}" for i in range(12)),
+        "embed",
+    ]
+    # neither file keeps it: names, numbers counted, and the title says so
+    again = tmp_path / "again.safetensors"
+    save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, str(again))
+    ax = ckptviz.plot_changes(ckptviz.compare(tuned, again), progress=False)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels[:2] == ["embed.weight", "head.bias"]
+    assert labels.index("layers.9.weight") < labels.index("layers.10.weight")
+    assert "in name order (neither file keeps the model's order)" in ax.get_title()
+
+
+def synthetic_stats(keys: list[str], seed: int = 0) -> tuple[Any, dict[str, tuple[float, float]]]:
+    """A statistics frame for ``keys`` (as ``diff.stats()`` has it) and each key's
+    (‖a−b‖, ‖a‖), drawn at random."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    norms = {k: (float(rng.uniform(0, 1)), float(rng.uniform(1, 2))) for k in keys}
+    rows = [
+        {
+            "key": k,
+            "relative_change": d / a,
+            "compared": "all",
+            "diff_norm": d,
+            "norm_a_compared": a,
+            "nan_a": 0,
+            "nan_b": 0,
+            "inf_a": 0,
+            "inf_b": 0,
+        }
+        for k, (d, a) in norms.items()
+    ]
+    frame = pd.DataFrame(rows)
+    frame.attrs.update(a="a.pt", b="b.pt", order="in model order")
+    return frame, norms
+
+
+def by_hand(norms: dict[str, tuple[float, float]], keys: list[str]) -> float:
+    return math.sqrt(sum(norms[k][0] ** 2 for k in keys)) / math.sqrt(
+        sum(norms[k][1] ** 2 for k in keys)
+    )
+
+
+def test_plot_changes_of_1500_modules_sums_per_block(tmp_path: Path) -> None:
+    """50 blocks of 30 modules of 2 tensors: 3,000 bars would be unreadable, 50 are not."""
+    keys = [
+        f"blocks.{b}.m{m}.{t}" for b in range(50) for m in range(30) for t in ("weight", "bias")
+    ]
+    frame, norms = synthetic_stats(keys)
+    ax = ckptviz.plot_changes(frame)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    heights = [p.get_height() for p in ax.containers[0]]
+    assert len(heights) == 50 and labels[::10] == [f"blocks.{b}" for b in range(0, 50, 10)]
+    for b in (0, 17, 49):
+        block = [k for k in keys if k.startswith(f"blocks.{b}.")]
+        assert heights[b] == pytest.approx(by_hand(norms, block), rel=1e-12)
+    assert "per block" in ax.get_title() and "3,000 tensors summed per block" in ax.get_title()
+
+
+def test_plot_changes_of_1500_blocks_sums_runs_of_blocks() -> None:
+    keys = [f"layers.{b}.{t}" for b in range(1500) for t in ("weight", "bias")]
+    frame, norms = synthetic_stats(keys, seed=1)
+    ax = ckptviz.plot_changes(frame)
+    heights = [p.get_height() for p in ax.containers[0]]
+    assert len(heights) <= ckptviz.compare_plots.MAX_BARS
+    assert len(ax.get_xticks()) <= 60
+    table = change_by_group(frame, by="block", max_groups=ckptviz.compare_plots.MAX_BARS)
+    assert table["tensors"].sum() == 3_000  # every tensor in exactly one bar
+    first, last = table["group"][0].split(" … ")
+    run = int(last.split(".")[1]) - int(first.split(".")[1]) + 1
+    assert heights[0] == pytest.approx(
+        by_hand(norms, [k for k in keys if int(k.split(".")[1]) < run]), rel=1e-12
+    )
+    assert "runs of blocks summed" in ax.get_title()
+    # a grouping asked for is kept, and runs summed past max_bars
+    ax = ckptviz.plot_changes(frame, by="tensor", max_bars=100)
+    assert len(ax.containers[0]) == 100 and "runs of tensors summed" in ax.get_title()

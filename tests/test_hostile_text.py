@@ -42,7 +42,8 @@ MARKUP = (
     "a&amp;b \"q\" 'q' <b>",
     "$\\href{javascript:alert(1)}{x}$",
 )
-TABLE_TAGS = {"style", "table", "thead", "tbody", "tr", "th", "td", "caption"}
+#: a key breaks after its dots (wbr); a clipped key shows whole in its span's title
+TABLE_TAGS = {"style", "table", "thead", "tbody", "tr", "th", "td", "caption", "wbr", "span"}
 #: the Loader's static view wraps its table in these
 LOADER_TAGS = {"div", "p", "strong", "span", "br", "code"}
 
@@ -146,6 +147,7 @@ def html_views(tmp_path: Path) -> Iterator[tuple[str, str, set[str]]]:
     yield "Diff of two checkpoints", between._repr_html_(), TABLE_TAGS
     # a plain pandas DataFrame: pandas escapes it; only MathJax's reading of it is not ours
     yield "their value statistics (DataFrame)", between.stats(progress=False).to_html(), TABLE_TAGS
+    yield "their value statistics", ckptviz.value_stats(between)._repr_html_(), TABLE_TAGS
     declared = ckptviz.compare(
         declared_checkpoint(MARKUP[0], [f"k{p}" for p in MARKUP]),
         declared_checkpoint(MARKUP[1], [f"k{p}" for p in MARKUP[:2]]),
@@ -166,7 +168,7 @@ def test_static_html_shows_file_data_as_text_never_as_markup(tmp_path: Path) -> 
 
 def test_every_public_html_view_is_covered_by_the_markup_test() -> None:
     """A new class with an HTML view must join ``html_views`` above."""
-    covered = {"Diff", "Plan", "Report", "Loader"}
+    covered = {"Diff", "Plan", "Report", "ValueStats", "Loader"}
     with_html = {
         name
         for name in ckptviz.__all__

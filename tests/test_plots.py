@@ -313,3 +313,126 @@ def test_plot_options_are_checked(old_cnn_path: Path) -> None:
         diff.plot(max_groups=1)
     with pytest.raises(KeyError, match=r"no row 'conv9\.weight'"):
         ckptviz.plot_values(diff, "conv9.weight")
+
+
+# -- light and dark themes -----------------------------------------------------------------------
+
+#: The pages a notebook shows a figure on: JupyterLab's light theme and its dark one.
+PAGES = {"light": (1.0, 1.0, 1.0), "dark": (17 / 255, 17 / 255, 17 / 255)}
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """WCAG relative luminance of sRGB colours in 0..1 (last axis: r, g, b)."""
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    return linear @ np.array([0.2126, 0.7152, 0.0722])
+
+
+def contrast(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray | float:
+    hi, lo = np.maximum(a, b), np.minimum(a, b)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def rendered(fig: Any) -> np.ndarray:
+    """The figure drawn by Agg as RGBA in 0..1 (what a notebook's PNG holds)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba(), dtype=float) / 255
+
+
+def text_on_pages(fig: Any) -> dict[str, float]:
+    """Per page: the contrast of the figure's text (pixels fully inked by text drawn over the
+    page itself, not over a bar) against that page, the figure composited onto it."""
+    from matplotlib.text import Text
+
+    with_text = rendered(fig)
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text()]
+    for t in texts:  # drawn fully transparent, so the layout (legends, margins) stays
+        t.set_alpha(0)
+    without = rendered(fig)
+    for t in texts:
+        t.set_alpha(None)
+    ink = (np.abs(with_text - without).max(axis=2) > 0) & (with_text[..., 3] > 0.9)
+    # where nothing but text is drawn, the figure shows the page (or its own background)
+    over_page = ink & (without[..., 3] < 0.02)
+    assert over_page.sum() > 200, "no text is drawn over the page: the figure paints a box"
+    result = {}
+    for name, page in PAGES.items():
+        rgb, alpha = with_text[..., :3], with_text[..., 3:]
+        shown = rgb * alpha + np.array(page) * (1 - alpha)
+        text = float(np.median(luminance(shown[over_page])))
+        result[name] = float(contrast(text, float(luminance(np.array(page)))))
+    return result
+
+
+def line_colours_on_pages(ax: Any) -> list[float]:
+    """The contrast of each visible spine and the tick marks against both pages."""
+    from matplotlib.colors import to_rgb
+
+    colours = [s.get_edgecolor() for s in ax.spines.values() if s.get_visible()]
+    colours += [line.get_color() for line in ax.xaxis.get_ticklines()[:1]]
+    return [
+        float(contrast(float(luminance(np.array(to_rgb(c)))), float(luminance(np.array(p)))))
+        for c in colours
+        for p in PAGES.values()
+    ]
+
+
+def test_plots_read_on_a_light_and_a_dark_page(old_cnn_path: Path, tmp_path: Path) -> None:
+    model = SmallCNN(32)
+    diff = ckptviz.compare(model, old_cnn_path)
+    report = ckptviz.compare(model, old_cnn_path).plan().apply(model)
+    torch.save(model.state_dict(), tmp_path / "now.pt")
+    between = ckptviz.compare(old_cnn_path, SmallCNN(16).state_dict())
+    figures = {
+        "diff.plot()": diff.plot(),
+        "plot_values": ckptviz.plot_values(diff, "fc.bias"),
+        "report.plot()": report.plot(),
+        "plot_changes": ckptviz.plot_changes(between, progress=False).figure,
+        "plot_change_strip": ckptviz.plot_change_strip(between, progress=False).figure,
+    }
+    for what, fig in figures.items():
+        # no background of its own: a corner shows the page
+        assert rendered(fig)[0, 0, 3] == 0, what
+        # text reads on both (WCAG's 3:1 for large text and graphics; black on the dark page
+        # is 1.1:1, white on the light one 1:1)
+        for page, ratio in text_on_pages(fig).items():
+            assert ratio >= 3, f"{what}: text on the {page} page, contrast {ratio:.2f}"
+        for ratio in line_colours_on_pages(fig.axes[0]):
+            assert ratio >= 3, f"{what}: axes lines, contrast {ratio:.2f}"
+        plt.close(fig)
+
+
+# -- 1,000+ modules --------------------------------------------------------------------------------
+
+
+def test_diff_plot_of_1500_modules_sums_runs_of_blocks() -> None:
+    """60 blocks of 25 modules under ``layers``: one bar per top module says nothing, 1,500
+    bars are unreadable; runs of neighbouring blocks keep the bars bounded and every value."""
+    from ckptviz.core.checkpoint import Checkpoint, TensorInfo
+    from ckptviz.core.diff import Diff
+    from ckptviz.core.formats.memory import MODULE
+    from ckptviz.core.matching import KeyMapping
+
+    tensors = {}
+    for b in range(60):
+        for m in range(25):
+            for name, n in (("weight", 6), ("bias", 3)):
+                key = f"layers.{b}.m{m}.{name}"
+                tensors[key] = TensorInfo(key, (n,), "float32", 4 * n, module_type="Linear")
+    tensors["embed.weight"] = TensorInfo("embed.weight", (5,), "float32", 20)
+    saved = dict(tensors)
+    saved["layers.7.m3.weight"] = TensorInfo("layers.7.m3.weight", (4,), "float32", 16)
+    model_side = Checkpoint(source="Wide", format=MODULE, tensors=tensors)
+    diff = Diff(model_side, Checkpoint(source="w.pt", format="torch", tensors=saved), KeyMapping())
+    ax = diff.plot(scale="values").axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert 10 < len(labels) <= 30
+    assert labels[0] == "layers.0 … layers.2" and labels[-1] == "embed"
+    drawn = bars(ax)
+    total = sum(w for widths in drawn.values() for w in widths.values())
+    assert total == sum(info.numel for info in tensors.values())  # every value once
+    assert drawn["shape"] == {"layers.6 … layers.8": 6}
+    assert drawn["match"]["layers.0 … layers.2"] == 3 * 25 * 9
+    assert "1,501 modules summed into 21 bars" in ax.get_title(loc="left")

@@ -165,7 +165,7 @@ def test_stats_frame_matches_hand_computed_values(pair: tuple) -> None:
         "steps",
         "empty",
     ]
-    assert frame.attrs == {"a": str(path_a), "b": str(path_b)}
+    assert frame.attrs == {"a": str(path_a), "b": str(path_b), "order": "in model order"}
 
     scaled = rows["block.1.linear.weight"]
     assert_close(scaled, expected(a["block.1.linear.weight"], b["block.1.linear.weight"]))
@@ -258,7 +258,7 @@ def test_model_against_checkpoint(tmp_path: Path) -> None:
     saved = torch.load(path, weights_only=True)["head.weight"]
     wanted = expected(model.head.weight, saved)
     assert_close(changed.iloc[0].to_dict(), {k: wanted[k] for k in ("relative_change", "cosine")})
-    assert frame.attrs == {"a": "model", "b": "checkpoint"}
+    assert frame.attrs == {"a": "model", "b": "checkpoint", "order": "in model order"}
 
 
 def test_stats_of_chosen_keys_and_refusal_of_one_sided_rows(pair: tuple) -> None:

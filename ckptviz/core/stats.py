@@ -50,6 +50,7 @@ from ckptviz.core.checkpoint import Checkpoint, TensorSource, human_bytes
 from ckptviz.core.display import render
 from ckptviz.core.errors import CheckpointError
 from ckptviz.core.formats import format_named
+from ckptviz.core.order import in_model_order, order_words
 from ckptviz.core.text import format_table, shape_text, visible
 
 if TYPE_CHECKING:
@@ -146,7 +147,8 @@ class ProgressRequest:
 
 
 class ValueStats:
-    """Per-tensor value statistics of a Diff's rows with both sides, in the Diff's row order."""
+    """Per-tensor value statistics of a Diff's rows with both sides, in model order (the Diff's
+    row order, or side b's when side a is a file that keeps no order: ``ckptviz.core.order``)."""
 
     def __init__(self, diff: Diff, entries: Sequence[TensorStats]) -> None:
         self.diff = diff
@@ -185,12 +187,17 @@ class ValueStats:
         return [entry.to_record() for entry in self.entries]
 
     def to_frame(self) -> Any:
-        """A pandas DataFrame, one row per tensor pair; ``attrs`` names sides ``a`` and ``b``."""
+        """A pandas DataFrame, one row per tensor pair; ``attrs`` names sides ``a`` and ``b``
+        and the ``order`` of the rows in words."""
         frame = render("frame", self)
         attrs = getattr(frame, "attrs", None)
         if isinstance(attrs, dict):
             attrs.update(zip(("a", "b"), self.side_names, strict=True))
+            attrs["order"] = order_words(self.diff)
         return frame
+
+    def _repr_html_(self) -> str:
+        return str(render("html", self))
 
     def __str__(self) -> str:
         headers = ["key", "status", "rel. change", "max |a-b|", "cosine", "NaN/Inf a", "b", "equal"]
@@ -652,6 +659,8 @@ def value_stats(
     the files are closed and reopened (see the module docstring).
     """
     rows = paired_rows(diff, keys)
+    if keys is None:
+        rows = in_model_order(diff, rows)
     total = sum(r.model.nbytes + r.checkpoint.nbytes for r in rows if r.model and r.checkpoint)
     description = f"comparing values ({human_bytes(total)})"
     entries: list[TensorStats] = []

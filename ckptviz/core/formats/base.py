@@ -23,7 +23,9 @@ class FileFormat:
     ``Plan.to_code()`` uses to put the tensors ``keys`` of such a checkpoint in ``state``.
     ``produces`` lists the ``Checkpoint.format`` names it gives besides ``name``; ``eager`` says
     its ``open()`` reads every tensor into memory (nothing is mapped: reopening reads the whole
-    file again, and there are no file pages to release).
+    file again, and there are no file pages to release). ``unordered`` lists the
+    ``Checkpoint.format`` names whose keys come back in the file's order (sorted by name), not
+    in the order the model registered its tensors.
     """
 
     name: str
@@ -32,6 +34,7 @@ class FileFormat:
     read_code: Callable[[Checkpoint, list[str]], list[str]]
     produces: tuple[str, ...] = ()
     eager: bool = False
+    unordered: tuple[str, ...] = ()
 
     def makes(self, format_name: str) -> bool:
         """Whether a ``Checkpoint`` with this ``format`` was read by this format."""

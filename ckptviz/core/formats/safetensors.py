@@ -177,4 +177,7 @@ def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:
     return ["from safetensors.torch import load_file", "", f"state = load_file({str(ckpt.path)!r})"]
 
 
-FORMAT = FileFormat("safetensors", is_safetensors, read_safetensors, read_code)
+#: safetensors headers list tensors sorted by name: the model's order is lost.
+FORMAT = FileFormat(
+    "safetensors", is_safetensors, read_safetensors, read_code, unordered=("safetensors",)
+)

@@ -430,4 +430,11 @@ def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:
 
 
 SHARDED_FORMATS = ("safetensors-sharded", "torch-sharded", "mixed-sharded")
-FORMAT = FileFormat("sharded", is_sharded, read_sharded, read_code, produces=SHARDED_FORMATS)
+FORMAT = FileFormat(
+    "sharded",
+    is_sharded,
+    read_sharded,
+    read_code,
+    produces=SHARDED_FORMATS,
+    unordered=("safetensors-sharded",),  # its shards' headers are sorted by name
+)
