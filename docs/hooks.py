@@ -10,6 +10,8 @@ Nothing here is copied into ``docs/``, so the site cannot drift from its sources
 - the API reference lists every name in ``ckptviz.__all__`` (read from ``ckptviz/__init__.py``
   without importing it), each rendered by mkdocstrings from its docstring;
 - ``SECURITY.md`` becomes the "Security" page when it exists, and the page is left out when not;
+- in those two pages, a link to a repository file that the site does not carry becomes plain
+  text, so that ``strict`` mode does not fail on it;
 - the benchmark notes (``benchmarks/README.md`` and ``RESULTS.md``) are the speed pages.
 """
 
@@ -28,6 +30,7 @@ import nbformat
 from mkdocs.config.defaults import MkDocsConfig
 from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File, Files
+from mkdocs.structure.pages import Page
 from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +38,9 @@ SECURITY = REPO / "SECURITY.md"
 SECURITY_PAGE = {"Security": "security.md"}
 PAGES_AS_THEY_ARE = ("benchmarks/README.md", "benchmarks/RESULTS.md")
 REMOTE_IMAGE = re.compile(r"!\[([^\]]*)\]\(https?://[^)\s]+\)")
+LINK = re.compile(r"(?<!!)\[([^\]]+)\]\(([^)\s]+)\)")
+# pages written for the repository, whose relative links name repository files
+FROM_THE_REPOSITORY = ("index.md", "security.md")
 
 _workdir: Path | None = None
 
@@ -68,6 +74,31 @@ def on_files(files: Files, config: MkDocsConfig) -> Files:
         uri = notebook.relative_to(REPO).as_posix()
         files.append(File(uri, str(_workdir), config.site_dir, config.use_directory_urls))
     return files
+
+
+def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    if page.file.src_uri in FROM_THE_REPOSITORY:
+        return repository_links(markdown, files)
+    return markdown
+
+
+def repository_links(markdown: str, files: Files) -> str:
+    """Links between files of the repository, made to work in the site: ``README.md`` is the
+    home page, and a file the site does not carry (a source file, say) is named in plain text
+    instead of a link that would be broken."""
+
+    def site_link(match: re.Match[str]) -> str:
+        label, target = match.groups()
+        path, hash_, anchor = target.partition("#")
+        if not path or re.match(r"[a-z][a-z0-9+.-]*:", path):  # an anchor, or another site
+            return match.group(0)
+        if path == "README.md":
+            return f"[{label}](index.md{hash_}{anchor})"
+        if files.get_file_from_path(path) is not None:
+            return match.group(0)
+        return label if path in label else f"{label} (`{path}` in the repository)"
+
+    return LINK.sub(site_link, markdown)
 
 
 def on_post_build(config: MkDocsConfig) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from conftest import REPO
 from jupyterlab_harness import CHROMIUM, chromium_page, free_port, wait_until
+from mkdocs.structure.files import File, Files
 
 import ckptviz
 from ckptviz.tables import STATUS_MARKS
@@ -77,6 +78,24 @@ def test_security_page_is_in_the_navigation_only_when_security_md_exists(
     hooks.on_config(config)
     expected = [{"Home": "index.md"}, {"Security": "security.md"}, about]
     assert config.nav == (expected if present else [{"Home": "index.md"}, about])
+
+
+def test_repository_links_in_the_home_and_security_pages_still_work_in_the_site(
+    tmp_path: Path,
+) -> None:
+    hooks = _hooks()
+    (tmp_path / "api.md").write_text("# API\n")
+    files = Files([File("api.md", str(tmp_path), str(tmp_path / "site"), False)])
+    text = (
+        "[the API](api.md#compare), [the README](README.md#safety), "
+        "[`ckptviz/core/safety.py`](ckptviz/core/safety.py), [the rules](ckptviz/core/safety.py), "
+        "[PyTorch](https://pytorch.org), [below](#limits), ![shot](notebooks/images/loader.png)"
+    )
+    assert hooks.repository_links(text, files) == (
+        "[the API](api.md#compare), [the README](index.md#safety), "
+        "`ckptviz/core/safety.py`, the rules (`ckptviz/core/safety.py` in the repository), "
+        "[PyTorch](https://pytorch.org), [below](#limits), ![shot](notebooks/images/loader.png)"
+    )
 
 
 # -- the built site ------------------------------------------------------------------------------
