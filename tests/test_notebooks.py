@@ -14,7 +14,9 @@ from typing import Any
 import nbformat
 import pytest
 from conftest import REPO
+from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
+from nbclient.util import run_sync
 from nbconvert import HTMLExporter
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -31,9 +33,87 @@ TEACHING = (
 
 _executed: dict[Path, Any] = {}
 
+# One line per thing a reader can have done in a "try it" widget before running the cells below
+# it; each is what the widget's buttons call (Apply is ``apply()``, Undo is ``undo()``).
+READER_CLICKS = {
+    "untouched": "",
+    "applied": "{w}.apply()",
+    "applied_then_undone": "{w}.apply()\n{w}.undo()",
+}
+# What the reader left in the widget, kept in the kernel to compare with at the end of the run.
+_REMEMBER = (
+    "_reader_left_{w} = ({w}.report, {w}.plan.actions, "
+    "{{k: v.clone() for k, v in {w}.model.state_dict().items()}})"
+)
+_STILL_AS_LEFT = """\
+import torch as _torch
+_report, _actions, _values = _reader_left_{w}
+assert {w}.report is _report, "a cell below the widget applied or undid in the reader's widget"
+assert {w}.plan.actions == _actions, "a cell below the widget changed the reader's choices"
+assert all(_torch.equal(v, _values[k]) for k, v in {w}.model.state_dict().items()), (
+    "a cell below the widget changed the model the reader's widget works on"
+)
+"""
+WITH_WIDGETS = ("01_quickstart", "02_new_classes", "03_wrapped_and_renamed")
+
+
+def try_it_widgets(nb: Any) -> dict[int, str]:
+    """Cell index -> variable of each Loader the reader sees: made in the cell and shown as its
+    last line."""
+    found = {}
+    for index, cell in enumerate(nb.cells):
+        lines = [line.strip() for line in cell.source.splitlines() if line.strip()]
+        if cell.cell_type == "code" and lines:
+            made = re.findall(r"^(\w+) = ckptviz\.Loader\(", cell.source, re.M)
+            if lines[-1] in made:
+                found[index] = lines[-1]
+    return found
+
+
+def run_notebook(
+    path: Path, workdir: Path, clicks: str = "", kernel: AsyncKernelManager | None = None
+) -> Any:
+    """Execute the notebook top to bottom in ``workdir``; right after each "try it" widget,
+    run ``clicks`` (a ``READER_CLICKS`` value) on it, as a reader clicking there would; at the
+    end, check that no later cell touched what the reader left in a widget.
+
+    Raises ``CellExecutionError``, with the cell and its traceback, on any error. The injected
+    code runs in the same kernel but is not added to the returned notebook. With ``kernel`` the
+    run reuses that kernel (its namespace emptied first); without, a fresh one is started.
+    """
+    nb = nbformat.read(path, as_version=4)
+    widgets = try_it_widgets(nb)
+    client = NotebookClient(
+        nb,
+        km=kernel,
+        kernel_name="python3",
+        timeout=300,
+        resources={"metadata": {"path": str(workdir)}},
+    )
+
+    def run(source: str) -> None:
+        client.execute_cell(nbformat.v4.new_code_cell(source), 0, store_history=False)
+
+    with client.setup_kernel(env={**os.environ, "OMP_NUM_THREADS": "1"}):
+        try:
+            if kernel is not None:
+                run(f"%reset -f\nimport os\nos.chdir({str(workdir)!r})\ndel os")
+            for index, cell in enumerate(nb.cells):
+                client.execute_cell(cell, index)
+                if index in widgets:
+                    w = widgets[index]
+                    run(clicks.format(w=w) + "\n" + _REMEMBER.format(w=w))
+            for w in widgets.values():
+                run(_STILL_AS_LEFT.format(w=w))
+        finally:
+            if kernel is not None:
+                client.kc.stop_channels()
+    return nb
+
 
 def executed(path: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The notebook run top to bottom in a fresh python3 kernel, once per test session.
+    """The notebook run top to bottom in a fresh python3 kernel, once per test session, its
+    widgets left untouched (as "Run All" leaves them).
 
     The kernel's working directory is a temporary folder (the files a notebook writes stay out
     of the repo); it imports this checkout's ckptviz through PYTHONPATH, set by conftest. It
@@ -41,14 +121,7 @@ def executed(path: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     torch's default threads wait on each other (measured: 39 s instead of 7 s for notebook 02).
     """
     if path not in _executed:
-        nb = nbformat.read(path, as_version=4)
-        workdir = tmp_path_factory.mktemp(path.stem)
-        client = NotebookClient(
-            nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(workdir)}}
-        )
-        # raises CellExecutionError, with the cell and its traceback, on any error
-        client.execute(env={**os.environ, "OMP_NUM_THREADS": "1"})
-        _executed[path] = nb
+        _executed[path] = run_notebook(path, tmp_path_factory.mktemp(path.stem))
     return _executed[path]
 
 
@@ -194,6 +267,39 @@ def test_quickstart_loader_falls_back_to_a_static_table_in_exported_html(
     fragment = page[start : page.index("</table>", start)]
     assert "<strong>ckptviz.Loader</strong>: SimpleCNN" in fragment
     _assert_grown_conv_table(fragment)
+
+
+@pytest.fixture(scope="module")
+def reader_kernel(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One kernel for every clicked run: the imports (torch, matplotlib) are paid once."""
+    kernel = AsyncKernelManager(kernel_name="python3")
+    cwd = tmp_path_factory.mktemp("reader-kernel")
+    run_sync(kernel.start_kernel)(env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=str(cwd))
+    yield kernel
+    run_sync(kernel.shutdown_kernel)(now=True)
+
+
+def test_the_notebooks_with_try_it_widgets_are_found() -> None:
+    found = [p.stem for p in NOTEBOOKS if try_it_widgets(nbformat.read(p, as_version=4))]
+    assert found == list(WITH_WIDGETS)
+
+
+@pytest.mark.parametrize("clicks", READER_CLICKS)
+@pytest.mark.parametrize("name", WITH_WIDGETS)
+def test_cells_below_a_widget_work_whatever_the_reader_clicked(
+    name: str,
+    clicks: str,
+    reader_kernel: AsyncKernelManager,
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Nothing, Apply, or Apply then Undo in each "try it" widget, then the rest of the
+    notebook: no cell fails, and none touches what the reader left in the widget."""
+    path = REPO / "notebooks" / f"{name}.ipynb"
+    if clicks == "untouched":  # as "Run All" leaves them: the run the other tests read
+        executed(path, tmp_path_factory)
+    else:
+        run_notebook(path, tmp_path, READER_CLICKS[clicks], reader_kernel)
 
 
 # -- binder/: what mybinder.org installs to run these notebooks -----------------------------------
