@@ -153,3 +153,27 @@ def test_dcp_legacy_metadata_classes_are_plain_classes_or_absent() -> None:
     legacy = private.dcp_legacy_metadata_classes()
     assert all(isinstance(cls, type) for cls in legacy)
     assert [cls.__name__ for cls in legacy] in ([], ["TensorProperties", "MEM_FORMAT_ENCODING"])
+
+
+def test_module_tables_include_none_registrations() -> None:
+    layer = nn.Linear(3, 2, bias=False)
+    layer.register_buffer("scale", torch.ones(2))
+    layer.register_buffer("absent", None)
+    parameters, buffers, children = private.module_tables(layer)
+    assert parameters == {"weight": layer.weight, "bias": None}
+    assert set(buffers) == {"scale", "absent"} and buffers["absent"] is None
+    assert children == {}
+    outer = nn.Sequential(layer)
+    assert private.module_tables(outer)[2] == {"0": layer}
+
+
+def test_module_with_tables_is_a_shallow_copy_with_its_own_registrations() -> None:
+    layer = nn.Linear(3, 2)
+    weight = nn.Parameter(torch.zeros(2, 3))
+    twin = private.module_with_tables(layer, {"weight": weight, "bias": None}, {}, {})
+    assert type(twin) is nn.Linear and twin.in_features == 3
+    assert twin.weight is weight and twin.bias is None
+    twin.reset_parameters()  # the initialiser writes the copy's tensors only
+    assert not torch.equal(weight, torch.zeros(2, 3))
+    assert layer.bias is not None and layer.weight is not weight
+    assert private.module_tables(layer)[0]["weight"] is layer.weight

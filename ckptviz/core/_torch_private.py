@@ -90,3 +90,35 @@ def dcp_legacy_metadata_classes() -> tuple[type, ...]:
 def pickled_layout_global() -> tuple[tuple[str, str], Any]:
     """The (module, name) global a pickled ``torch.layout`` names, and the function it means."""
     return ("torch.serialization", "_get_layout"), torch.serialization._get_layout
+
+
+def module_tables(
+    module: torch.nn.Module,
+) -> tuple[
+    dict[str, torch.nn.Parameter | None],
+    dict[str, torch.Tensor | None],
+    dict[str, torch.nn.Module | None],
+]:
+    """A module's own parameter, buffer and submodule tables, as registered: ``None`` entries
+    included (``Linear(bias=False)`` registers ``bias`` as ``None``), which the public
+    ``named_parameters``/``named_buffers``/``named_children`` leave out."""
+    return module._parameters, module._buffers, module._modules
+
+
+def module_with_tables(
+    module: torch.nn.Module,
+    parameters: dict[str, torch.nn.Parameter | None],
+    buffers: dict[str, torch.Tensor | None],
+    children: dict[str, torch.nn.Module | None],
+) -> torch.nn.Module:
+    """A shallow copy of ``module`` (its class, its attributes) with these tables of its own.
+
+    No ``__new__`` or ``__init__`` runs (FSDP2's ``__new__`` would build the module again), and
+    the copy's tables are not ``module``'s: writes into the copy's registrations leave
+    ``module`` as it is."""
+    twin = object.__new__(type(module))
+    twin.__dict__.update(module.__dict__)
+    twin._parameters = parameters
+    twin._buffers = buffers
+    twin._modules = children
+    return twin

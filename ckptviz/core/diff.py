@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,13 +46,24 @@ Source = str | os.PathLike[str] | Mapping[Any, Any] | torch.nn.Module | Checkpoi
 @dataclass(frozen=True)
 class Row:
     """One aligned pair: a model tensor and the checkpoint tensor that feeds it (either may be
-    absent). ``key`` is the model key, or the checkpoint key for ``unexpected`` rows."""
+    absent). ``key`` is the model key, or the checkpoint key for ``unexpected`` rows.
+
+    ``tie_group`` is every model key sharing this row's storage, this one included (``()`` when
+    it shares with none): one tuple, the same object for every row of the group, so a model with
+    thousands of keys on one storage costs one tuple, not one per key of all the others.
+    """
 
     status: str
     model: TensorInfo | None
     checkpoint: TensorInfo | None
     note: str = ""
-    tied: tuple[str, ...] = ()
+    tie_group: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def tied(self) -> tuple[str, ...]:
+        """The other model keys sharing this row's storage, in the model's order."""
+        key = self.key
+        return tuple(k for k in self.tie_group if k != key)
 
     @property
     def model_key(self) -> str | None:
@@ -130,16 +141,19 @@ def build_rows(left: Checkpoint, right: Checkpoint, mapping: KeyMapping) -> list
     """Rows in model order, each unexpected checkpoint key placed after its predecessor's row."""
     matched = match_keys(left.keys(), right.keys(), mapping)
     matched = {m: c for m, c in matched.items() if m in left.tensors and c in right.tensors}
-    ties: dict[str, tuple[str, ...]] = {}
+    group_of: dict[str, tuple[str, ...]] = {}
     for group in left.ties:
-        for key in group:
-            ties[key] = tuple(k for k in group if k != key)
+        shared = tuple(group)  # one tuple per group: each row derives its ``tied`` from it
+        for key in shared:
+            group_of[key] = shared
     model_rows: dict[str, Row] = {}
     for key, info in left.tensors.items():
         ckpt_key = matched.get(key)
         ckpt_info = right.tensors.get(ckpt_key) if ckpt_key else None
         note = _rename_note(key, ckpt_key, mapping) if ckpt_key else ""
-        model_rows[key] = Row(row_status(info, ckpt_info), info, ckpt_info, note, ties.get(key, ()))
+        model_rows[key] = Row(
+            row_status(info, ckpt_info), info, ckpt_info, note, group_of.get(key, ())
+        )
     fed = {c: m for m, c in matched.items()}
     after: dict[str | None, list[Row]] = {}
     previous: str | None = None

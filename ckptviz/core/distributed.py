@@ -12,20 +12,20 @@ whole. A rank's shard is a box of the global tensor: offsets and sizes per dimen
 the placements with DTensor's own chunking (``torch.chunk``: ceil-sized pieces, the last ones
 short or empty) and checked against the local tensor's shape.
 
-Reading: every rank reads only the part of each checkpoint tensor that its box needs.
+Reading: every rank reads the part of each checkpoint tensor that its box needs, through the
+checkpoint format's ``SliceReader`` (``FileFormat.slices``, in ``formats/``); a format without
+one (a pre-1.6 torch file, which every rank would load whole) is refused.
 - safetensors (one file, or a Hugging Face index of shards): ``safe_open(...).get_slice(key)[box]``
   copies just those bytes out of the memory-mapped file.
-- torch zip files (``torch.save``): the file is memory-mapped (as ``read_checkpoint`` opens it,
-  ``weights_only``), the box is a view of it and is copied out; only the pages the box touches
-  are read from disk. (For a box that cuts every row, e.g. ``Shard(1)`` of a row-major matrix,
-  those pages can be most of the tensor's, though only the box is copied.) A legacy (pre-1.6)
-  torch file cannot be memory-mapped and is refused: every rank would load all of it.
+- torch zip files (and torch shards of an index): the tensor is read as ``Checkpoint.open()``
+  reads it (checked reads, one tensor at a time) and the box is copied out of it.
 - DCP directories: DCP's own load path (``torch.distributed.checkpoint.load`` with the rank's
   process group) and its planner helper ``create_read_items_for_chunk_list``, given the rank's box
   as its local chunk: the same reads DCP plans for a ``DTensor`` target, and also for ``partial``'s
   overlap box. DCP reads whole stored chunks: a checkpoint saved by a sharded job stores one chunk
   per rank's shard, so each rank reads the chunks overlapping its box; a checkpoint saved by one
   process stores each tensor as one chunk, which DCP decodes whole, one at a time.
+- a state dict (or module) in this process: the box is copied out of its tensor.
 The report lists what each rank read (``report.reads``, ``report.bytes_read``).
 
 Actions: ``load`` copies the box; ``partial`` copies the overlap of the checkpoint and the model
@@ -64,9 +64,6 @@ On GPUs with NCCL (this module runs the same code; tested here on CPU with gloo)
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,71 +73,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from ckptviz.core._torch_private import module_tables, module_with_tables, tensor_version
 from ckptviz.core.apply import Report, ReportEntry, bitwise_equal
 from ckptviz.core.checkpoint import Checkpoint
 from ckptviz.core.errors import ApplyError, CheckpointError, PlanError
+from ckptviz.core.formats.base import Box, SliceReader, slice_reader
 from ckptviz.core.plan import Plan, initialiser_of, refusal, reinit_seed
 from ckptviz.core.reading import read_checkpoint
 
 if TYPE_CHECKING:
     from ckptviz.core.diff import Row
 
-#: Checkpoint formats a rank can read slices of (see the module doc for how each is read).
-SLICED_FORMATS = (
-    "safetensors",
-    "safetensors-sharded",
-    "torch-sharded",
-    "mixed-sharded",
-    "torch",
-    "dcp",
-    "state dict",
-)
-
-
 # -- boxes: the part of a global tensor one rank holds ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class Box:
-    """A block of a global tensor: ``offsets`` and ``sizes`` per dimension."""
-
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
-
-    @classmethod
-    def whole(cls, shape: Sequence[int]) -> Box:
-        return cls((0,) * len(shape), tuple(shape))
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.sizes)
-
-    def slices(self) -> tuple[slice, ...]:
-        return tuple(slice(o, o + s) for o, s in zip(self.offsets, self.sizes, strict=True))
-
-    def intersect(self, other: Box) -> Box:
-        offsets, sizes = [], []
-        for o1, s1, o2, s2 in zip(
-            self.offsets, self.sizes, other.offsets, other.sizes, strict=True
-        ):
-            start, stop = max(o1, o2), min(o1 + s1, o2 + s2)
-            offsets.append(start)
-            sizes.append(max(stop - start, 0))
-        return Box(tuple(offsets), tuple(sizes))
-
-    def within(self, outer: Box) -> tuple[slice, ...]:
-        """This box as slices of ``outer``'s local tensor (this box lies inside ``outer``)."""
-        return tuple(
-            slice(o - p, o - p + s)
-            for o, s, p in zip(self.offsets, self.sizes, outer.offsets, strict=True)
-        )
-
-    def text(self) -> str:
-        return (
-            "["
-            + ", ".join(f"{o}:{o + s}" for o, s in zip(self.offsets, self.sizes, strict=True))
-            + "]"
-        )
 
 
 def _dtensor_type() -> type | None:
@@ -283,14 +227,6 @@ class ReadRecord:
     nbytes: int  # bytes copied out of the checkpoint (DCP: bytes of the stored chunks decoded)
 
 
-def _safetensors_slice(path: Path, key: str, box: Box) -> torch.Tensor:
-    import safetensors  # looked up at call time, so a test can count what is read
-
-    with safetensors.safe_open(str(path), framework="pt") as handle:
-        value: torch.Tensor = handle.get_slice(key)[box.slices()]
-    return value
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -344,7 +280,7 @@ def _model_problems(plan: Plan, model: torch.nn.Module, targets: dict[str, Any])
 def _checkpoint_problems(plan: Plan, ckpt: Checkpoint) -> dict[str, str]:
     problems: dict[str, str] = {}
     reads = [(row, a) for row, a in plan if a in ("load", "partial") and row.checkpoint]
-    if reads and ckpt.format not in SLICED_FORMATS:
+    if reads and slice_reader(ckpt) is None:
         why = (
             f"{ckpt.source} is a {ckpt.format} checkpoint, of which a rank cannot read a slice "
             "without loading all of it; save it as safetensors (safetensors.torch.save_file) "
@@ -410,127 +346,33 @@ def _tasks(plan: Plan, targets: dict[str, Any]) -> list[_Task]:
 
 
 class _SliceReader:
-    """Reads boxes of checkpoint tensors on this rank; ``records`` lists every read.
+    """Reads boxes of checkpoint tensors on this rank through the checkpoint format's
+    ``SliceReader``; ``records`` lists every read.
 
-    A DCP directory is read in one collective ``load`` before anything is written (``staged``);
-    other formats are read one slice at a time, right before it is written, so a rank holds one
-    slice besides its snapshot. Each slice opens its file on its own: the pages it touched are
-    unmapped with it and do not pile up in the rank's resident memory. (A torch file read with
-    ``trusted``/``allow_globals`` is unpickled again for each slice; the default safe reading
-    maps it only.)
+    A collective reader (DCP) reads every box in one call before anything is written
+    (``staged``); others read one slice at a time, right before it is written, so a rank holds
+    one slice besides its snapshot.
     """
 
-    def __init__(self, ckpt: Checkpoint, ranks: _Ranks) -> None:
-        self.ckpt = ckpt
-        self.ranks = ranks
+    def __init__(self, source: SliceReader | None) -> None:
+        self.source = source  # None: a format without slices (refused when the plan reads it)
         self.records: list[ReadRecord] = []
-        self.staged = ckpt.format == "dcp"
-        self._shard_of: dict[str, str] = {}
-        if ckpt.format in ("safetensors-sharded", "torch-sharded", "mixed-sharded"):
-            assert ckpt.path is not None  # an index: read_checkpoint checked every shard in it
-            self._shard_of = json.loads(ckpt.path.read_text(encoding="utf-8"))["weight_map"]
-
-    def _empty(self, key: str, box: Box) -> torch.Tensor:
-        return torch.empty(box.sizes, dtype=getattr(torch, self.ckpt.tensors[key].dtype))
+        self.staged = source is not None and source.collective
 
     def read(self, key: str, box: Box) -> torch.Tensor:
-        """The box of checkpoint tensor ``key`` (not for a DCP directory: see ``read_staged``)."""
-        value = self._fetch(key, box)
+        """The box of checkpoint tensor ``key`` (not for a staged reader: see ``read_staged``)."""
+        assert self.source is not None  # _checkpoint_problems refused the plan otherwise
+        value = self.source.read(key, box)
         self.records.append(ReadRecord(key, box, value.nbytes))
-        return value
-
-    def _fetch(self, key: str, box: Box) -> torch.Tensor:
-        ckpt = self.ckpt
-        if box.numel == 0:
-            return self._empty(key, box)
-        if ckpt.format == "safetensors":
-            assert ckpt.path is not None
-            return _safetensors_slice(ckpt.path, key, box)
-        shard = self._shard_of.get(key)
-        if shard is not None and shard.endswith(".safetensors"):
-            assert ckpt.path is not None
-            return _safetensors_slice(ckpt.path.parent / shard, key, box)
-        # torch zip files (and their shards) are memory-mapped: the slice is a view of the
-        # mapping, and copying it out reads the pages it touches. The file is opened for each
-        # slice, so those pages are unmapped right after (as for safetensors).
-        with ckpt.open() as source:
-            whole = source[key]
-            if _is_dtensor(whole):
-                raise CheckpointError(
-                    f"{ckpt.source}: {key!r} is a DTensor; pass plain tensors as source= (e.g. "
-                    "a file path), each rank reads its own slices"
-                )
-            value: torch.Tensor = whole[box.slices()].clone()
-            del whole
         return value
 
     def read_staged(self, wanted: dict[str, tuple[str, Box]]) -> dict[str, torch.Tensor]:
         """row key -> its box, for every row of ``wanted`` at once (collective: DCP)."""
-        return self._read_dcp(wanted)
-
-    def _read_dcp(self, wanted: dict[str, tuple[str, Box]]) -> dict[str, torch.Tensor]:
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-        from torch.distributed.checkpoint.filesystem import FileSystemReader
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, StorageMeta
-        from torch.distributed.checkpoint.planner import LoadPlan
-        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-        from torch.distributed.checkpoint.state_dict_loader import load
-
-        from ckptviz.core.formats.dcp import read_metadata
-
-        ckpt = self.ckpt
-        assert ckpt.path is not None
-        folder = ckpt.path.parent
-        metadata = read_metadata(folder, trusted=ckpt.trusted, allow=ckpt.allow_globals)
-        entries = metadata.state_dict_metadata
-        buffers: dict[str, torch.Tensor] = {}
-        names: dict[str, str] = {}
+        assert self.source is not None
+        values = self.source.read_all(wanted)
         for row_key, (key, box) in wanted.items():
-            name = ".".join((*ckpt.location, key))
-            if name not in entries:
-                raise CheckpointError(f"{folder}: no entry {name!r} in its .metadata")
-            names[row_key] = name  # filled per row: two rows may read other boxes of one entry
-            buffers[row_key] = self._empty(key, box)
-
-        class BoxPlanner(DefaultLoadPlanner):
-            """DCP's planner, with each row's box as the local chunk to fill."""
-
-            def create_local_plan(self) -> LoadPlan:
-                items = []
-                for row_key, (_, box) in wanted.items():
-                    if box.numel == 0:
-                        continue
-                    chunk = ChunkStorageMetadata(
-                        offsets=torch.Size(box.offsets), sizes=torch.Size(box.sizes)
-                    )
-                    name = names[row_key]
-                    for item in create_read_items_for_chunk_list(name, entries[name], [chunk]):
-                        dest = dataclasses.replace(item.dest_index, fqn=row_key, offset=None)
-                        items.append(dataclasses.replace(item, dest_index=dest))
-                return LoadPlan(items)
-
-        class VettedReader(FileSystemReader):
-            """DCP's file-system reader, handed the metadata ckptviz read without unpickling."""
-
-            def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-                if getattr(metadata, "storage_meta", None) is None:
-                    metadata.storage_meta = StorageMeta()
-                metadata.storage_meta.load_id = self.load_id
-                return metadata
-
-        planner = BoxPlanner(flatten_state_dict=False, allow_partial_load=True)
-        load(buffers, storage_reader=VettedReader(folder), planner=planner,
-             process_group=self.ranks.group)  # fmt: skip
-        for row_key, (key, box) in wanted.items():
-            itemsize = buffers[row_key].element_size()
-            stored = [
-                chunk
-                for chunk in entries[names[row_key]].chunks
-                if Box(tuple(chunk.offsets), tuple(chunk.sizes)).intersect(box).numel
-            ]
-            nbytes = sum(math.prod(chunk.sizes) * itemsize for chunk in stored)
-            self.records.append(ReadRecord(key, box, nbytes))
-        return buffers
+            self.records.append(ReadRecord(key, box, values[row_key][1]))
+        return {row_key: value for row_key, (value, _) in values.items()}
 
 
 # -- fresh values for reinit -----------------------------------------------------------------------
@@ -555,10 +397,9 @@ def _plain_twin(module: torch.nn.Module, memo: dict[int, torch.Tensor]) -> torch
     buffer and submodule tables, so the initialiser writes only the twin. ``memo`` keeps tensors
     shared between modules shared in the twin.
     """
-    twin = object.__new__(type(module))
-    twin.__dict__.update(module.__dict__)
+    parameters, buffers, children = module_tables(module)
     params: dict[str, torch.nn.Parameter | None] = {}
-    for name, param in module._parameters.items():
+    for name, param in parameters.items():
         if param is None:
             params[name] = None
             continue
@@ -567,18 +408,16 @@ def _plain_twin(module: torch.nn.Module, memo: dict[int, torch.Tensor]) -> torch
                 _gathered(param), requires_grad=param.requires_grad
             )
         params[name] = memo[id(param)]  # type: ignore[assignment]
-    buffers: dict[str, torch.Tensor | None] = {}
-    for name, buffer in module._buffers.items():
+    twin_buffers: dict[str, torch.Tensor | None] = {}
+    for name, buffer in buffers.items():
         if buffer is not None and id(buffer) not in memo:
             memo[id(buffer)] = _gathered(buffer)
-        buffers[name] = None if buffer is None else memo[id(buffer)]
-    twin._parameters = params
-    twin._buffers = buffers
-    twin._modules = {
+        twin_buffers[name] = None if buffer is None else memo[id(buffer)]
+    twin_children = {
         name: None if child is None else _plain_twin(child, memo)
-        for name, child in module._modules.items()
+        for name, child in children.items()
     }
-    return twin
+    return module_with_tables(module, params, twin_buffers, twin_children)
 
 
 def _fresh_values(plan: Plan, model: torch.nn.Module, tasks: list[_Task]) -> dict[str, str]:
@@ -598,7 +437,7 @@ def _fresh_values(plan: Plan, model: torch.nn.Module, tasks: list[_Task]) -> dic
         keys = [t.row.key for t in group]
         names = [t.row.key.rpartition(".")[2] for t in group]
         try:
-            before = {n: (id(getattr(twin, n)), getattr(twin, n)._version) for n in names}
+            before = {n: (id(getattr(twin, n)), tensor_version(getattr(twin, n))) for n in names}
             assert plan.seed is not None  # _model_problems refused it otherwise
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(reinit_seed(plan.seed, module_name))
@@ -614,7 +453,7 @@ def _fresh_values(plan: Plan, model: torch.nn.Module, tasks: list[_Task]) -> dic
             continue
         for task, name in zip(group, names, strict=True):
             value = getattr(twin, name)
-            if (id(value), value._version) == before[name]:
+            if (id(value), tensor_version(value)) == before[name]:
                 problems[task.row.key] = (
                     f"{type(module).__name__}.{method}() does not initialise {name!r} (a "
                     "parametrization or custom tensor); keep it instead"
@@ -744,7 +583,7 @@ def _keep_entries(
         if tied_to is not None:
             ok, detail = True, f"changed with its tied tensor {tied_to}"
         else:
-            ok, detail = local._version == versions[row.key], "this rank's shard unchanged"
+            ok, detail = tensor_version(local) == versions[row.key], "this rank's shard unchanged"
         nbytes = local.numel() * local.element_size()
         entries.append(ReportEntry(row.key, "keep", None, local.numel(), nbytes, ok, detail))
     return entries
@@ -870,8 +709,8 @@ def apply_distributed(
     # Compute fresh values (and read a DCP directory) before writing: a failure here changes
     # nothing anywhere. Other formats are read slice by slice while writing.
     tasks = _tasks(plan, targets)
-    versions = {k: local_tensor(t)._version for k, t in targets.items()}
-    reader = _SliceReader(ckpt, ranks)
+    versions = {k: tensor_version(local_tensor(t)) for k, t in targets.items()}
+    reader = _SliceReader(slice_reader(ckpt, ranks.group))
     problems = _fresh_values(plan, model, tasks)
     if reader.staged:
         wanted = {
@@ -1001,126 +840,14 @@ def _code_lines(block: str) -> list[str]:
 def _read_code(plan: Plan) -> tuple[list[str], list[str]]:
     """(imports, lines defining ``read_all(requests)``) for the plan's checkpoint."""
     ckpt = plan.diff.checkpoint
-    path = str(ckpt.path) if ckpt.path is not None else None
-    fmt = ckpt.format
-    if path is None:
-        return [], [
-            f"# The checkpoint was {ckpt.source}, not a file: put that state dict in `state`.",
-            "state = state_dict",
-            "",
-            "",
-            "def read_all(requests):",
-            "    return {name: state[key][region(offsets, sizes)].clone()",
-            "            for name, (key, offsets, sizes) in requests.items()}",
-        ]
-    if fmt == "safetensors":
-        return ["from safetensors import safe_open"], [
-            f"checkpoint = {path!r}",
-            "",
-            "",
-            "def read_all(requests):  # only the slices this rank's shards hold",
-            "    with safe_open(checkpoint, framework='pt') as f:",
-            "        return {name: f.get_slice(key)[region(offsets, sizes)]",
-            "                for name, (key, offsets, sizes) in requests.items()}",
-        ]
-    if fmt in ("safetensors-sharded", "torch-sharded", "mixed-sharded"):
-        lines = [
-            f"index = Path({path!r})",
-            "weight_map = json.loads(index.read_text())['weight_map']",
-            "",
-            "",
-            "def read_all(requests):  # only the shards needed, only the slices this rank holds",
-            "    values = {}",
-            "    for shard in sorted({weight_map[key] for key, _, _ in requests.values()}):",
-            "        mine = {n: r for n, r in requests.items() if weight_map[r[0]] == shard}",
-            "        if shard.endswith('.safetensors'):",
-            "            with safe_open(str(index.parent / shard), framework='pt') as f:",
-            "                for name, (key, offsets, sizes) in mine.items():",
-            "                    values[name] = f.get_slice(key)[region(offsets, sizes)]",
-            "        else:  # memory-mapped: a slice reads only the pages it touches",
-            "            state = torch.load(index.parent / shard, map_location='cpu',",
-            "                               weights_only=True, mmap=True)",
-            "            for name, (key, offsets, sizes) in mine.items():",
-            "                values[name] = state[key][region(offsets, sizes)].clone()",
-            "    return values",
-        ]
-        return [
-            "import json",
-            "from pathlib import Path",
-            "",
-            "from safetensors import safe_open",
-        ], lines
-    if fmt == "torch":
-        where = "".join(f"[{part!r}]" for part in ckpt.location)
-        unsafe = ckpt.trusted or bool(ckpt.allow_globals)
-        load = [
-            f"checkpoint = torch.load({path!r}, map_location='cpu', mmap=True,"
-            f" weights_only={not unsafe})",
-            f"state = checkpoint{where}",
-        ]
-        if unsafe:
-            load.insert(0, "# trusted: full unpickling, only for files you trust (it runs code).")
-        return [], [
-            *load,
-            "",
-            "",
-            "def read_all(requests):  # memory-mapped: a slice reads only the pages it touches",
-            "    return {name: state[key][region(offsets, sizes)].clone()",
-            "            for name, (key, offsets, sizes) in requests.items()}",
-        ]
-    if fmt == "dcp":
-        assert ckpt.path is not None
-        prefix = "".join(f"{part}." for part in ckpt.location)
-        dtypes = {k: info.dtype for k, info in ckpt.tensors.items()}
-        imports = [
-            "import dataclasses",
-            "",
-            "import torch.distributed.checkpoint as dcp",
-            "from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner",
-            "from torch.distributed.checkpoint.metadata import ChunkStorageMetadata",
-            "from torch.distributed.checkpoint.planner import LoadPlan",
-            "from torch.distributed.checkpoint.planner_helpers import "
-            "create_read_items_for_chunk_list",
-        ]
-        lines = [
-            "# torch's reader unpickles the directory's .metadata fully (it can run code): run",
-            "# this only on a checkpoint you trust. ckptviz read it with a restricted unpickler.",
-            f"checkpoint = {str(ckpt.path.parent)!r}",
-            f"dtypes = {dtypes!r}",
-            "",
-            "",
-            "class BoxPlanner(DefaultLoadPlanner):",
-            '    """DCP\'s planner: a request reads only the stored chunks overlapping its box."""',
-            "",
-            "    def __init__(self, requests):",
-            "        super().__init__(flatten_state_dict=False, allow_partial_load=True)",
-            "        self.requests = requests",
-            "",
-            "    def create_local_plan(self):",
-            "        items = []",
-            "        for name, (key, offsets, sizes) in self.requests.items():",
-            "            if 0 in sizes:",
-            "                continue",
-            "            chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))",
-            f"            stored = self.metadata.state_dict_metadata[{prefix!r} + key]",
-            f"            for item in create_read_items_for_chunk_list({prefix!r} + key, stored, "
-            "[chunk]):",
-            "                dest = dataclasses.replace(item.dest_index, fqn=name, offset=None)",
-            "                items.append(dataclasses.replace(item, dest_index=dest))",
-            "        return LoadPlan(items)",
-            "",
-            "",
-            "def read_all(requests):",
-            "    values = {name: torch.empty(sizes, dtype=getattr(torch, dtypes[key]))",
-            "              for name, (key, _, sizes) in requests.items()}",
-            "    dcp.load(values, checkpoint_id=checkpoint, planner=BoxPlanner(requests))",
-            "    return values",
-        ]
-        return imports, lines
-    raise PlanError(
-        f"{ckpt.source} is a {fmt} checkpoint, of which a rank cannot read a slice without "
-        "loading all of it; save it as safetensors, a torch zip file or a DCP directory"
-    )
+    reader = slice_reader(ckpt)
+    if reader is None:
+        raise PlanError(
+            f"{ckpt.source} is a {ckpt.format} checkpoint, of which a rank cannot read a slice "
+            "without loading all of it; save it as safetensors, a torch zip file or a DCP "
+            "directory"
+        )
+    return reader.code()
 
 
 def distributed_code(plan: Plan) -> str:

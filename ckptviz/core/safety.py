@@ -56,7 +56,7 @@ from __future__ import annotations
 import _compat_pickle
 import importlib
 import io
-import mmap
+import os
 import pickle
 import pickletools
 import re
@@ -93,22 +93,32 @@ _UNBOUNDED = 2**62
 
 
 class _Bytes:
-    """``read``/``readline`` over a file's bytes that will not read past its end.
+    """``read``/``readline`` over an open file that will not read past its end.
 
     A length inside a pickle that the file cannot hold is damage (or an attack), not a reason to
-    allocate that much: it is refused, naming the offset.
+    allocate that much: it is refused, naming the offset. Every read is a checked read of the
+    file (never a memory mapping, whose pages past a truncated end kill the process with
+    SIGBUS): a file that shrinks while it is read gives a short read, refused naming the file.
+    Only what the unpickler asks for is read, so memory stays bounded by the pickle, not the
+    file (a pre-1.6 file's tensor data, after its pickles, is never read).
     """
 
-    def __init__(self, data: bytes | mmap.mmap, path: Path) -> None:
-        self._data = data
+    def __init__(self, handle: IO[bytes], path: Path) -> None:
+        self._handle = handle
         self._path = path
+        self._size = os.fstat(handle.fileno()).st_size
         self._pos = 0
+
+    @property
+    def size(self) -> int:
+        """The file's size when it was opened."""
+        return self._size
 
     def tell(self) -> int:
         return self._pos
 
     def read(self, n: int = -1) -> bytes:
-        remaining = len(self._data) - self._pos
+        remaining = self._size - self._pos
         if n < 0:
             n = remaining
         if n > remaining:
@@ -119,16 +129,26 @@ class _Bytes:
                 f"only {remaining:,} follow. The file is truncated or damaged; nothing was "
                 "allocated or read. Re-save the checkpoint with torch.save."
             )
-        chunk = bytes(self._data[self._pos : self._pos + n])
+        chunk = self._handle.read(n)  # the handle is at ``_pos``: only this reads from it
+        self._check(n, chunk)
         self._pos += n
         return chunk
 
     def readline(self) -> bytes:
-        end = self._data.find(b"\n", self._pos)
-        end = len(self._data) if end < 0 else end + 1
-        chunk = bytes(self._data[self._pos : end])
-        self._pos = end
+        remaining = self._size - self._pos
+        chunk = self._handle.readline(remaining)
+        if not chunk.endswith(b"\n"):  # ran to the end of the file: it must hold all of it
+            self._check(remaining, chunk)
+        self._pos += len(chunk)
         return chunk
+
+    def _check(self, wanted: int, chunk: bytes) -> None:
+        if len(chunk) < wanted:
+            raise CheckpointError(
+                f"{self._path}: the file ended at byte {self._pos + len(chunk):,} while its "
+                f"pickle was read (it had {self._size:,} bytes when opened): it was truncated "
+                "or is being written right now. Re-run when the file is complete, or re-save it."
+            )
 
 
 def _python3_name(module: str, name: str) -> str:
@@ -149,8 +169,8 @@ def pickle_globals(path: Path) -> list[str]:
     not a pickle.
     """
     names: list[str] = []
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        stream = _Bytes(data, path)
+    with path.open("rb") as handle:
+        stream = _Bytes(handle, path)
         for _ in range(5):  # magic number, protocol, sys info, the object, the storage keys
             start = stream.tell()
             try:
@@ -287,11 +307,8 @@ def check_legacy_storages(path: Path) -> None:
     torch reads this format eagerly and allocates each storage at the declared size first.
     """
     try:
-        with (
-            path.open("rb") as handle,
-            mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data,
-        ):
-            stream = _Bytes(data, path)
+        with path.open("rb") as handle:
+            stream = _Bytes(handle, path)
             if _unpickle(stream) != torch.serialization.MAGIC_NUMBER:
                 return  # not a torch file: torch.load says so
             if _unpickle(stream) != torch.serialization.PROTOCOL_VERSION:
@@ -300,7 +317,7 @@ def check_legacy_storages(path: Path) -> None:
             recorder = _StorageRecorder()
             obj = _unpickle(stream, recorder)
             _unpickle(stream)  # the storage keys
-            data_bytes = len(data) - stream.tell()
+            data_bytes = stream.size - stream.tell()
         tensors = list(_tensors_in(obj))
     except (pickle.UnpicklingError, CheckpointError):
         raise

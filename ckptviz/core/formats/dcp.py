@@ -19,8 +19,10 @@ objects) are listed as skipped and never unpickled. Whatever torch's loader rais
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
+import math
 import pathlib
 import pickle
 import warnings
@@ -40,7 +42,8 @@ from ckptviz.core._torch_private import (
 from ckptviz.core.checkpoint import Checkpoint, FileFingerprint, TensorSource
 from ckptviz.core.errors import CheckpointError, torch_reason
 from ckptviz.core.errors import first_line as _first_line
-from ckptviz.core.formats.base import FileFormat
+from ckptviz.core.formats import base
+from ckptviz.core.formats.base import FileFormat, SliceReader
 from ckptviz.core.formats.sharded import member_file, read_regular_file
 from ckptviz.core.locate import checkpoint_from_object as _checkpoint_from_object
 from ckptviz.core.safety import GlobalSpec, allowed_globals, allowed_pairs, refusal
@@ -608,4 +611,123 @@ def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:
     return lines
 
 
-FORMAT = FileFormat("dcp", is_dcp, read_dcp, read_code)
+class DcpSlices(SliceReader):
+    """Boxes of a DCP directory's tensors, through DCP's own load path on the job's process
+    group: its planner helper ``create_read_items_for_chunk_list``, given each box as the local
+    chunk, makes the same reads DCP plans for a ``DTensor`` target. DCP reads whole stored
+    chunks: those overlapping the box (a checkpoint saved by one process stores each tensor as
+    one chunk). Reads are collective: every rank of ``group`` calls ``read_all`` together."""
+
+    collective = True
+
+    def read(self, key: str, box: base.Box) -> torch.Tensor:
+        return self.read_all({key: (key, box)})[key][0]
+
+    def read_all(
+        self, wanted: Mapping[str, tuple[str, base.Box]]
+    ) -> dict[str, tuple[torch.Tensor, int]]:
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+        from torch.distributed.checkpoint.state_dict_loader import load
+
+        ckpt = self.ckpt
+        assert ckpt.path is not None
+        folder = ckpt.path.parent
+        metadata = read_metadata(folder, trusted=ckpt.trusted, allow=ckpt.allow_globals)
+        entries = metadata.state_dict_metadata
+        buffers: dict[str, torch.Tensor] = {}
+        names: dict[str, str] = {}
+        for row_key, (key, box) in wanted.items():
+            name = ".".join((*ckpt.location, key))
+            if name not in entries:
+                raise CheckpointError(f"{folder}: no entry {name!r} in its .metadata")
+            names[row_key] = name  # filled per row: two rows may read other boxes of one entry
+            buffers[row_key] = self.empty(key, box)
+
+        class BoxPlanner(DefaultLoadPlanner):
+            """DCP's planner, with each row's box as the local chunk to fill."""
+
+            def create_local_plan(self) -> LoadPlan:
+                items = []
+                for row_key, (_, box) in wanted.items():
+                    if box.numel == 0:
+                        continue
+                    chunk = ChunkStorageMetadata(
+                        offsets=torch.Size(box.offsets), sizes=torch.Size(box.sizes)
+                    )
+                    name = names[row_key]
+                    for item in create_read_items_for_chunk_list(name, entries[name], [chunk]):
+                        dest = dataclasses.replace(item.dest_index, fqn=row_key, offset=None)
+                        items.append(dataclasses.replace(item, dest_index=dest))
+                return LoadPlan(items)
+
+        planner = BoxPlanner(flatten_state_dict=False, allow_partial_load=True)
+        load(buffers, storage_reader=_vetted_reader(folder, metadata), planner=planner,
+             process_group=self.group)  # fmt: skip
+        out = {}
+        for row_key, (_, box) in wanted.items():
+            itemsize = buffers[row_key].element_size()
+            stored = [
+                chunk
+                for chunk in entries[names[row_key]].chunks
+                if base.Box(tuple(chunk.offsets), tuple(chunk.sizes)).intersect(box).numel
+            ]
+            nbytes = sum(math.prod(chunk.sizes) * itemsize for chunk in stored)
+            out[row_key] = (buffers[row_key], nbytes)
+        return out
+
+    def code(self) -> tuple[list[str], list[str]]:
+        ckpt = self.ckpt
+        assert ckpt.path is not None
+        prefix = "".join(f"{part}." for part in ckpt.location)
+        dtypes = {k: info.dtype for k, info in ckpt.tensors.items()}
+        imports = [
+            "import dataclasses",
+            "",
+            "import torch.distributed.checkpoint as dcp",
+            "from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner",
+            "from torch.distributed.checkpoint.metadata import ChunkStorageMetadata",
+            "from torch.distributed.checkpoint.planner import LoadPlan",
+            "from torch.distributed.checkpoint.planner_helpers import "
+            "create_read_items_for_chunk_list",
+        ]
+        lines = [
+            "# torch's reader unpickles the directory's .metadata fully (it can run code): run",
+            "# this only on a checkpoint you trust. ckptviz read it with a restricted unpickler.",
+            f"checkpoint = {str(ckpt.path.parent)!r}",
+            f"dtypes = {dtypes!r}",
+            "",
+            "",
+            "class BoxPlanner(DefaultLoadPlanner):",
+            '    """DCP\'s planner: a request reads only the stored chunks overlapping its box."""',
+            "",
+            "    def __init__(self, requests):",
+            "        super().__init__(flatten_state_dict=False, allow_partial_load=True)",
+            "        self.requests = requests",
+            "",
+            "    def create_local_plan(self):",
+            "        items = []",
+            "        for name, (key, offsets, sizes) in self.requests.items():",
+            "            if 0 in sizes:",
+            "                continue",
+            "            chunk = ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))",
+            f"            stored = self.metadata.state_dict_metadata[{prefix!r} + key]",
+            f"            for item in create_read_items_for_chunk_list({prefix!r} + key, stored, "
+            "[chunk]):",
+            "                dest = dataclasses.replace(item.dest_index, fqn=name, offset=None)",
+            "                items.append(dataclasses.replace(item, dest_index=dest))",
+            "        return LoadPlan(items)",
+            "",
+            "",
+            "def read_all(requests):",
+            "    values = {name: torch.empty(sizes, dtype=getattr(torch, dtypes[key]))",
+            "              for name, (key, _, sizes) in requests.items()}",
+            "    dcp.load(values, checkpoint_id=checkpoint, planner=BoxPlanner(requests))",
+            "    return values",
+        ]
+        return imports, lines
+
+
+FORMAT = FileFormat("dcp", is_dcp, read_dcp, read_code, slices=DcpSlices)

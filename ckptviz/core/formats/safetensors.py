@@ -20,7 +20,7 @@ from ckptviz.core.checkpoint import (
     dtype_from_name,
 )
 from ckptviz.core.errors import CheckpointError, first_line
-from ckptviz.core.formats.base import FileFormat
+from ckptviz.core.formats.base import Box, FileFormat, SliceReader
 from ckptviz.core.formats.filedata import CheckedFile
 from ckptviz.core.safety import GlobalSpec
 
@@ -177,7 +177,43 @@ def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:
     return ["from safetensors.torch import load_file", "", f"state = load_file({str(ckpt.path)!r})"]
 
 
+def read_slice(path: Path, key: str, box: Box) -> torch.Tensor:
+    """The ``box`` of tensor ``key`` of the ``.safetensors`` file ``path``: only those bytes are
+    copied out of safetensors' mapping of the file."""
+    import safetensors  # looked up at call time, so a test can count what is read
+
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        value: torch.Tensor = handle.get_slice(key)[box.slices()]
+    return value
+
+
+class SafetensorsSlices(SliceReader):
+    """Boxes of a ``.safetensors`` file's tensors (``safe_open(...).get_slice(key)[box]``)."""
+
+    def read(self, key: str, box: Box) -> torch.Tensor:
+        if box.numel == 0:
+            return self.empty(key, box)
+        assert self.ckpt.path is not None
+        return read_slice(self.ckpt.path, key, box)
+
+    def code(self) -> tuple[list[str], list[str]]:
+        return ["from safetensors import safe_open"], [
+            f"checkpoint = {str(self.ckpt.path)!r}",
+            "",
+            "",
+            "def read_all(requests):  # only the slices this rank's shards hold",
+            "    with safe_open(checkpoint, framework='pt') as f:",
+            "        return {name: f.get_slice(key)[region(offsets, sizes)]",
+            "                for name, (key, offsets, sizes) in requests.items()}",
+        ]
+
+
 #: safetensors headers list tensors sorted by name: the model's order is lost.
 FORMAT = FileFormat(
-    "safetensors", is_safetensors, read_safetensors, read_code, unordered=("safetensors",)
+    "safetensors",
+    is_safetensors,
+    read_safetensors,
+    read_code,
+    unordered=("safetensors",),
+    slices=SafetensorsSlices,
 )

@@ -19,12 +19,16 @@ import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ckptviz.core.checkpoint import Checkpoint, FileFingerprint, TensorInfo, TensorSource
 from ckptviz.core.errors import CheckpointError, UnsafeCheckpointError
-from ckptviz.core.formats.base import FORMATS, FileFormat
+from ckptviz.core.formats.base import FORMATS, Box, FileFormat, ViewSlices
+from ckptviz.core.formats.safetensors import read_slice as read_safetensors_slice
 from ckptviz.core.safety import GlobalSpec, allowed_globals, refusal, safe_globals_lines
 from ckptviz.core.safety import resolve_global as _resolve_global
 
@@ -429,6 +433,58 @@ def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:
     return lines
 
 
+class ShardedSlices(ViewSlices):
+    """Boxes of a sharded checkpoint's tensors: from a safetensors shard only the box's bytes
+    (``get_slice``); from a torch shard, the tensor read by ``open()`` and the box copied out."""
+
+    @cached_property
+    def _shard_of(self) -> dict[str, str]:
+        assert self.ckpt.path is not None  # an index: read_sharded checked every shard in it
+        return _load_index(self.ckpt.path)[0]
+
+    def read(self, key: str, box: Box) -> torch.Tensor:
+        if box.numel == 0:
+            return self.empty(key, box)
+        index = self.ckpt.path
+        assert index is not None
+        shard = self._shard_of.get(key)
+        if shard is None or not shard.endswith(".safetensors"):
+            return super().read(key, box)
+        anchors = (index.resolve().parent,)
+        path = member_file(index.parent, shard, what=f"{index}: weight_map puts {key!r} in",
+                           anchors=anchors)  # fmt: skip
+        return read_safetensors_slice(path, key, box)
+
+    def code(self) -> tuple[list[str], list[str]]:
+        lines = [
+            f"index = Path({str(self.ckpt.path)!r})",
+            "weight_map = json.loads(index.read_text())['weight_map']",
+            "",
+            "",
+            "def read_all(requests):  # only the shards needed, only the slices this rank holds",
+            "    values = {}",
+            "    for shard in sorted({weight_map[key] for key, _, _ in requests.values()}):",
+            "        mine = {n: r for n, r in requests.items() if weight_map[r[0]] == shard}",
+            "        if shard.endswith('.safetensors'):",
+            "            with safe_open(str(index.parent / shard), framework='pt') as f:",
+            "                for name, (key, offsets, sizes) in mine.items():",
+            "                    values[name] = f.get_slice(key)[region(offsets, sizes)]",
+            "        else:  # memory-mapped: a slice reads only the pages it touches",
+            "            state = torch.load(index.parent / shard, map_location='cpu',",
+            "                               weights_only=True, mmap=True)",
+            "            for name, (key, offsets, sizes) in mine.items():",
+            "                values[name] = state[key][region(offsets, sizes)].clone()",
+            "    return values",
+        ]
+        imports = [
+            "import json",
+            "from pathlib import Path",
+            "",
+            "from safetensors import safe_open",
+        ]
+        return imports, lines
+
+
 SHARDED_FORMATS = ("safetensors-sharded", "torch-sharded", "mixed-sharded")
 FORMAT = FileFormat(
     "sharded",
@@ -437,4 +493,5 @@ FORMAT = FileFormat(
     read_code,
     produces=SHARDED_FORMATS,
     unordered=("safetensors-sharded",),  # its shards' headers are sorted by name
+    slices=ShardedSlices,
 )

@@ -36,7 +36,7 @@ from ckptviz.core.checkpoint import (
     gc_paused,
 )
 from ckptviz.core.errors import CheckpointError, first_line
-from ckptviz.core.formats.base import FileFormat
+from ckptviz.core.formats.base import FileFormat, ViewSlices
 from ckptviz.core.formats.filedata import CheckedFile, plain
 from ckptviz.core.locate import checkpoint_from_object, navigate
 from ckptviz.core.safety import (
@@ -381,4 +381,29 @@ def read_code(ckpt: Checkpoint, keys: list[str]) -> list[str]:
     ]
 
 
-FORMAT = FileFormat("torch", is_torch_zip, read_torch_zip, read_code)
+class TorchFileSlices(ViewSlices):
+    """Boxes of a torch zip file's tensors: each copied out of its tensor as ``open()`` reads
+    it (with checked reads); in generated code, out of ``torch.load(mmap=True)``'s tensor."""
+
+    def code(self) -> tuple[list[str], list[str]]:
+        ckpt = self.ckpt
+        where = "".join(f"[{part!r}]" for part in ckpt.location)
+        unsafe = ckpt.trusted or bool(ckpt.allow_globals)
+        load = [
+            f"checkpoint = torch.load({str(ckpt.path)!r}, map_location='cpu', mmap=True,"
+            f" weights_only={not unsafe})",
+            f"state = checkpoint{where}",
+        ]
+        if unsafe:
+            load.insert(0, "# trusted: full unpickling, only for files you trust (it runs code).")
+        return [], [
+            *load,
+            "",
+            "",
+            "def read_all(requests):  # memory-mapped: a slice reads only the pages it touches",
+            "    return {name: state[key][region(offsets, sizes)].clone()",
+            "            for name, (key, offsets, sizes) in requests.items()}",
+        ]
+
+
+FORMAT = FileFormat("torch", is_torch_zip, read_torch_zip, read_code, slices=TorchFileSlices)
