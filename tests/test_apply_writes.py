@@ -75,7 +75,7 @@ def test_releasing_pages_of_the_checkpoint_file_keeps_its_values(tmp_path: Path,
         tensors = {k: source[k] for k in state}
         assert all(float(t.abs().sum()) >= 0 for t in tensors.values())  # touch every page
         resident = _mapped_rss_kib(path)
-        release = _PageReleaser(path)
+        release = _PageReleaser.around(tensors.values())
         for tensor in tensors.values():
             release(tensor)
         release.flush()
@@ -88,23 +88,24 @@ def test_releasing_pages_of_the_checkpoint_file_keeps_its_values(tmp_path: Path,
 @linux_only
 def test_release_never_touches_memory_that_is_not_the_checkpoint_file(tmp_path: Path) -> None:
     path, _ = _saved(tmp_path, "pt")
-    with ckptviz.read_checkpoint(path).open():
-        release = _PageReleaser(path)
+    with ckptviz.read_checkpoint(path).open() as source:
+        release = _PageReleaser.around([source["layers.0.weight"]])
+        assert release._ranges
         in_memory = torch.arange(1 << 18, dtype=torch.float32)  # 1 MiB of anonymous memory
         expected = in_memory.clone()
         release(in_memory)
         assert bitwise_equal(in_memory, expected)  # dropping anonymous pages would zero them
-    assert _PageReleaser(None)._ranges == []
+        assert _PageReleaser.around([in_memory])._ranges == []
 
 
 @linux_only
 def test_a_mapping_written_in_this_process_is_never_released(tmp_path: Path) -> None:
     path, _ = _saved(tmp_path, "pt")
     with ckptviz.read_checkpoint(path).open() as source:
-        assert _PageReleaser(path)._ranges  # clean: its pages come back from the file
         written = source["layers.0.weight"]
+        assert _PageReleaser.around([written])._ranges  # clean: pages come back from the file
         written.add_(1)  # a private copy of these pages now differs from the file
-        assert _PageReleaser(path)._ranges == []
+        assert _PageReleaser.around([written])._ranges == []
 
 
 @pytest.mark.parametrize("undo", [True, False])

@@ -15,6 +15,7 @@ on the meta device, and the report says so.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import ctypes
 import mmap
@@ -22,7 +23,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,14 @@ from ckptviz.core.reading import (
     dtype_name,
     human_bytes,
     read_checkpoint,
+)
+from ckptviz.core.snapshot import (
+    Snapshot,
+    SnapshotChoice,
+    choose_snapshot,
+    nbytes_of,
+    new_snapshot,
+    swap_tensors,
 )
 
 if TYPE_CHECKING:
@@ -98,10 +107,6 @@ def _write(target: torch.Tensor, value: torch.Tensor, action: str) -> None:
         target.copy_(value)
 
 
-#: Gives a tensor object another tensor's storage, keeping the object (torch's own helper).
-_swap_tensors: Callable[[torch.Tensor, torch.Tensor], None] = torch.utils.swap_tensors
-
-
 def _materialised_like(target: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Uninitialised storage for a meta tensor, of its kind, to swap in before it is written."""
     empty = torch.empty(target.shape, dtype=target.dtype, device=device)
@@ -110,24 +115,23 @@ def _materialised_like(target: torch.Tensor, device: torch.device) -> torch.Tens
     return empty
 
 
-def _restore(target: torch.Tensor, saved: torch.Tensor) -> None:
-    """Put back what a snapshot entry saved: values, or the meta tensor a target replaced."""
-    if saved.is_meta:
-        _swap_tensors(target, saved)  # materialised: back to the meta tensor
-    elif not target.is_meta:  # (a meta target not yet materialised has nothing to restore)
-        target.copy_(saved)
-
-
 class Report:
-    """What an apply changed, verified; ``undo()`` puts the model back bit for bit."""
+    """What an apply changed, verified; ``undo()`` puts the model back bit for bit.
+
+    The old values ``undo()`` needs are kept in memory or in a temporary file on disk
+    (``snapshot_kind``, ``snapshot_dir``, ``snapshot_bytes``); the file is freed when the
+    report is dropped, once ``undo()`` ran, or when undo is no longer possible.
+    """
 
     def __init__(
         self,
         plan: Plan,
         model: torch.nn.Module,
         entries: list[ReportEntry],
-        snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        snapshot: Snapshot | None,
         notes: list[str],
+        snapshot_choice: SnapshotChoice | None = None,
+        snapshot_dir: Path | None = None,
     ) -> None:
         self.plan = plan
         self.model = model
@@ -135,6 +139,17 @@ class Report:
         self.notes = notes
         self._snapshot = snapshot
         self.undone = False
+        #: where apply kept the old values while writing: "memory" or "disk" (with
+        #: ``undo=False`` too, where they were dropped once the apply succeeded)
+        self.snapshot_kind: str | None = snapshot_choice.kind if snapshot_choice else None
+        #: why that kind (the ``snapshot=`` argument, or the budget ``auto`` compared with)
+        self.snapshot_reason: str | None = snapshot_choice.reason if snapshot_choice else None
+        #: the folder of the disk snapshot's temporary file (an unnamed file: it does not show
+        #: in a listing of the folder, but takes its space until freed)
+        self.snapshot_dir = snapshot_dir
+        if snapshot is not None:
+            # dropping the report frees the snapshot (the file's space) without waiting for undo
+            weakref.finalize(self, snapshot.close)
 
     @property
     def verified(self) -> bool:
@@ -142,16 +157,18 @@ class Report:
 
     @property
     def can_undo(self) -> bool:
-        return self._snapshot is not None and not self.undone
+        return self._snapshot is not None and not self._snapshot.closed and not self.undone
 
     @property
     def snapshot_bytes(self) -> int:
-        """Memory held for undo."""
-        if not self._snapshot:
+        """Bytes of old values held for undo, in memory or on disk (0 once undone or dropped)."""
+        if self._snapshot is None or self._snapshot.closed:
             return 0
-        return sum(
-            saved.numel() * saved.element_size() for _, saved in self._snapshot if not saved.is_meta
-        )
+        return self._snapshot.nbytes
+
+    def _drop_snapshot(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.close()
 
     def keys(self, action: str) -> list[str]:
         return [e.key for e in self.entries if e.action == action]
@@ -178,19 +195,28 @@ class Report:
                 "already undone: the model is back as it was before this apply", stacklevel=2
             )
             return 0
+        if self._snapshot.closed:
+            warnings.warn(
+                "nothing to undo: the snapshot was discarded when an earlier undo() found the "
+                "model changed",
+                stacklevel=2,
+            )
+            return 0
         live = {id(t) for t in self.model.state_dict(keep_vars=True).values()}
-        replaced = [t for t, _ in self._snapshot if id(t) not in live]
+        replaced = [t for t in self._snapshot.targets if id(t) not in live]
         if replaced:
+            self._drop_snapshot()
             raise PlanError(
                 f"cannot undo: {len(replaced)} tensor(s) written by this apply are no longer in "
-                "the model (it was changed or rebuilt since); nothing was restored"
+                "the model (it was changed or rebuilt since); nothing was restored, and the "
+                f"{self._snapshot.kind} snapshot was discarded, as it can no longer put this "
+                "model back"
             )
-        with torch.no_grad():
-            for target, saved in self._snapshot:
-                _restore(target, saved)
-        self.undone = True
-        restored = len(self._snapshot)
-        self._snapshot = []
+        try:
+            restored = self._snapshot.restore()
+        finally:
+            self.undone = True
+            self._drop_snapshot()
         return restored
 
     def summary(self) -> str:
@@ -201,7 +227,22 @@ class Report:
                     f"{action} {c['rows']} ({c['numel']:,} values, {human_bytes(c['bytes'])})"
                 )
         state = "undone" if self.undone else ("verified" if self.verified else "NOT verified")
-        return f"Applied {self.plan.diff.checkpoint.source}: " + ", ".join(parts) + f"; {state}"
+        return (
+            f"Applied {self.plan.diff.checkpoint.source}: "
+            + ", ".join(parts)
+            + f"; {state}"
+            + self._snapshot_text()
+        )
+
+    def _snapshot_text(self) -> str:
+        if self.snapshot_kind is None or self.undone:
+            return ""
+        where = "in memory" if self.snapshot_kind == "memory" else f"on disk in {self.snapshot_dir}"
+        if self._snapshot is None:
+            return f"; no undo kept (the apply was guarded by a snapshot {where})"
+        if self._snapshot.closed:
+            return "; undo no longer possible (snapshot discarded)"
+        return f"; undo snapshot: {human_bytes(self.snapshot_bytes)} {where}"
 
     def to_records(self) -> list[dict[str, Any]]:
         return [
@@ -429,6 +470,9 @@ def apply_plan(
     verify: bool = True,
     source: Any = None,
     materialise: str | torch.device | None = None,
+    snapshot: str = "auto",
+    snapshot_dir: str | os.PathLike[str] | None = None,
+    memory_budget: int | None = None,
 ) -> Report:
     device = _device(materialise)
     problems = _check_model(plan, model)
@@ -442,20 +486,31 @@ def apply_plan(
         raise PlanError(_problem_text("the plan does not fit the checkpoint", problems), problems)
 
     written = [(row, a) for row, a in plan if row.model is not None and a != "keep"]
-    fresh = _fresh_values(plan, model, device)
-    versions = {k: t._version for k, t in targets.items()}
-    notes: list[str] = []
-    with ckpt.open() as data:
-        values = _gather(written, data, fresh)
-        _check_tied_sources(written, values, targets, notes)
-        # The snapshot is what makes a failure part-way leave the model as it was; with
-        # undo=False it is dropped as soon as the apply has succeeded.
-        release = _PageReleaser(ckpt.path if ckpt.format != "torch-legacy" else None)
-        release.everything()  # what fetching touched: the snapshot needs the room
-        snapshot = _take_snapshot(written, targets, device)
-        entries = _write_all(written, targets, values, snapshot, verify, release)
+    # The snapshot is what makes a failure part-way leave the model as it was; with undo=False
+    # it is dropped as soon as the apply has succeeded. Made (and on disk, its space reserved)
+    # before anything is read or written, so a full disk refuses the apply up front.
+    old_bytes = _old_values_bytes(written, targets)
+    choice = choose_snapshot(snapshot, old_bytes, memory_budget)
+    saved = new_snapshot(choice, old_bytes, snapshot_dir)
+    try:
+        fresh = _fresh_values(plan, model, device)
+        versions = {k: t._version for k, t in targets.items()}
+        notes: list[str] = []
+        with ckpt.open() as data:
+            values = _gather(written, data, fresh)
+            _check_tied_sources(written, values, targets, notes)
+            release = _PageReleaser.around(values.values(), targets.values())
+            release.everything()  # what fetching touched: the writes need the room
+            entries = _write_all(written, targets, values, saved, verify, release, device)
+    except BaseException:
+        saved.close()
+        raise
+    if not undo:
+        saved.close()
     entries += _keep_entries(plan, written, targets, versions)
     notes += _meta_notes(entries, targets, device)
+    if choice.kind == "disk":
+        notes.append(f"undo snapshot {_where(choice, saved)}: {choice.reason}")
     order = {row.key: i for i, row in enumerate(plan.diff.rows)}
     entries.sort(key=lambda e: order.get(e.key, 0))
     planned = plan.actions  # a copy per access: take it once, not once per tensor
@@ -464,7 +519,24 @@ def apply_plan(
         notes.append(
             f"{len(extra)} model tensor(s) not in the plan were left alone: {', '.join(extra[:5])}"
         )
-    return Report(plan, model, entries, snapshot if undo else None, notes)
+    return Report(plan, model, entries, saved if undo else None, notes, choice, saved.directory)
+
+
+def _where(choice: SnapshotChoice, saved: Snapshot) -> str:
+    return "in memory" if choice.kind == "memory" else f"on disk in {saved.directory}"
+
+
+def _old_values_bytes(written: list[tuple[Row, str]], targets: dict[str, torch.Tensor]) -> int:
+    """Bytes of the values the snapshot will save: each written storage once, meta ones none."""
+    seen: set[Any] = set()
+    total = 0
+    for row, _ in written:
+        target = targets[row.key]
+        ident = _storage_id(target)
+        if ident not in seen and not target.is_meta:
+            seen.add(ident)
+            total += nbytes_of(target)
+    return total
 
 
 def _problem_text(head: str, problems: dict[str, str]) -> str:
@@ -520,44 +592,29 @@ def _check_tied_sources(
         notes.append(f"tied tensors {' = '.join(group)} written once")
 
 
-def _take_snapshot(
-    written: list[tuple[Row, str]],
-    targets: dict[str, torch.Tensor],
-    materialise: torch.device | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(target, its values) per storage; for a meta target, the storage it will be swapped with
-    (after the swap that object holds the meta tensor, which is what undo puts back)."""
-    seen: set[Any] = set()
-    snapshot = []
-    for row, _ in written:
-        target = targets[row.key]
-        ident = _storage_id(target)
-        if ident not in seen:
-            seen.add(ident)
-            if target.is_meta:
-                assert materialise is not None  # _check_targets refused it otherwise
-                snapshot.append((target, _materialised_like(target, materialise)))
-            else:
-                snapshot.append((target, target.detach().clone()))
-    return snapshot
-
-
 def _write_all(
     written: list[tuple[Row, str]],
     targets: dict[str, torch.Tensor],
     values: dict[str, torch.Tensor],
-    snapshot: list[tuple[torch.Tensor, torch.Tensor]],
+    snapshot: Snapshot,
     verify: bool,
     release: _PageReleaser,
+    materialise: torch.device | None,
 ) -> list[ReportEntry]:
-    """Write each storage once and verify each row right after (while its data is in cache).
+    """Save, write and verify each storage once, one at a time (while its data is in cache).
 
+    Each storage's old values go into the snapshot just before it is written (a meta target:
+    the meta tensor it is swapped for), so a disk snapshot is written in the same streamed pass.
     A row whose memory overlaps another written storage (views of one tensor that are not the
     same view) is verified again once everything is written, as a later write may change it.
     """
-    before = {id(t): saved for t, saved in snapshot}
     idents = {row.key: _storage_id(targets[row.key]) for row, _ in written}
     overlapping = _overlapping_rows(written, targets)
+    rows_left: dict[Any, int] = {}
+    for row, _ in written:
+        rows_left[idents[row.key]] = rows_left.get(idents[row.key], 0) + 1
+    # old values a partial row's verification compares the kept rest with
+    before: dict[int, torch.Tensor] = {}
     materialised: set[int] = set()
     current = "?"
     try:
@@ -567,18 +624,29 @@ def _write_all(
             for row, action in written:
                 current = row.key
                 target = targets[row.key]
-                if idents[row.key] not in seen:
-                    seen.add(idents[row.key])
+                ident = idents[row.key]
+                if ident not in seen:
+                    seen.add(ident)
                     if target.is_meta:
-                        _swap_tensors(target, before[id(target)])
+                        assert materialise is not None  # _check_targets refused it otherwise
+                        replacement = _materialised_like(target, materialise)
+                        snapshot.save_swap(row.key, target, replacement)
+                        swap_tensors(target, replacement)
                         materialised.add(id(target))
+                    else:
+                        kept = snapshot.save(row.key, target)
+                        if action == "partial":
+                            before[id(target)] = kept if kept is not None else target.clone()
                     _write(target, values[row.key], action)
                 fresh = id(target) in materialised
                 entries.append(
                     _checked(row, action, target, values[row.key], before, verify, fresh)
                 )
+                rows_left[ident] -= 1
                 if row.key not in overlapping:
                     release(values[row.key])
+                    if not rows_left[ident]:
+                        before.pop(id(target), None)  # (a disk snapshot's transient copy)
             release.flush()
             for row, action in written:
                 if row.key in overlapping:
@@ -587,9 +655,7 @@ def _write_all(
                     _checked(row, action, target, values[row.key], before, verify)
         return entries
     except BaseException as exc:
-        with torch.no_grad():
-            for target, saved in snapshot:
-                _restore(target, saved)
+        snapshot.restore()  # holds a second Ctrl-C until everything is back
         if not isinstance(exc, Exception):
             raise  # KeyboardInterrupt and the like: restored, and passed on as they are
         raise ApplyError(
@@ -635,31 +701,47 @@ def _overlapping_rows(written: list[tuple[Row, str]], targets: dict[str, torch.T
 
 
 class _PageReleaser:
-    """Drops a checkpoint file's pages from this process once they are written into the model.
+    """Drops a checkpoint's file pages from this process once they are written into the model.
 
-    The checkpoint is memory-mapped privately and never written, so a dropped page comes back
-    from the file if it is touched again: no value changes, even for a neighbour that shares an
-    edge page and is read later. Without this the whole file stays in the process's resident
-    memory next to the undo snapshot, doubling an apply's peak. Only whole pages inside a
-    mapping of that very file are dropped (Linux; elsewhere it does nothing). Neighbouring
+    The checkpoint's files are memory-mapped privately and never written, so a dropped page
+    comes back from the file if it is touched again: no value changes, even for a neighbour that
+    shares an edge page and is read later. Without this every page apply copied stays in the
+    process's resident memory (a whole checkpoint's worth by the end). Only whole pages inside
+    a clean private mapping of a file are dropped, and only mappings that hold the values being
+    written (every shard of a sharded checkpoint; Linux; elsewhere it does nothing). Neighbouring
     tensors are gathered into one range, so small tensors cost no system call each.
     """
 
     _DONTNEED = 4  # MADV_DONTNEED on Linux
     _BATCH = 4 << 20  # drop this much at a time: few system calls, little held
 
-    def __init__(self, path: Path | None) -> None:
-        self._ranges: list[tuple[int, int]] = []
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self._ranges = sorted(ranges)
         self._madvise: Any = None
         self._page = mmap.PAGESIZE
         self._pending: tuple[int, int] | None = None
-        if path is None or not sys.platform.startswith("linux"):
-            return
+        if self._ranges:
+            try:
+                self._madvise = ctypes.CDLL(None, use_errno=True).madvise
+            except (OSError, AttributeError):
+                self._ranges = []
+
+    @classmethod
+    def around(
+        cls, values: Iterable[torch.Tensor], model: Iterable[torch.Tensor] = ()
+    ) -> _PageReleaser:
+        """A releaser for the file mappings that hold any of ``values``' data, leaving out any
+        that holds a ``model`` tensor (a model loaded with ``mmap``/``assign=True`` lives in such
+        a mapping: dropping the pages written into it would bring back the file's bytes)."""
+        addresses = _addresses(values)
+        if not addresses or not sys.platform.startswith("linux"):
+            return cls([])
         try:
-            self._ranges = _clean_mappings(Path(os.path.realpath(path)))
-            self._madvise = ctypes.CDLL(None, use_errno=True).madvise
-        except (OSError, AttributeError, ValueError):
-            self._ranges = []
+            mappings = _clean_file_mappings()
+        except (OSError, ValueError):
+            return cls([])
+        avoid = _addresses(model)
+        return cls([m for m in mappings if _holds_any(m, addresses) and not _holds_any(m, avoid)])
 
     def __call__(self, tensor: torch.Tensor) -> None:
         if not self._ranges or not tensor.is_contiguous() or tensor.device.type != "cpu":
@@ -676,7 +758,7 @@ class _PageReleaser:
             self.flush()
 
     def everything(self) -> None:
-        """Drop every page of the file mapped so far."""
+        """Drop every page of the mappings found."""
         for first, last in self._ranges:
             self._madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), self._DONTNEED)
 
@@ -695,23 +777,45 @@ class _PageReleaser:
                 return
 
 
-def _clean_mappings(path: Path) -> list[tuple[int, int]]:
-    """Address ranges where this process maps ``path``, from /proc/self/smaps; none if any of
-    its pages was written here (torch byte-swaps a big-endian file in place, for one), since
-    dropping a written page of a private mapping would bring back the file's bytes. (Dirty
-    counts do not tell: a file just saved is dirty in the page cache, not written here.)"""
+def _addresses(tensors: Iterable[torch.Tensor]) -> list[int]:
+    """Sorted first and last addresses of the CPU tensors' storages."""
+    found = []
+    for t in tensors:
+        if t.device.type == "cpu" and not t.is_meta:
+            storage = t.untyped_storage()
+            if storage.nbytes():
+                found += [storage.data_ptr(), storage.data_ptr() + storage.nbytes() - 1]
+    return sorted(found)
+
+
+def _holds_any(mapping: tuple[int, int], addresses: list[int]) -> bool:
+    """Whether any of the sorted ``addresses`` falls in ``[first, last)``."""
+    first, last = mapping
+    i = bisect.bisect_left(addresses, first)
+    return i < len(addresses) and addresses[i] < last
+
+
+def _clean_file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's private mappings of files, from /proc/self/smaps,
+    leaving out any with a page written here (torch byte-swaps a big-endian file in place, for
+    one), since dropping a written page of a private mapping would bring back the file's bytes.
+    (Dirty counts do not tell: a file just saved is dirty in the page cache, not written here.)"""
     ranges: list[tuple[int, int]] = []
-    inside = False
+    current: tuple[int, int] | None = None
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             fields = line.split(maxsplit=5)
             if not fields[0].endswith(":"):  # a mapping's first line: range, perms, ..., path
-                inside = len(fields) == 6 and fields[5].rstrip("\n") == str(path)
-                if inside:
+                if current is not None:
+                    ranges.append(current)
+                current = None
+                if len(fields) == 6 and fields[1].endswith("p") and fields[5].startswith("/"):
                     start, _, end = fields[0].partition("-")
-                    ranges.append((int(start, 16), int(end, 16)))
-            elif inside and fields[0] == "Anonymous:" and fields[1] != "0":
-                return []  # written pages of a private file mapping are anonymous copies
+                    current = (int(start, 16), int(end, 16))
+            elif current is not None and fields[0] == "Anonymous:" and fields[1] != "0":
+                current = None  # written pages of a private file mapping are anonymous copies
+    if current is not None:
+        ranges.append(current)
     return ranges
 
 
