@@ -21,7 +21,6 @@ from ckptviz import ApplyError, PlanError
 from ckptviz.core import apply as apply_module
 from ckptviz.core import snapshot as snapshot_module
 from ckptviz.core.apply import bitwise_equal
-from ckptviz.core.reading import human_bytes
 from ckptviz.core.snapshot import DiskSnapshot, Snapshot
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/fd")
@@ -373,8 +372,7 @@ def test_a_snapshot_larger_than_a_file_may_grow_refuses_before_writing(
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (512, hard))
     try:
-        expected = f"cannot reserve {human_bytes(_old_bytes(model))} for the undo snapshot"
-        with pytest.raises(PlanError, match=expected):
+        with pytest.raises(PlanError, match=r"cannot reserve 1\.\d KiB for the undo snapshot"):
             plan.apply(model, snapshot="disk", snapshot_dir=tmp_path)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -471,3 +469,11 @@ def test_unknown_snapshot_options_are_refused_before_writing(
     with pytest.raises(PlanError, match=message):
         apply(model, **options)
     assert calls == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/meminfo")
+def test_available_memory_is_what_the_system_reports_at_most() -> None:
+    with open("/proc/meminfo") as info:
+        total = next(int(ln.split()[1]) * 1024 for ln in info if ln.startswith("MemTotal:"))
+    available = snapshot_module.available_memory()
+    assert available is not None and 0 < available <= total

@@ -26,6 +26,7 @@ import signal
 import sys
 import tempfile
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,20 +73,21 @@ def nbytes_of(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-class Snapshot:
+class Snapshot(ABC):
     """The old values of every model tensor an apply writes, saved one at a time."""
 
-    kind: str = ""
+    #: "memory" or "disk"
+    kind: str
 
     def __init__(self) -> None:
         self._entries: list[_Entry] = []
         self.closed = False
 
     # -- saving (the streamed pass) --------------------------------------------------------------
+    @abstractmethod
     def save(self, key: str, target: torch.Tensor) -> torch.Tensor | None:
         """Save ``target``'s current values before it is written; returns the in-memory copy if
         this snapshot keeps one (``None`` if they went to disk)."""
-        raise NotImplementedError
 
     def save_swap(self, key: str, target: torch.Tensor, replacement: torch.Tensor) -> None:
         """``target`` is a meta tensor about to be swapped with ``replacement`` (real storage):
@@ -101,9 +103,6 @@ class Snapshot:
     @property
     def targets(self) -> list[torch.Tensor]:
         return [e.target for e in self._entries]
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
     @property
     def memory_bytes(self) -> int:
@@ -160,14 +159,9 @@ class Snapshot:
             # only if the swap happened: a meta target not yet materialised has nothing to undo
             if entry.value.is_meta and not target.is_meta:
                 swap_tensors(target, entry.value)
-        elif entry.how == "copy":
-            assert entry.value is not None
-            target.copy_(entry.value)
         else:
-            target.copy_(self._read(entry))
-
-    def _read(self, entry: _Entry) -> torch.Tensor:
-        raise NotImplementedError
+            assert entry.how == "copy" and entry.value is not None
+            target.copy_(entry.value)
 
     def close(self) -> None:
         """Let go of everything saved (frees the memory or the file)."""
@@ -260,7 +254,14 @@ class DiskSnapshot(Snapshot):
         self._size += nbytes
         return None
 
+    def _restore_entry(self, entry: _Entry) -> None:
+        if entry.how == "file":
+            entry.target.copy_(self._read(entry))
+        else:
+            super()._restore_entry(entry)
+
     def _read(self, entry: _Entry) -> torch.Tensor:
+        """One saved tensor, read back into fresh memory of its size (one at a time)."""
         buffer = torch.empty(entry.shape, dtype=entry.dtype)
         if entry.nbytes:
             self._file.flush()
