@@ -489,7 +489,9 @@ def apply_plan(
     # The snapshot is what makes a failure part-way leave the model as it was; with undo=False
     # it is dropped as soon as the apply has succeeded. Made (and on disk, its space reserved)
     # before anything is read or written, so a full disk refuses the apply up front.
-    old_bytes = _old_values_bytes(written, targets)
+    # which memory each written row covers (tied rows: the same), worked out once
+    idents = {row.key: _storage_id(targets[row.key]) for row, _ in written}
+    old_bytes = _old_values_bytes(written, targets, idents)
     choice = choose_snapshot(snapshot, old_bytes, memory_budget)
     saved = new_snapshot(choice, old_bytes, snapshot_dir)
     try:
@@ -498,10 +500,10 @@ def apply_plan(
         notes: list[str] = []
         with ckpt.open() as data:
             values = _gather(written, data, fresh)
-            _check_tied_sources(written, values, targets, notes)
+            _check_tied_sources(written, values, targets, idents, notes)
             release = _PageReleaser.around(values.values(), targets.values())
             release.everything()  # what fetching touched: the writes need the room
-            entries = _write_all(written, targets, values, saved, verify, release, device)
+            entries = _write_all(written, targets, idents, values, saved, verify, release, device)
     except BaseException:
         saved.close()
         raise
@@ -526,13 +528,15 @@ def _where(choice: SnapshotChoice, saved: Snapshot) -> str:
     return "in memory" if choice.kind == "memory" else f"on disk in {saved.directory}"
 
 
-def _old_values_bytes(written: list[tuple[Row, str]], targets: dict[str, torch.Tensor]) -> int:
+def _old_values_bytes(
+    written: list[tuple[Row, str]], targets: dict[str, torch.Tensor], idents: dict[str, Any]
+) -> int:
     """Bytes of the values the snapshot will save: each written storage once, meta ones none."""
     seen: set[Any] = set()
     total = 0
     for row, _ in written:
         target = targets[row.key]
-        ident = _storage_id(target)
+        ident = idents[row.key]
         if ident not in seen and not target.is_meta:
             seen.add(ident)
             total += nbytes_of(target)
@@ -565,13 +569,14 @@ def _check_tied_sources(
     written: list[tuple[Row, str]],
     values: dict[str, torch.Tensor],
     targets: dict[str, torch.Tensor],
+    idents: dict[str, Any],
     notes: list[str],
 ) -> None:
     """Rows sharing one model storage must agree, or the last write would silently win."""
     actions = {row.key: a for row, a in written}
     groups: dict[Any, list[str]] = {}
     for row, _ in written:
-        groups.setdefault(_storage_id(targets[row.key]), []).append(row.key)
+        groups.setdefault(idents[row.key], []).append(row.key)
     for group in groups.values():
         if len(group) < 2:
             continue
@@ -595,6 +600,7 @@ def _check_tied_sources(
 def _write_all(
     written: list[tuple[Row, str]],
     targets: dict[str, torch.Tensor],
+    idents: dict[str, Any],
     values: dict[str, torch.Tensor],
     snapshot: Snapshot,
     verify: bool,
@@ -608,11 +614,12 @@ def _write_all(
     A row whose memory overlaps another written storage (views of one tensor that are not the
     same view) is verified again once everything is written, as a later write may change it.
     """
-    idents = {row.key: _storage_id(targets[row.key]) for row, _ in written}
     overlapping = _overlapping_rows(written, targets)
+    # partial rows still to verify per storage: its old values are kept until the last one
     rows_left: dict[Any, int] = {}
-    for row, _ in written:
-        rows_left[idents[row.key]] = rows_left.get(idents[row.key], 0) + 1
+    for row, action in written:
+        if action == "partial":
+            rows_left[idents[row.key]] = rows_left.get(idents[row.key], 0) + 1
     # old values a partial row's verification compares the kept rest with
     before: dict[int, torch.Tensor] = {}
     materialised: set[int] = set()
@@ -642,11 +649,12 @@ def _write_all(
                 entries.append(
                     _checked(row, action, target, values[row.key], before, verify, fresh)
                 )
-                rows_left[ident] -= 1
                 if row.key not in overlapping:
                     release(values[row.key])
-                    if not rows_left[ident]:
-                        before.pop(id(target), None)  # (a disk snapshot's transient copy)
+                    if action == "partial":
+                        rows_left[ident] -= 1
+                        if not rows_left[ident]:
+                            before.pop(id(target), None)  # (a disk snapshot's transient copy)
             release.flush()
             for row, action in written:
                 if row.key in overlapping:
@@ -778,14 +786,9 @@ class _PageReleaser:
 
 
 def _addresses(tensors: Iterable[torch.Tensor]) -> list[int]:
-    """Sorted first and last addresses of the CPU tensors' storages."""
-    found = []
-    for t in tensors:
-        if t.device.type == "cpu" and not t.is_meta:
-            storage = t.untyped_storage()
-            if storage.nbytes():
-                found += [storage.data_ptr(), storage.data_ptr() + storage.nbytes() - 1]
-    return sorted(found)
+    """Sorted addresses where the CPU tensors' data starts (enough to tell which mapping holds
+    each: a tensor's data lies inside one mapping)."""
+    return sorted(t.data_ptr() for t in tensors if t.device.type == "cpu" and t.numel())
 
 
 def _holds_any(mapping: tuple[int, int], addresses: list[int]) -> bool:

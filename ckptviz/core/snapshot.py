@@ -53,11 +53,11 @@ class SnapshotRestoreError(RuntimeError):
     """Some saved tensors could not be put back; the message names them."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
-    """One saved model tensor: its values in memory (``copy``), its bytes at ``offset`` in the
-    snapshot file (``file``), or the meta tensor it replaced (``swap``: ``value`` is the object that
-    holds the meta tensor once the swap happened)."""
+    """One saved model tensor: its values in memory (``copy``), its ``nbytes`` bytes at
+    ``offset`` in the snapshot file (``file``), or the meta tensor it replaced (``swap``:
+    ``value`` is the object that holds the meta tensor once the swap happened)."""
 
     key: str
     target: torch.Tensor
@@ -96,7 +96,7 @@ class Snapshot(ABC):
 
     def _keep_copy(self, key: str, target: torch.Tensor) -> torch.Tensor:
         copy = target.detach().clone()
-        self._entries.append(_Entry(key, target, "copy", copy, nbytes=nbytes_of(copy)))
+        self._entries.append(_Entry(key, target, "copy", copy))
         return copy
 
     # -- what it holds ---------------------------------------------------------------------------
@@ -106,7 +106,9 @@ class Snapshot(ABC):
 
     @property
     def memory_bytes(self) -> int:
-        return sum(e.nbytes for e in self._entries if e.how == "copy")
+        return sum(
+            nbytes_of(e.value) for e in self._entries if e.value is not None and e.how == "copy"
+        )
 
     @property
     def disk_bytes(self) -> int:
