@@ -193,7 +193,8 @@ def test_a_second_ctrl_c_while_restoring_waits_until_everything_is_back(
     model = Mixed(seed=1)
     state = State(model)
     plan = _plan(model, _checkpoint(tmp_path))
-    real_restore = Snapshot._restore_entry
+    owner = DiskSnapshot if kind == "disk" else Snapshot
+    real_restore = owner._restore_entry
     restored: list[str] = []
 
     def restore_with_ctrl_c(self: Snapshot, entry: snapshot_module._Entry) -> None:
@@ -202,7 +203,7 @@ def test_a_second_ctrl_c_while_restoring_waits_until_everything_is_back(
             signal.raise_signal(signal.SIGINT)  # the person presses Ctrl-C again
         real_restore(self, entry)
 
-    monkeypatch.setattr(Snapshot, "_restore_entry", restore_with_ctrl_c)
+    monkeypatch.setattr(owner, "_restore_entry", restore_with_ctrl_c)
     if when == "failed apply":
         _fail_write_at(monkeypatch, UNIQUE_WRITES, RuntimeError("late failure"))
         with pytest.raises(KeyboardInterrupt):
