@@ -71,10 +71,21 @@ class ModelSpec:
         """float32 bytes of its largest tensor (fc1/fc2 of a block, or one Linear weight)."""
         return 4 * (4 * self.width * self.width if self.kind == "wide" else self.width**2)
 
+    @property
+    def nbytes(self) -> int:
+        """float32 bytes of every tensor of the model."""
+        w = self.width
+        per = 12 * w * w + 13 * w if self.kind == "wide" else w * w + w
+        return 4 * per * self.count
+
+    def build_meta(self) -> nn.Module:
+        """The model on the meta device: shapes and dtypes, no storage."""
+        with torch.device("meta"):
+            return ARCHITECTURES[self.kind](self.count, self.width).eval()
+
     def build(self, *, fill: str = "zeros", seed: int = 0) -> nn.Module:
         """The model with real, resident memory (``zeros``) or seeded random values."""
-        with torch.device("meta"):
-            model = ARCHITECTURES[self.kind](self.count, self.width)
+        model = self.build_meta()
         model.to_empty(device="cpu")
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -95,6 +106,13 @@ SIZES: dict[str, list[ModelSpec]] = {
 
 FORMATS = ("pt", "safetensors")
 
+#: The multi-GB checkpoint of the snapshot group (apply with the undo snapshot in memory or on
+#: disk), saved as safetensors only: 144 blocks of width 768, 1,728 tensors, 4.1 GB (3.8 GiB).
+SNAPSHOT_SPECS: dict[str, ModelSpec] = {
+    "small": ModelSpec("wide-snapshot", "wide", 4, 64),
+    "large": ModelSpec("wide-4gb", "wide", 144, 768),
+}
+
 #: Rows of the widget's table per size: models of that many small tensors (``many``, width 8).
 WIDGET_ROWS: dict[str, tuple[int, ...]] = {"small": (200,), "large": (1_000, 10_000, 50_000)}
 
@@ -108,15 +126,19 @@ def second_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}-b{path.suffix}")
 
 
-def save_checkpoints(spec: ModelSpec, folder: Path, *, second: bool = False) -> dict[str, Path]:
-    """Save the spec's model with seeded random values as ``.pt`` and ``.safetensors``;
-    ``second`` saves the other side of a comparison (other values) next to them."""
+def save_checkpoints(
+    spec: ModelSpec, folder: Path, *, second: bool = False, formats: tuple[str, ...] = FORMATS
+) -> dict[str, Path]:
+    """Save the spec's model with seeded random values as ``.pt`` and ``.safetensors`` (or only
+    ``formats``); ``second`` saves the other side of a comparison (other values) next to them."""
     from safetensors.torch import save_file
 
     state = spec.build(fill="random", seed=2 if second else 1).state_dict()
-    paths = {fmt: folder / f"{spec.name}.{fmt}" for fmt in FORMATS}
+    paths = {fmt: folder / f"{spec.name}.{fmt}" for fmt in formats}
     if second:
         paths = {fmt: second_path(path) for fmt, path in paths.items()}
-    torch.save(state, paths["pt"])
-    save_file(state, str(paths["safetensors"]))
+    if "pt" in paths:
+        torch.save(state, paths["pt"])
+    if "safetensors" in paths:
+        save_file(state, str(paths["safetensors"]))
     return paths

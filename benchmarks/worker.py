@@ -13,6 +13,7 @@ import json
 import os
 import resource
 import struct
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -141,6 +142,54 @@ def _apply_ckptviz(undo: bool) -> Callable[[torch.nn.Module, Path], Run]:
     return setup
 
 
+# -- where the undo snapshot lives (the multi-GB checkpoint) ------------------------------------
+
+
+def write_bytes(fd: int, tensors: list[torch.Tensor]) -> int:
+    """Write the tensors' bytes one after another to ``fd``, as a disk snapshot does."""
+    total = 0
+    for tensor in tensors:
+        view = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        total += len(view)
+        while view:
+            view = view[os.write(fd, view) :]
+    return total
+
+
+def _snapshot_floor(model: torch.nn.Module, path: Path) -> Run:
+    """The least a disk snapshot can cost: load_state_dict, plus writing the model's bytes
+    sequentially to an unnamed file in the folder the snapshot uses (the system's temp folder)."""
+    fd, name = tempfile.mkstemp(prefix="ckptviz-bench-floor-", dir=tempfile.gettempdir())
+    os.unlink(name)  # freed when the process ends, like the snapshot's own file
+    tensors = list(model.state_dict().values())
+
+    def run() -> object:
+        written = write_bytes(fd, tensors)
+        model.load_state_dict(load_whole(path))
+        return written
+
+    return run
+
+
+def _snapshot_assign(model: torch.nn.Module, path: Path) -> Run:
+    """The low-memory path a user would pick instead: a meta-device model takes the file's
+    (memory-mapped) tensors themselves."""
+    return lambda: model.load_state_dict(load_whole(path), assign=True)
+
+
+def _apply_with_snapshot(kind: str, **options: Any) -> Callable[[torch.nn.Module, Path], Run]:
+    def setup(model: torch.nn.Module, path: Path) -> Run:
+        def run() -> object:
+            plan = ckptviz.compare(model, path).plan()
+            report = plan.apply(model, snapshot=kind, **options)
+            assert report.verified and report.snapshot_kind == kind
+            return report
+
+        return run
+
+    return setup
+
+
 def _stats_baseline(model: torch.nn.Module, path: Path) -> Run:
     def run() -> object:
         first, second = load_whole(path), load_whole(second_path(path))
@@ -237,6 +286,9 @@ def _widget_loader(model: torch.nn.Module, path: Path) -> Run:
     return lambda: ckptviz.Loader(model, state)
 
 
+#: Cases whose model is built on the meta device (no storage until the case gives it some).
+META_CASES = {"snapshot.assign", "snapshot.meta_disk"}
+
 #: Measurements taken from a case's result after its timed run (the widget's payload).
 AFTER_RUN: dict[str, Callable[[Any], dict[str, float]]] = {}
 
@@ -248,6 +300,12 @@ CASES: dict[str, Callable[[torch.nn.Module, Path], Run]] = {
     "apply.baseline": _apply_baseline,
     "apply.undo": _apply_ckptviz(undo=True),
     "apply.no_undo": _apply_ckptviz(undo=False),
+    "snapshot.baseline": _apply_baseline,
+    "snapshot.floor": _snapshot_floor,
+    "snapshot.assign": _snapshot_assign,
+    "snapshot.memory": _apply_with_snapshot("memory"),
+    "snapshot.disk": _apply_with_snapshot("disk"),
+    "snapshot.meta_disk": _apply_with_snapshot("disk", materialise="cpu"),
     "stats.baseline": _stats_baseline,
     "stats.ckptviz": _stats_ckptviz,
     "widget.baseline": _widget_baseline,
@@ -258,8 +316,12 @@ CASES: dict[str, Callable[[torch.nn.Module, Path], Run]] = {
 
 def run_case(case: str, spec: ModelSpec, path: Path) -> dict[str, Any]:
     """Build what the case needs, then run it once: wall and CPU time, peak RSS growth."""
-    # checkpoint-vs-checkpoint cases need no model
-    model = torch.nn.Module() if case.startswith("stats.") else spec.build()
+    if case.startswith("stats."):  # checkpoint-vs-checkpoint cases need no model
+        model = torch.nn.Module()
+    elif case in META_CASES:
+        model = spec.build_meta()
+    else:
+        model = spec.build()
     run = CASES[case](model, path)
     gc.collect()
     exact = reset_peak()

@@ -3,13 +3,14 @@ still leaves the model bitwise unchanged on any failure, with or without undo.""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_bitwise_same, snapshot
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import ckptviz
@@ -157,3 +158,51 @@ def test_a_later_write_through_an_overlapping_view_is_caught(tmp_path: Path) -> 
     with pytest.raises(ckptviz.ApplyError, match="verification failed for low"):
         ckptviz.compare(model, path).plan().apply(model, undo=False)
     assert_bitwise_same(model, before)
+
+
+@linux_only
+def test_no_shard_of_a_sharded_checkpoint_is_mapped_while_apply_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index is not the file the data lives in: every shard is read with checked reads, so
+    none of them is resident in this process while apply writes."""
+    torch.manual_seed(3)
+    state = {k: v.clone() for k, v in Stack().state_dict().items()}
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    shards = {"a.safetensors": list(state)[:4], "b.safetensors": list(state)[4:]}
+    for name, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(folder / name))
+    weight_map = {k: name for name, keys in shards.items() for k in keys}
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    real_write = apply_module._write
+    mapped: list[int] = []
+
+    def write(target: torch.Tensor, value: torch.Tensor, action: str) -> None:
+        mapped.append(sum(_mapped_rss_kib(folder / name) for name in shards))
+        real_write(target, value, action)
+
+    monkeypatch.setattr(apply_module, "_write", write)
+    model = Stack()
+    assert ckptviz.compare(model, index).plan().apply(model).verified
+    assert all(bitwise_equal(model.state_dict()[k], state[k]) for k in state)
+    assert len(mapped) == len(state) and set(mapped) == {0}, mapped
+
+
+@linux_only
+def test_a_model_living_in_a_mapped_file_is_never_released(tmp_path: Path) -> None:
+    """A model loaded with assign=True from safetensors lives in a private mapping of that file;
+    if the data written comes from the same mapping, dropping its pages after the writes would
+    bring back the file's bytes over what was just written (and verified)."""
+    path = tmp_path / "small.safetensors"
+    torch.manual_seed(4)
+    save_file(nn.Linear(10, 10).state_dict(), str(path))  # weight and bias share one page
+    mapped = load_file(str(path))
+    model = nn.Linear(10, 10)
+    model.load_state_dict(mapped, assign=True)
+    assert model.bias.data_ptr() == mapped["bias"].data_ptr()
+    new_weight = torch.full((10, 10), 7.0)
+    # the weight from memory, the bias from the model's own mapping (written onto itself)
+    ckptviz.compare(model, {"weight": new_weight, "bias": mapped["bias"]}).plan().apply(model)
+    assert bitwise_equal(model.weight.detach(), new_weight)

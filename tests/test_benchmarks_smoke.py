@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from conftest import REPO
 
-from benchmarks.run import END, START, WIDGET_GROUP, groups_for, write_results
-from benchmarks.synth import FORMATS, SIZES, WIDGET_ROWS, widget_spec
+from benchmarks.run import END, SNAPSHOT_GROUP, START, WIDGET_GROUP, groups_for, write_results
+from benchmarks.synth import FORMATS, SIZES, SNAPSHOT_SPECS, WIDGET_ROWS, widget_spec
 
 
 def test_small_run_measures_every_case_and_writes_results(tmp_path: Path) -> None:
@@ -46,6 +46,10 @@ def test_small_run_measures_every_case_and_writes_results(tmp_path: Path) -> Non
                     assert case["rss_growth"] >= 0
                 path = Path(result["file"])
                 assert result["file_bytes"] > 0 and not path.exists()  # measured, then removed
+    snapshot = measured[(SNAPSHOT_SPECS["small"].name, "safetensors", SNAPSHOT_GROUP.title)]
+    assert set(snapshot["cases"]) == {SNAPSHOT_GROUP.baseline.case} | {
+        v.case for v in SNAPSHOT_GROUP.variants
+    }
     assert list(scratch.iterdir()) == []  # generated checkpoints cleaned up
     for rows in WIDGET_ROWS["small"]:
         result = measured[(widget_spec(rows).name, "state dict", WIDGET_GROUP.title)]
@@ -63,7 +67,8 @@ def test_small_run_measures_every_case_and_writes_results(tmp_path: Path) -> Non
     variants = sum(len(g.variants) for fmt in FORMATS for g in groups_for(fmt))
     widget = len(WIDGET_GROUP.variants) * len(WIDGET_ROWS["small"])
     readings = [line for line in block.splitlines() if line.startswith("- ")]
-    assert len(readings) == variants * len(SIZES["small"]) + widget
+    snapshot_readings = len(SNAPSHOT_GROUP.variants)
+    assert len(readings) == variants * len(SIZES["small"]) + widget + snapshot_readings
     assert "### 3. The widget's payload" in block
     for label in ("read_checkpoint + compare", "plan.apply(model, undo=False)", ".stats()"):
         assert label in block

@@ -16,11 +16,13 @@ on the meta device, and the report says so.
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +33,14 @@ from ckptviz.core.display import render
 from ckptviz.core.errors import ApplyError, CheckpointError, PlanError
 from ckptviz.core.plan import ACTIONS, initialiser_of, refusal, reinit_seed
 from ckptviz.core.reading import read_checkpoint
+from ckptviz.core.snapshot import (
+    Snapshot,
+    SnapshotChoice,
+    choose_snapshot,
+    nbytes_of,
+    new_snapshot,
+    swap_tensors,
+)
 from ckptviz.core.text import visible, visible_lines
 
 if TYPE_CHECKING:
@@ -90,10 +100,6 @@ def _write(target: torch.Tensor, value: torch.Tensor, action: str) -> None:
         target.copy_(value)
 
 
-#: Gives a tensor object another tensor's storage, keeping the object (torch's own helper).
-_swap_tensors: Callable[[torch.Tensor, torch.Tensor], None] = torch.utils.swap_tensors
-
-
 def _materialised_like(target: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Uninitialised storage for a meta tensor, of its kind, to swap in before it is written."""
     empty = torch.empty(target.shape, dtype=target.dtype, device=device)
@@ -102,24 +108,23 @@ def _materialised_like(target: torch.Tensor, device: torch.device) -> torch.Tens
     return empty
 
 
-def _restore(target: torch.Tensor, saved: torch.Tensor) -> None:
-    """Put back what a snapshot entry saved: values, or the meta tensor a target replaced."""
-    if saved.is_meta:
-        _swap_tensors(target, saved)  # materialised: back to the meta tensor
-    elif not target.is_meta:  # (a meta target not yet materialised has nothing to restore)
-        target.copy_(saved)
-
-
 class Report:
-    """What an apply changed, verified; ``undo()`` puts the model back bit for bit."""
+    """What an apply changed, verified; ``undo()`` puts the model back bit for bit.
+
+    The old values ``undo()`` needs are kept in memory or in a temporary file on disk
+    (``snapshot_kind``, ``snapshot_dir``, ``snapshot_bytes``); the file is freed when the
+    report is dropped, once ``undo()`` ran, or when undo is no longer possible.
+    """
 
     def __init__(
         self,
         plan: Plan,
         model: torch.nn.Module,
         entries: list[ReportEntry],
-        snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        snapshot: Snapshot | None,
         notes: list[str],
+        snapshot_choice: SnapshotChoice | None = None,
+        snapshot_dir: Path | None = None,
     ) -> None:
         self.plan = plan
         self.model = model
@@ -127,6 +132,17 @@ class Report:
         self.notes = notes
         self._snapshot = snapshot
         self.undone = False
+        #: where apply kept the old values while writing: "memory" or "disk" (with
+        #: ``undo=False`` too, where they were dropped once the apply succeeded)
+        self.snapshot_kind: str | None = snapshot_choice.kind if snapshot_choice else None
+        #: why that kind (the ``snapshot=`` argument, or the budget ``auto`` compared with)
+        self.snapshot_reason: str | None = snapshot_choice.reason if snapshot_choice else None
+        #: the folder of the disk snapshot's temporary file (an unnamed file: it does not show
+        #: in a listing of the folder, but takes its space until freed)
+        self.snapshot_dir = snapshot_dir
+        if snapshot is not None:
+            # dropping the report frees the snapshot (the file's space) without waiting for undo
+            weakref.finalize(self, snapshot.close)
 
     @property
     def verified(self) -> bool:
@@ -134,16 +150,18 @@ class Report:
 
     @property
     def can_undo(self) -> bool:
-        return self._snapshot is not None and not self.undone
+        return self._snapshot is not None and not self._snapshot.closed and not self.undone
 
     @property
     def snapshot_bytes(self) -> int:
-        """Memory held for undo."""
-        if not self._snapshot:
+        """Bytes of old values held for undo, in memory or on disk (0 once undone or dropped)."""
+        if self._snapshot is None or self._snapshot.closed:
             return 0
-        return sum(
-            saved.numel() * saved.element_size() for _, saved in self._snapshot if not saved.is_meta
-        )
+        return self._snapshot.nbytes
+
+    def _drop_snapshot(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.close()
 
     def keys(self, action: str) -> list[str]:
         return [e.key for e in self.entries if e.action == action]
@@ -170,19 +188,28 @@ class Report:
                 "already undone: the model is back as it was before this apply", stacklevel=2
             )
             return 0
+        if self._snapshot.closed:
+            warnings.warn(
+                "nothing to undo: the snapshot was discarded when an earlier undo() found the "
+                "model changed",
+                stacklevel=2,
+            )
+            return 0
         live = {id(t) for t in self.model.state_dict(keep_vars=True).values()}
-        replaced = [t for t, _ in self._snapshot if id(t) not in live]
+        replaced = [t for t in self._snapshot.targets if id(t) not in live]
         if replaced:
+            self._drop_snapshot()
             raise PlanError(
                 f"cannot undo: {len(replaced)} tensor(s) written by this apply are no longer in "
-                "the model (it was changed or rebuilt since); nothing was restored"
+                "the model (it was changed or rebuilt since); nothing was restored, and the "
+                f"{self._snapshot.kind} snapshot was discarded, as it can no longer put this "
+                "model back"
             )
-        with torch.no_grad():
-            for target, saved in self._snapshot:
-                _restore(target, saved)
-        self.undone = True
-        restored = len(self._snapshot)
-        self._snapshot = []
+        try:
+            restored = self._snapshot.restore()
+        finally:
+            self.undone = True
+            self._drop_snapshot()
         return restored
 
     def summary(self) -> str:
@@ -193,8 +220,22 @@ class Report:
                     f"{action} {c['rows']} ({c['numel']:,} values, {human_bytes(c['bytes'])})"
                 )
         state = "undone" if self.undone else ("verified" if self.verified else "NOT verified")
-        source = visible(self.plan.diff.checkpoint.source)
-        return f"Applied {source}: " + ", ".join(parts) + f"; {state}"
+        return (
+            f"Applied {visible(self.plan.diff.checkpoint.source)}: "
+            + ", ".join(parts)
+            + f"; {state}"
+            + self._snapshot_text()
+        )
+
+    def _snapshot_text(self) -> str:
+        if self.snapshot_kind is None or self.undone:
+            return ""
+        where = "in memory" if self.snapshot_kind == "memory" else f"on disk in {self.snapshot_dir}"
+        if self._snapshot is None:
+            return f"; no undo kept (the apply was guarded by a snapshot {where})"
+        if self._snapshot.closed:
+            return "; undo no longer possible (snapshot discarded)"
+        return f"; undo snapshot: {human_bytes(self.snapshot_bytes)} {where}"
 
     def to_records(self) -> list[dict[str, Any]]:
         return [
@@ -422,6 +463,9 @@ def apply_plan(
     verify: bool = True,
     source: Any = None,
     materialise: str | torch.device | None = None,
+    snapshot: str = "auto",
+    snapshot_dir: str | os.PathLike[str] | None = None,
+    memory_budget: int | None = None,
 ) -> Report:
     device = _device(materialise)
     problems = _check_model(plan, model)
@@ -435,18 +479,33 @@ def apply_plan(
         raise PlanError(_problem_text("the plan does not fit the checkpoint", problems), problems)
 
     written = [(row, a) for row, a in plan if row.model is not None and a != "keep"]
-    fresh = _fresh_values(plan, model, device)
-    versions = {k: tensor_version(t) for k, t in targets.items()}
-    notes: list[str] = []
-    with ckpt.open() as data:
-        values = _gather(written, data, fresh)
-        _check_tied_sources(written, values, targets, notes)
-        # The snapshot is what makes a failure part-way leave the model as it was; with
-        # undo=False it is dropped as soon as the apply has succeeded.
-        snapshot = _take_snapshot(written, targets, device)
-        entries = _write_all(written, targets, values, snapshot, verify, data.changes)
+    # The snapshot is what makes a failure part-way leave the model as it was; with undo=False
+    # it is dropped as soon as the apply has succeeded. Made (and on disk, its space reserved)
+    # before anything is read or written, so a full disk refuses the apply up front.
+    # which memory each written row covers (tied rows: the same), worked out once
+    idents = {row.key: _storage_id(targets[row.key]) for row, _ in written}
+    old_bytes = _old_values_bytes(written, targets, idents)
+    choice = choose_snapshot(snapshot, old_bytes, memory_budget)
+    saved = new_snapshot(choice, old_bytes, snapshot_dir)
+    try:
+        fresh = _fresh_values(plan, model, device)
+        versions = {k: tensor_version(t) for k, t in targets.items()}
+        notes: list[str] = []
+        with ckpt.open() as data:
+            values = _gather(written, data, fresh)
+            _check_tied_sources(written, values, targets, idents, notes)
+            entries = _write_all(
+                written, targets, idents, values, saved, verify, data.changes, device
+            )
+    except BaseException:
+        saved.close()
+        raise
+    if not undo:
+        saved.close()
     entries += _keep_entries(plan, written, targets, versions)
     notes += _meta_notes(entries, targets, device)
+    if choice.kind == "disk":
+        notes.append(f"undo snapshot {_where(choice, saved)}: {choice.reason}")
     order = {row.key: i for i, row in enumerate(plan.diff.rows)}
     entries.sort(key=lambda e: order.get(e.key, 0))
     planned = plan.actions  # a copy per access: take it once, not once per tensor
@@ -455,7 +514,26 @@ def apply_plan(
         notes.append(
             f"{len(extra)} model tensor(s) not in the plan were left alone: {', '.join(extra[:5])}"
         )
-    return Report(plan, model, entries, snapshot if undo else None, notes)
+    return Report(plan, model, entries, saved if undo else None, notes, choice, saved.directory)
+
+
+def _where(choice: SnapshotChoice, saved: Snapshot) -> str:
+    return "in memory" if choice.kind == "memory" else f"on disk in {saved.directory}"
+
+
+def _old_values_bytes(
+    written: list[tuple[Row, str]], targets: dict[str, torch.Tensor], idents: dict[str, Any]
+) -> int:
+    """Bytes of the values the snapshot will save: each written storage once, meta ones none."""
+    seen: set[Any] = set()
+    total = 0
+    for row, _ in written:
+        target = targets[row.key]
+        ident = idents[row.key]
+        if ident not in seen and not target.is_meta:
+            seen.add(ident)
+            total += nbytes_of(target)
+    return total
 
 
 def _problem_text(head: str, problems: dict[str, str]) -> str:
@@ -512,13 +590,14 @@ def _check_tied_sources(
     written: list[tuple[Row, str]],
     values: Mapping[str, torch.Tensor],
     targets: dict[str, torch.Tensor],
+    idents: dict[str, Any],
     notes: list[str],
 ) -> None:
     """Rows sharing one model storage must agree, or the last write would silently win."""
     actions = {row.key: a for row, a in written}
     groups: dict[Any, list[str]] = {}
     for row, _ in written:
-        groups.setdefault(_storage_id(targets[row.key]), []).append(row.key)
+        groups.setdefault(idents[row.key], []).append(row.key)
     for group in groups.values():
         if len(group) < 2:
             continue
@@ -539,47 +618,34 @@ def _check_tied_sources(
         notes.append(f"tied tensors {' = '.join(group)} written once")
 
 
-def _take_snapshot(
-    written: list[tuple[Row, str]],
-    targets: dict[str, torch.Tensor],
-    materialise: torch.device | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(target, its values) per storage; for a meta target, the storage it will be swapped with
-    (after the swap that object holds the meta tensor, which is what undo puts back)."""
-    seen: set[Any] = set()
-    snapshot = []
-    for row, _ in written:
-        target = targets[row.key]
-        ident = _storage_id(target)
-        if ident not in seen:
-            seen.add(ident)
-            if target.is_meta:
-                assert materialise is not None  # _check_targets refused it otherwise
-                snapshot.append((target, _materialised_like(target, materialise)))
-            else:
-                snapshot.append((target, target.detach().clone()))
-    return snapshot
-
-
 def _write_all(
     written: list[tuple[Row, str]],
     targets: dict[str, torch.Tensor],
+    idents: dict[str, Any],
     values: Mapping[str, torch.Tensor],
-    snapshot: list[tuple[torch.Tensor, torch.Tensor]],
+    snapshot: Snapshot,
     verify: bool,
     changes: Callable[[], str | None],
+    materialise: torch.device | None,
 ) -> list[ReportEntry]:
-    """Write each storage once and verify each row right after (while its data is in cache).
+    """Save, write and verify each storage once, one at a time (while its data is in cache).
 
+    Each storage's old values go into the snapshot just before it is written (a meta target:
+    the meta tensor it is swapped for), so a disk snapshot is written in the same streamed pass.
     A row whose memory overlaps another written storage (views of one tensor that are not the
     same view) is verified again once everything is written, as a later write may change it.
     Last, the checkpoint's files must be as they were when it was read (``changes``): data
     read from a file rewritten meanwhile may mix two saves, each tensor "verified" against
     what was read.
     """
-    before = {id(t): saved for t, saved in snapshot}
-    idents = {row.key: _storage_id(targets[row.key]) for row, _ in written}
     overlapping = _overlapping_rows(written, targets)
+    # partial rows still to verify per storage: its old values are kept until the last one
+    rows_left: dict[Any, int] = {}
+    for row, action in written:
+        if action == "partial":
+            rows_left[idents[row.key]] = rows_left.get(idents[row.key], 0) + 1
+    # old values a partial row's verification compares the kept rest with
+    before: dict[int, torch.Tensor] = {}
     materialised: set[int] = set()
     current = "?"
     try:
@@ -589,16 +655,28 @@ def _write_all(
             for row, action in written:
                 current = row.key
                 target = targets[row.key]
-                if idents[row.key] not in seen:
-                    seen.add(idents[row.key])
+                ident = idents[row.key]
+                if ident not in seen:
+                    seen.add(ident)
                     if target.is_meta:
-                        _swap_tensors(target, before[id(target)])
+                        assert materialise is not None  # _check_targets refused it otherwise
+                        replacement = _materialised_like(target, materialise)
+                        snapshot.save_swap(row.key, target, replacement)
+                        swap_tensors(target, replacement)
                         materialised.add(id(target))
+                    else:
+                        kept = snapshot.save(row.key, target)
+                        if action == "partial":
+                            before[id(target)] = kept if kept is not None else target.clone()
                     _write(target, values[row.key], action)
                 fresh = id(target) in materialised
                 entries.append(
                     _checked(row, action, target, values[row.key], before, verify, fresh)
                 )
+                if row.key not in overlapping and action == "partial":
+                    rows_left[ident] -= 1
+                    if not rows_left[ident]:
+                        before.pop(id(target), None)  # (a disk snapshot's transient copy)
             for row, action in written:
                 if row.key in overlapping:
                     current = row.key
@@ -609,9 +687,7 @@ def _write_all(
                 raise CheckpointError(changed)
         return entries
     except BaseException as exc:
-        with torch.no_grad():
-            for target, saved in snapshot:
-                _restore(target, saved)
+        snapshot.restore()  # holds a second Ctrl-C until everything is back
         if not isinstance(exc, Exception):
             raise  # KeyboardInterrupt and the like: restored, and passed on as they are
         if isinstance(exc, CheckpointError):  # the checkpoint broke or changed while being read

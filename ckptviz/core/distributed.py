@@ -80,6 +80,7 @@ from ckptviz.core.errors import ApplyError, CheckpointError, PlanError
 from ckptviz.core.formats.base import Box, SliceReader, slice_reader
 from ckptviz.core.plan import Plan, initialiser_of, refusal, reinit_seed
 from ckptviz.core.reading import read_checkpoint
+from ckptviz.core.snapshot import MemorySnapshot, Snapshot
 
 if TYPE_CHECKING:
     from ckptviz.core.diff import Row
@@ -494,7 +495,7 @@ def _verify(task: _Task, saved: torch.Tensor) -> tuple[bool, str]:
 @dataclass
 class _Written:
     entries: list[ReportEntry]
-    snapshot: list[tuple[torch.Tensor, torch.Tensor]]
+    snapshot: Snapshot
 
 
 def _storage_key(local: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
@@ -513,13 +514,14 @@ def _write_all(
 
     On any failure (a read included) this rank's shards are restored at once.
     """
-    snapshot: list[tuple[torch.Tensor, torch.Tensor]] = []
+    snapshot = MemorySnapshot()
     saved: dict[Any, torch.Tensor] = {}
     for task in tasks:
         ident = _storage_key(task.local)
         if ident not in saved:
-            saved[ident] = task.local.detach().clone()
-            snapshot.append((task.local, saved[ident]))
+            copy = snapshot.save(task.row.key, task.local)
+            assert copy is not None  # a memory snapshot keeps its copies
+            saved[ident] = copy
     entries: list[ReportEntry] = []
     current = "?"
     try:
@@ -558,16 +560,11 @@ def _write_all(
                 task.value = None  # written and verified: the snapshot is what restores it
         return _Written(entries, snapshot), {}
     except BaseException as exc:
-        _restore(snapshot)
+        snapshot.restore()  # holds a second Ctrl-C until every shard is back
         if not isinstance(exc, Exception):
             raise  # Ctrl-C and the like: this rank is restored; the others stop at a collective
-        return _Written([], []), {current: f"{type(exc).__name__}: {exc}"}
-
-
-def _restore(snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for local, saved in snapshot:
-            local.copy_(saved)
+        snapshot.close()
+        return _Written([], snapshot), {current: f"{type(exc).__name__}: {exc}"}
 
 
 def _keep_entries(
@@ -604,7 +601,7 @@ class DistributedReport(Report):
         plan: Plan,
         model: torch.nn.Module,
         entries: list[ReportEntry],
-        snapshot: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        snapshot: Snapshot | None,
         notes: list[str],
         *,
         ranks: _Ranks,
@@ -648,10 +645,11 @@ class DistributedReport(Report):
                 ),
                 agreed,
             )
-        _restore(self._snapshot)
-        self.undone = True
-        restored = len(self._snapshot)
-        self._snapshot = []
+        try:
+            restored = self._snapshot.restore()
+        finally:
+            self.undone = True
+            self._snapshot.close()
         return restored
 
     def summary(self) -> str:
@@ -739,11 +737,12 @@ def apply_distributed(
         bad = [e for e in entries if not e.verified]
         problems = {e.key: f"changed although the plan keeps it ({e.detail})" for e in bad}
         if problems:
-            _restore(written.snapshot)
+            written.snapshot.restore()
     agreed = ranks.agree(problems)
     if agreed:
         if not problems:  # another rank failed: put back what this rank wrote
-            _restore(written.snapshot)
+            written.snapshot.restore()
+        written.snapshot.close()
         raise ApplyError(
             _problem_text(
                 "apply failed",
@@ -764,6 +763,8 @@ def apply_distributed(
         notes.append(
             f"{len(extra)} model tensor(s) not in the plan were left alone: {', '.join(extra[:5])}"
         )
+    if not undo:
+        written.snapshot.close()  # it guarded the writes; nothing is kept for undo
     return DistributedReport(
         plan,
         model,

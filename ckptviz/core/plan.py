@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -203,19 +204,35 @@ class Plan:
         verify: bool = True,
         source: Any = None,
         materialise: str | torch.device | None = None,
+        snapshot: str = "auto",
+        snapshot_dir: str | os.PathLike[str] | None = None,
+        memory_budget: int | None = None,
     ) -> Report:
         """Apply to ``model`` in place, all-or-nothing, and return the verified ``Report``.
 
-        ``undo=False`` skips the snapshot that ``Report.undo()`` needs (it stages the
-        checkpoint's data instead, so a failure still changes nothing). ``source`` reads the
-        tensors from another copy of the checkpoint (a path or an in-memory state dict).
-        ``materialise`` names the device on which model tensors still on the meta device get
-        storage when the plan writes them (without it, writing into one is refused).
+        The old values of what is written are saved first (the snapshot), so that any failure,
+        Ctrl-C included, puts the model back bit for bit, and ``Report.undo()`` can later.
+        ``snapshot`` says where: ``"memory"``, ``"disk"`` (a temporary file in ``snapshot_dir``,
+        by default the system's temp folder, its space reserved before anything is written) or
+        ``"auto"`` (disk when the old values exceed ``memory_budget`` bytes, by default a quarter
+        of the memory available). ``undo=False`` drops the snapshot once the apply succeeded.
+        ``source`` reads the tensors from another copy of the checkpoint (a path or an
+        in-memory state dict). ``materialise`` names the device on which model tensors still on
+        the meta device get storage when the plan writes them (without it, writing into one is
+        refused).
         """
         from ckptviz.core.apply import apply_plan
 
         return apply_plan(
-            self, model, undo=undo, verify=verify, source=source, materialise=materialise
+            self,
+            model,
+            undo=undo,
+            verify=verify,
+            source=source,
+            materialise=materialise,
+            snapshot=snapshot,
+            snapshot_dir=snapshot_dir,
+            memory_budget=memory_budget,
         )
 
     # -- saving ----------------------------------------------------------------------------------
