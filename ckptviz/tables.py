@@ -53,6 +53,7 @@ STATUS_MARKS = {"match": "✓", "dtype": "≈", "shape": "✗", "missing": "−"
 #: Columns of prose (they wrap; every other cell stays on one line).
 PROSE_COLUMNS = ("note", "detail")
 _VERIFIED = {True: "✓ yes", False: "✗ NO"}
+_UNDONE = "↶ undone"
 _EQUAL = {True: "yes", False: "no"}
 
 
@@ -248,7 +249,10 @@ def report_html(report: Any) -> str:
     records = report.to_records()
     df = pd.DataFrame([records[i] for i in shown], columns=list(records[0]) if records else None)
     if not df.empty:
-        df["verified"] = df["verified"].map(lambda ok: _VERIFIED[bool(ok)])
+        # after undo no row holds what apply wrote: say so instead of "verified"
+        df["verified"] = df["verified"].map(
+            lambda ok: _UNDONE if report.undone else _VERIFIED[bool(ok)]
+        )
     kept = set(shown)
     hidden = [
         f"{e.action}, verified" if e.verified else f"{e.action}, NOT verified"

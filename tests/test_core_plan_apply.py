@@ -287,3 +287,18 @@ def test_to_code_for_safetensors_nested_and_renamed_checkpoints(tmp_path: Path) 
         for key, value in model.state_dict().items():
             assert torch.equal(start.state_dict()[key], value), (path, key)
         assert torch.equal(start.conv1.weight, source.conv1.weight)
+
+
+def test_after_undo_no_row_of_the_report_says_verified(tmp_path: Path) -> None:
+    """A reader of an undone report must not see rows marked verified: the model no longer
+    holds what was written."""
+    model = nn.Linear(4, 3)
+    source = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    report = ckptviz.compare(model, source).plan().apply(model)
+    assert "✓ yes" in report._repr_html_()
+    report.undo()
+    html = report._repr_html_()
+    text = str(report)
+    assert "✓ yes" not in html and "↶ undone" in html
+    table = text.split("\n\n", 1)[1]
+    assert " yes " not in table and "undone" in table

@@ -265,8 +265,9 @@ class Report:
     def __str__(self) -> str:
         from ckptviz.core.text import format_table
 
+        # after undo no row holds what apply wrote: "verified" would describe a state that is gone
         rows = [
-            [e.key, e.action, e.checkpoint_key or "", "yes" if e.verified else "NO", e.detail]
+            [e.key, e.action, e.checkpoint_key or "", self._row_state(e), e.detail]
             for e in self.entries
         ]
         table = format_table(["model key", "action", "from", "verified", "detail"], rows)
@@ -275,6 +276,11 @@ class Report:
 
     def __repr__(self) -> str:
         return f"<Report {self.summary()}>"
+
+    def _row_state(self, entry: ReportEntry) -> str:
+        if self.undone:
+            return "undone"
+        return "yes" if entry.verified else "NO"
 
 
 # -- the apply itself ---------------------------------------------------------------------------
