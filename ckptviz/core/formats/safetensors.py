@@ -11,8 +11,9 @@ from ckptviz.core.checkpoint import (
     Checkpoint,
     FileFingerprint,
     TensorInfo,
+    ITEMSIZES,
     TensorSource,
-    dtype_from_name,
+    declarations_of,
 )
 from ckptviz.core.errors import CheckpointError, first_line
 from ckptviz.core.formats.base import FileFormat
@@ -71,7 +72,8 @@ def read_safetensors(
                 n = 1
                 for s in shape:
                     n *= s
-                tensors[name] = TensorInfo(name, shape, dtype, n * dtype_from_name(dtype).itemsize)
+                with declarations_of(path):
+                    tensors[name] = TensorInfo(name, shape, dtype, n * ITEMSIZES[dtype])
     except CheckpointError:
         raise
     except Exception as exc:

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
+import secrets
 import struct
 import sys
 import zipfile
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -32,6 +34,7 @@ from ckptviz.core.checkpoint import (
     DeclaredTensor,
     NotPlain,
     TensorSource,
+    _Sealed,
     dtype_from_name,
     gc_paused,
 )
@@ -68,24 +71,163 @@ _STORAGE_DTYPES = {
 
 _REBUILD_TENSOR, _REBUILD_PARAMETER = saved_tensor_globals()
 
+#: Largest ``data.pkl`` read (inflated size, as declared in the zip directory and as read). It
+#: takes about 100 bytes a tensor: 256 MiB is ~2.5 million tensors, over 25 times the largest
+#: checkpoints published, and bounds what a compressed pickle may inflate to.
+MAX_PICKLE_BYTES = 256 * 2**20
+#: Most pickle opcodes (each builds at most one object) plus entries copied into OrderedDicts:
+#: ~31 a tensor, so ~300,000 tensors. Past it a crafted pickle could fill memory.
+MAX_PICKLE_NODES = 10_000_000
+#: Deepest nesting of containers being filled (pickle MARKs open at once); torch.save opens one
+#: per nested dict or list, so real checkpoints stay below 20.
+MAX_PICKLE_DEPTH = 1_000
+#: Highest memo slot the C unpickler is given: it allocates an array up to the slot (4 bytes of
+#: pickle could ask for 64 GiB); torch.save's memo holds ~8 slots a tensor.
+_MAX_MEMO_SLOT = 1 << 22
 
-@dataclass(frozen=True)
-class _StorageKind:
+# Opcodes torch's weights-only unpickler knows, by the length of their fixed-size argument.
+# Every other opcode is refused by torch.load(weights_only=True), so a pickle using one is not
+# read here. BINUNICODE, SHORT_BINSTRING, LONG1, GLOBAL, MARK, the opcodes that close a MARK,
+# LONG_BINPUT, EMPTY_LIST, BUILD and STOP are handled one by one in ``_scan``.
+_FIXED_ARGUMENT: list[int | None] = [None] * 256
+for _codes, _length in (
+    (b"\x81Rs)}\x8fQ\x85\x86\x87N\x89\x88a", 0),  # NEWOBJ REDUCE SETITEM EMPTY_TUPLE/DICT/SET ...
+    (b"Khq\x80", 1),  # BININT1 BINGET BINPUT PROTO
+    (b"M", 2),  # BININT2
+    (b"Jj", 4),  # BININT LONG_BINGET
+    (b"G", 8),  # BINFLOAT
+):
+    for _code in _codes:
+        _FIXED_ARGUMENT[_code] = _length
+
+
+class _Rewrites:
+    """Opcodes whose effect the C unpickler and torch's differ on, routed to Python instead.
+
+    BUILD: torch builds only an OrderedDict (``__dict__.update``), a tensor or a parameter; the
+    C unpickler no-ops a BUILD with ``None`` state on anything. EMPTY_LIST: the C unpickler lets
+    SETITEM write into a list, torch does not. Each becomes a persistent id carrying a token
+    made for this read (a file cannot forge it), which ``_DeclarationUnpickler`` answers.
+    """
+
+    def __init__(self) -> None:
+        self.build_token = secrets.token_hex(16)
+        self.list_token = secrets.token_hex(16)
+        self.build = b"X" + struct.pack("<I", 32) + self.build_token.encode() + b"\x87Q"
+        self.list = b"X" + struct.pack("<I", 32) + self.list_token.encode() + b"\x85Q"
+
+
+def _scan(data: bytes, path: Path, rewrites: _Rewrites) -> bytes | None:
+    """``data`` ready for the C unpickler, or ``None`` when it uses an opcode (or a memo slot)
+    torch's weights-only unpickler would not read the same way: then torch.load decides.
+
+    Also bounds what unpickling it may build, whoever unpickles it: more than
+    ``MAX_PICKLE_NODES`` opcodes or MARKs nested deeper than ``MAX_PICKLE_DEPTH`` are refused
+    here, before anything is built.
+    """
+    fixed = _FIXED_ARGUMENT
+    unpack = struct.unpack_from
+    pos = ops = depth = 0
+    same_as_torch = True
+    spliced: list[tuple[int, bytes]] = []
+    try:
+        while ops < MAX_PICKLE_NODES:
+            code = data[pos]
+            ops += 1
+            length = fixed[code]
+            if length is not None:
+                pos += 1 + length
+            elif code == 0x72:  # LONG_BINPUT
+                same_as_torch &= unpack("<I", data, pos + 1)[0] < _MAX_MEMO_SLOT
+                pos += 5
+            elif code == 0x58:  # BINUNICODE
+                pos += 5 + unpack("<I", data, pos + 1)[0]
+            elif code == 0x28:  # MARK
+                # an empty SETITEMS/APPENDS on a wrong target: torch refuses, the C one skips
+                same_as_torch &= data[pos + 1] not in b"ue"
+                depth += 1
+                if depth > MAX_PICKLE_DEPTH:
+                    raise _bound_error(path, f"nests containers over {MAX_PICKLE_DEPTH:,} deep")
+                pos += 1
+            elif code in b"tue":  # TUPLE SETITEMS APPENDS: close a MARK
+                depth -= 1
+                pos += 1
+            elif code == 0x5D:  # EMPTY_LIST
+                spliced.append((pos, rewrites.list))
+                pos += 1
+            elif code == 0x62:  # BUILD
+                spliced.append((pos, rewrites.build))
+                pos += 1
+            elif code == 0x63:  # GLOBAL: two lines
+                pos = data.index(b"\n", data.index(b"\n", pos + 1) + 1) + 1
+            elif code == 0x55 or code == 0x8A:  # SHORT_BINSTRING, LONG1
+                pos += 2 + data[pos + 1]
+            elif code == 0x2E:  # STOP
+                break
+            else:
+                return None  # torch.load stops here too: "Unsupported operand"
+        else:
+            raise _bound_error(path, f"has over {MAX_PICKLE_NODES:,} opcodes")
+    except (IndexError, ValueError, struct.error):
+        return None  # truncated: torch.load says what is wrong
+    if not same_as_torch:
+        return None
+    if not spliced:
+        return data
+    pieces, last = [], 0
+    for at, replacement in spliced:
+        pieces += (data[last:at], replacement)
+        last = at + 1
+    pieces.append(data[last:])
+    return b"".join(pieces)
+
+
+def _bound_error(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: its pickle (data.pkl) {what}, past what ckptviz reads from a checkpoint; it "
+        "was refused before anything was built. A real checkpoint stays far below; if you trust "
+        "this file, load it with torch.load yourself and pass the state dict to ckptviz."
+    )
+
+
+class _StorageKind(_Sealed):
+    """What ``torch.FloatStorage`` and its kin stand for in a declaration: a dtype."""
+
+    __slots__ = ("dtype",)
     dtype: str
+
+    def __init__(self, dtype: str) -> None:
+        object.__setattr__(self, "dtype", dtype)
+
+
+class _List(list[Any]):
+    """A list the pickle builds: it may be appended to, as torch allows, and nothing else."""
+
+    __slots__ = ()
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        raise NotPlain("a SETITEM on a list")
 
 
 class _DeclarationUnpickler(pickle.Unpickler):
     """Unpickles ``data.pkl`` with tensors as declarations: no data is read and no function of
     torch runs. Only the globals torch.save writes for plain tensors in dicts are known, each
-    standing for a function of this class; any other global stops it (``NotPlain``)."""
+    standing for a function of this class; any other global stops it (``NotPlain``), as does
+    anything torch's ``_rebuild_tensor_v2`` would do more with than place a tensor in its
+    storage (conj/neg bits, ``requires_grad``, hooks). Declarations are sealed once built."""
 
-    def __init__(self, data: bytes) -> None:
-        super().__init__(io.BytesIO(data))
+    def __init__(self, data: bytes, path: Path, rewrites: _Rewrites) -> None:
+        # torch.load decodes SHORT_BINSTRING as UTF-8, strictly
+        super().__init__(io.BytesIO(data), encoding="utf-8")
+        self.path = path
+        self.rewrites = rewrites
         self.storages: dict[str, DeclaredStorage] = {}
+        self.tensors: list[DeclaredTensor] = []
+        self.copied = 0
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "collections" and name == "OrderedDict":
-            return OrderedDict
+            return self._ordered_dict
         if (module, name) == _REBUILD_TENSOR:
             return self._tensor
         if (module, name) == _REBUILD_PARAMETER:
@@ -94,11 +236,36 @@ class _DeclarationUnpickler(pickle.Unpickler):
             return _StorageKind(_STORAGE_DTYPES[name])
         raise NotPlain(f"{module}.{name}")
 
+    def _ordered_dict(self, *args: Any) -> OrderedDict[Any, Any]:
+        built: OrderedDict[Any, Any] = OrderedDict(*args)
+        # copies of a big dict, made again and again, are the one way to build more objects
+        # than the pickle has opcodes
+        self.copied += len(built)
+        if self.copied > MAX_PICKLE_NODES:
+            raise _bound_error(self.path, f"copies over {MAX_PICKLE_NODES:,} dict entries")
+        return built
+
     def persistent_load(self, pid: Any) -> Any:
+        if type(pid) is tuple and len(pid) == 5:
+            return self._storage(pid)
+        if type(pid) is tuple and len(pid) == 3 and pid[2] == self.rewrites.build_token:
+            return self._build(pid[0], pid[1])
+        if type(pid) is tuple and len(pid) == 1 and pid[0] == self.rewrites.list_token:
+            return _List()
+        raise NotPlain("an unusual persistent id")
+
+    def _build(self, inst: Any, state: Any) -> Any:
+        """A pickle BUILD, as torch's weights-only unpickler does it on an OrderedDict (the
+        attributes of a ``state_dict()``); on anything else torch.load decides."""
+        if type(inst) is not OrderedDict:
+            raise NotPlain(f"a BUILD on a {type(inst).__name__}")
+        inst.__dict__.update(state)
+        return inst
+
+    def _storage(self, pid: tuple[Any, ...]) -> DeclaredStorage:
         if not (
-            type(pid) is tuple
-            and len(pid) == 5
-            and pid[0] == "storage"
+            pid[0] == "storage"
+            and type(pid[0]) is str
             and type(pid[1]) is _StorageKind
             and type(pid[2]) is str
             and type(pid[4]) is int
@@ -122,49 +289,228 @@ class _DeclarationUnpickler(pickle.Unpickler):
         backward_hooks: Any,
         metadata: Any = None,
     ) -> DeclaredTensor:
-        if not (type(storage) is DeclaredStorage and type(offset) is int):
+        if not (
+            type(storage) is DeclaredStorage
+            and type(offset) is int
+            and type(size) is tuple
+            and type(stride) is tuple
+            and requires_grad is False
+            and _no_hooks(backward_hooks)
+            and not metadata  # conj/neg bits: torch.load sets them, a view here would not
+        ):
             raise NotPlain("an unusual tensor")
-        shape, strides = tuple(size), tuple(stride)
-        for n in shape + strides:
+        for n in size + stride:
             if type(n) is not int:
                 raise NotPlain("an unusual tensor")
-        return DeclaredTensor(storage, offset, shape, strides)
+        tensor = DeclaredTensor(storage, offset, size, stride)
+        self.tensors.append(tensor)
+        return tensor
 
     def _parameter(self, data: Any, requires_grad: Any, backward_hooks: Any) -> DeclaredTensor:
-        if type(data) is not DeclaredTensor:
+        if not (
+            type(data) is DeclaredTensor
+            and type(requires_grad) is bool
+            and _no_hooks(backward_hooks)
+            # torch refuses gradients on integer and bool tensors
+            and (not requires_grad or dtype_from_name(data.storage.dtype).is_floating_point)
+        ):
             raise NotPlain("an unusual parameter")
         return data
 
 
-def _declared_object(archive: zipfile.ZipFile) -> tuple[object, dict[str, zipfile.ZipInfo]] | None:
+def _no_hooks(hooks: Any) -> bool:
+    """torch.save writes an empty OrderedDict; anything else torch.load would attach."""
+    return type(hooks) is OrderedDict and not hooks and not hooks.__dict__
+
+
+def _refuse(path: Path, problem: str, advice: str = "Re-save it with torch.save.") -> NoReturn:
+    raise CheckpointError(f"{path}: {problem}; torch.save never writes that. {advice}")
+
+
+@dataclass(frozen=True)
+class _Archive:
+    """A torch zip file's entries by the name torch's zip reader looks them up with."""
+
+    prefix: str  # "archive/": the folder of the first entry, which torch reads records from
+    entries: dict[bytes, zipfile.ZipInfo]  # ASCII-lower-cased raw name -> entry
+
+    def get(self, name: str) -> zipfile.ZipInfo | None:
+        return self.entries.get(_raw_name(self.prefix + name).lower())
+
+    @property
+    def pickle(self) -> zipfile.ZipInfo:
+        info = self.get("data.pkl")
+        assert info is not None
+        return info
+
+
+def _raw_name(name: str, utf8: bool = True) -> bytes:
+    return name.encode("utf-8" if utf8 else "cp437", "surrogateescape")
+
+
+def check_archive(path: Path, archive: zipfile.ZipFile) -> _Archive:
+    """The entries of a torch zip file, refusing what torch's zip reader and Python's would
+    read differently, so both paths (the declarations here and torch.load) read one file.
+
+    torch's reader (miniz) takes the folder of the first entry as the archive's, finds names
+    without regard to ASCII case, reads a name past a NUL byte and memory-maps tensor data
+    records raw: so a duplicate name (in any case), a NUL in a name, a second ``data.pkl``,
+    a compressed or encrypted data record, or a ``data.pkl`` over ``MAX_PICKLE_BYTES`` is
+    refused here.
+    """
+    infos = archive.infolist()
+    entries: dict[bytes, zipfile.ZipInfo] = {}
+    for info in infos:
+        if info.orig_filename != info.filename:
+            _refuse(path, f"the zip entry {info.orig_filename!r} has a NUL byte in its name")
+        raw = _raw_name(info.filename, bool(info.flag_bits & 0x800)).lower()
+        if raw in entries:
+            _refuse(
+                path,
+                f"the zip holds two entries named {info.filename!r} (names are compared "
+                "ignoring case, as torch's zip reader does): torch.load reads one of them, "
+                "ckptviz could read the other",
+            )
+        if info.flag_bits & 0x1:
+            _refuse(path, f"the zip entry {info.filename!r} is encrypted")
+        entries[raw] = info
+    folder, slash, _ = infos[0].filename.partition("/") if infos else ("", "", "")
+    if not slash:
+        _refuse(path, "the first zip entry is not in a folder, where torch.load looks")
+    found = _Archive(f"{folder}/", entries)
+    pickles = [info.filename for info in infos if info.filename.lower().endswith("data.pkl")]
+    if len(pickles) != 1 or found.get("data.pkl") is None:
+        _refuse(
+            path,
+            f"the zip holds {len(pickles)} pickles ({', '.join(map(repr, pickles[:4]))}), and "
+            f"torch.load reads only {folder}/data.pkl",
+        )
+    data_folder = _raw_name(f"{folder}/data/").lower()
+    for raw, info in entries.items():
+        if raw.startswith(data_folder) and info.compress_type != zipfile.ZIP_STORED:
+            _refuse(
+                path,
+                f"the tensor data record {info.filename!r} is compressed (torch.load would map "
+                "its compressed bytes as tensor values)",
+            )
+    pickle_info = found.pickle
+    if pickle_info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        _refuse(path, f"data.pkl is compressed with method {pickle_info.compress_type}")
+    if pickle_info.file_size > MAX_PICKLE_BYTES:
+        raise _bound_error(
+            path, f"is {pickle_info.file_size:,} bytes, over {MAX_PICKLE_BYTES:,} bytes"
+        )
+    return found
+
+
+def _read_pickle(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """data.pkl, inflated at most to ``MAX_PICKLE_BYTES`` (zipfile stops at the size the zip
+    directory declares, which ``check_archive`` bounded, and checks the CRC)."""
+    with archive.open(info) as stream:
+        data = stream.read(MAX_PICKLE_BYTES + 1)
+    if len(data) > MAX_PICKLE_BYTES:
+        raise _bound_error(path, f"inflates past {MAX_PICKLE_BYTES:,} bytes")
+    return data
+
+
+def _declared_object(
+    path: Path, archive: zipfile.ZipFile, found: _Archive
+) -> tuple[object, dict[str, zipfile.ZipInfo]] | None:
     """A torch zip file's saved object with each tensor as its declaration, or ``None`` when
-    the file holds anything else or declares a tensor beyond the bytes its record holds: then
-    ``torch.load`` reads it, with its own checks and errors.
+    the file holds anything else, or anything torch.load would read in another way than a
+    view of its record's bytes: then ``torch.load`` reads it, with its own checks and errors.
+
+    Afterwards every declared tensor is checked again against its own zip record (dtype,
+    offset, shape, stride, size): the declarations are sealed, and this says it twice.
 
     This is what makes reading metadata cheap: ``torch.load(weights_only=True)`` unpickles in
     Python and builds a tensor per entry, here the C unpickler builds small records.
     """
-    names = {info.filename: info for info in archive.infolist()}
-    pickles = [name for name in names if name.rpartition("/")[2] == "data.pkl"]
-    if len(pickles) != 1 or names[pickles[0]].compress_type != zipfile.ZIP_STORED:
-        return None
-    prefix = pickles[0][: -len("data.pkl")]
-    byteorder = names.get(f"{prefix}byteorder")
+    byteorder = found.get("byteorder")
+    alignment = found.get(".storage_alignment")
     try:
         if byteorder is not None and archive.read(byteorder) != sys.byteorder.encode():
-            return None  # torch.load swaps the bytes
-        unpickler = _DeclarationUnpickler(archive.read(pickles[0]))
+            return None  # torch.load swaps the bytes, or refuses an unknown byte order
+        if alignment is not None:
+            int(archive.read(alignment))  # torch.load fails on anything int() does not read
+        if not _known_version(archive, found):
+            return None
+        data = _read_pickle(path, archive, found.pickle)
+    except CheckpointError:
+        raise
+    except Exception:  # a damaged entry: torch.load decides what it is
+        return None
+    rewrites = _Rewrites()
+    scanned = _scan(data, path, rewrites)
+    if scanned is None:
+        return None
+    unpickler = _DeclarationUnpickler(scanned, path, rewrites)
+    try:
         with gc_paused():
             obj: object = unpickler.load()
+    except CheckpointError:
+        raise
     except Exception:  # NotPlain, or anything odd: torch.load decides what it is
         return None
     records = {}
     for storage in unpickler.storages.values():
-        record = names.get(f"{prefix}data/{storage.key}")
-        if record is None or record.file_size < storage.numel * ITEMSIZES[storage.dtype]:
+        record = found.get(f"data/{storage.key}")
+        if record is None:
             return None
+        declared = storage.numel * ITEMSIZES[storage.dtype]
+        if record.file_size != declared:
+            only = "only " if record.file_size < declared else ""
+            _refuse(
+                path,
+                f"tensor {_key_of(obj, storage)} declares {storage.numel:,} {storage.dtype} "
+                f"values ({declared:,} bytes) in storage {storage.key!r}, but the file holds "
+                f"{only}{record.file_size:,} bytes for it (torch.load refuses such a file too)",
+            )
         records[storage.key] = record
+    for tensor in unpickler.tensors:
+        if not _fits_record(tensor, records):
+            return None
     return obj, records
+
+
+def _key_of(obj: object, storage: DeclaredStorage) -> str:
+    """Where in the saved object a tensor of ``storage`` sits ('state_dict/fc.weight'), for
+    an error message; looked for breadth first, among the first objects only."""
+    queue: deque[tuple[str, object]] = deque([("", obj)])
+    for _ in range(100_000):
+        if not queue:
+            break
+        where, node = queue.popleft()
+        if type(node) is DeclaredTensor and node.storage is storage:
+            return repr(where)
+        if isinstance(node, Mapping):
+            queue.extend((f"{where}/{k}".lstrip("/"), v) for k, v in node.items())
+        elif isinstance(node, (list, tuple)):
+            queue.extend((f"{where}/{i}".lstrip("/"), v) for i, v in enumerate(node))
+    return "(not found)"
+
+
+def _fits_record(tensor: DeclaredTensor, records: Mapping[str, zipfile.ZipInfo]) -> bool:
+    """The declaration, checked again from its parts, lies inside its own record's bytes."""
+    storage = tensor.storage
+    record = records.get(storage.key)
+    itemsize = ITEMSIZES.get(storage.dtype)
+    if record is None or itemsize is None or type(tensor) is not DeclaredTensor:
+        return False
+    if tensor.numel == 0:
+        return tensor.offset * itemsize <= record.file_size
+    last = tensor.offset + sum(
+        (size - 1) * step for size, step in zip(tensor.shape, tensor.stride, strict=True)
+    )
+    return tensor.offset >= 0 and (last + 1) * itemsize <= record.file_size
+
+
+def _known_version(archive: zipfile.ZipFile, found: _Archive) -> bool:
+    """The format version torch.save writes (1 to 3), read where torch's reader reads it."""
+    record = found.get(".data/version") or found.get("version")
+    if record is None or record.file_size > 16:
+        return False
+    return re.fullmatch(rb"[123]\n?", archive.read(record)) is not None
 
 
 def _declared_opener(
@@ -318,7 +664,12 @@ def read_torch_zip(
                 f"{path}: a zip file, but not one written by torch.save (no data.pkl inside). "
                 "Expected a torch checkpoint or a .safetensors file."
             )
-        declared = None if trusted or allow else _declared_object(archive)
+        found = check_archive(path, archive)
+        declared = None
+        if not trusted and not allow:
+            declared = _declared_object(path, archive, found)
+        elif not trusted:  # torch.load unpickles it: bound what that may build first
+            _scan(_read_pickle(path, archive, found.pickle), path, _Rewrites())
     if declared is not None:
         obj, records = declared
         return checkpoint_from_object(
