@@ -110,9 +110,26 @@ class TensorInfo:
     module_type: str | None = None
 
     def __post_init__(self) -> None:
-        problem = declaration_problem(self.key, self.shape, self.dtype, self.nbytes)
-        if problem is not None:
-            raise InvalidDeclaration(f"tensor {_shown(self.key)} {problem}")
+        # the common case inline (a table of 20,000 tensors builds 20,000 of these); any doubt
+        # goes to declaration_problem, which says what is wrong
+        shape, dtype = self.shape, self.dtype
+        if type(self.key) is str and type(shape) is tuple and len(shape) <= MAX_RANK:
+            numel = 1
+            for size in shape:
+                if type(size) is not int or not 0 <= size < INT64_LIMIT:
+                    break
+                numel *= size
+            else:
+                itemsize = ITEMSIZES.get(dtype) if type(dtype) is str else None
+                if (
+                    itemsize is not None
+                    and numel < INT64_LIMIT
+                    and type(self.nbytes) is int
+                    and self.nbytes == numel * itemsize
+                ):
+                    return
+        problem = declaration_problem(self.key, shape, dtype, self.nbytes)
+        raise InvalidDeclaration(f"tensor {_shown(self.key)} {problem}")
 
     @property
     def numel(self) -> int:
@@ -184,8 +201,8 @@ class DeclaredTensor(_Sealed):
     """A tensor as a torch zip file's pickle declares it: which storage, where, what shape.
 
     Refuses (``NotPlain``) what torch's ``set_`` would refuse or not read the same way: a
-    negative or 64-bit-overflowing size, stride or offset, more than ``MAX_RANK`` dimensions,
-    or elements beyond its storage.
+    size, stride or offset that is not a non-negative 64-bit ``int``, sizes and strides of
+    different lengths or more than ``MAX_RANK``, or elements beyond its storage.
     """
 
     __slots__ = ("nbytes", "numel", "offset", "shape", "storage", "stride")
@@ -203,16 +220,27 @@ class DeclaredTensor(_Sealed):
         shape: tuple[int, ...],
         stride: tuple[int, ...],
     ) -> None:
-        if len(shape) != len(stride) or len(shape) > MAX_RANK:
-            raise NotPlain("a tensor with as many strides as sizes, at most 64")
+        if (
+            type(offset) is not int
+            or not 0 <= offset < INT64_LIMIT
+            or type(shape) is not tuple
+            or type(stride) is not tuple
+            or len(shape) != len(stride)
+            or len(shape) > MAX_RANK
+        ):
+            raise NotPlain("an unusual tensor")
         numel, last = 1, offset
-        for size, step in zip(shape, stride, strict=True):
-            if not (0 <= size < INT64_LIMIT and 0 <= step < INT64_LIMIT):
-                raise NotPlain("a tensor with a negative or overflowing size or stride")
+        for size, step in zip(shape, stride):
+            if (
+                type(size) is not int
+                or type(step) is not int
+                or not 0 <= size < INT64_LIMIT
+                or not 0 <= step < INT64_LIMIT
+            ):
+                raise NotPlain("a tensor with a size or stride torch would not take")
             numel *= size
             last += (size - 1) * step
-        inside = last < storage.numel if numel else offset <= storage.numel
-        if offset < 0 or numel >= INT64_LIMIT or not inside:
+        if numel >= INT64_LIMIT or not (last < storage.numel if numel else offset <= storage.numel):
             raise NotPlain("a tensor beyond its storage")
         setter = object.__setattr__
         setter(self, "storage", storage)

@@ -10,6 +10,7 @@ from one private memory mapping of the file.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import re
@@ -72,33 +73,46 @@ _STORAGE_DTYPES = {
 _REBUILD_TENSOR, _REBUILD_PARAMETER = saved_tensor_globals()
 
 #: Largest ``data.pkl`` read (inflated size, as declared in the zip directory and as read). It
-#: takes about 100 bytes a tensor: 256 MiB is ~2.5 million tensors, over 25 times the largest
-#: checkpoints published, and bounds what a compressed pickle may inflate to.
-MAX_PICKLE_BYTES = 256 * 2**20
-#: Most pickle opcodes (each builds at most one object) plus entries copied into OrderedDicts:
-#: ~31 a tensor, so ~300,000 tensors. Past it a crafted pickle could fill memory.
-MAX_PICKLE_NODES = 10_000_000
-#: Deepest nesting of containers being filled (pickle MARKs open at once); torch.save opens one
-#: per nested dict or list, so real checkpoints stay below 20.
-MAX_PICKLE_DEPTH = 1_000
+#: takes about 100 bytes a tensor: 64 MiB is ~600,000 tensors, several times the largest
+#: checkpoints published. It also bounds the memory of the objects the pickle builds that are
+#: not counted below (ints, floats, strings, references: at most ~16 bytes per pickle byte).
+MAX_PICKLE_BYTES = 64 * 2**20
+#: Most container-building opcodes (dict, set, tuple, list, call, global: up to ~220 bytes of
+#: memory each) plus entries copied into OrderedDicts. Counted as the bytes of the pickle that
+#: could be such an opcode, an over-count; torch.save writes ~8 a tensor, so real checkpoints
+#: of up to ~600,000 tensors pass.
+MAX_PICKLE_NODES = 5_000_000
+#: The bytes of those opcodes: EMPTY_DICT EMPTY_SET TUPLE1-3 TUPLE EMPTY_LIST REDUCE BINPERSID
+#: BUILD GLOBAL.
+_BUILDING_OPCODES = b"}\x8f\x85\x86\x87t]RQbc"
 #: Highest memo slot the C unpickler is given: it allocates an array up to the slot (4 bytes of
 #: pickle could ask for 64 GiB); torch.save's memo holds ~8 slots a tensor.
 _MAX_MEMO_SLOT = 1 << 22
 
-# Opcodes torch's weights-only unpickler knows, by the length of their fixed-size argument.
-# Every other opcode is refused by torch.load(weights_only=True), so a pickle using one is not
-# read here. BINUNICODE, SHORT_BINSTRING, LONG1, GLOBAL, MARK, the opcodes that close a MARK,
-# LONG_BINPUT, EMPTY_LIST, BUILD and STOP are handled one by one in ``_scan``.
-_FIXED_ARGUMENT: list[int | None] = [None] * 256
-for _codes, _length in (
-    (b"\x81Rs)}\x8fQ\x85\x86\x87N\x89\x88a", 0),  # NEWOBJ REDUCE SETITEM EMPTY_TUPLE/DICT/SET ...
-    (b"Khq\x80", 1),  # BININT1 BINGET BINPUT PROTO
-    (b"M", 2),  # BININT2
-    (b"Jj", 4),  # BININT LONG_BINGET
-    (b"G", 8),  # BINFLOAT
-):
-    for _code in _codes:
-        _FIXED_ARGUMENT[_code] = _length
+
+@functools.cache
+def _torch_opcode_run() -> re.Pattern[bytes]:
+    """A run of pickle opcodes that torch's weights-only unpickler reads exactly as the C one.
+
+    Every other opcode is refused by torch.load(weights_only=True), so a pickle using one is
+    not read here. Left out of the run, for ``_scan`` to look at one by one: EMPTY_LIST and
+    BUILD (rewritten, see ``_Rewrites``), a MARK right before SETITEMS or APPENDS (rewritten
+    too), LONG_BINPUT past ``_MAX_MEMO_SLOT``, a BINUNICODE of 256 bytes or more,
+    SHORT_BINSTRING, LONG1 and STOP.
+    """
+    short_text = b"|".join(
+        re.escape(struct.pack("<I", length)) + b".{%d}" % length for length in range(256)
+    )
+    opcode = (  # the most frequent in torch.save's pickles first
+        rb"r..[\x00-\x3f]\x00"  # LONG_BINPUT below _MAX_MEMO_SLOT
+        rb"|[Khq\x80]."  # BININT1 BINGET BINPUT PROTO
+        rb"|[\x81Rsu)}\x8fQ\x85\x86\x87N\x89\x88aet]"  # no argument
+        rb"|X(?:" + short_text + rb")"  # BINUNICODE
+        rb"|\((?![ue])"  # MARK
+        rb"|M..|[Jj]....|G.{8}"  # BININT2 BININT LONG_BINGET BINFLOAT
+        rb"|c[^\n]*\n[^\n]*\n"  # GLOBAL
+    )
+    return re.compile(rb"(?:" + opcode + rb")*+", re.DOTALL)
 
 
 class _Rewrites:
@@ -106,78 +120,75 @@ class _Rewrites:
 
     BUILD: torch builds only an OrderedDict (``__dict__.update``), a tensor or a parameter; the
     C unpickler no-ops a BUILD with ``None`` state on anything. EMPTY_LIST: the C unpickler lets
-    SETITEM write into a list, torch does not. Each becomes a persistent id carrying a token
-    made for this read (a file cannot forge it), which ``_DeclarationUnpickler`` answers.
+    SETITEM write into a list, torch does not. An empty SETITEMS or APPENDS (MARK right before
+    it: torch.save ends a dict of a multiple of 1,000 entries so): torch checks its target is
+    a dict or a list, the C unpickler does nothing. Each becomes a persistent id carrying a
+    token made for this read (a file cannot forge it), which ``_DeclarationUnpickler`` answers.
     """
 
     def __init__(self) -> None:
-        self.build_token = secrets.token_hex(16)
-        self.list_token = secrets.token_hex(16)
-        self.build = b"X" + struct.pack("<I", 32) + self.build_token.encode() + b"\x87Q"
-        self.list = b"X" + struct.pack("<I", 32) + self.list_token.encode() + b"\x85Q"
+        self.tokens = {secrets.token_hex(16): name for name in ("build", "list", "dict?", "list?")}
+        call = {
+            name: b"X" + struct.pack("<I", 32) + token.encode()
+            for token, name in self.tokens.items()
+        }
+        # BUILD: (inst, state, token); EMPTY_LIST: (token,); empty SETITEMS/APPENDS: (target, token)
+        self.build = call["build"] + b"\x87Q"
+        self.list = call["list"] + b"\x85Q"
+        self.empty_setitems = call["dict?"] + b"\x86Q"
+        self.empty_appends = call["list?"] + b"\x86Q"
 
 
 def _scan(data: bytes, path: Path, rewrites: _Rewrites) -> bytes | None:
     """``data`` ready for the C unpickler, or ``None`` when it uses an opcode (or a memo slot)
     torch's weights-only unpickler would not read the same way: then torch.load decides.
 
-    Also bounds what unpickling it may build, whoever unpickles it: more than
-    ``MAX_PICKLE_NODES`` opcodes or MARKs nested deeper than ``MAX_PICKLE_DEPTH`` are refused
-    here, before anything is built.
+    Also bounds what unpickling it may build, whoever unpickles it: a pickle with more than
+    ``MAX_PICKLE_NODES`` container-building opcodes is refused before anything is built.
+    Nesting needs no bound of its own: an object nests at most as deep as objects were built,
+    and nothing in ckptviz or torch.load recurses over the saved object.
     """
-    fixed = _FIXED_ARGUMENT
+    building = len(data) - len(data.translate(None, _BUILDING_OPCODES))
+    if building > MAX_PICKLE_NODES:
+        raise _bound_error(path, f"has over {MAX_PICKLE_NODES:,} container-building opcodes")
+    run = _torch_opcode_run().match
     unpack = struct.unpack_from
-    pos = ops = depth = 0
-    same_as_torch = True
-    spliced: list[tuple[int, bytes]] = []
+    pos = 0
+    spliced: list[tuple[int, int, bytes]] = []  # (where, length, new opcodes)
     try:
-        while ops < MAX_PICKLE_NODES:
+        while True:
+            pos = run(data, pos).end()  # type: ignore[union-attr]  # matches the empty run
             code = data[pos]
-            ops += 1
-            length = fixed[code]
-            if length is not None:
-                pos += 1 + length
-            elif code == 0x72:  # LONG_BINPUT
-                same_as_torch &= unpack("<I", data, pos + 1)[0] < _MAX_MEMO_SLOT
-                pos += 5
-            elif code == 0x58:  # BINUNICODE
+            if code == 0x58:  # BINUNICODE of 256 bytes or more
                 pos += 5 + unpack("<I", data, pos + 1)[0]
-            elif code == 0x28:  # MARK
-                # an empty SETITEMS/APPENDS on a wrong target: torch refuses, the C one skips
-                same_as_torch &= data[pos + 1] not in b"ue"
-                depth += 1
-                if depth > MAX_PICKLE_DEPTH:
-                    raise _bound_error(path, f"nests containers over {MAX_PICKLE_DEPTH:,} deep")
-                pos += 1
-            elif code in b"tue":  # TUPLE SETITEMS APPENDS: close a MARK
-                depth -= 1
-                pos += 1
+            elif code == 0x28:  # MARK right before SETITEMS (u) or APPENDS (e): an empty one
+                after = data[pos + 1]
+                spliced.append(
+                    (pos, 2, rewrites.empty_setitems if after == 0x75 else rewrites.empty_appends)
+                )
+                pos += 2
             elif code == 0x5D:  # EMPTY_LIST
-                spliced.append((pos, rewrites.list))
+                spliced.append((pos, 1, rewrites.list))
                 pos += 1
             elif code == 0x62:  # BUILD
-                spliced.append((pos, rewrites.build))
+                spliced.append((pos, 1, rewrites.build))
                 pos += 1
-            elif code == 0x63:  # GLOBAL: two lines
-                pos = data.index(b"\n", data.index(b"\n", pos + 1) + 1) + 1
             elif code == 0x55 or code == 0x8A:  # SHORT_BINSTRING, LONG1
                 pos += 2 + data[pos + 1]
             elif code == 0x2E:  # STOP
                 break
             else:
-                return None  # torch.load stops here too: "Unsupported operand"
-        else:
-            raise _bound_error(path, f"has over {MAX_PICKLE_NODES:,} opcodes")
-    except (IndexError, ValueError, struct.error):
+                # torch.load refuses the opcode ("Unsupported operand"), or it is a
+                # LONG_BINPUT past _MAX_MEMO_SLOT, which only torch's dict memo holds cheaply
+                return None
+    except (IndexError, struct.error):
         return None  # truncated: torch.load says what is wrong
-    if not same_as_torch:
-        return None
     if not spliced:
         return data
     pieces, last = [], 0
-    for at, replacement in spliced:
+    for at, length, replacement in spliced:
         pieces += (data[last:at], replacement)
-        last = at + 1
+        last = at + length
     pieces.append(data[last:])
     return b"".join(pieces)
 
@@ -237,6 +248,8 @@ class _DeclarationUnpickler(pickle.Unpickler):
         raise NotPlain(f"{module}.{name}")
 
     def _ordered_dict(self, *args: Any) -> OrderedDict[Any, Any]:
+        if not args:  # every tensor's backward hooks
+            return OrderedDict()
         built: OrderedDict[Any, Any] = OrderedDict(*args)
         # copies of a big dict, made again and again, are the one way to build more objects
         # than the pickle has opcodes
@@ -246,12 +259,32 @@ class _DeclarationUnpickler(pickle.Unpickler):
         return built
 
     def persistent_load(self, pid: Any) -> Any:
-        if type(pid) is tuple and len(pid) == 5:
-            return self._storage(pid)
-        if type(pid) is tuple and len(pid) == 3 and pid[2] == self.rewrites.build_token:
+        if type(pid) is tuple and len(pid) == 5:  # a storage: ("storage", kind, key, where, numel)
+            kind, key, numel = pid[1], pid[2], pid[4]
+            if not (
+                type(pid[0]) is str
+                and pid[0] == "storage"
+                and type(kind) is _StorageKind
+                and type(key) is str
+                and type(numel) is int
+            ):
+                raise NotPlain("an unusual storage")
+            storage = self.storages.get(key)
+            if storage is None:
+                storage = self.storages[key] = DeclaredStorage(key, kind.dtype, numel)
+            elif storage.dtype != kind.dtype or storage.numel != numel:
+                raise NotPlain("one storage declared two ways")
+            return storage
+        rewritten = self.rewrites.tokens.get(pid[-1]) if type(pid) is tuple and pid else None
+        if rewritten == "build" and len(pid) == 3:
             return self._build(pid[0], pid[1])
-        if type(pid) is tuple and len(pid) == 1 and pid[0] == self.rewrites.list_token:
+        if rewritten == "list" and len(pid) == 1:
             return _List()
+        # what torch checks of the target of an empty SETITEMS or APPENDS
+        if rewritten == "dict?" and len(pid) == 2 and type(pid[0]) in (dict, OrderedDict):
+            return pid[0]
+        if rewritten == "list?" and len(pid) == 2 and type(pid[0]) is _List:
+            return pid[0]
         raise NotPlain("an unusual persistent id")
 
     def _build(self, inst: Any, state: Any) -> Any:
@@ -261,23 +294,6 @@ class _DeclarationUnpickler(pickle.Unpickler):
             raise NotPlain(f"a BUILD on a {type(inst).__name__}")
         inst.__dict__.update(state)
         return inst
-
-    def _storage(self, pid: tuple[Any, ...]) -> DeclaredStorage:
-        if not (
-            pid[0] == "storage"
-            and type(pid[0]) is str
-            and type(pid[1]) is _StorageKind
-            and type(pid[2]) is str
-            and type(pid[4]) is int
-        ):
-            raise NotPlain("an unusual storage")
-        kind, key, numel = pid[1], pid[2], pid[4]
-        storage = self.storages.get(key)
-        if storage is None:
-            storage = self.storages[key] = DeclaredStorage(key, kind.dtype, numel)
-        elif (storage.dtype, storage.numel) != (kind.dtype, numel):
-            raise NotPlain("one storage declared two ways")
-        return storage
 
     def _tensor(
         self,
@@ -289,38 +305,31 @@ class _DeclarationUnpickler(pickle.Unpickler):
         backward_hooks: Any,
         metadata: Any = None,
     ) -> DeclaredTensor:
-        if not (
-            type(storage) is DeclaredStorage
-            and type(offset) is int
-            and type(size) is tuple
-            and type(stride) is tuple
-            and requires_grad is False
-            and _no_hooks(backward_hooks)
-            and not metadata  # conj/neg bits: torch.load sets them, a view here would not
+        if (
+            type(storage) is not DeclaredStorage
+            or requires_grad is not False
+            # torch.save writes empty hooks; torch.load would attach any others
+            or type(backward_hooks) is not OrderedDict
+            or backward_hooks
+            or metadata  # conj/neg bits: torch.load sets them, a view here would not
         ):
             raise NotPlain("an unusual tensor")
-        for n in size + stride:
-            if type(n) is not int:
-                raise NotPlain("an unusual tensor")
         tensor = DeclaredTensor(storage, offset, size, stride)
         self.tensors.append(tensor)
         return tensor
 
     def _parameter(self, data: Any, requires_grad: Any, backward_hooks: Any) -> DeclaredTensor:
-        if not (
-            type(data) is DeclaredTensor
-            and type(requires_grad) is bool
-            and _no_hooks(backward_hooks)
-            # torch refuses gradients on integer and bool tensors
-            and (not requires_grad or dtype_from_name(data.storage.dtype).is_floating_point)
+        if (
+            type(data) is not DeclaredTensor
+            or type(requires_grad) is not bool
+            or type(backward_hooks) is not OrderedDict
+            or backward_hooks
         ):
             raise NotPlain("an unusual parameter")
+        dtype = dtype_from_name(data.storage.dtype)
+        if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+            raise NotPlain("a parameter torch would not let require gradients")
         return data
-
-
-def _no_hooks(hooks: Any) -> bool:
-    """torch.save writes an empty OrderedDict; anything else torch.load would attach."""
-    return type(hooks) is OrderedDict and not hooks and not hooks.__dict__
 
 
 def _refuse(path: Path, problem: str, advice: str = "Re-save it with torch.save.") -> NoReturn:
@@ -359,21 +368,27 @@ def check_archive(path: Path, archive: zipfile.ZipFile) -> _Archive:
     refused here.
     """
     infos = archive.infolist()
-    entries: dict[bytes, zipfile.ZipInfo] = {}
-    for info in infos:
+    for info in [i for i in infos if i.orig_filename != i.filename or i.flag_bits & 0x1]:
         if info.orig_filename != info.filename:
             _refuse(path, f"the zip entry {info.orig_filename!r} has a NUL byte in its name")
-        raw = _raw_name(info.filename, bool(info.flag_bits & 0x800)).lower()
-        if raw in entries:
-            _refuse(
-                path,
-                f"the zip holds two entries named {info.filename!r} (names are compared "
-                "ignoring case, as torch's zip reader does): torch.load reads one of them, "
-                "ckptviz could read the other",
-            )
-        if info.flag_bits & 0x1:
-            _refuse(path, f"the zip entry {info.filename!r} is encrypted")
-        entries[raw] = info
+        _refuse(path, f"the zip entry {info.filename!r} is encrypted")
+    utf8 = [bool(info.flag_bits & 0x800) for info in infos]
+    if all(utf8) or not any(utf8):
+        # one encoding for all: encode them at once (no name holds a NUL, checked above)
+        joined = "\0".join(info.filename for info in infos)
+        raw_names = _raw_name(joined, bool(utf8) and utf8[0]).lower().split(b"\0")
+    else:
+        raw_names = [_raw_name(i.filename, u).lower() for i, u in zip(infos, utf8, strict=True)]
+    entries = dict(zip(raw_names, infos))
+    if len(entries) != len(infos):
+        seen: set[bytes] = set()
+        twice = next(info for raw, info in zip(raw_names, infos) if raw in seen or seen.add(raw))
+        _refuse(
+            path,
+            f"the zip holds two entries named {twice.filename!r} (names are compared ignoring "
+            "case, as torch's zip reader does): torch.load reads one of them, ckptviz could "
+            "read the other",
+        )
     folder, slash, _ = infos[0].filename.partition("/") if infos else ("", "", "")
     if not slash:
         _refuse(path, "the first zip entry is not in a folder, where torch.load looks")
@@ -386,13 +401,17 @@ def check_archive(path: Path, archive: zipfile.ZipFile) -> _Archive:
             f"torch.load reads only {folder}/data.pkl",
         )
     data_folder = _raw_name(f"{folder}/data/").lower()
-    for raw, info in entries.items():
-        if raw.startswith(data_folder) and info.compress_type != zipfile.ZIP_STORED:
-            _refuse(
-                path,
-                f"the tensor data record {info.filename!r} is compressed (torch.load would map "
-                "its compressed bytes as tensor values)",
-            )
+    compressed = [
+        info.filename
+        for raw, info in entries.items()
+        if info.compress_type != zipfile.ZIP_STORED and raw.startswith(data_folder)
+    ]
+    if compressed:
+        _refuse(
+            path,
+            f"the tensor data record {compressed[0]!r} is compressed (torch.load would map "
+            "its compressed bytes as tensor values)",
+        )
     pickle_info = found.pickle
     if pickle_info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         _refuse(path, f"data.pkl is compressed with method {pickle_info.compress_type}")
@@ -453,8 +472,13 @@ def _declared_object(
     except Exception:  # NotPlain, or anything odd: torch.load decides what it is
         return None
     records = {}
+    data_folder = _raw_name(f"{found.prefix}data/").lower()
+    exact = archive.NameToInfo
     for storage in unpickler.storages.values():
-        record = found.get(f"data/{storage.key}")
+        # the exact name first (fast); names are unique ignoring case, so it is torch's too
+        record = exact.get(f"{found.prefix}data/{storage.key}") or found.entries.get(
+            data_folder + _raw_name(storage.key).lower()
+        )
         if record is None:
             return None
         declared = storage.numel * ITEMSIZES[storage.dtype]
@@ -467,9 +491,19 @@ def _declared_object(
                 f"{only}{record.file_size:,} bytes for it (torch.load refuses such a file too)",
             )
         records[storage.key] = record
+    # each declaration again, from its parts, against its own record: it must lie inside
     for tensor in unpickler.tensors:
-        if not _fits_record(tensor, records):
+        storage = tensor.storage
+        record = records.get(storage.key)
+        itemsize = ITEMSIZES[storage.dtype]
+        if record is None or tensor.offset * itemsize > record.file_size:
             return None
+        if tensor.numel:
+            last = tensor.offset
+            for size, step in zip(tensor.shape, tensor.stride, strict=True):
+                last += (size - 1) * step
+            if (last + 1) * itemsize > record.file_size:
+                return None
     return obj, records
 
 
@@ -488,21 +522,6 @@ def _key_of(obj: object, storage: DeclaredStorage) -> str:
         elif isinstance(node, (list, tuple)):
             queue.extend((f"{where}/{i}".lstrip("/"), v) for i, v in enumerate(node))
     return "(not found)"
-
-
-def _fits_record(tensor: DeclaredTensor, records: Mapping[str, zipfile.ZipInfo]) -> bool:
-    """The declaration, checked again from its parts, lies inside its own record's bytes."""
-    storage = tensor.storage
-    record = records.get(storage.key)
-    itemsize = ITEMSIZES.get(storage.dtype)
-    if record is None or itemsize is None or type(tensor) is not DeclaredTensor:
-        return False
-    if tensor.numel == 0:
-        return tensor.offset * itemsize <= record.file_size
-    last = tensor.offset + sum(
-        (size - 1) * step for size, step in zip(tensor.shape, tensor.stride, strict=True)
-    )
-    return tensor.offset >= 0 and (last + 1) * itemsize <= record.file_size
 
 
 def _known_version(archive: zipfile.ZipFile, found: _Archive) -> bool:
