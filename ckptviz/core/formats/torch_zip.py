@@ -79,8 +79,8 @@ _REBUILD_TENSOR, _REBUILD_PARAMETER = saved_tensor_globals()
 MAX_PICKLE_BYTES = 64 * 2**20
 #: Most container-building opcodes (dict, set, tuple, list, call, global: up to ~220 bytes of
 #: memory each) plus entries copied into OrderedDicts. Counted as the bytes of the pickle that
-#: could be such an opcode, an over-count; torch.save writes ~8 a tensor, so real checkpoints
-#: of up to ~600,000 tensors pass.
+#: could be such an opcode, an over-count; torch.save writes ~9 a tensor, so real checkpoints
+#: of up to ~500,000 tensors pass.
 MAX_PICKLE_NODES = 5_000_000
 #: The bytes of those opcodes: EMPTY_DICT EMPTY_SET TUPLE1-3 TUPLE EMPTY_LIST REDUCE BINPERSID
 #: BUILD GLOBAL.
@@ -196,8 +196,8 @@ def _scan(data: bytes, path: Path, rewrites: _Rewrites) -> bytes | None:
 def _bound_error(path: Path, what: str) -> CheckpointError:
     return CheckpointError(
         f"{path}: its pickle (data.pkl) {what}, past what ckptviz reads from a checkpoint; it "
-        "was refused before anything was built. A real checkpoint stays far below; if you trust "
-        "this file, load it with torch.load yourself and pass the state dict to ckptviz."
+        "was refused and nothing from it was loaded. A real checkpoint stays far below; if you "
+        "trust this file, load it with torch.load yourself and pass the state dict to ckptviz."
     )
 
 
