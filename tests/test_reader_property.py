@@ -141,7 +141,10 @@ def mutate(path: Path, kind: str, where: int, insert: bytes) -> None:
     info, pickle = items[pickle_at]
     at = where % len(pickle)
     if kind == "flip":
-        items[pickle_at] = (info, pickle[:at] + bytes([pickle[at] ^ (1 << where % 8)]) + pickle[at + 1 :])
+        items[pickle_at] = (
+            info,
+            pickle[:at] + bytes([pickle[at] ^ (1 << where % 8)]) + pickle[at + 1 :],
+        )
     elif kind == "replace":
         items[pickle_at] = (info, pickle[:at] + insert[:1] + pickle[at + 1 :])
     elif kind == "insert":
@@ -193,7 +196,7 @@ def test_ckptviz_reads_what_torch_load_reads_or_refuses(
         try:
             ckpt = ckptviz.read_checkpoint(path)
             with ckpt.open() as data:
-                got = {key: data[key] for key in ckpt.keys()}
+                got = {key: data[key] for key in ckpt}
                 assert not isinstance(wanted, Exception), f"torch.load refused: {wanted!r}"
                 expected = _tensors_at(wanted, ckpt.location)
                 for key, value in got.items():

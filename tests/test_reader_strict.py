@@ -51,7 +51,7 @@ def _ckptviz_reads(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor ckptviz reads from ``path``, as read (views keep their strides)."""
     ckpt = ckptviz.read_checkpoint(path)
     with ckpt.open() as data:
-        return {key: data[key] for key in ckpt.keys()}
+        return {key: data[key] for key in ckpt}
 
 
 def _same_as_torch(path: Path) -> None:
@@ -64,7 +64,9 @@ def _same_as_torch(path: Path) -> None:
         expected = want[key]
         assert value.dtype == expected.dtype and value.shape == expected.shape, key
         assert value.stride() == expected.stride(), key
-        assert bitwise_equal(value.resolve_conj().resolve_neg(), expected.resolve_conj().resolve_neg()), key
+        assert bitwise_equal(
+            value.resolve_conj().resolve_neg(), expected.resolve_conj().resolve_neg()
+        ), key
 
 
 def _refused_like_torch(path: Path) -> None:
@@ -146,15 +148,19 @@ def test_conj_and_neg_views_load_with_their_sign(tmp_path: Path) -> None:
 def test_non_default_rebuild_arguments_go_to_torch_load(
     tmp_path: Path, what: str, options: dict[str, bytes]
 ) -> None:
-    pickle = state_dict(("w", tensor(storage("0", 2, "ComplexFloatStorage"), 0, (2,), (1,), **options)))
+    pickle = state_dict(
+        ("w", tensor(storage("0", 2, "ComplexFloatStorage"), 0, (2,), (1,), **options))
+    )
     path = write_zip(tmp_path / "odd.pt", pickle, {"0": floats(1, 2, 3, 4)})
     assert not _declares(path), what
 
 
 def test_an_integer_parameter_that_requires_grad_goes_to_torch_load(tmp_path: Path) -> None:
-    parameter = b"ctorch._utils\n_rebuild_parameter\n(" + tensor(
-        storage("0", 2, "LongStorage"), 0, (2,), (1,)
-    ) + b"\x88ccollections\nOrderedDict\n)RtR"
+    parameter = (
+        b"ctorch._utils\n_rebuild_parameter\n("
+        + tensor(storage("0", 2, "LongStorage"), 0, (2,), (1,))
+        + b"\x88ccollections\nOrderedDict\n)RtR"
+    )
     path = write_zip(tmp_path / "p.pt", state_dict(("p", parameter)), {"0": bytes(16)})
     assert not _declares(path)
     _refused_like_torch(path)
@@ -335,7 +341,9 @@ def test_a_pickle_over_the_size_cap_is_refused_before_it_is_read(
     path = tmp_path / "big_pickle.pt"
     torch.save({"w": torch.ones(2), "note": "x" * 5000}, path)
     monkeypatch.setattr(torch_zip, "MAX_PICKLE_BYTES", 4096)
-    with pytest.raises(CheckpointError, match=r"big_pickle\.pt: its pickle \(data\.pkl\) is .* over 4,096 bytes"):
+    with pytest.raises(
+        CheckpointError, match=r"big_pickle\.pt: its pickle \(data\.pkl\) is .* over 4,096 bytes"
+    ):
         ckptviz.read_checkpoint(path)
     with pytest.raises(CheckpointError, match="over 4,096 bytes"):  # torch.load's path too
         ckptviz.read_checkpoint(path, allow_globals=["argparse.Namespace"])
@@ -351,7 +359,9 @@ def test_a_pickle_building_too_many_objects_is_refused_before_building(
         ("w", tensor(storage("0", 1), 0, (1,), (1,))), ("many", b"](" + b"}" * 5000 + b"e")
     )
     write_zip(path, pickle, {"0": floats(1)})
-    with pytest.raises(CheckpointError, match=r"dicts\.pt: its pickle \(data\.pkl\) has over 1,000 container"):
+    with pytest.raises(
+        CheckpointError, match=r"dicts\.pt: its pickle \(data\.pkl\) has over 1,000 container"
+    ):
         ckptviz.read_checkpoint(path)
 
 
@@ -360,11 +370,21 @@ def test_copies_of_a_big_dict_are_counted(tmp_path: Path, monkeypatch: pytest.Mo
     # one dict of 100 entries, then OrderedDict(it) 50 times: 40 opcodes build 5,000 entries
     big = b"}q\x01(" + b"".join(integer(i) + b"N" for i in range(100)) + b"u0"
     copies = b"ccollections\nOrderedDict\nq\x02" + b"0" + b"](" + b"h\x02h\x01\x85R" * 50 + b"e"
-    pickle = PROTO + big.replace(b"u0", b"u") + b"}" + text("w") + tensor(
-        storage("0", 1), 0, (1,), (1,)
-    ) + b"s" + text("copies") + copies.replace(b"q\x02" + b"0", b"q\x02") + b"s."
+    pickle = (
+        PROTO
+        + big.replace(b"u0", b"u")
+        + b"}"
+        + text("w")
+        + tensor(storage("0", 1), 0, (1,), (1,))
+        + b"s"
+        + text("copies")
+        + copies.replace(b"q\x02" + b"0", b"q\x02")
+        + b"s."
+    )
     path = write_zip(tmp_path / "copies.pt", pickle, {"0": floats(1)})
-    with pytest.raises(CheckpointError, match=r"copies\.pt: its pickle \(data\.pkl\) copies over 1,000"):
+    with pytest.raises(
+        CheckpointError, match=r"copies\.pt: its pickle \(data\.pkl\) copies over 1,000"
+    ):
         ckptviz.read_checkpoint(path)
 
 

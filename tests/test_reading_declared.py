@@ -137,7 +137,9 @@ def test_a_storage_declared_beyond_its_record_is_refused(tmp_path: Path) -> None
                 data = data[:400]  # 100 of the 1000 values the pickle declares
             target.writestr(info, data)
     assert _declares(good)
-    with pytest.raises(ckptviz.CheckpointError, match=r"bad\.pt: tensor .w. declares 1,000 .*only 400 bytes"):
+    with pytest.raises(
+        ckptviz.CheckpointError, match=r"bad\.pt: tensor .w. declares 1,000 .*only 400 bytes"
+    ):
         ckptviz.read_checkpoint(bad)
 
 

@@ -230,7 +230,7 @@ class DeclaredTensor(_Sealed):
         ):
             raise NotPlain("an unusual tensor")
         numel, last = 1, offset
-        for size, step in zip(shape, stride):
+        for size, step in zip(shape, stride, strict=True):
             if (
                 type(size) is not int
                 or type(step) is not int

@@ -8,10 +8,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ckptviz.core.checkpoint import (
+    ITEMSIZES,
     Checkpoint,
     FileFingerprint,
     TensorInfo,
-    ITEMSIZES,
     TensorSource,
     declarations_of,
 )

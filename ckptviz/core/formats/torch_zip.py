@@ -185,7 +185,8 @@ def _scan(data: bytes, path: Path, rewrites: _Rewrites) -> bytes | None:
         return None  # truncated: torch.load says what is wrong
     if not spliced:
         return data
-    pieces, last = [], 0
+    pieces: list[bytes] = []
+    last = 0
     for at, length, replacement in spliced:
         pieces += (data[last:at], replacement)
         last = at + length
@@ -379,10 +380,14 @@ def check_archive(path: Path, archive: zipfile.ZipFile) -> _Archive:
         raw_names = _raw_name(joined, bool(utf8) and utf8[0]).lower().split(b"\0")
     else:
         raw_names = [_raw_name(i.filename, u).lower() for i, u in zip(infos, utf8, strict=True)]
-    entries = dict(zip(raw_names, infos))
+    entries = dict(zip(raw_names, infos, strict=True))
     if len(entries) != len(infos):
-        seen: set[bytes] = set()
-        twice = next(info for raw, info in zip(raw_names, infos) if raw in seen or seen.add(raw))
+        first: dict[bytes, zipfile.ZipInfo] = {}
+        twice = next(
+            info
+            for raw, info in zip(raw_names, infos, strict=True)
+            if first.setdefault(raw, info) is not info
+        )
         _refuse(
             path,
             f"the zip holds two entries named {twice.filename!r} (names are compared ignoring "
