@@ -369,17 +369,20 @@ def check_archive(path: Path, archive: zipfile.ZipFile) -> _Archive:
     refused here.
     """
     infos = archive.infolist()
-    for info in [i for i in infos if i.orig_filename != i.filename or i.flag_bits & 0x1]:
+    # zipfile cuts a name at a NUL byte (orig_filename keeps it whole); torch's reader does not
+    for info in [i for i in infos if i.orig_filename is not i.filename]:
         if info.orig_filename != info.filename:
             _refuse(path, f"the zip entry {info.orig_filename!r} has a NUL byte in its name")
-        _refuse(path, f"the zip entry {info.filename!r} is encrypted")
-    utf8 = [bool(info.flag_bits & 0x800) for info in infos]
-    if all(utf8) or not any(utf8):
+    flags = {info.flag_bits & 0x801 for info in infos}  # encrypted, UTF-8 name
+    if any(flag & 0x1 for flag in flags):
+        encrypted = next(info for info in infos if info.flag_bits & 0x1)
+        _refuse(path, f"the zip entry {encrypted.filename!r} is encrypted")
+    if len(flags) <= 1:
         # one encoding for all: encode them at once (no name holds a NUL, checked above)
         joined = "\0".join(info.filename for info in infos)
-        raw_names = _raw_name(joined, bool(utf8) and utf8[0]).lower().split(b"\0")
+        raw_names = _raw_name(joined, 0x800 in flags).lower().split(b"\0")
     else:
-        raw_names = [_raw_name(i.filename, u).lower() for i, u in zip(infos, utf8, strict=True)]
+        raw_names = [_raw_name(i.filename, bool(i.flag_bits & 0x800)).lower() for i in infos]
     entries = dict(zip(raw_names, infos, strict=True))
     if len(entries) != len(infos):
         first: dict[bytes, zipfile.ZipInfo] = {}
@@ -398,7 +401,11 @@ def check_archive(path: Path, archive: zipfile.ZipFile) -> _Archive:
     if not slash:
         _refuse(path, "the first zip entry is not in a folder, where torch.load looks")
     found = _Archive(f"{folder}/", entries)
-    pickles = [info.filename for info in infos if info.filename.lower().endswith("data.pkl")]
+    pickles = [
+        info.filename
+        for raw, info in zip(raw_names, infos, strict=True)
+        if raw.endswith(b"data.pkl")
+    ]
     if len(pickles) != 1 or found.get("data.pkl") is None:
         _refuse(
             path,
@@ -410,7 +417,7 @@ def check_archive(path: Path, archive: zipfile.ZipFile) -> _Archive:
         info.filename
         for raw, info in entries.items()
         if info.compress_type != zipfile.ZIP_STORED and raw.startswith(data_folder)
-    ]
+    ]  # (the compress_type test first: it is the cheap one)
     if compressed:
         _refuse(
             path,
@@ -476,14 +483,13 @@ def _declared_object(
         raise
     except Exception:  # NotPlain, or anything odd: torch.load decides what it is
         return None
-    records = {}
-    data_folder = _raw_name(f"{found.prefix}data/").lower()
+    records: dict[str, zipfile.ZipInfo] = {}
+    folder = f"{found.prefix}data/"
+    data_folder = _raw_name(folder).lower()
     exact = archive.NameToInfo
-    for storage in unpickler.storages.values():
+    for key, storage in unpickler.storages.items():
         # the exact name first (fast); names are unique ignoring case, so it is torch's too
-        record = exact.get(f"{found.prefix}data/{storage.key}") or found.entries.get(
-            data_folder + _raw_name(storage.key).lower()
-        )
+        record = exact.get(folder + key) or found.entries.get(data_folder + _raw_name(key).lower())
         if record is None:
             return None
         declared = storage.numel * ITEMSIZES[storage.dtype]
@@ -492,23 +498,24 @@ def _declared_object(
             _refuse(
                 path,
                 f"tensor {_key_of(obj, storage)} declares {storage.numel:,} {storage.dtype} "
-                f"values ({declared:,} bytes) in storage {storage.key!r}, but the file holds "
+                f"values ({declared:,} bytes) in storage {key!r}, but the file holds "
                 f"{only}{record.file_size:,} bytes for it (torch.load refuses such a file too)",
             )
-        records[storage.key] = record
+        records[key] = record
     # each declaration again, from its parts, against its own record: it must lie inside
     for tensor in unpickler.tensors:
         storage = tensor.storage
         record = records.get(storage.key)
-        itemsize = ITEMSIZES[storage.dtype]
-        if record is None or tensor.offset * itemsize > record.file_size:
+        if record is None:
             return None
+        end = tensor.offset  # one past its last element, or its offset when it has none
         if tensor.numel:
-            last = tensor.offset
-            for size, step in zip(tensor.shape, tensor.stride, strict=True):
-                last += (size - 1) * step
-            if (last + 1) * itemsize > record.file_size:
-                return None
+            # sizes and strides are as many, checked when declared
+            for size, step in zip(tensor.shape, tensor.stride, strict=False):
+                end += (size - 1) * step
+            end += 1
+        if end * ITEMSIZES[storage.dtype] > record.file_size:
+            return None
     return obj, records
 
 
