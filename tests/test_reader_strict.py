@@ -4,6 +4,7 @@ the file to it, or refuses it; never other values. Every file here is built by h
 
 from __future__ import annotations
 
+import struct
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -427,3 +428,21 @@ def test_parameters_and_views_sharing_storage_are_read_fast(tmp_path: Path) -> N
     )
     assert _declares(path)
     _same_as_torch(path)
+
+
+def test_a_record_not_aligned_to_its_elements_is_refused_not_a_crash(tmp_path: Path) -> None:
+    # zipfile writes records wherever they fall; torch.save aligns them to 64 bytes. A complex128
+    # read in place at an odd address crashed the process (torch.load(mmap=True) too)
+    for pad in range(16):
+        pickle = state_dict(
+            ("pad", text("x" * pad)),
+            ("z", tensor(storage("0", 1, "ComplexDoubleStorage"), 0, (), ())),
+        )
+        path = write_zip(tmp_path / f"odd{pad}.pt", pickle, {"0": struct.pack("<2d", 1.5, -2)})
+        with zipfile.ZipFile(path) as archive:
+            record = archive.getinfo("archive/data/0")
+        start = record.header_offset + 30 + len(record.filename) + len(record.extra)
+        if start % 16:
+            break
+    with pytest.raises(CheckpointError, match=rf"odd{pad}\.pt: the data of 'z' starts at byte"):
+        _ckptviz_reads(path)

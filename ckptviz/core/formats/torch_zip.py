@@ -576,6 +576,8 @@ def _declared_opener(
                     name_length, extra_length = struct.unpack("<HH", local[26:30])
                     start = record.header_offset + 30 + name_length + extra_length
                     end = start + storage.numel * ITEMSIZES[storage.dtype]
+                    if start % ITEMSIZES[storage.dtype]:
+                        raise _misaligned(path, key, f"starts at byte {start:,}")
                     if end > size:
                         raise CheckpointError(
                             f"{path}: the data of {key!r} runs past the end of the file; the "
@@ -646,9 +648,26 @@ def torch_opener(
     def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
         loaded = load_torch(path, trusted=ckpt.trusted, allow=ckpt.allow_globals, mmap=mmap)
         state = navigate(loaded, ckpt.location)
-        yield TensorSource(ckpt, state.__getitem__)
+
+        def fetch(key: str) -> torch.Tensor:
+            tensor = state[key]
+            if tensor.data_ptr() % tensor.element_size():  # mmap=True maps records in place
+                raise _misaligned(path, key, "lies in the file")
+            return tensor
+
+        yield TensorSource(ckpt, fetch)
 
     return opener
+
+
+def _misaligned(path: Path, key: str, where: str) -> CheckpointError:
+    """A record whose bytes do not start at a multiple of its element size: torch.save aligns
+    each to 64 bytes; read in place, torch's kernels may crash the process on it."""
+    return CheckpointError(
+        f"{path}: the data of {key!r} {where}, not at a multiple of its "
+        "element size, as torch.save writes it; reading it in place could crash this process. "
+        "Re-save the checkpoint with torch.save."
+    )
 
 
 def read_torch_file(
