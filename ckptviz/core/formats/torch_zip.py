@@ -576,14 +576,12 @@ def _declared_opener(
                     name_length, extra_length = struct.unpack("<HH", local[26:30])
                     start = record.header_offset + 30 + name_length + extra_length
                     end = start + storage.numel * ITEMSIZES[storage.dtype]
-                    if start % ITEMSIZES[storage.dtype]:
-                        raise _misaligned(path, key, f"starts at byte {start:,}")
                     if end > size:
                         raise CheckpointError(
                             f"{path}: the data of {key!r} runs past the end of the file; the "
                             "file is truncated or damaged. Re-save it with torch.save."
                         )
-                    data = storages[storage.key] = mapped[start:end]
+                    data = storages[storage.key] = _aligned(mapped[start:end], start, storage)
                 tensor = torch.empty(0, dtype=dtype_from_name(storage.dtype))
                 return tensor.set_(data, declared.offset, declared.shape, declared.stride)
 
@@ -649,10 +647,19 @@ def torch_opener(
         loaded = load_torch(path, trusted=ckpt.trusted, allow=ckpt.allow_globals, mmap=mmap)
         state = navigate(loaded, ckpt.location)
 
+        copied: list[Mapping[str, torch.Tensor]] = []
+
         def fetch(key: str) -> torch.Tensor:
             tensor = state[key]
-            if tensor.data_ptr() % tensor.element_size():  # mmap=True maps records in place
-                raise _misaligned(path, key, "lies in the file")
+            if mmap and tensor.data_ptr() % tensor.element_size():
+                # a record zipfile (not torch.save) wrote, at an odd offset: torch's kernels may
+                # crash on it in place (complex128 did), so read the file into memory instead
+                if not copied:
+                    unmapped = load_torch(
+                        path, trusted=ckpt.trusted, allow=ckpt.allow_globals, mmap=False
+                    )
+                    copied.append(navigate(unmapped, ckpt.location))
+                tensor = copied[0][key]
             return tensor
 
         yield TensorSource(ckpt, fetch)
@@ -660,14 +667,17 @@ def torch_opener(
     return opener
 
 
-def _misaligned(path: Path, key: str, where: str) -> CheckpointError:
-    """A record whose bytes do not start at a multiple of its element size: torch.save aligns
-    each to 64 bytes; read in place, torch's kernels may crash the process on it."""
-    return CheckpointError(
-        f"{path}: the data of {key!r} {where}, not at a multiple of its "
-        "element size, as torch.save writes it; reading it in place could crash this process. "
-        "Re-save the checkpoint with torch.save."
-    )
+def _aligned(
+    data: torch.UntypedStorage, start: int, storage: DeclaredStorage
+) -> torch.UntypedStorage:
+    """``data`` (a record's bytes, mapped in place) if it starts at a multiple of its element
+    size, as torch.save writes it, or else a copy that does: torch's kernels may crash on
+    elements at an odd address (complex128 did). Copied as bytes, never as elements."""
+    if start % ITEMSIZES[storage.dtype] == 0:
+        return data
+    copy = torch.UntypedStorage(data.nbytes())
+    copy.copy_(data)
+    return copy
 
 
 def read_torch_file(
