@@ -71,6 +71,8 @@ _STORAGE_DTYPES = {
 
 
 _REBUILD_TENSOR, _REBUILD_PARAMETER = saved_tensor_globals()
+# torch's storage constructor carries no type hints
+_UntypedStorage: Any = torch.UntypedStorage
 
 #: Largest ``data.pkl`` read (inflated size, as declared in the zip directory and as read). It
 #: takes about 100 bytes a tensor: 64 MiB is ~600,000 tensors, several times the largest
@@ -675,7 +677,7 @@ def _aligned(
     elements at an odd address (complex128 did). Copied as bytes, never as elements."""
     if start % ITEMSIZES[storage.dtype] == 0:
         return data
-    copy = torch.UntypedStorage(data.nbytes())
+    copy: torch.UntypedStorage = _UntypedStorage(data.nbytes())
     copy.copy_(data)
     return copy
 
