@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import ckptviz
+from ckptviz import CkptvizError
 from ckptviz.cli import main
 from ckptviz.core.checkpoint import Checkpoint, TensorInfo
 from ckptviz.core.text import format_table
@@ -123,11 +124,12 @@ def markup_file(tmp_path: Path) -> Path:
 
 
 def declared_checkpoint(source: str, keys: list[str]) -> Checkpoint:
-    """A checkpoint as metadata whose shapes and dtypes hold markup: the tables must escape
-    them whatever the readers let through."""
-    tensors = {
-        key: TensorInfo(key, (1,), f"{MARKUP[i % len(MARKUP)]}", 4) for i, key in enumerate(keys)
-    }
+    """A checkpoint as metadata whose source, format and keys hold markup: the tables must
+    escape them whatever the readers let through (a dtype or shape cannot: ``TensorInfo``
+    refuses anything but a torch dtype and non-negative ints)."""
+    with pytest.raises(CkptvizError, match="not a torch dtype"):
+        TensorInfo(keys[0], (1,), MARKUP[0], 4)
+    tensors = {key: TensorInfo(key, (1,), "float32", 4) for key in keys}
     return Checkpoint(source=source, format=MARKUP[0], tensors=tensors)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 import ckptviz
 from ckptviz.core.apply import bitwise_equal
-from ckptviz.core.formats.torch_zip import _declared_object, read_torch_file
+from ckptviz.core.formats.torch_zip import _declared_object, check_archive, read_torch_file
 
 
 def _both_ways(path: Path, key: str | None = None) -> tuple[ckptviz.Checkpoint, Any]:
@@ -37,8 +37,9 @@ def _same_metadata(fast: ckptviz.Checkpoint, slow: ckptviz.Checkpoint) -> None:
 
 
 def _declares(path: Path) -> bool:
+    """Whether the fast reader reads ``path`` itself (rather than handing it to torch.load)."""
     with zipfile.ZipFile(path) as archive:
-        return _declared_object(archive) is not None
+        return _declared_object(path, archive, check_archive(path, archive)) is not None
 
 
 def test_every_plain_dtype_shape_and_layout(tmp_path: Path) -> None:
@@ -125,7 +126,7 @@ def test_a_file_that_needs_other_globals_goes_to_torch_load(tmp_path: Path) -> N
         ckptviz.read_checkpoint(path)
 
 
-def test_a_tensor_declared_beyond_its_record_goes_to_torch_load(tmp_path: Path) -> None:
+def test_a_storage_declared_beyond_its_record_is_refused(tmp_path: Path) -> None:
     good = tmp_path / "good.pt"
     torch.save({"w": torch.ones(1000)}, good)
     bad = tmp_path / "bad.pt"
@@ -136,9 +137,10 @@ def test_a_tensor_declared_beyond_its_record_goes_to_torch_load(tmp_path: Path) 
                 data = data[:400]  # 100 of the 1000 values the pickle declares
             target.writestr(info, data)
     assert _declares(good)
-    assert not _declares(bad)
-    with pytest.raises(ckptviz.CheckpointError), ckptviz.read_checkpoint(bad).open() as data:
-        data["w"].sum()
+    with pytest.raises(
+        ckptviz.CheckpointError, match=r"bad\.pt: tensor .w. declares 1,000 .*only 400 bytes"
+    ):
+        ckptviz.read_checkpoint(bad)
 
 
 def test_a_big_endian_file_goes_to_torch_load(tmp_path: Path) -> None:

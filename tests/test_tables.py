@@ -29,7 +29,8 @@ def declared(source: str, fmt: str, grown: bool) -> Checkpoint:
             key = f"layers.{i}.{name}"
             shape = (4, 2) if grown and key in GROWN else (3, 2)
             dtype = "float16" if grown and key in HALF else "float32"
-            tensors[key] = TensorInfo(key, shape, dtype, 24)
+            itemsize = 2 if dtype == "float16" else 4
+            tensors[key] = TensorInfo(key, shape, dtype, shape[0] * shape[1] * itemsize)
     return Checkpoint(source=source, format=fmt, tensors=tensors)
 
 
@@ -134,7 +135,7 @@ def test_keys_break_only_at_dots_and_a_long_key_shows_whole_on_hover() -> None:
     long_key = "encoder." * 15 + "attn \"<b>&'.weight"
     tensors = {
         long_key: TensorInfo(long_key, (2,), "float32", 8),
-        "a.b": TensorInfo("a.b", (2, 3, 4, 5, 6, 7), "float32", 8),
+        "a.b": TensorInfo("a.b", (2, 3, 4, 5, 6, 7), "float32", 4 * 5040),
     }
     left = Checkpoint(source="m", format=MODULE, tensors=tensors)
     right = Checkpoint(source="c", format="torch", tensors={})

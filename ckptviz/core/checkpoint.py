@@ -55,9 +55,53 @@ ITEMSIZES = {
 }
 
 
+#: Most dimensions a declared tensor may have: torch's own kernels stop at 64 (``MAX_DIMS``
+#: in its TensorIterator), so a file declaring more is damaged or crafted.
+MAX_RANK = 64
+#: torch holds sizes, strides and offsets as signed 64-bit integers.
+INT64_LIMIT = 2**63
+
+
+class InvalidDeclaration(CheckpointError):
+    """A tensor declared with a key, shape, dtype or size that no torch tensor can have.
+
+    Raised by ``TensorInfo`` itself, so no format can hand one on; the reader that built it
+    adds the file's name (``declarations_of``).
+    """
+
+
+def declaration_problem(key: object, shape: object, dtype: object, nbytes: object) -> str | None:
+    """Why a declaration is not one of a torch tensor, or ``None`` when it is."""
+    if type(key) is not str:
+        return f"has a key of type {type(key).__name__}, not a string"
+    if type(shape) is not tuple:
+        return f"has a shape of type {type(shape).__name__}, not a tuple of sizes"
+    if len(shape) > MAX_RANK:
+        return f"has {len(shape)} dimensions, more than the {MAX_RANK} torch supports"
+    numel = 1
+    for size in shape:
+        if type(size) is not int or not 0 <= size < INT64_LIMIT:
+            return f"has a shape {shape!r} that is not a tuple of non-negative 64-bit integers"
+        numel *= size
+    if numel >= INT64_LIMIT:
+        return f"has a shape {list(shape)} of more elements than torch can count"
+    itemsize = ITEMSIZES.get(dtype) if type(dtype) is str else None
+    if itemsize is None:
+        return f"has dtype {dtype!r}, which is not a torch dtype"
+    if type(nbytes) is not int or nbytes != numel * itemsize:
+        return f"declares {nbytes!r} bytes, but {list(shape)} {dtype} is {numel * itemsize:,}"
+    return None
+
+
 @dataclass(frozen=True)
 class TensorInfo:
-    """What is known about one checkpoint tensor without reading its data."""
+    """What is known about one checkpoint tensor without reading its data.
+
+    Checked when built: ``key`` a ``str``, ``shape`` a tuple of non-negative ``int`` (at most
+    ``MAX_RANK``), ``dtype`` the name of a torch dtype and ``nbytes`` what they make; anything
+    else raises ``InvalidDeclaration``. Everything downstream (tables, the widget, generated
+    code) can rely on that.
+    """
 
     key: str
     shape: tuple[int, ...]
@@ -67,6 +111,28 @@ class TensorInfo:
     kind: str | None = None
     module_type: str | None = None
 
+    def __post_init__(self) -> None:
+        # the common case inline (a table of 20,000 tensors builds 20,000 of these); any doubt
+        # goes to declaration_problem, which says what is wrong
+        shape, dtype = self.shape, self.dtype
+        if type(self.key) is str and type(shape) is tuple and len(shape) <= MAX_RANK:
+            numel = 1
+            for size in shape:
+                if type(size) is not int or not 0 <= size < INT64_LIMIT:
+                    break
+                numel *= size
+            else:
+                itemsize = ITEMSIZES.get(dtype) if type(dtype) is str else None
+                if (
+                    itemsize is not None
+                    and numel < INT64_LIMIT
+                    and type(self.nbytes) is int
+                    and self.nbytes == numel * itemsize
+                ):
+                    return
+        problem = declaration_problem(self.key, shape, dtype, self.nbytes)
+        raise InvalidDeclaration(f"tensor {_shown(self.key)} {problem}")
+
     @property
     def numel(self) -> int:
         n = 1
@@ -75,21 +141,79 @@ class TensorInfo:
         return n
 
 
+def _shown(key: object) -> str:
+    """A key as error text: its repr, cut short (a hostile key may be megabytes long)."""
+    text = repr(key)
+    return text if len(text) <= 200 else f"{text[:200]}..."
+
+
+@contextmanager
+def declarations_of(source: object) -> Iterator[None]:
+    """Name ``source`` (the file) in an ``InvalidDeclaration`` raised while reading it."""
+    try:
+        yield
+    except InvalidDeclaration as exc:
+        raise CheckpointError(
+            f"{source}: {exc}. The checkpoint is damaged or was crafted; nothing was read from "
+            "it. Re-save it (torch.save or safetensors) from the model that wrote it."
+        ) from None
+
+
 class NotPlain(Exception):
     """The pickle holds more than plain tensors in dicts: ``torch.load`` must read it."""
 
 
-class DeclaredStorage:
+class _Sealed:
+    """Set once in ``__init__``, never again: a pickle's BUILD (``__setstate__``) or any later
+    attribute write on a declaration is refused, so what was checked is what is read."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise NotPlain(f"a write to {name!r} of a declared {type(self).__name__}")
+
+    def __delattr__(self, name: str) -> None:
+        raise NotPlain(f"a delete of {name!r} of a declared {type(self).__name__}")
+
+    def __setstate__(self, state: object) -> None:
+        raise NotPlain(f"a pickle BUILD on a declared {type(self).__name__}")
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"a declared {type(self).__name__} is not picklable")
+
+
+class DeclaredStorage(_Sealed):
+    """A storage as a torch zip file's pickle declares it: its record, dtype and element count."""
+
     __slots__ = ("dtype", "key", "numel")
+    dtype: str
+    key: str
+    numel: int
 
     def __init__(self, key: str, dtype: str, numel: int) -> None:
-        self.key, self.dtype, self.numel = key, dtype, numel
+        if not 0 <= numel < INT64_LIMIT:
+            raise NotPlain("a storage of a negative or overflowing size")
+        setter = object.__setattr__
+        setter(self, "key", key)
+        setter(self, "dtype", dtype)
+        setter(self, "numel", numel)
 
 
-class DeclaredTensor:
-    """A tensor as a torch zip file's pickle declares it: which storage, where, what shape."""
+class DeclaredTensor(_Sealed):
+    """A tensor as a torch zip file's pickle declares it: which storage, where, what shape.
+
+    Refuses (``NotPlain``) what torch's ``set_`` would refuse or not read the same way: a
+    size, stride or offset that is not a non-negative 64-bit ``int``, sizes and strides of
+    different lengths or more than ``MAX_RANK``, or elements beyond its storage.
+    """
 
     __slots__ = ("nbytes", "numel", "offset", "shape", "storage", "stride")
+    storage: DeclaredStorage
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    numel: int
+    nbytes: int
 
     def __init__(
         self,
@@ -98,16 +222,35 @@ class DeclaredTensor:
         shape: tuple[int, ...],
         stride: tuple[int, ...],
     ) -> None:
-        self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
+        if (
+            type(offset) is not int
+            or not 0 <= offset < INT64_LIMIT
+            or type(shape) is not tuple
+            or type(stride) is not tuple
+            or len(shape) != len(stride)
+            or len(shape) > MAX_RANK
+        ):
+            raise NotPlain("an unusual tensor")
         numel, last = 1, offset
         for size, step in zip(shape, stride, strict=True):
+            if (
+                type(size) is not int
+                or type(step) is not int
+                or not 0 <= size < INT64_LIMIT
+                or not 0 <= step < INT64_LIMIT
+            ):
+                raise NotPlain("a tensor with a size or stride torch would not take")
             numel *= size
             last += (size - 1) * step
-        self.numel = numel
-        self.nbytes = numel * ITEMSIZES[storage.dtype]
-        inside = last < storage.numel if numel else offset <= storage.numel
-        if offset < 0 or min(shape + stride, default=0) < 0 or not inside:
+        if numel >= INT64_LIMIT or not (last < storage.numel if numel else offset <= storage.numel):
             raise NotPlain("a tensor beyond its storage")
+        setter = object.__setattr__
+        setter(self, "storage", storage)
+        setter(self, "offset", offset)
+        setter(self, "shape", shape)
+        setter(self, "stride", stride)
+        setter(self, "numel", numel)
+        setter(self, "nbytes", numel * ITEMSIZES[storage.dtype])
 
 
 @dataclass(frozen=True)
@@ -258,6 +401,15 @@ class Checkpoint:
     _opener: Callable[[Checkpoint], AbstractContextManager[TensorSource]] | None = field(
         default=None, repr=False
     )
+
+    def __post_init__(self) -> None:
+        # every TensorInfo checked itself when built; here each must sit under its own key
+        for key, info in self.tensors.items():
+            if not isinstance(info, TensorInfo) or info.key != key:
+                raise CheckpointError(
+                    f"{self.source}: the entry {_shown(key)} does not describe a tensor of that "
+                    "name; the checkpoint is damaged or was crafted. Re-save it."
+                )
 
     # -- mapping-like access to the metadata --------------------------------------------------
     def __len__(self) -> int:

@@ -22,6 +22,7 @@ from ckptviz.core.checkpoint import (
     FileFingerprint,
     TensorInfo,
     TensorSource,
+    declarations_of,
     dtype_names,
 )
 from ckptviz.core.errors import CheckpointError
@@ -144,6 +145,8 @@ def tensor_table(
         if not isinstance(name, str):
             skipped[repr(name)] = f"key of type {type(name).__name__}, not a string"
             continue
+        if type(name) is not str:  # a str subclass (numpy.str_): its plain text is the key
+            name = str.__str__(name)
         if isinstance(value, DeclaredTensor):
             tensors[name] = TensorInfo(name, value.shape, value.storage.dtype, value.nbytes)
             if value.numel:
@@ -151,7 +154,7 @@ def tensor_table(
                 by_storage.setdefault(declared, []).append(name)
             continue
         if not isinstance(value, torch.Tensor):
-            what = type(value).__name__
+            what = "list" if isinstance(value, list) else type(value).__name__
             if isinstance(value, Mapping):
                 what = f"nested dict with {_tensor_count(value)} tensors"
             skipped[name] = what
@@ -183,7 +186,8 @@ def checkpoint_from_object(
     **extra: Any,
 ) -> Checkpoint:
     state, location, candidates = locate(obj, source, key)
-    tensors, skipped, ties = tensor_table(state, described)
+    with declarations_of(source):
+        tensors, skipped, ties = tensor_table(state, described)
     if not tensors:
         raise CheckpointError(
             f"{source}: the entry at {'/'.join(location) or 'the top level'} holds no tensors "

@@ -286,6 +286,14 @@ def check_zip_storages(path: Path) -> None:
         raise
     except Exception:
         return
+    for key, (_, stored) in recorder.by_key.items():
+        # torch.load without mmap refuses this too; with mmap it would read past the record
+        if key in sizes and sizes[key] != stored.nbytes:
+            raise CheckpointError(
+                f"{path}: storage {key!r} declares {stored.nbytes:,} bytes, but the file holds "
+                f"{sizes[key]:,} bytes for it. The file is damaged or was crafted; nothing was "
+                "read from it. Re-save the checkpoint with torch.save."
+            )
     for name, tensor in tensors:
         declared = recorder.by_storage.get(storage_identity(tensor.untyped_storage()))
         if declared is None:

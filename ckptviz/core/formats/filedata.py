@@ -153,10 +153,13 @@ class CheckedFile:
 
 def plain(tensor: Any) -> bool:
     """A dense, strided, unquantized tensor whose values are its storage's bytes (or a meta
-    tensor, which has no values to read)."""
+    tensor, which has no values to read): not a conjugate or negative view, whose values are
+    its bytes conjugated or negated."""
     return (
         type(tensor) in (torch.Tensor, torch.nn.Parameter)
         and tensor.layout == torch.strided
         and not tensor.is_quantized
+        and not tensor.is_conj()
+        and not tensor.is_neg()
         and tensor.device.type in ("cpu", "meta")
     )

@@ -13,10 +13,12 @@ from typing import NamedTuple
 import torch
 
 from ckptviz.core.checkpoint import (
+    ITEMSIZES,
     Checkpoint,
     FileFingerprint,
     TensorInfo,
     TensorSource,
+    declarations_of,
     dtype_from_name,
 )
 from ckptviz.core.errors import CheckpointError, first_line
@@ -79,7 +81,8 @@ def read_safetensors(
                 n = 1
                 for s in shape:
                     n *= s
-                tensors[name] = TensorInfo(name, shape, dtype, n * dtype_from_name(dtype).itemsize)
+                with declarations_of(path):
+                    tensors[name] = TensorInfo(name, shape, dtype, n * ITEMSIZES[dtype])
     except CheckpointError:
         raise
     except Exception as exc:

@@ -10,17 +10,20 @@ from one private memory mapping of the file.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
+import re
+import secrets
 import struct
 import sys
 import zipfile
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -32,6 +35,7 @@ from ckptviz.core.checkpoint import (
     DeclaredTensor,
     NotPlain,
     TensorSource,
+    _Sealed,
     dtype_from_name,
     gc_paused,
 )
@@ -71,24 +75,174 @@ _STORAGE_DTYPES = {
 
 _REBUILD_TENSOR, _REBUILD_PARAMETER = saved_tensor_globals()
 
+#: Largest ``data.pkl`` read (inflated size, as declared in the zip directory and as read). It
+#: takes about 100 bytes a tensor: 64 MiB is ~600,000 tensors, several times the largest
+#: checkpoints published. It also bounds the memory of the objects the pickle builds that are
+#: not counted below (ints, floats, strings, references: at most ~16 bytes per pickle byte).
+MAX_PICKLE_BYTES = 64 * 2**20
+#: Most container-building opcodes (dict, set, tuple, list, call, global: up to ~220 bytes of
+#: memory each) plus entries copied into OrderedDicts. Counted as the bytes of the pickle that
+#: could be such an opcode, an over-count; torch.save writes ~9 a tensor, so real checkpoints
+#: of up to ~500,000 tensors pass.
+MAX_PICKLE_NODES = 5_000_000
+#: The bytes of those opcodes: EMPTY_DICT EMPTY_SET TUPLE1-3 TUPLE EMPTY_LIST REDUCE BINPERSID
+#: BUILD GLOBAL.
+_BUILDING_OPCODES = b"}\x8f\x85\x86\x87t]RQbc"
+#: Highest memo slot the C unpickler is given: it allocates an array up to the slot (4 bytes of
+#: pickle could ask for 64 GiB); torch.save's memo holds ~8 slots a tensor.
+_MAX_MEMO_SLOT = 1 << 22
 
-@dataclass(frozen=True)
-class _StorageKind:
+
+@functools.cache
+def _torch_opcode_run() -> re.Pattern[bytes]:
+    """A run of pickle opcodes that torch's weights-only unpickler reads exactly as the C one.
+
+    Every other opcode is refused by torch.load(weights_only=True), so a pickle using one is
+    not read here. Left out of the run, for ``_scan`` to look at one by one: EMPTY_LIST and
+    BUILD (rewritten, see ``_Rewrites``), a MARK right before SETITEMS or APPENDS (rewritten
+    too), LONG_BINPUT past ``_MAX_MEMO_SLOT``, a BINUNICODE of 256 bytes or more,
+    SHORT_BINSTRING, LONG1 and STOP.
+    """
+    short_text = b"|".join(
+        re.escape(struct.pack("<I", length)) + b".{%d}" % length for length in range(256)
+    )
+    opcode = (  # the most frequent in torch.save's pickles first
+        rb"r..[\x00-\x3f]\x00"  # LONG_BINPUT below _MAX_MEMO_SLOT
+        rb"|[Khq\x80]."  # BININT1 BINGET BINPUT PROTO
+        rb"|[\x81Rsu)}\x8fQ\x85\x86\x87N\x89\x88aet]"  # no argument
+        rb"|X(?:" + short_text + rb")"  # BINUNICODE
+        rb"|\((?![ue])"  # MARK
+        rb"|M..|[Jj]....|G.{8}"  # BININT2 BININT LONG_BINGET BINFLOAT
+        rb"|c[^\n]*\n[^\n]*\n"  # GLOBAL
+    )
+    return re.compile(rb"(?:" + opcode + rb")*+", re.DOTALL)
+
+
+class _Rewrites:
+    """Opcodes whose effect the C unpickler and torch's differ on, routed to Python instead.
+
+    BUILD: torch builds only an OrderedDict (``__dict__.update``), a tensor or a parameter; the
+    C unpickler no-ops a BUILD with ``None`` state on anything. EMPTY_LIST: the C unpickler lets
+    SETITEM write into a list, torch does not. An empty SETITEMS or APPENDS (MARK right before
+    it: torch.save ends a dict of a multiple of 1,000 entries so): torch checks its target is
+    a dict or a list, the C unpickler does nothing. Each becomes a persistent id carrying a
+    token made for this read (a file cannot forge it), which ``_DeclarationUnpickler`` answers.
+    """
+
+    def __init__(self) -> None:
+        self.tokens = {secrets.token_hex(16): name for name in ("build", "list", "dict?", "list?")}
+        call = {
+            name: b"X" + struct.pack("<I", 32) + token.encode()
+            for token, name in self.tokens.items()
+        }
+        # BUILD: (inst, state, token); EMPTY_LIST: (token,); empty SETITEMS/APPENDS: (target, token)
+        self.build = call["build"] + b"\x87Q"
+        self.list = call["list"] + b"\x85Q"
+        self.empty_setitems = call["dict?"] + b"\x86Q"
+        self.empty_appends = call["list?"] + b"\x86Q"
+
+
+def _scan(data: bytes, path: Path, rewrites: _Rewrites) -> bytes | None:
+    """``data`` ready for the C unpickler, or ``None`` when it uses an opcode (or a memo slot)
+    torch's weights-only unpickler would not read the same way: then torch.load decides.
+
+    Also bounds what unpickling it may build, whoever unpickles it: a pickle with more than
+    ``MAX_PICKLE_NODES`` container-building opcodes is refused before anything is built.
+    Nesting needs no bound of its own: an object nests at most as deep as objects were built,
+    and nothing in ckptviz or torch.load recurses over the saved object.
+    """
+    building = len(data) - len(data.translate(None, _BUILDING_OPCODES))
+    if building > MAX_PICKLE_NODES:
+        raise _bound_error(path, f"has over {MAX_PICKLE_NODES:,} container-building opcodes")
+    run = _torch_opcode_run().match
+    unpack = struct.unpack_from
+    pos = 0
+    spliced: list[tuple[int, int, bytes]] = []  # (where, length, new opcodes)
+    try:
+        while True:
+            pos = run(data, pos).end()  # type: ignore[union-attr]  # matches the empty run
+            code = data[pos]
+            if code == 0x58:  # BINUNICODE of 256 bytes or more
+                pos += 5 + unpack("<I", data, pos + 1)[0]
+            elif code == 0x28:  # MARK right before SETITEMS (u) or APPENDS (e): an empty one
+                after = data[pos + 1]
+                spliced.append(
+                    (pos, 2, rewrites.empty_setitems if after == 0x75 else rewrites.empty_appends)
+                )
+                pos += 2
+            elif code == 0x5D:  # EMPTY_LIST
+                spliced.append((pos, 1, rewrites.list))
+                pos += 1
+            elif code == 0x62:  # BUILD
+                spliced.append((pos, 1, rewrites.build))
+                pos += 1
+            elif code == 0x55 or code == 0x8A:  # SHORT_BINSTRING, LONG1
+                pos += 2 + data[pos + 1]
+            elif code == 0x2E:  # STOP
+                break
+            else:
+                # torch.load refuses the opcode ("Unsupported operand"), or it is a
+                # LONG_BINPUT past _MAX_MEMO_SLOT, which only torch's dict memo holds cheaply
+                return None
+    except (IndexError, struct.error):
+        return None  # truncated: torch.load says what is wrong
+    if not spliced:
+        return data
+    pieces: list[bytes] = []
+    last = 0
+    for at, length, replacement in spliced:
+        pieces += (data[last:at], replacement)
+        last = at + length
+    pieces.append(data[last:])
+    return b"".join(pieces)
+
+
+def _bound_error(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: its pickle (data.pkl) {what}, past what ckptviz reads from a checkpoint; it "
+        "was refused and nothing from it was loaded. A real checkpoint stays far below; if you "
+        "trust this file, load it with torch.load yourself and pass the state dict to ckptviz."
+    )
+
+
+class _StorageKind(_Sealed):
+    """What ``torch.FloatStorage`` and its kin stand for in a declaration: a dtype."""
+
+    __slots__ = ("dtype",)
     dtype: str
+
+    def __init__(self, dtype: str) -> None:
+        object.__setattr__(self, "dtype", dtype)
+
+
+class _List(list[Any]):
+    """A list the pickle builds: it may be appended to, as torch allows, and nothing else."""
+
+    __slots__ = ()
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        raise NotPlain("a SETITEM on a list")
 
 
 class _DeclarationUnpickler(pickle.Unpickler):
     """Unpickles ``data.pkl`` with tensors as declarations: no data is read and no function of
     torch runs. Only the globals torch.save writes for plain tensors in dicts are known, each
-    standing for a function of this class; any other global stops it (``NotPlain``)."""
+    standing for a function of this class; any other global stops it (``NotPlain``), as does
+    anything torch's ``_rebuild_tensor_v2`` would do more with than place a tensor in its
+    storage (conj/neg bits, ``requires_grad``, hooks). Declarations are sealed once built."""
 
-    def __init__(self, data: bytes) -> None:
-        super().__init__(io.BytesIO(data))
+    def __init__(self, data: bytes, path: Path, rewrites: _Rewrites) -> None:
+        # torch.load decodes SHORT_BINSTRING as UTF-8, strictly
+        super().__init__(io.BytesIO(data), encoding="utf-8")
+        self.path = path
+        self.rewrites = rewrites
         self.storages: dict[str, DeclaredStorage] = {}
+        self.tensors: list[DeclaredTensor] = []
+        self.copied = 0
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "collections" and name == "OrderedDict":
-            return OrderedDict
+            return self._ordered_dict
         if (module, name) == _REBUILD_TENSOR:
             return self._tensor
         if (module, name) == _REBUILD_PARAMETER:
@@ -97,23 +251,53 @@ class _DeclarationUnpickler(pickle.Unpickler):
             return _StorageKind(_STORAGE_DTYPES[name])
         raise NotPlain(f"{module}.{name}")
 
+    def _ordered_dict(self, *args: Any) -> OrderedDict[Any, Any]:
+        if not args:  # every tensor's backward hooks
+            return OrderedDict()
+        built: OrderedDict[Any, Any] = OrderedDict(*args)
+        # copies of a big dict, made again and again, are the one way to build more objects
+        # than the pickle has opcodes
+        self.copied += len(built)
+        if self.copied > MAX_PICKLE_NODES:
+            raise _bound_error(self.path, f"copies over {MAX_PICKLE_NODES:,} dict entries")
+        return built
+
     def persistent_load(self, pid: Any) -> Any:
-        if not (
-            type(pid) is tuple
-            and len(pid) == 5
-            and pid[0] == "storage"
-            and type(pid[1]) is _StorageKind
-            and type(pid[2]) is str
-            and type(pid[4]) is int
-        ):
-            raise NotPlain("an unusual storage")
-        kind, key, numel = pid[1], pid[2], pid[4]
-        storage = self.storages.get(key)
-        if storage is None:
-            storage = self.storages[key] = DeclaredStorage(key, kind.dtype, numel)
-        elif (storage.dtype, storage.numel) != (kind.dtype, numel):
-            raise NotPlain("one storage declared two ways")
-        return storage
+        if type(pid) is tuple and len(pid) == 5:  # a storage: ("storage", kind, key, where, numel)
+            kind, key, numel = pid[1], pid[2], pid[4]
+            if not (
+                type(pid[0]) is str
+                and pid[0] == "storage"
+                and type(kind) is _StorageKind
+                and type(key) is str
+                and type(numel) is int
+            ):
+                raise NotPlain("an unusual storage")
+            storage = self.storages.get(key)
+            if storage is None:
+                storage = self.storages[key] = DeclaredStorage(key, kind.dtype, numel)
+            elif storage.dtype != kind.dtype or storage.numel != numel:
+                raise NotPlain("one storage declared two ways")
+            return storage
+        rewritten = self.rewrites.tokens.get(pid[-1]) if type(pid) is tuple and pid else None
+        if rewritten == "build" and len(pid) == 3:
+            return self._build(pid[0], pid[1])
+        if rewritten == "list" and len(pid) == 1:
+            return _List()
+        # what torch checks of the target of an empty SETITEMS or APPENDS
+        if rewritten == "dict?" and len(pid) == 2 and type(pid[0]) in (dict, OrderedDict):
+            return pid[0]
+        if rewritten == "list?" and len(pid) == 2 and type(pid[0]) is _List:
+            return pid[0]
+        raise NotPlain("an unusual persistent id")
+
+    def _build(self, inst: Any, state: Any) -> Any:
+        """A pickle BUILD, as torch's weights-only unpickler does it on an OrderedDict (the
+        attributes of a ``state_dict()``); on anything else torch.load decides."""
+        if type(inst) is not OrderedDict:
+            raise NotPlain(f"a BUILD on a {type(inst).__name__}")
+        inst.__dict__.update(state)
+        return inst
 
     def _tensor(
         self,
@@ -125,49 +309,242 @@ class _DeclarationUnpickler(pickle.Unpickler):
         backward_hooks: Any,
         metadata: Any = None,
     ) -> DeclaredTensor:
-        if not (type(storage) is DeclaredStorage and type(offset) is int):
+        if (
+            type(storage) is not DeclaredStorage
+            or requires_grad is not False
+            # torch.save writes empty hooks; torch.load would attach any others
+            or type(backward_hooks) is not OrderedDict
+            or backward_hooks
+            or metadata  # conj/neg bits: torch.load sets them, a view here would not
+        ):
             raise NotPlain("an unusual tensor")
-        shape, strides = tuple(size), tuple(stride)
-        for n in shape + strides:
-            if type(n) is not int:
-                raise NotPlain("an unusual tensor")
-        return DeclaredTensor(storage, offset, shape, strides)
+        tensor = DeclaredTensor(storage, offset, size, stride)
+        self.tensors.append(tensor)
+        return tensor
 
     def _parameter(self, data: Any, requires_grad: Any, backward_hooks: Any) -> DeclaredTensor:
-        if type(data) is not DeclaredTensor:
+        if (
+            type(data) is not DeclaredTensor
+            or type(requires_grad) is not bool
+            or type(backward_hooks) is not OrderedDict
+            or backward_hooks
+        ):
             raise NotPlain("an unusual parameter")
+        dtype = dtype_from_name(data.storage.dtype)
+        if requires_grad and not (dtype.is_floating_point or dtype.is_complex):
+            raise NotPlain("a parameter torch would not let require gradients")
         return data
 
 
-def _declared_object(archive: zipfile.ZipFile) -> tuple[object, dict[str, zipfile.ZipInfo]] | None:
+def _refuse(path: Path, problem: str, advice: str = "Re-save it with torch.save.") -> NoReturn:
+    raise CheckpointError(f"{path}: {problem}; torch.save never writes that. {advice}")
+
+
+@dataclass(frozen=True)
+class _Archive:
+    """A torch zip file's entries by the name torch's zip reader looks them up with."""
+
+    prefix: str  # "archive/": the folder of the first entry, which torch reads records from
+    entries: dict[bytes, zipfile.ZipInfo]  # ASCII-lower-cased raw name -> entry
+
+    def get(self, name: str) -> zipfile.ZipInfo | None:
+        return self.entries.get(_raw_name(self.prefix + name).lower())
+
+    @property
+    def pickle(self) -> zipfile.ZipInfo:
+        info = self.get("data.pkl")
+        assert info is not None
+        return info
+
+
+def _raw_name(name: str, utf8: bool = True) -> bytes:
+    return name.encode("utf-8" if utf8 else "cp437", "surrogateescape")
+
+
+def check_archive(path: Path, archive: zipfile.ZipFile) -> _Archive:
+    """The entries of a torch zip file, refusing what torch's zip reader and Python's would
+    read differently, so both paths (the declarations here and torch.load) read one file.
+
+    torch's reader (miniz) takes the folder of the first entry as the archive's, finds names
+    without regard to ASCII case, reads a name past a NUL byte and memory-maps tensor data
+    records raw: so a duplicate name (in any case), a NUL in a name, a second ``data.pkl``,
+    a compressed or encrypted data record, or a ``data.pkl`` over ``MAX_PICKLE_BYTES`` is
+    refused here.
+    """
+    infos = archive.infolist()
+    # zipfile cuts a name at a NUL byte (orig_filename keeps it whole); torch's reader does not
+    for info in [i for i in infos if i.orig_filename is not i.filename]:
+        if info.orig_filename != info.filename:
+            _refuse(path, f"the zip entry {info.orig_filename!r} has a NUL byte in its name")
+    flags = {info.flag_bits & 0x801 for info in infos}  # encrypted, UTF-8 name
+    if any(flag & 0x1 for flag in flags):
+        encrypted = next(info for info in infos if info.flag_bits & 0x1)
+        _refuse(path, f"the zip entry {encrypted.filename!r} is encrypted")
+    if len(flags) <= 1:
+        # one encoding for all: encode them at once (no name holds a NUL, checked above)
+        joined = "\0".join(info.filename for info in infos)
+        raw_names = _raw_name(joined, 0x800 in flags).lower().split(b"\0")
+    else:
+        raw_names = [_raw_name(i.filename, bool(i.flag_bits & 0x800)).lower() for i in infos]
+    entries = dict(zip(raw_names, infos, strict=True))
+    if len(entries) != len(infos):
+        first: dict[bytes, zipfile.ZipInfo] = {}
+        twice = next(
+            info
+            for raw, info in zip(raw_names, infos, strict=True)
+            if first.setdefault(raw, info) is not info
+        )
+        _refuse(
+            path,
+            f"the zip holds two entries named {twice.filename!r} (names are compared ignoring "
+            "case, as torch's zip reader does): torch.load reads one of them, ckptviz could "
+            "read the other",
+        )
+    folder, slash, _ = infos[0].filename.partition("/") if infos else ("", "", "")
+    if not slash:
+        _refuse(path, "the first zip entry is not in a folder, where torch.load looks")
+    found = _Archive(f"{folder}/", entries)
+    pickles = [
+        info.filename
+        for raw, info in zip(raw_names, infos, strict=True)
+        if raw.endswith(b"data.pkl")
+    ]
+    if len(pickles) != 1 or found.get("data.pkl") is None:
+        _refuse(
+            path,
+            f"the zip holds {len(pickles)} pickles ({', '.join(map(repr, pickles[:4]))}), and "
+            f"torch.load reads only {folder}/data.pkl",
+        )
+    data_folder = _raw_name(f"{folder}/data/").lower()
+    compressed = [
+        info.filename
+        for raw, info in entries.items()
+        if info.compress_type != zipfile.ZIP_STORED and raw.startswith(data_folder)
+    ]  # (the compress_type test first: it is the cheap one)
+    if compressed:
+        _refuse(
+            path,
+            f"the tensor data record {compressed[0]!r} is compressed (torch.load would map "
+            "its compressed bytes as tensor values)",
+        )
+    pickle_info = found.pickle
+    if pickle_info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        _refuse(path, f"data.pkl is compressed with method {pickle_info.compress_type}")
+    if pickle_info.file_size > MAX_PICKLE_BYTES:
+        raise _bound_error(
+            path, f"is {pickle_info.file_size:,} bytes, over {MAX_PICKLE_BYTES:,} bytes"
+        )
+    return found
+
+
+def _read_pickle(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """data.pkl, inflated at most to ``MAX_PICKLE_BYTES`` (zipfile stops at the size the zip
+    directory declares, which ``check_archive`` bounded, and checks the CRC)."""
+    with archive.open(info) as stream:
+        data = stream.read(MAX_PICKLE_BYTES + 1)
+    if len(data) > MAX_PICKLE_BYTES:
+        raise _bound_error(path, f"inflates past {MAX_PICKLE_BYTES:,} bytes")
+    return data
+
+
+def _declared_object(
+    path: Path, archive: zipfile.ZipFile, found: _Archive
+) -> tuple[object, dict[str, zipfile.ZipInfo]] | None:
     """A torch zip file's saved object with each tensor as its declaration, or ``None`` when
-    the file holds anything else or declares a tensor beyond the bytes its record holds: then
-    ``torch.load`` reads it, with its own checks and errors.
+    the file holds anything else, or anything torch.load would read in another way than a
+    view of its record's bytes: then ``torch.load`` reads it, with its own checks and errors.
+
+    Afterwards every declared tensor is checked again against its own zip record (dtype,
+    offset, shape, stride, size): the declarations are sealed, and this says it twice.
 
     This is what makes reading metadata cheap: ``torch.load(weights_only=True)`` unpickles in
     Python and builds a tensor per entry, here the C unpickler builds small records.
     """
-    names = {info.filename: info for info in archive.infolist()}
-    pickles = [name for name in names if name.rpartition("/")[2] == "data.pkl"]
-    if len(pickles) != 1 or names[pickles[0]].compress_type != zipfile.ZIP_STORED:
-        return None
-    prefix = pickles[0][: -len("data.pkl")]
-    byteorder = names.get(f"{prefix}byteorder")
+    byteorder = found.get("byteorder")
+    alignment = found.get(".storage_alignment")
     try:
         if byteorder is not None and archive.read(byteorder) != sys.byteorder.encode():
-            return None  # torch.load swaps the bytes
-        unpickler = _DeclarationUnpickler(archive.read(pickles[0]))
+            return None  # torch.load swaps the bytes, or refuses an unknown byte order
+        if alignment is not None:
+            int(archive.read(alignment))  # torch.load fails on anything int() does not read
+        if not _known_version(archive, found):
+            return None
+        data = _read_pickle(path, archive, found.pickle)
+    except CheckpointError:
+        raise
+    except Exception:  # a damaged entry: torch.load decides what it is
+        return None
+    rewrites = _Rewrites()
+    scanned = _scan(data, path, rewrites)
+    if scanned is None:
+        return None
+    unpickler = _DeclarationUnpickler(scanned, path, rewrites)
+    try:
         with gc_paused():
             obj: object = unpickler.load()
+    except CheckpointError:
+        raise
     except Exception:  # NotPlain, or anything odd: torch.load decides what it is
         return None
-    records = {}
-    for storage in unpickler.storages.values():
-        record = names.get(f"{prefix}data/{storage.key}")
-        if record is None or record.file_size < storage.numel * ITEMSIZES[storage.dtype]:
+    records: dict[str, zipfile.ZipInfo] = {}
+    folder = f"{found.prefix}data/"
+    data_folder = _raw_name(folder).lower()
+    exact = archive.NameToInfo
+    for key, storage in unpickler.storages.items():
+        # the exact name first (fast); names are unique ignoring case, so it is torch's too
+        record = exact.get(folder + key) or found.entries.get(data_folder + _raw_name(key).lower())
+        if record is None:
             return None
-        records[storage.key] = record
+        declared = storage.numel * ITEMSIZES[storage.dtype]
+        if record.file_size != declared:
+            only = "only " if record.file_size < declared else ""
+            _refuse(
+                path,
+                f"tensor {_key_of(obj, storage)} declares {storage.numel:,} {storage.dtype} "
+                f"values ({declared:,} bytes) in storage {key!r}, but the file holds "
+                f"{only}{record.file_size:,} bytes for it (torch.load refuses such a file too)",
+            )
+        records[key] = record
+    # each declaration again, from its parts, against its own record: it must lie inside
+    for tensor in unpickler.tensors:
+        storage = tensor.storage
+        record = records.get(storage.key)
+        if record is None:
+            return None
+        end = tensor.offset  # one past its last element, or its offset when it has none
+        if tensor.numel:
+            # sizes and strides are as many, checked when declared
+            for size, step in zip(tensor.shape, tensor.stride, strict=False):
+                end += (size - 1) * step
+            end += 1
+        if end * ITEMSIZES[storage.dtype] > record.file_size:
+            return None
     return obj, records
+
+
+def _key_of(obj: object, storage: DeclaredStorage) -> str:
+    """Where in the saved object a tensor of ``storage`` sits ('state_dict/fc.weight'), for
+    an error message; looked for breadth first, among the first objects only."""
+    queue: deque[tuple[str, object]] = deque([("", obj)])
+    for _ in range(100_000):
+        if not queue:
+            break
+        where, node = queue.popleft()
+        if type(node) is DeclaredTensor and node.storage is storage:
+            return repr(where)
+        if isinstance(node, Mapping):
+            queue.extend((f"{where}/{k}".lstrip("/"), v) for k, v in node.items())
+        elif isinstance(node, (list, tuple)):
+            queue.extend((f"{where}/{i}".lstrip("/"), v) for i, v in enumerate(node))
+    return "(not found)"
+
+
+def _known_version(archive: zipfile.ZipFile, found: _Archive) -> bool:
+    """The format version torch.save writes (1 to 3), read where torch's reader reads it."""
+    record = found.get(".data/version") or found.get("version")
+    if record is None or record.file_size > 16:
+        return False
+    return re.fullmatch(rb"[123]\n?", archive.read(record)) is not None
 
 
 def _declared_opener(
@@ -293,7 +670,8 @@ def _native_byte_order(path: Path) -> bool:
     """Whether a torch zip file's tensors are stored in this machine's byte order (else
     torch swaps them in memory, and the mapped bytes are no longer the file's)."""
     with zipfile.ZipFile(path) as archive:
-        names = [n for n in archive.namelist() if n.rpartition("/")[2] == "byteorder"]
+        # torch's zip reader finds its records whatever their case
+        names = [n for n in archive.namelist() if n.rpartition("/")[2].lower() == "byteorder"]
         return all(archive.read(n) == sys.byteorder.encode() for n in names)
 
 
@@ -341,7 +719,12 @@ def read_torch_zip(
                 f"{path}: a zip file, but not one written by torch.save (no data.pkl inside). "
                 "Expected a torch checkpoint or a .safetensors file."
             )
-        declared = None if trusted or allow else _declared_object(archive)
+        found = check_archive(path, archive)
+        declared = None
+        if not trusted and not allow:
+            declared = _declared_object(path, archive, found)
+        elif not trusted:  # torch.load unpickles it: bound what that may build first
+            _scan(_read_pickle(path, archive, found.pickle), path, _Rewrites())
     if declared is not None:
         obj, records = declared
         return checkpoint_from_object(
