@@ -37,13 +37,27 @@ class RecordingComm(BaseComm):
         self.sent: list[tuple[str, dict[str, Any]]] = []
         super().__init__(*args, **kwargs)
 
-    def publish_msg(self, msg_type: str, data: Any = None, *args: Any, **kwargs: Any) -> None:
-        self.sent.append((msg_type, copy.deepcopy(data)))
+    def publish_msg(
+        self,
+        msg_type: str,
+        data: Any = None,
+        metadata: Any = None,
+        buffers: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        data = copy.deepcopy(data)
+        # put the binary buffers back where the front end finds them (as DataViews)
+        for path, buffer in zip((data or {}).get("buffer_paths", []), buffers or [], strict=True):
+            place = data["state"]
+            for part in path[:-1]:
+                place = place[part]
+            place[path[-1]] = bytes(buffer)
+        self.sent.append((msg_type, data))
 
 
 def wire_bytes(data: Any) -> int:
     """What the kernel's JSON packer would send for one message's data."""
-    return len(json.dumps(data, ensure_ascii=False).encode())
+    return len(json.dumps(data, ensure_ascii=False, default=len).encode())  # a buffer: its bytes
 
 
 @pytest.fixture(autouse=True)
@@ -115,7 +129,8 @@ class FrontEnd:
     # what the table shows
     def rows(self) -> list[dict[str, Any]]:
         state = self.state["_rows"]
-        return [dict(zip(state["fields"], values, strict=True)) for values in state["data"]]
+        data = json.loads(state["data"])  # one UTF-8 JSON buffer, as loader.js decodes it
+        return [dict(zip(state["fields"], values, strict=True)) for values in data]
 
     def actions(self) -> dict[str, str]:
         return {
@@ -607,9 +622,13 @@ def test_the_static_view_of_a_big_plan_shows_the_rows_that_differ_first(tmp_path
     assert html.count("<tr") == STATIC_ROWS + 1  # the header and the rows shown
 
 
+@pytest.mark.parametrize("with_widget_state", [False, True], ids=["no-state", "widget-state"])
 def test_an_executed_notebook_exported_to_html_shows_the_table(
-    tmp_path: Path, old_cnn_path: Path
+    tmp_path: Path, with_widget_state: bool
 ) -> None:
+    """Without widget state (JupyterLab's default save) and with it (what nbclient and "Save
+    Widget State" write; a front end then renders the widget view, which is empty without the
+    live model): the static table is its own output, so every reader sees it."""
     import nbformat
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
@@ -625,19 +644,22 @@ def test_an_executed_notebook_exported_to_html_shows_the_table(
             "ckptviz.Loader(model, 'old.pth')"
         )
     ]
-    # as JupyterLab saves it by default: outputs, no widget state
     NotebookClient(
         notebook,
         timeout=120,
         kernel_name="python3",
         resources={"metadata": {"path": str(tmp_path)}},
-        store_widget_state=False,
+        store_widget_state=with_widget_state,
     ).execute()
-    (output,) = notebook.cells[0].outputs
-    assert "application/vnd.jupyter.widget-view+json" in output["data"]
+    static, live = notebook.cells[0].outputs
+    assert "application/vnd.jupyter.widget-view+json" not in static["data"]
+    assert "ckptviz-loader-static" in static["data"]["text/html"]
+    assert "application/vnd.jupyter.widget-view+json" in live["data"]
+    assert ("widgets" in notebook.metadata) is with_widget_state
     body, _ = HTMLExporter().from_notebook_node(notebook)
     assert "ckptviz.Loader" in body
     assert re.search(r"0\.weight.*✗ shape", body, re.S)
+    assert "✓ match" in body
     assert "Loader(" not in body
 
 
