@@ -104,6 +104,7 @@ FRONT_END_CALLS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "set_bulk": ("action", "statuses", "filter", "regex"),
         "reset": (),
         "accept": ("which",),
+        "accept_all": (),
         "pair": ("model_key", "checkpoint_key"),
         "apply": (),
         "undo": (),

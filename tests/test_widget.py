@@ -834,3 +834,140 @@ def test_plan_dir_chooses_another_folder(tmp_path: Path, old_cnn_path: Path) -> 
         loader.save_plan(tmp_path / "b.json")
     with pytest.raises(ckptviz.PlanError, match="not a folder"):
         Loader(SmallCNN(32), old_cnn_path, plan_dir=tmp_path / "absent")
+
+
+# -- renames at scale, history, applied rows, stale code, the opening view ---------------------
+
+
+class Renamed(nn.Module):
+    """``count`` tiny blocks under ``container``, and a head kept under its own name."""
+
+    def __init__(self, container: str, count: int) -> None:
+        super().__init__()
+        self.add_module(container, nn.ModuleList(nn.Linear(1, 1) for _ in range(count)))
+        self.head = nn.Linear(1, 2)
+
+
+def test_a_rule_claims_every_key_it_pairs_not_the_suggestions_shown(tmp_path: Path) -> None:
+    """1,002 renamed blocks are 2,004 keys; suggestions stop at 200, the rule does not."""
+    torch.save(Renamed("blocks", 1002).state_dict(), tmp_path / "old.pt")
+    loader = Loader(Renamed("layers", 1002), tmp_path / "old.pt")
+    ui = FrontEnd(loader)
+    (rule, *pairs) = ui.state["_suggestions"]
+    assert rule["kind"] == "rule" and rule["pairs"] == 2004
+    assert rule["readable"] == "blocks.* → layers.*"
+    old, new = rule["examples"][0]
+    assert re.sub("^blocks", "layers", old) == new
+    assert pairs == []  # every suggested pair is covered by the rule: listed under it, not again
+    missing = {r["model_key"] for r in ui.rows() if r["status"] == "missing"}
+    assert len(missing) == 2004
+
+    ui.send(do="accept", which=rule["index"])
+    fed = {r["model_key"] for r in ui.rows() if r["model_key"] in missing and r["checkpoint_key"]}
+    assert len(fed) == rule["pairs"]
+    assert ui.state["_suggestions"] == []
+
+
+def test_accept_all_takes_every_rule_and_every_pair(tmp_path: Path) -> None:
+    old = Renamed("blocks", 3)
+    state = old.state_dict()
+    state["classifier.weight"] = state.pop("head.weight")  # one lone rename: a pair, no rule
+    torch.save(state, tmp_path / "old.pt")
+    loader = Loader(Renamed("layers", 3), tmp_path / "old.pt")
+    ui = FrontEnd(loader)
+    kinds = [s["kind"] for s in ui.state["_suggestions"]]
+    assert kinds == ["rule", "pair"]
+    lone = loader.suggestions[ui.state["_suggestions"][1]["index"]]  # what accept(i) takes
+    assert (lone.checkpoint_key, lone.model_key) == ("classifier.weight", "head.weight")
+    fed = loader.accept_all()
+    assert fed == 7
+    assert loader.diff.counts["missing"] == loader.diff.counts["unexpected"] == 0
+    ui.receive()
+    assert ui.state["_suggestions"] == []
+    ui.send(do="accept_all")
+    assert "no rename suggestions" in loader.error
+
+
+def test_history_marks_the_latest_undoable_apply_and_the_applied_rows(
+    grown: tuple[SmallCNN, Loader, FrontEnd],
+) -> None:
+    model, loader, ui = grown
+    keys = [r["model_key"] for r in ui.rows()]
+    assert loader.history == [] and loader.applied_codes() == "." * len(keys)
+    ui.send(do="apply", id=1)
+    ui.send(do="set_action", pattern="conv1.weight", action="partial")
+    ui.send(do="apply", id=2)
+    first, second = loader.history
+    assert (first.kind, first.undoable, second.kind, second.undoable) == (
+        "apply",
+        False,
+        "apply",
+        True,
+    )
+    applied = ui.state["_report"]["applied"]
+    assert applied[keys.index("conv1.weight")] == ACTION_CODES["partial"]
+    assert applied[keys.index("fc.bias")] == ACTION_CODES["load"]
+    assert applied[keys.index("fc.weight")] == "."  # keep writes nothing
+
+    ui.send(do="undo", id=3)
+    *_, undo = loader.history
+    assert undo.kind == "undo" and "#2" in undo.summary
+    assert [e.undoable for e in loader.history] == [True, False, False]
+    applied = ui.state["_report"]["applied"]
+    assert applied[keys.index("conv1.weight")] == "."  # the partial apply is undone
+    assert applied[keys.index("fc.bias")] == ACTION_CODES["load"]  # the first stays in effect
+    assert [h["undoable"] for h in ui.state["_report"]["history"]] == [True, False, False]
+    ui.send(do="undo", id=4)
+    assert ui.state["_report"]["applied"] == "." * len(keys)
+    assert ui.state["_report"]["can_undo"] is False
+
+
+def test_the_code_is_stale_only_while_the_plan_differs_from_it(
+    grown: tuple[SmallCNN, Loader, FrontEnd],
+) -> None:
+    _, loader, ui = grown
+    assert ui.state["code_stale"] is False
+    ui.send(do="show_code")
+    ui.send(do="set_action", pattern="fc.bias", action="keep")
+    assert ui.state["code_stale"] is True
+    ui.send(do="set_action", pattern="fc.bias", action="load")  # back to what the code does
+    assert ui.state["code_stale"] is False
+    ui.send(do="apply", id=1)  # applying changes no action
+    assert ui.state["code_stale"] is False
+    ui.send(do="set_module", module="fc", action="keep")
+    ui.send(do="show_code")
+    assert ui.state["code_stale"] is False
+    ui.send(do="hide_code")
+    ui.send(do="reset")
+    assert ui.state["code_stale"] is False  # no code shown: nothing is stale
+
+
+def test_a_big_table_opens_on_the_groups_that_hold_differences(tmp_path: Path) -> None:
+    model = Wide(200)
+    state = model.state_dict()
+    state["layers.150.weight"] = torch.zeros(3, 2)
+    torch.save(state, tmp_path / "w.pt")
+    big = FrontEnd(Loader(model, tmp_path / "w.pt"))
+    assert big.state["_rows"]["expanded"] == ["layers", "layers.150"]
+    torch.save(Wide(3).state_dict(), tmp_path / "s.pt")
+    small = FrontEnd(Loader(Wide(3), tmp_path / "s.pt"))
+    assert small.state["_rows"]["expanded"] is None  # a small table opens fully
+
+
+def test_incremental_ticks_keep_the_counters_equal_to_the_plan(tmp_path: Path) -> None:
+    model = Wide(40)
+    state = model.state_dict()
+    state["layers.3.weight"] = torch.zeros(3, 2)
+    torch.save(state, tmp_path / "w.pt")
+    loader = Loader(model, tmp_path / "w.pt")
+    ui = FrontEnd(loader)
+    ui.send(do="set_action", pattern="layers.3.weight", action="partial")
+    ui.send(do="set_module", module="layers.7", action="reinit")
+    ui.send(do="set_bulk", action="keep", filter="layers.1")
+    ui.send(do="set_action", pattern="layers.9.*", action="keep")
+    loader.plan.set("layers.2.bias", "keep")  # edited directly: refresh compares every row
+    loader.refresh()
+    ui.receive()
+    assert ui.actions() == loader.plan.actions
+    counts = {a: [c["rows"], c["numel"]] for a, c in loader.plan.counts.items()}
+    assert ui.state["_rows"]["counts"] == counts
