@@ -882,7 +882,14 @@ def _vocabulary_state() -> dict[str, Any]:
     """The statuses and actions as the front end shows them, from ``core.vocabulary``."""
     return {
         "statuses": [
-            {"name": s.value, "label": t.label, "symbol": t.symbol, "colour": t.colour}
+            {
+                "name": s.value,
+                "label": t.label,
+                "symbol": t.symbol,
+                "colour": t.colour,
+                # a row of this status is a difference: "next difference" stops on it
+                "differs": s is not Status.MATCH,
+            }
             for s, t in STATUS_TERMS.items()
         ],
         "actions": [
