@@ -891,7 +891,7 @@ def test_accept_all_takes_every_rule_and_every_pair(tmp_path: Path) -> None:
 def test_history_marks_the_latest_undoable_apply_and_the_applied_rows(
     grown: tuple[SmallCNN, Loader, FrontEnd],
 ) -> None:
-    model, loader, ui = grown
+    _, loader, ui = grown
     keys = [r["model_key"] for r in ui.rows()]
     assert loader.history == [] and loader.applied_codes() == "." * len(keys)
     ui.send(do="apply", id=1)
@@ -925,7 +925,7 @@ def test_history_marks_the_latest_undoable_apply_and_the_applied_rows(
 def test_the_code_is_stale_only_while_the_plan_differs_from_it(
     grown: tuple[SmallCNN, Loader, FrontEnd],
 ) -> None:
-    _, loader, ui = grown
+    _, _, ui = grown
     assert ui.state["code_stale"] is False
     ui.send(do="show_code")
     ui.send(do="set_action", pattern="fc.bias", action="keep")

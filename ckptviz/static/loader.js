@@ -17,7 +17,7 @@ const MODE_CLASS = { wide: "ckv-wide", medium: "ckv-medium", narrow: "ckv-narrow
 const VISIBLE_LINES = 16;
 const OVERSCAN = 6;
 // the grid track of each width hint a declared column may give (widget_columns.WIDTHS)
-const WIDTH_TRACK = { name: "minmax(7em, 1.2fr)", wide: "minmax(8.5em, 0.8fr)", short: "5.6em" };
+const WIDTH_TRACK = { name: "minmax(7em, 1.2fr)", wide: "minmax(8.5em, 0.8fr)", short: "6.6em" };
 // a cell standing for a whole absent side spans that side's columns
 const SPAN_CLASS = ["ckv-span-1", "ckv-span-1", "ckv-span-2", "ckv-span-3", "ckv-span-4", "ckv-span-5", "ckv-span-6", "ckv-span-7", "ckv-span-8"];
 // how a cell of each column kind is drawn (widget_columns.COLUMN_KINDS)
@@ -643,7 +643,11 @@ class LoaderView {
   fitWidth() {
     const width = this.root.clientWidth;
     const mode = width < 680 ? "narrow" : width < 1000 ? "medium" : "wide";
-    if (mode === this.mode) return;
+    if (mode === this.mode) {
+      // the columns grew or shrank: how much of each value fits changed with them
+      if (this.measureRoom()) this.renderRows();
+      return;
+    }
     this.root.classList.remove(MODE_CLASS[this.mode]);
     this.mode = mode;
     this.root.classList.add(MODE_CLASS[mode]);
@@ -802,7 +806,7 @@ class LoaderView {
     }
     if (!total) lines.push(make("div", ["ckv-empty-table"], "no rows match the filter and the statuses chosen"));
     this.lineBox.replaceChildren(...lines);
-    this.renderPath(Math.min(total - 1, Math.floor(top / height)));
+    this.renderPath(Math.min(total - 1, Math.ceil(top / height)));
     // roving tabindex: the cursor's cell is the grid's one tab stop; when it is scrolled out of
     // the DOM, the first line in view stands in for it
     if (this.cursor.line >= total) this.cursor = { line: Math.max(0, total - 1), col: this.cursor.col };
@@ -942,14 +946,22 @@ class LoaderView {
 
   /** How many characters of each declared column fit, measured on the column headers. */
   measureRoom() {
-    const charWidth = this.probe.getBoundingClientRect().width / 10 || 7;
+    const charWidth = this.probe.getBoundingClientRect().width / 10;
+    // not laid out yet (the view is built before it is attached): nothing is cut until it is
+    if (!charWidth) return false;
     this.charWidth = charWidth;
+    this.emPx = parseFloat(getComputedStyle(this.root).fontSize) || 13;
     const names = this.columnLines.querySelectorAll(".ckv-sub .ckv-colname.ckv-md");
     const columns = this.sideColumns();
+    let changed = false;
     names.forEach((cell, i) => {
       const column = columns[i];
-      if (column) this.room.set(column.key, Math.max(4, Math.floor((cell.clientWidth - 14) / charWidth)));
+      if (!column || !cell.clientWidth) return;
+      const room = Math.max(4, Math.floor((cell.clientWidth - 14) / charWidth));
+      if (this.room.get(column.key) !== room) changed = true;
+      this.room.set(column.key, room);
     });
+    return changed;
   }
 
   /** `text` fitted to its column (cut in the middle), `indent` characters taken by the tree. */
@@ -972,7 +984,7 @@ class LoaderView {
     const cell = this.indented(["ckv-cell", "ckv-name", side === "ck" ? "ckv-ck" : "ckv-md"], depth);
     cell.setAttribute("title", row.note && side === "ck" ? `${key}: ${row.note}` : key);
     // the indentation and the tags take room; the key is cut in the middle, never at its end
-    const indent = Math.ceil(((0.4 + Math.min(depth, MAX_DEPTH) * 1.1) * 13) / (this.charWidth || 7));
+    const indent = Math.ceil(((0.4 + Math.min(depth, MAX_DEPTH) * 1.1) * (this.emPx || 13)) / (this.charWidth || 7));
     const tags = (side === "ck" && row.renamed) || (side === "md" && row.tied.length) ? 9 : 0;
     cell.append(make("span", ["ckv-key"], this.fitted(this.columns[0], shown, indent + tags)));
     if (side === "ck" && row.renamed) {
@@ -1111,6 +1123,7 @@ class LoaderView {
       make("span", [], " → "),
       ...side(row.modelKey, row.md, "not in the model"),
     );
+    cell.setAttribute("title", cell.textContent);
     return cell;
   }
 
