@@ -795,6 +795,8 @@ def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
     prefixes_only = KeyMapping(mapping.checkpoint_prefix, mapping.model_prefix)
     model = plan.diff.model
     owners = cast(torch.nn.Module, _ModuleIndex(model)) if model is not None else None
+    values = [column.value for column in columns]
+    absent = [None] * len(columns)
     for row in plan.diff.rows:
         m, c = row.model, row.checkpoint
         # where the row sits in the module tree, if not at its key: an unexpected key goes where
@@ -805,16 +807,19 @@ def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
         if m is not None and c is not None:
             renamed = int(prefixes_only.checkpoint_name(c.key) != prefixes_only.model_name(m.key))
         # per action: 0 if it may apply, else 1 + the index of its reason in "reasons"
-        why_not = [refusal(row, action, owners) for action in ACTIONS]
-        codes_of_row = [reasons.setdefault(why, len(reasons) + 1) if why else 0 for why in why_not]
-        refused = codes_of_row if any(codes_of_row) else 0
+        codes_of_row = [
+            reasons.setdefault(why, len(reasons) + 1)
+            if (why := refusal(row, action, owners))
+            else 0
+            for action in ACTIONS
+        ]
         data.append(
             [
                 row.status,
-                *(column.value(m) if m else None for column in columns),
-                *(column.value(c) if c else None for column in columns),
+                *([value(m) for value in values] if m else absent),
+                *([value(c) for value in values] if c else absent),
                 row.note,
-                refused,
+                codes_of_row if any(codes_of_row) else 0,
                 list(row.tied),
                 place if place != row.key else None,
                 renamed,
