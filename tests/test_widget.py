@@ -57,7 +57,12 @@ class RecordingComm(BaseComm):
 
 def wire_bytes(data: Any) -> int:
     """What the kernel's JSON packer would send for one message's data."""
-    return len(json.dumps(data, ensure_ascii=False, default=len).encode())  # a buffer: its bytes
+    buffers: list[int] = []
+
+    def buffer(value: bytes) -> None:  # a binary buffer travels as it is, beside the JSON
+        buffers.append(len(value))
+
+    return len(json.dumps(data, ensure_ascii=False, default=buffer).encode()) + sum(buffers)
 
 
 @pytest.fixture(autouse=True)
