@@ -722,8 +722,9 @@ class Loader(anywidget.AnyWidget):
         found", or an empty box). The static table is therefore an output of its own, which
         every reader sees; where the live widget renders, its stylesheet hides the static
         output next to it (``loader.css``: ``:has(.ckv)``)."""
-        from IPython.display import display
+        from IPython.display import display as untyped_display
 
+        display = cast(Callable[..., None], untyped_display)
         display(
             {"text/html": static_html(self), "text/plain": static_text(self)},
             raw=True,
@@ -774,7 +775,9 @@ class _ModuleIndex:
     ``Module.get_submodule`` walks the path each time."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self._modules = dict(model.named_modules(remove_duplicate=False))
+        self._modules: dict[str, torch.nn.Module] = dict(
+            model.named_modules(remove_duplicate=False)
+        )
 
     def get_submodule(self, name: str) -> torch.nn.Module:
         try:
