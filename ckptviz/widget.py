@@ -789,7 +789,7 @@ class _ModuleIndex:
 def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
     """Row metadata, one list per row in ``ROW_FIELDS`` order; refusal reasons deduplicated.
 
-    The rows travel as one UTF-8 JSON buffer (``data``): a binary buffer is sent as it is,
+    The rows travel as one JSON buffer (``data``): a binary buffer is sent as it is,
     where a list of 100,000 lists would be walked value by value on its way to the wire."""
     columns = widget_columns.COLUMNS  # read at each call: a column added is a column sent
     reasons: dict[str, int] = {}
@@ -832,7 +832,8 @@ def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
         "gen": generation,
         "fields": list(row_fields(columns)),
         "actions_order": list(ACTIONS),
-        "data": json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode(),
+        # ASCII JSON: a key with a lone surrogate (a file can hold one) stays exact as \udc80
+        "data": json.dumps(data, separators=(",", ":")).encode("ascii"),
         "reasons": list(reasons),
         "actions": codes,
         "counts": _counts_state(plan),
