@@ -8,11 +8,17 @@ or a test calls exactly what a click calls.
 What goes over the wire, and why it stays small at 10,000 rows:
 
 - ``_rows`` (a synced traitlet) carries the row metadata once per Diff: keys, shapes, dtypes,
-  sizes, statuses and the reasons actions are refused. It is sent again only when the Diff itself
-  changes (a pair, an accepted suggestion, a loaded plan).
-- Actions travel as deltas in custom messages: after every call the widget compares the plan's
-  actions with what the front end was last told and sends only the rows that changed, one code
-  letter each, with the counters. A single tick is one message of a few hundred bytes.
+  sizes, statuses and the reasons actions are refused, the rows as one binary JSON buffer. It is
+  sent again only when the Diff itself changes (a pair, an accepted suggestion, a loaded plan).
+  Above ``OPEN_ALL_ROWS`` rows it also names the module groups to open: those holding a row
+  that differs.
+- Actions travel as deltas in custom messages: ``set_action``, ``set_module`` and ``set_bulk``
+  return the keys they changed, and the widget updates its copy of the action codes and the
+  counters for those rows only, so a tick costs the same at 100 rows and at 100,000; other calls
+  compare every row. A single tick is one message of a few hundred bytes.
+- ``_report`` holds the last apply, the ``history`` of applies and undos, and per row the action
+  an apply still in effect wrote (the table marks those rows); ``code_stale`` says whether the
+  code shown still does what ``apply`` would.
 - A front end that renders later (a second view, a reloaded page) sends ``hello`` and gets the
   full action list in one message.
 - ``_vocabulary`` and ``_columns`` (sent once) say what the statuses and actions are called, how
@@ -176,8 +182,9 @@ class Loader(anywidget.AnyWidget):
 
     ``compare_kwargs`` go to ``ckptviz.compare`` (``rename``, ``key``, ``trusted``,
     ``allow_globals``). Display the widget in a notebook; drive it from code with the same
-    methods its buttons call: ``set_action``, ``set_module``, ``set_bulk``, ``accept``, ``pair``,
-    ``apply``, ``undo``, ``show_code``, ``save_plan``, ``load_plan``.
+    methods its buttons call: ``set_action``, ``set_module``, ``set_bulk``, ``accept``,
+    ``accept_all``, ``pair``, ``apply``, ``undo``, ``show_code``, ``save_plan``, ``load_plan``.
+    ``history`` lists the applies and undos.
 
     Plan files are saved and loaded only inside ``plan_dir`` (by default the working directory
     at the time the Loader is made): a name with ``..``, a path outside it, or a symbolic link
