@@ -284,7 +284,10 @@ class LoaderView {
     });
     // keys typed in the widget's own fields are the widget's: JupyterLab must not act on them
     this.root.addEventListener("keydown", (event) => {
-      if (event.target.closest("input, select")) event.stopPropagation();
+      const control = event.target.closest("input, select, button, summary");
+      if (!control) return;
+      // a field's keys, and Space or Enter on a button (its click), are the widget's
+      if (control.matches("input, select") || event.key === " " || event.key === "Enter") event.stopPropagation();
     });
     this.resizeObserver = new ResizeObserver(() => this.fitWidth());
     this.resizeObserver.observe(this.root);
