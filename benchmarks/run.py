@@ -439,9 +439,11 @@ def widget_markdown(results: list[GroupResult]) -> list[str]:
         "",
         markdown_table(rows, WIDGET_HEADERS),
         "",
-        "A tick is one action changed (`loader.set_action(key, 'keep')`, what a click calls); "
+        "A tick is one action changed (`loader.set_action(key, 'keep')`, what a click calls): "
+        "its kernel time is in proportion to the rows it changed, not to the table; "
         "bytes are the JSON of the comm messages the kernel would send, recorded on a stand-in "
-        "comm.",
+        "comm (the rows travel as one binary JSON buffer, counted in bytes). "
+        "`python -m benchmarks.widget_browser` times a click in a real JupyterLab.",
         "",
     ]
 
@@ -515,7 +517,7 @@ def widget_table(results: list[GroupResult]) -> list[list[str]]:
                 f"{loader.extra('table_bytes') / loader.extra('rows'):.0f}",
                 f"{loader.extra('open_bytes') / 1024:,.0f}",
                 f"{loader.extra('tick_bytes'):.0f}",
-                f"{loader.extra('tick_seconds') * 1000:.1f}",
+                f"{loader.extra('tick_seconds') * 1000:.2f}",
             ]
         )
     return lines

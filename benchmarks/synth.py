@@ -114,7 +114,10 @@ SNAPSHOT_SPECS: dict[str, ModelSpec] = {
 }
 
 #: Rows of the widget's table per size: models of that many small tensors (``many``, width 8).
-WIDGET_ROWS: dict[str, tuple[int, ...]] = {"small": (200,), "large": (1_000, 10_000, 50_000)}
+WIDGET_ROWS: dict[str, tuple[int, ...]] = {
+    "small": (200,),
+    "large": (1_000, 10_000, 50_000, 100_000),
+}
 
 
 def widget_spec(rows: int) -> ModelSpec:

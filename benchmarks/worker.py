@@ -232,7 +232,12 @@ def widget_checkpoint(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def wire_bytes(data: Any) -> int:
     """What the kernel's JSON packer puts on the wire for one comm message's data."""
-    return len(json.dumps(data, ensure_ascii=False, default=str).encode())
+    buffers: list[int] = []
+
+    def buffer(value: bytes) -> None:  # a binary buffer travels as it is, beside the JSON
+        buffers.append(len(value))
+
+    return len(json.dumps(data, ensure_ascii=False, default=buffer).encode()) + sum(buffers)
 
 
 def _record_comms() -> list[tuple[str, Any]]:
@@ -243,7 +248,22 @@ def _record_comms() -> list[tuple[str, Any]]:
     sent: list[tuple[str, Any]] = []
 
     class RecordingComm(BaseComm):
-        def publish_msg(self, msg_type: str, data: Any = None, *args: Any, **kwargs: Any) -> None:
+        def publish_msg(
+            self,
+            msg_type: str,
+            data: Any = None,
+            metadata: Any = None,
+            buffers: Any = None,
+            **kwargs: Any,
+        ) -> None:
+            # the binary buffers back where they were in the state, to be counted with it
+            for path, buffer in zip(
+                (data or {}).get("buffer_paths", []), buffers or [], strict=True
+            ):
+                place = data["state"]
+                for part in path[:-1]:
+                    place = place[part]
+                place[path[-1]] = bytes(buffer)
             sent.append((msg_type, data))
 
     comm.create_comm = RecordingComm

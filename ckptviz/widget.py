@@ -8,11 +8,17 @@ or a test calls exactly what a click calls.
 What goes over the wire, and why it stays small at 10,000 rows:
 
 - ``_rows`` (a synced traitlet) carries the row metadata once per Diff: keys, shapes, dtypes,
-  sizes, statuses and the reasons actions are refused. It is sent again only when the Diff itself
-  changes (a pair, an accepted suggestion, a loaded plan).
-- Actions travel as deltas in custom messages: after every call the widget compares the plan's
-  actions with what the front end was last told and sends only the rows that changed, one code
-  letter each, with the counters. A single tick is one message of a few hundred bytes.
+  sizes, statuses and the reasons actions are refused, the rows as one binary JSON buffer. It is
+  sent again only when the Diff itself changes (a pair, an accepted suggestion, a loaded plan).
+  Above ``OPEN_ALL_ROWS`` rows it also names the module groups to open: those holding a row
+  that differs.
+- Actions travel as deltas in custom messages: ``set_action``, ``set_module`` and ``set_bulk``
+  return the keys they changed, and the widget updates its copy of the action codes and the
+  counters for those rows only, so a tick costs the same at 100 rows and at 100,000; other calls
+  compare every row. A single tick is one message of a few hundred bytes.
+- ``_report`` holds the last apply, the ``history`` of applies and undos, and per row the action
+  an apply still in effect wrote (the table marks those rows); ``code_stale`` says whether the
+  code shown still does what ``apply`` would.
 - A front end that renders later (a second view, a reloaded page) sends ``hello`` and gets the
   full action list in one message.
 - ``_vocabulary`` and ``_columns`` (sent once) say what the statuses and actions are called, how
@@ -33,6 +39,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar, cast
@@ -46,7 +53,14 @@ from ckptviz.core.apply import Report
 from ckptviz.core.diff import STATUSES, Diff, Row, compare
 from ckptviz.core.errors import PlanError
 from ckptviz.core.explain import explain_row
-from ckptviz.core.matching import KeyMapping, RuleSuggestion, Suggestion
+from ckptviz.core.matching import (
+    KeyMapping,
+    RuleSuggestion,
+    Suggestion,
+    match_keys,
+    with_pair,
+    with_rule,
+)
 from ckptviz.core.plan import ACTIONS, SKIP, Plan, plan_from_dict, refusal
 from ckptviz.core.text import format_table, row_cells, visible
 from ckptviz.core.vocabulary import (
@@ -55,6 +69,7 @@ from ckptviz.core.vocabulary import (
     COLOUR_ROLES,
     STATUS_TERMS,
     Action,
+    Status,
 )
 from ckptviz.widget_columns import COLUMNS, Column
 
@@ -62,6 +77,7 @@ STATIC = Path(__file__).parent / "static"
 
 #: One letter per action in the action strings and deltas sent to the front end: its initial.
 ACTION_CODES: Mapping[str, str] = MappingProxyType({a.value: a.value[0] for a in Action})
+CODE_ACTIONS: Mapping[str, str] = MappingProxyType({c: a for a, c in ACTION_CODES.items()})
 if len(set(ACTION_CODES.values())) != len(ACTION_CODES):
     raise ValueError(f"two actions share an initial, the widget's wire code: {ACTION_CODES}")
 
@@ -94,6 +110,7 @@ FRONT_END_CALLS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "set_bulk": ("action", "statuses", "filter", "regex"),
         "reset": (),
         "accept": ("which",),
+        "accept_all": (),
         "pair": ("model_key", "checkpoint_key"),
         "apply": (),
         "undo": (),
@@ -127,6 +144,9 @@ def _user_action(method: Method) -> Method:
     """Run a public method as one user action: show its error in the widget (and raise it for
     code callers), clear the previous notice, and send the front end what changed."""
 
+    # these return the keys whose action changed: the front end is told about those rows only
+    incremental = method.__name__ in ("set_action", "set_module", "set_bulk")
+
     @functools.wraps(method)
     def run(self: Loader, *args: Any, **kwargs: Any) -> Any:
         self.notice = ""
@@ -137,10 +157,24 @@ def _user_action(method: Method) -> Method:
             self._push()
             raise
         self.error = ""
-        self._push()
+        self._push(changed=result if incremental else None)
         return result
 
     return cast(Method, run)
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One apply or undo done through the Loader, in the order they happened.
+
+    ``kind`` is ``"apply"`` or ``"undo"``; ``summary`` says what it wrote or restored;
+    ``undoable`` is true for the one apply that ``Loader.undo()`` would put back now.
+    """
+
+    step: int
+    kind: str
+    summary: str
+    undoable: bool
 
 
 class Loader(anywidget.AnyWidget):
@@ -148,8 +182,9 @@ class Loader(anywidget.AnyWidget):
 
     ``compare_kwargs`` go to ``ckptviz.compare`` (``rename``, ``key``, ``trusted``,
     ``allow_globals``). Display the widget in a notebook; drive it from code with the same
-    methods its buttons call: ``set_action``, ``set_module``, ``set_bulk``, ``accept``, ``pair``,
-    ``apply``, ``undo``, ``show_code``, ``save_plan``, ``load_plan``.
+    methods its buttons call: ``set_action``, ``set_module``, ``set_bulk``, ``accept``,
+    ``accept_all``, ``pair``, ``apply``, ``undo``, ``show_code``, ``save_plan``, ``load_plan``.
+    ``history`` lists the applies and undos.
 
     Plan files are saved and loaded only inside ``plan_dir`` (by default the working directory
     at the time the Loader is made): a name with ``..``, a path outside it, or a symbolic link
@@ -172,6 +207,8 @@ class Loader(anywidget.AnyWidget):
     error = traitlets.Unicode("").tag(sync=True)
     #: What the last action did that the table alone does not show (refused rows, saved file).
     notice = traitlets.Unicode("").tag(sync=True)
+    #: The code shown (``show_code``) no longer does what ``apply`` would: the plan changed since.
+    code_stale = traitlets.Bool(False).tag(sync=True)
 
     def __init__(
         self,
@@ -193,9 +230,17 @@ class Loader(anywidget.AnyWidget):
         self._model = model
         self._plan = compare(model, source, **compare_kwargs).plan()
         self._reports: list[Report] = []
+        # (kind, index of the report in _reports, summary) per apply and undo
+        self._log: list[tuple[str, int, str]] = []
         self._generation = 0
         self._sent_diff: Diff | None = None
-        self._sent_codes = ""
+        # what the front end was last told: one action code per row, and the counters
+        self._codes = bytearray()
+        self._counts: dict[str, list[int]] = {}
+        self._row_of: dict[str, int] = {}
+        self._numel: list[int] = []
+        # the plan the shown code was made from: (Diff, action codes), None when none is shown
+        self._code_source: tuple[Diff, bytes] | None = None
         super().__init__(
             _vocabulary=_vocabulary_state(),
             _columns=[c.state() for c in widget_columns.COLUMNS],
@@ -226,6 +271,16 @@ class Loader(anywidget.AnyWidget):
     def report(self) -> Report | None:
         """The last apply's Report (``None`` before the first apply)."""
         return self._reports[-1] if self._reports else None
+
+    @property
+    def history(self) -> list[HistoryEntry]:
+        """Every apply and undo done through this Loader, oldest first; the entry marked
+        ``undoable`` is the apply ``undo()`` would put back."""
+        latest = self._undoable_report()
+        return [
+            HistoryEntry(step, kind, summary, kind == "apply" and index == latest)
+            for step, (kind, index, summary) in enumerate(self._log, 1)
+        ]
 
     @property
     def code(self) -> str:
@@ -343,6 +398,29 @@ class Loader(anywidget.AnyWidget):
         self._plan.accept(chosen)
 
     @_user_action
+    def accept_all(self) -> int:
+        """Take every rename suggestion at once: each rule, then each pair no rule covers.
+        Returns how many model tensors no checkpoint entry fed before and one feeds now."""
+        diff = self._plan.diff
+        rules = diff.rule_suggestions
+        if not rules and not diff.suggestions:
+            raise PlanError("no rename suggestions to accept")
+        mapping = diff.mapping
+        for rule in rules:
+            mapping = with_rule(mapping, rule.pattern, rule.replacement)
+        # a pair a rule already feeds, or whose checkpoint key a rule took, is not added again
+        fed = match_keys(list(diff.model_side.tensors), list(diff.checkpoint.tensors), mapping)
+        taken = set(fed.values())
+        for s in diff.suggestions:
+            if s.model_key not in fed and s.checkpoint_key not in taken:
+                mapping = with_pair(mapping, s.model_key, s.checkpoint_key)
+        unfed = {r.key for r in diff.rows if r.model is not None and r.checkpoint is None}
+        # one new Diff for everything (Plan.accept per item would build one per suggestion)
+        self._plan._rebase(Diff(diff.model_side, diff.checkpoint, mapping, diff.model))
+        now = self._plan.diff
+        return sum(1 for r in now.rows if r.key in unfed and r.checkpoint is not None)
+
+    @_user_action
     def pair(self, model_key: str, checkpoint_key: str) -> None:
         """Feed the missing model key ``model_key`` from the unexpected ``checkpoint_key``."""
         self._plan.pair(model_key, checkpoint_key)
@@ -352,29 +430,55 @@ class Loader(anywidget.AnyWidget):
         """Apply the plan to the live model (all-or-nothing, verified); Undo is enabled after."""
         report = self._plan.apply(self._model)
         self._reports.append(report)
+        self._log.append(("apply", len(self._reports) - 1, report.summary()))
         self._report = self._report_state()
         return report
 
     @_user_action
     def undo(self) -> int:
         """Put back what the last apply not yet undone wrote; returns how many tensors."""
-        for report in reversed(self._reports):
-            if report.can_undo:
-                restored = report.undo()
-                self._report = self._report_state()
-                self.notice = f"undone: {restored} tensor(s) restored bit for bit"
-                return restored
-        raise PlanError("nothing to undo: apply the plan first")
+        index = self._undoable_report()
+        if index is None:
+            raise PlanError("nothing to undo: apply the plan first")
+        restored = self._reports[index].undo()
+        self._log.append(
+            (
+                "undo",
+                index,
+                f"undid apply #{self._apply_number(index)}: "
+                f"{restored} tensor(s) restored bit for bit",
+            )
+        )
+        self._report = self._report_state()
+        self.notice = f"undone: {restored} tensor(s) restored bit for bit"
+        return restored
+
+    def _undoable_report(self) -> int | None:
+        """The index of the last report not yet undone, which ``undo`` puts back."""
+        for index in range(len(self._reports) - 1, -1, -1):
+            if self._reports[index].can_undo:
+                return index
+        return None
+
+    def _apply_number(self, report_index: int) -> int:
+        """The step in ``history`` of the apply that made a report."""
+        return next(
+            step
+            for step, (kind, index, _) in enumerate(self._log, 1)
+            if kind == "apply" and index == report_index
+        )
 
     @_user_action
     def show_code(self) -> str:
         """Show ``plan.to_code()`` in the widget and return it."""
         self._code = self._plan.to_code()
+        self._code_source = (self._plan.diff, bytes(self._codes_now()))
         return self._code
 
     @_user_action
     def hide_code(self) -> None:
         self._code = ""
+        self._code_source = None
 
     @_user_action
     def save_plan(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -449,43 +553,100 @@ class Loader(anywidget.AnyWidget):
         if "id" in content:  # the slow calls (apply, files) show "busy" until this answer
             self.send({"type": "done", "id": content["id"]})
 
-    def _push(self) -> None:
-        """Tell the front end what changed: everything for a new Diff, else the action delta."""
+    def _push(self, changed: Sequence[str] | None = None) -> None:
+        """Tell the front end what changed: everything for a new Diff, else the action delta.
+
+        ``changed`` names the keys whose action changed when the caller knows them: the work
+        is then in proportion to those rows; without it every row is compared."""
         if self._plan.diff is not self._sent_diff:
-            with self.hold_sync():  # one update message for the three traits
+            with self.hold_sync():  # one update message for the traits
                 for name, value in self._diff_state().items():
                     setattr(self, name, value)
+                self._update_code_stale()
             return
-        self._send_actions(full=False)
+        if changed is None:
+            self._send_actions(full=False)
+        else:
+            self._send_changes(changed)
+        self._update_code_stale()
+
+    def _update_code_stale(self) -> None:
+        source = self._code_source
+        stale = source is not None and (
+            source[0] is not self._plan.diff or source[1] != self._codes
+        )
+        if stale != self.code_stale:
+            self.code_stale = stale
 
     def _diff_state(self) -> dict[str, Any]:
         """Traits that describe the Diff; computed again only when the Diff changes."""
         plan = self._plan
         self._generation += 1
         self._sent_diff = plan.diff
-        self._sent_codes = _action_codes(plan)
+        rows = plan.diff.rows
+        self._row_of = {r.key: i for i, r in enumerate(rows) if r.model is not None}
+        self._numel = [r.numel for r in rows]
+        self._codes = self._codes_now()
+        self._counts = _counts_state(plan)
         return {
-            "_rows": _rows_state(plan, self._generation, self._sent_codes),
+            "_rows": _rows_state(plan, self._generation, self._codes.decode()),
             "_info": _info_state(plan, self._model, self._plan_dir),
-            "_suggestions": _suggestion_state(self.suggestions),
+            "_suggestions": _suggestion_state(plan.diff),
+            "_report": self._report_state(),
         }
 
+    def _codes_now(self) -> bytearray:
+        """One action code per row, read from the plan (every row)."""
+        return bytearray(_action_codes(self._plan).encode())
+
+    def _send_changes(self, keys: Sequence[str]) -> None:
+        """The delta for rows whose action the caller changed: work in proportion to them."""
+        if not keys:
+            return
+        changes = []
+        for key in keys:
+            index = self._row_of[key]
+            action = self._plan.action(key)
+            new = ord(ACTION_CODES[action])
+            old = self._codes[index]
+            if old == new:
+                continue
+            numel = self._numel[index]
+            before = self._counts[CODE_ACTIONS[chr(old)]]
+            after = self._counts[action]
+            before[0] -= 1
+            before[1] -= numel
+            after[0] += 1
+            after[1] += numel
+            self._codes[index] = new
+            changes.append([index, chr(new)])
+        if not changes:
+            return
+        message: dict[str, Any] = {"type": "actions", "gen": self._generation}
+        if len(changes) > _FULL_RESEND_SHARE * len(self._codes):
+            message["all"] = self._codes.decode()
+        else:
+            message["changes"] = changes
+        message["counts"] = self._counts
+        self.send(message)
+
     def _send_actions(self, *, full: bool) -> None:
-        codes = _action_codes(self._plan)
+        codes = self._codes_now()
         message: dict[str, Any] = {"type": "actions", "gen": self._generation}
         changes = [
-            [i, new]
-            for i, (old, new) in enumerate(zip(self._sent_codes, codes, strict=True))
+            [i, chr(new)]
+            for i, (old, new) in enumerate(zip(self._codes, codes, strict=True))
             if old != new
         ]
         if not full and not changes:
             return
         if full or len(changes) > _FULL_RESEND_SHARE * len(codes):
-            message["all"] = codes
+            message["all"] = codes.decode()
         else:
             message["changes"] = changes
-        message["counts"] = _counts_state(self._plan)
-        self._sent_codes = codes
+        self._codes = codes
+        self._counts = _counts_state(self._plan)
+        message["counts"] = self._counts
         self.send(message)
 
     def _send_explanation(self, index: Any, generation: Any) -> None:
@@ -514,6 +675,7 @@ class Loader(anywidget.AnyWidget):
         )
 
     def _report_state(self) -> dict[str, Any]:
+        """The last apply, the history of applies and undos, and which rows hold written values."""
         report = self.report
         if report is None:
             return {}
@@ -522,12 +684,31 @@ class Loader(anywidget.AnyWidget):
             "summary": report.summary(),
             "verified": report.verified,
             "undone": report.undone,
-            "can_undo": any(r.can_undo for r in self._reports),
+            "can_undo": self._undoable_report() is not None,
             "counts": report.counts,
             "keys": {a: k[:6] for a, k in keys.items()},
             "notes": list(report.notes),
             "applies": len(self._reports),
+            "history": [
+                {"step": e.step, "kind": e.kind, "summary": e.summary, "undoable": e.undoable}
+                for e in self.history
+            ],
+            "applied": self.applied_codes(),
         }
+
+    def applied_codes(self) -> str:
+        """Per row of the table, the code of the action an apply still in effect wrote to it
+        (``load``, ``reinit``, ``partial``), else ``"."``: the rows the table marks applied."""
+        marks = bytearray(b"." * len(self._plan.diff.rows))
+        row_of = {r.key: i for i, r in enumerate(self._plan.diff.rows) if r.model is not None}
+        for report in self._reports:  # oldest first: a later apply's action wins
+            if report.undone:
+                continue
+            for entry in report.entries:
+                index = row_of.get(entry.key)
+                if index is not None and entry.action != Action.KEEP:
+                    marks[index] = ord(ACTION_CODES[entry.action])
+        return marks.decode()
 
     # -- where widgets do not render -------------------------------------------------------------
     def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -538,6 +719,32 @@ class Loader(anywidget.AnyWidget):
         data["text/plain"] = static_text(self)
         data["text/html"] = static_html(self)
         return data, metadata
+
+    def _ipython_display_(self, **kwargs: Any) -> None:
+        """Two outputs: the static table, then the live widget.
+
+        A front end without this widget's live model (a notebook reopened without its kernel,
+        nbconvert's HTML, nbviewer, GitHub) shows an output's best format it can render, and
+        for a widget output that is the widget view even when the model is gone ("model not
+        found", or an empty box). The static table is therefore an output of its own, which
+        every reader sees; where the live widget renders, its stylesheet hides the static
+        output next to it (``loader.css``: ``:has(.ckv)``)."""
+        from IPython.display import display as untyped_display
+
+        display = cast(Callable[..., None], untyped_display)
+        display(
+            {"text/html": static_html(self), "text/plain": static_text(self)},
+            raw=True,
+        )
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if bundle is None:
+            return
+        data, metadata = bundle
+        data["text/plain"] = (
+            f"ckptviz.Loader ({type(self._model).__name__}): the interactive widget; "
+            "its static table is the output above"
+        )
+        display(data, metadata=metadata, raw=True)
 
     def __repr__(self) -> str:
         return f"<Loader {self._plan.summary()}>"
@@ -570,13 +777,36 @@ def _counts_state(plan: Plan) -> dict[str, list[int]]:
     return {a: [c["rows"], c["numel"]] for a, c in plan.counts.items()}
 
 
+class _ModuleIndex:
+    """``get_submodule`` from one walk of the model: ``refusal`` asks it once per row, and
+    ``Module.get_submodule`` walks the path each time."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._modules: dict[str, torch.nn.Module] = dict(
+            model.named_modules(remove_duplicate=False)
+        )
+
+    def get_submodule(self, name: str) -> torch.nn.Module:
+        try:
+            return self._modules[name]
+        except KeyError:
+            raise AttributeError(f"no submodule {name!r}") from None
+
+
 def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
-    """Row metadata, one list per row in ``ROW_FIELDS`` order; refusal reasons deduplicated."""
+    """Row metadata, one list per row in ``ROW_FIELDS`` order; refusal reasons deduplicated.
+
+    The rows travel as one JSON buffer (``data``): a binary buffer is sent as it is,
+    where a list of 100,000 lists would be walked value by value on its way to the wire."""
     columns = widget_columns.COLUMNS  # read at each call: a column added is a column sent
     reasons: dict[str, int] = {}
     data = []
     mapping = plan.diff.mapping
     prefixes_only = KeyMapping(mapping.checkpoint_prefix, mapping.model_prefix)
+    model = plan.diff.model
+    owners = cast(torch.nn.Module, _ModuleIndex(model)) if model is not None else None
+    values = [column.value for column in columns]
+    absent = [None] * len(columns)
     for row in plan.diff.rows:
         m, c = row.model, row.checkpoint
         # where the row sits in the module tree, if not at its key: an unexpected key goes where
@@ -587,16 +817,19 @@ def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
         if m is not None and c is not None:
             renamed = int(prefixes_only.checkpoint_name(c.key) != prefixes_only.model_name(m.key))
         # per action: 0 if it may apply, else 1 + the index of its reason in "reasons"
-        why_not = [refusal(row, action, plan.diff.model) for action in ACTIONS]
-        codes_of_row = [reasons.setdefault(why, len(reasons) + 1) if why else 0 for why in why_not]
-        refused = codes_of_row if any(codes_of_row) else 0
+        codes_of_row = [
+            reasons.setdefault(why, len(reasons) + 1)
+            if (why := refusal(row, action, owners))
+            else 0
+            for action in ACTIONS
+        ]
         data.append(
             [
                 row.status,
-                *(column.value(m) if m else None for column in columns),
-                *(column.value(c) if c else None for column in columns),
+                *([value(m) for value in values] if m else absent),
+                *([value(c) for value in values] if c else absent),
                 row.note,
-                refused,
+                codes_of_row if any(codes_of_row) else 0,
                 list(row.tied),
                 place if place != row.key else None,
                 renamed,
@@ -606,11 +839,37 @@ def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
         "gen": generation,
         "fields": list(row_fields(columns)),
         "actions_order": list(ACTIONS),
-        "data": data,
+        # ASCII JSON: a key with a lone surrogate (a file can hold one) stays exact as \udc80
+        "data": json.dumps(data, separators=(",", ":")).encode("ascii"),
         "reasons": list(reasons),
         "actions": codes,
         "counts": _counts_state(plan),
+        "expanded": _opening_groups(plan.diff),
     }
+
+
+#: Above this many rows the table opens on the rows that differ, other groups collapsed.
+OPEN_ALL_ROWS = 300
+
+
+def _opening_groups(diff: Diff) -> list[str] | None:
+    """The module groups the table opens expanded: every group when the table is small
+    (``None``), else only those holding a row that differs (another status, or renamed)."""
+    if len(diff.rows) <= OPEN_ALL_ROWS:
+        return None
+    expanded: set[str] = set()
+    for row in diff.rows:
+        if row.status == Status.MATCH and not row.note:
+            continue
+        place = (
+            row.key
+            if row.model is not None
+            else diff.mapping.model_prefix + (diff.mapping.checkpoint_name(row.key))
+        )
+        parts = place.split(".")[:-1]
+        for depth in range(1, len(parts) + 1):
+            expanded.add(".".join(parts[:depth]))
+    return sorted(expanded)
 
 
 def _info_state(plan: Plan, model: torch.nn.Module, plan_dir: Path) -> dict[str, Any]:
@@ -639,7 +898,14 @@ def _vocabulary_state() -> dict[str, Any]:
     """The statuses and actions as the front end shows them, from ``core.vocabulary``."""
     return {
         "statuses": [
-            {"name": s.value, "label": t.label, "symbol": t.symbol, "colour": t.colour}
+            {
+                "name": s.value,
+                "label": t.label,
+                "symbol": t.symbol,
+                "colour": t.colour,
+                # a row of this status is a difference: "next difference" stops on it
+                "differs": s is not Status.MATCH,
+            }
             for s, t in STATUS_TERMS.items()
         ],
         "actions": [
@@ -722,29 +988,74 @@ def _read_plan_json(path: Path) -> Any:
         raise PlanError(f"{path}: not a ckptviz plan: the JSON is malformed ({exc})") from None
 
 
-def _suggestion_state(items: Sequence[RuleSuggestion | Suggestion]) -> list[dict[str, Any]]:
+def readable_rule(rule: RuleSuggestion, example: str | None = None) -> str:
+    """A rename rule in words a person reads at a glance: ``blocks.* → layers.*``.
+
+    The rules ``suggest_rules`` makes are a name between two guards; any other pattern is shown
+    as the regular expression it is."""
+    found = re.fullmatch(r"\\[bB](.*)\(\[\^A-Za-z_\]\|\$\)", rule.pattern)
+    if found is None or not rule.replacement.endswith("\\1"):
+        return f"{rule.pattern} → {rule.replacement}"
+    old = re.sub(r"\\(.)", r"\1", found.group(1))
+    new = re.sub(r"\\(.)", r"\1", rule.replacement[:-2])
+    before = after = "*"
+    if example is not None and (at := re.search(rule.pattern, example)) is not None:
+        # the rule's match takes the character after the name (group 1) and puts it back
+        start, end = at.start(), at.start(1)
+        before = "" if not start else "*." if example[start - 1] == "." else "*"
+        after = "" if end == len(example) else ".*" if example[end] == "." else "*"
+    return f"{before}{old}{after} → {before}{new}{after}"
+
+
+def _suggestion_state(diff: Diff) -> list[dict[str, Any]]:
+    """Rules first, each with the suggested pairs it covers; then the pairs no rule covers.
+    ``index`` is the item's place in ``Loader.suggestions`` (what ``accept`` takes)."""
+    rules = diff.rule_suggestions
+    pairs = diff.suggestions
+    mapping = diff.mapping
+    covered: dict[int, list[list[str]]] = {i: [] for i in range(len(rules))}
+    free: list[dict[str, Any]] = []
+    for offset, pair in enumerate(pairs):
+        name = mapping.model_name(pair.model_key)
+        owner = next(
+            (
+                i
+                for i, rule in enumerate(rules)
+                if with_rule(mapping, rule.pattern, rule.replacement).checkpoint_name(
+                    pair.checkpoint_key
+                )
+                == name
+            ),
+            None,
+        )
+        if owner is not None:
+            covered[owner].append([pair.checkpoint_key, pair.model_key])
+            continue
+        free.append(
+            {
+                "kind": "pair",
+                "index": len(rules) + offset,
+                "model_key": pair.model_key,
+                "checkpoint_key": pair.checkpoint_key,
+                "score": round(pair.score, 3),
+                "reason": pair.reason,
+            }
+        )
     state: list[dict[str, Any]] = []
-    for item in items:
-        if isinstance(item, RuleSuggestion):
-            state.append(
-                {
-                    "kind": "rule",
-                    "pattern": item.pattern,
-                    "replacement": item.replacement,
-                    "pairs": item.pairs,
-                }
-            )
-        else:
-            state.append(
-                {
-                    "kind": "pair",
-                    "model_key": item.model_key,
-                    "checkpoint_key": item.checkpoint_key,
-                    "score": round(item.score, 3),
-                    "reason": item.reason,
-                }
-            )
-    return state
+    for i, rule in enumerate(rules):
+        examples = covered[i][:3]
+        state.append(
+            {
+                "kind": "rule",
+                "index": i,
+                "pattern": rule.pattern,
+                "replacement": rule.replacement,
+                "readable": readable_rule(rule, examples[0][0] if examples else None),
+                "pairs": rule.pairs,
+                "examples": examples,
+            }
+        )
+    return state + free
 
 
 def _plan_for(diff: Diff, saved: Plan, path: str | Path) -> Plan:

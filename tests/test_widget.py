@@ -37,13 +37,32 @@ class RecordingComm(BaseComm):
         self.sent: list[tuple[str, dict[str, Any]]] = []
         super().__init__(*args, **kwargs)
 
-    def publish_msg(self, msg_type: str, data: Any = None, *args: Any, **kwargs: Any) -> None:
-        self.sent.append((msg_type, copy.deepcopy(data)))
+    def publish_msg(
+        self,
+        msg_type: str,
+        data: Any = None,
+        metadata: Any = None,
+        buffers: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        data = copy.deepcopy(data)
+        # put the binary buffers back where the front end finds them (as DataViews)
+        for path, buffer in zip((data or {}).get("buffer_paths", []), buffers or [], strict=True):
+            place = data["state"]
+            for part in path[:-1]:
+                place = place[part]
+            place[path[-1]] = bytes(buffer)
+        self.sent.append((msg_type, data))
 
 
 def wire_bytes(data: Any) -> int:
     """What the kernel's JSON packer would send for one message's data."""
-    return len(json.dumps(data, ensure_ascii=False).encode())
+    buffers: list[int] = []
+
+    def buffer(value: bytes) -> None:  # a binary buffer travels as it is, beside the JSON
+        buffers.append(len(value))
+
+    return len(json.dumps(data, ensure_ascii=False, default=buffer).encode()) + sum(buffers)
 
 
 @pytest.fixture(autouse=True)
@@ -115,7 +134,8 @@ class FrontEnd:
     # what the table shows
     def rows(self) -> list[dict[str, Any]]:
         state = self.state["_rows"]
-        return [dict(zip(state["fields"], values, strict=True)) for values in state["data"]]
+        data = json.loads(state["data"])  # one UTF-8 JSON buffer, as loader.js decodes it
+        return [dict(zip(state["fields"], values, strict=True)) for values in data]
 
     def actions(self) -> dict[str, str]:
         return {
@@ -607,9 +627,13 @@ def test_the_static_view_of_a_big_plan_shows_the_rows_that_differ_first(tmp_path
     assert html.count("<tr") == STATIC_ROWS + 1  # the header and the rows shown
 
 
+@pytest.mark.parametrize("with_widget_state", [False, True], ids=["no-state", "widget-state"])
 def test_an_executed_notebook_exported_to_html_shows_the_table(
-    tmp_path: Path, old_cnn_path: Path
+    tmp_path: Path, with_widget_state: bool
 ) -> None:
+    """Without widget state (JupyterLab's default save) and with it (what nbclient and "Save
+    Widget State" write; a front end then renders the widget view, which is empty without the
+    live model): the static table is its own output, so every reader sees it."""
     import nbformat
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
@@ -625,19 +649,22 @@ def test_an_executed_notebook_exported_to_html_shows_the_table(
             "ckptviz.Loader(model, 'old.pth')"
         )
     ]
-    # as JupyterLab saves it by default: outputs, no widget state
     NotebookClient(
         notebook,
         timeout=120,
         kernel_name="python3",
         resources={"metadata": {"path": str(tmp_path)}},
-        store_widget_state=False,
+        store_widget_state=with_widget_state,
     ).execute()
-    (output,) = notebook.cells[0].outputs
-    assert "application/vnd.jupyter.widget-view+json" in output["data"]
+    static, live = notebook.cells[0].outputs
+    assert "application/vnd.jupyter.widget-view+json" not in static["data"]
+    assert "ckptviz-loader-static" in static["data"]["text/html"]
+    assert "application/vnd.jupyter.widget-view+json" in live["data"]
+    assert ("widgets" in notebook.metadata) is with_widget_state
     body, _ = HTMLExporter().from_notebook_node(notebook)
     assert "ckptviz.Loader" in body
     assert re.search(r"0\.weight.*✗ shape", body, re.S)
+    assert "✓ match" in body
     assert "Loader(" not in body
 
 
@@ -812,3 +839,140 @@ def test_plan_dir_chooses_another_folder(tmp_path: Path, old_cnn_path: Path) -> 
         loader.save_plan(tmp_path / "b.json")
     with pytest.raises(ckptviz.PlanError, match="not a folder"):
         Loader(SmallCNN(32), old_cnn_path, plan_dir=tmp_path / "absent")
+
+
+# -- renames at scale, history, applied rows, stale code, the opening view ---------------------
+
+
+class Renamed(nn.Module):
+    """``count`` tiny blocks under ``container``, and a head kept under its own name."""
+
+    def __init__(self, container: str, count: int) -> None:
+        super().__init__()
+        self.add_module(container, nn.ModuleList(nn.Linear(1, 1) for _ in range(count)))
+        self.head = nn.Linear(1, 2)
+
+
+def test_a_rule_claims_every_key_it_pairs_not_the_suggestions_shown(tmp_path: Path) -> None:
+    """1,002 renamed blocks are 2,004 keys; suggestions stop at 200, the rule does not."""
+    torch.save(Renamed("blocks", 1002).state_dict(), tmp_path / "old.pt")
+    loader = Loader(Renamed("layers", 1002), tmp_path / "old.pt")
+    ui = FrontEnd(loader)
+    (rule, *pairs) = ui.state["_suggestions"]
+    assert rule["kind"] == "rule" and rule["pairs"] == 2004
+    assert rule["readable"] == "blocks.* → layers.*"
+    old, new = rule["examples"][0]
+    assert re.sub("^blocks", "layers", old) == new
+    assert pairs == []  # every suggested pair is covered by the rule: listed under it, not again
+    missing = {r["model_key"] for r in ui.rows() if r["status"] == "missing"}
+    assert len(missing) == 2004
+
+    ui.send(do="accept", which=rule["index"])
+    fed = {r["model_key"] for r in ui.rows() if r["model_key"] in missing and r["checkpoint_key"]}
+    assert len(fed) == rule["pairs"]
+    assert ui.state["_suggestions"] == []
+
+
+def test_accept_all_takes_every_rule_and_every_pair(tmp_path: Path) -> None:
+    old = Renamed("blocks", 3)
+    state = old.state_dict()
+    state["classifier.weight"] = state.pop("head.weight")  # one lone rename: a pair, no rule
+    torch.save(state, tmp_path / "old.pt")
+    loader = Loader(Renamed("layers", 3), tmp_path / "old.pt")
+    ui = FrontEnd(loader)
+    kinds = [s["kind"] for s in ui.state["_suggestions"]]
+    assert kinds == ["rule", "pair"]
+    lone = loader.suggestions[ui.state["_suggestions"][1]["index"]]  # what accept(i) takes
+    assert (lone.checkpoint_key, lone.model_key) == ("classifier.weight", "head.weight")
+    fed = loader.accept_all()
+    assert fed == 7
+    assert loader.diff.counts["missing"] == loader.diff.counts["unexpected"] == 0
+    ui.receive()
+    assert ui.state["_suggestions"] == []
+    ui.send(do="accept_all")
+    assert "no rename suggestions" in loader.error
+
+
+def test_history_marks_the_latest_undoable_apply_and_the_applied_rows(
+    grown: tuple[SmallCNN, Loader, FrontEnd],
+) -> None:
+    _, loader, ui = grown
+    keys = [r["model_key"] for r in ui.rows()]
+    assert loader.history == [] and loader.applied_codes() == "." * len(keys)
+    ui.send(do="apply", id=1)
+    ui.send(do="set_action", pattern="conv1.weight", action="partial")
+    ui.send(do="apply", id=2)
+    first, second = loader.history
+    assert (first.kind, first.undoable, second.kind, second.undoable) == (
+        "apply",
+        False,
+        "apply",
+        True,
+    )
+    applied = ui.state["_report"]["applied"]
+    assert applied[keys.index("conv1.weight")] == ACTION_CODES["partial"]
+    assert applied[keys.index("fc.bias")] == ACTION_CODES["load"]
+    assert applied[keys.index("fc.weight")] == "."  # keep writes nothing
+
+    ui.send(do="undo", id=3)
+    *_, undo = loader.history
+    assert undo.kind == "undo" and "#2" in undo.summary
+    assert [e.undoable for e in loader.history] == [True, False, False]
+    applied = ui.state["_report"]["applied"]
+    assert applied[keys.index("conv1.weight")] == "."  # the partial apply is undone
+    assert applied[keys.index("fc.bias")] == ACTION_CODES["load"]  # the first stays in effect
+    assert [h["undoable"] for h in ui.state["_report"]["history"]] == [True, False, False]
+    ui.send(do="undo", id=4)
+    assert ui.state["_report"]["applied"] == "." * len(keys)
+    assert ui.state["_report"]["can_undo"] is False
+
+
+def test_the_code_is_stale_only_while_the_plan_differs_from_it(
+    grown: tuple[SmallCNN, Loader, FrontEnd],
+) -> None:
+    _, _, ui = grown
+    assert ui.state["code_stale"] is False
+    ui.send(do="show_code")
+    ui.send(do="set_action", pattern="fc.bias", action="keep")
+    assert ui.state["code_stale"] is True
+    ui.send(do="set_action", pattern="fc.bias", action="load")  # back to what the code does
+    assert ui.state["code_stale"] is False
+    ui.send(do="apply", id=1)  # applying changes no action
+    assert ui.state["code_stale"] is False
+    ui.send(do="set_module", module="fc", action="keep")
+    ui.send(do="show_code")
+    assert ui.state["code_stale"] is False
+    ui.send(do="hide_code")
+    ui.send(do="reset")
+    assert ui.state["code_stale"] is False  # no code shown: nothing is stale
+
+
+def test_a_big_table_opens_on_the_groups_that_hold_differences(tmp_path: Path) -> None:
+    model = Wide(200)
+    state = model.state_dict()
+    state["layers.150.weight"] = torch.zeros(3, 2)
+    torch.save(state, tmp_path / "w.pt")
+    big = FrontEnd(Loader(model, tmp_path / "w.pt"))
+    assert big.state["_rows"]["expanded"] == ["layers", "layers.150"]
+    torch.save(Wide(3).state_dict(), tmp_path / "s.pt")
+    small = FrontEnd(Loader(Wide(3), tmp_path / "s.pt"))
+    assert small.state["_rows"]["expanded"] is None  # a small table opens fully
+
+
+def test_incremental_ticks_keep_the_counters_equal_to_the_plan(tmp_path: Path) -> None:
+    model = Wide(40)
+    state = model.state_dict()
+    state["layers.3.weight"] = torch.zeros(3, 2)
+    torch.save(state, tmp_path / "w.pt")
+    loader = Loader(model, tmp_path / "w.pt")
+    ui = FrontEnd(loader)
+    ui.send(do="set_action", pattern="layers.3.weight", action="partial")
+    ui.send(do="set_module", module="layers.7", action="reinit")
+    ui.send(do="set_bulk", action="keep", filter="layers.1")
+    ui.send(do="set_action", pattern="layers.9.*", action="keep")
+    loader.plan.set("layers.2.bias", "keep")  # edited directly: refresh compares every row
+    loader.refresh()
+    ui.receive()
+    assert ui.actions() == loader.plan.actions
+    counts = {a: [c["rows"], c["numel"]] for a, c in loader.plan.counts.items()}
+    assert ui.state["_rows"]["counts"] == counts

@@ -276,7 +276,12 @@ class Diff:
 
     @property
     def rule_suggestions(self) -> list[RuleSuggestion]:
-        return suggest_rules(self.suggestions, self.mapping)
+        return suggest_rules(
+            self.suggestions,
+            self.mapping,
+            list(self.model_side.tensors),
+            list(self.checkpoint.tensors),
+        )
 
     def pair(self, model_key: str, checkpoint_key: str) -> Diff:
         """A new Diff in which ``checkpoint_key`` feeds ``model_key``."""

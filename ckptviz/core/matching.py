@@ -473,8 +473,18 @@ def _is_letter(char: str) -> bool:
     return char.isascii() and (char.isalpha() or char == "_")
 
 
-def suggest_rules(suggestions: Sequence[Suggestion], mapping: KeyMapping) -> list[RuleSuggestion]:
-    """Rename rules shared by two or more suggestions (e.g. ``blocks`` -> ``layers``)."""
+def suggest_rules(
+    suggestions: Sequence[Suggestion],
+    mapping: KeyMapping,
+    model_keys: Sequence[str] = (),
+    checkpoint_keys: Sequence[str] = (),
+) -> list[RuleSuggestion]:
+    """Rename rules shared by two or more suggestions (e.g. ``blocks`` -> ``layers``).
+
+    Given the keys of both sides, each rule's ``pairs`` is exact: how many model keys no
+    checkpoint key feeds now that the rule would feed (the suggestions are capped, the rule is
+    not). Without them it is the number of suggestions that share the rule.
+    """
     counts: dict[tuple[str, str], int] = {}
     for s in suggestions:
         old = mapping.checkpoint_name(s.checkpoint_key)
@@ -498,6 +508,16 @@ def suggest_rules(suggestions: Sequence[Suggestion], mapping: KeyMapping) -> lis
             continue  # RE2's word boundary is ASCII: it could not say where such a name starts
         counts[(old_mid, new_mid)] = counts.get((old_mid, new_mid), 0) + 1
     rules = [_rule_for(old, new, n) for (old, new), n in counts.items() if n >= 2]
+    if model_keys and checkpoint_keys:
+        fed = match_keys(model_keys, checkpoint_keys, mapping).keys()
+        unfed = [k for k in model_keys if k not in fed]
+        exact = []
+        for rule in rules:
+            after = match_keys(
+                model_keys, checkpoint_keys, with_rule(mapping, rule.pattern, rule.replacement)
+            )
+            exact.append(replace(rule, pairs=sum(1 for k in unfed if k in after)))
+        rules = [r for r in exact if r.pairs >= 2]
     return sorted(rules, key=lambda r: -r.pairs)
 
 

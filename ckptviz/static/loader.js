@@ -17,7 +17,7 @@ const MODE_CLASS = { wide: "ckv-wide", medium: "ckv-medium", narrow: "ckv-narrow
 const VISIBLE_LINES = 16;
 const OVERSCAN = 6;
 // the grid track of each width hint a declared column may give (widget_columns.WIDTHS)
-const WIDTH_TRACK = { name: "minmax(7em, 1.2fr)", wide: "minmax(8.5em, 0.8fr)", short: "5.6em" };
+const WIDTH_TRACK = { name: "minmax(7em, 1.2fr)", wide: "minmax(8.5em, 0.8fr)", short: "6.6em" };
 // a cell standing for a whole absent side spans that side's columns
 const SPAN_CLASS = ["ckv-span-1", "ckv-span-1", "ckv-span-2", "ckv-span-3", "ckv-span-4", "ckv-span-5", "ckv-span-6", "ckv-span-7", "ckv-span-8"];
 // how a cell of each column kind is drawn (widget_columns.COLUMN_KINDS)
@@ -26,6 +26,31 @@ const UNKNOWN_TERM = { name: "?", label: "not known to this front end", symbol: 
 const MAX_DEPTH = 40;
 
 const numberText = (n) => Number(n).toLocaleString("en-US");
+// the keys the table handles itself; they never reach the notebook (JupyterLab's command mode)
+const GRID_KEYS = new Set(["ArrowUp", "ArrowDown", "ArrowLeft", "ArrowRight", "Home", "End", "PageUp", "PageDown", " ", "Enter", "n", "p"]);
+
+/** The rows' values: one UTF-8 JSON buffer from the kernel (a DataView), or a plain list. */
+function decodeRows(data) {
+  if (Array.isArray(data)) return data;
+  if (data instanceof DataView || data instanceof ArrayBuffer || ArrayBuffer.isView(data)) {
+    try {
+      const parsed = JSON.parse(new TextDecoder().decode(data));
+      return Array.isArray(parsed) ? parsed : [];
+    } catch {
+      return [];
+    }
+  }
+  return [];
+}
+
+/** `text` cut in the middle to `room` characters, so both ends (a key's module and leaf, a
+ * shape's first and last sizes) stay readable; the full text goes in the title and details. */
+function middleCut(text, room) {
+  if (!(room > 0) || text.length <= room) return text;
+  if (room < 5) return `${text.slice(0, Math.max(1, room - 1))}…`;
+  const tail = Math.floor((room - 1) / 2);
+  return `${text.slice(0, room - 1 - tail)}…${text.slice(text.length - tail)}`;
+}
 const plural = (n, word) => `${numberText(n)} ${word}${n === 1 ? "" : "s"}`;
 const textOf = (value) => (value === null || value === undefined ? "" : String(value));
 const keyOf = (value) => (typeof value === "string" ? value : null);
@@ -108,9 +133,9 @@ class LoaderView {
     this.codes = "";
     this.counts = {};
     this.gen = 0;
-    this.rev = 0;
-    this.codeRev = 0;
     this.collapsed = new Set();
+    this.cursor = { line: 0, col: 0 }; // the one cell of the grid that Tab reaches (roving tabindex)
+    this.room = new Map(); // column key -> characters its cells show before cutting the middle
     this.filterText = "";
     this.regex = false;
     this.explanations = new Map();
@@ -147,6 +172,7 @@ class LoaderView {
     this.colours = new Set(Array.isArray(vocabulary.colours) ? vocabulary.colours : []);
     this.statusTerms = terms(vocabulary.statuses);
     this.statusNames = [...this.statusTerms.keys()];
+    this.differingStatuses = new Set([...this.statusTerms.values()].filter((t) => t.differs).map((t) => t.name));
     this.actionTerms = terms(vocabulary.actions);
     this.actionNames = [...this.actionTerms.keys()];
     this.chosenActions = this.actionNames.filter((a) => this.actionTerms.get(a).chosen);
@@ -211,7 +237,6 @@ class LoaderView {
         this.codes = codes.join("");
       }
       this.counts = msg.counts || this.counts;
-      this.rev += 1;
       this.renderCounters();
       this.renderRows();
       this.renderDetails();
@@ -222,6 +247,7 @@ class LoaderView {
     } else if (msg.type === "done") {
       this.pending.delete(msg.id);
       this.renderBusy();
+      this.keepFocus();
     } else if (msg.type === "confirm_overwrite" && typeof msg.path === "string") {
       this.askOverwrite(msg.path);
     }
@@ -235,19 +261,34 @@ class LoaderView {
     });
     on("change:_info", () => this.renderInfo());
     on("change:_suggestions", () => this.renderSuggestions());
-    on("change:_report", () => this.renderReport());
+    on("change:_report", () => {
+      this.renderReport();
+      this.renderRows();
+    });
+    on("change:code_stale", () => this.renderCode());
     on("change:error", () => this.renderMessages());
     on("change:notice", () => this.renderMessages());
-    on("change:_code", () => {
-      this.codeRev = this.rev;
-      this.renderCode();
-    });
+    on("change:_code", () => this.renderCode());
     on("msg:custom", (msg) => this.onMessage(msg));
 
     this.scroller.addEventListener("scroll", () => this.scheduleRender());
     this.lineBox.addEventListener("click", (event) => this.onTableClick(event));
     this.lineBox.addEventListener("mouseover", (event) => this.onHover(event));
-    this.lineBox.addEventListener("focusin", (event) => this.onHover(event));
+    this.lineBox.addEventListener("focusin", (event) => {
+      this.onHover(event);
+      this.onGridFocus(event);
+    });
+    this.lineBox.addEventListener("keydown", (event) => this.onGridKey(event));
+    this.root.addEventListener("focusin", (event) => {
+      this.lastFocus = event.target;
+    });
+    // keys typed in the widget's own fields are the widget's: JupyterLab must not act on them
+    this.root.addEventListener("keydown", (event) => {
+      const control = event.target.closest("input, select, button, summary");
+      if (!control) return;
+      // a field's keys, and Space or Enter on a button (its click), are the widget's
+      if (control.matches("input, select") || event.key === " " || event.key === "Enter") event.stopPropagation();
+    });
     this.resizeObserver = new ResizeObserver(() => this.fitWidth());
     this.resizeObserver.observe(this.root);
   }
@@ -300,7 +341,12 @@ class LoaderView {
     const toolbar = make("div", ["ckv-toolbar"]);
     toolbar.append(find, this.statusChips);
     const bulkbar = make("div", ["ckv-toolbar", "ckv-bulkbar"]);
-    bulkbar.append(this.bulkLabel, this.bulkButtons, resetButton, this.expandButton);
+    this.prevButton = button([], "↑ previous difference", "the previous row that differs (key p in the table)");
+    this.nextButton = button([], "↓ next difference", "the next row that differs (key n in the table)");
+    this.diffCount = make("span", ["ckv-dim"]);
+    const jumps = make("div", ["ckv-group-buttons", "ckv-jumps"]);
+    jumps.append(this.prevButton, this.nextButton, this.diffCount);
+    bulkbar.append(this.bulkLabel, this.bulkButtons, resetButton, this.expandButton, jumps);
     root.append(toolbar, bulkbar);
 
     this.suggestBox = make("div", ["ckv-suggest"]);
@@ -308,14 +354,25 @@ class LoaderView {
 
     // the table: a sticky column header and a spacer holding only the visible lines
     this.header = make("div", ["ckv-colhead"]);
+    this.header.setAttribute("role", "rowgroup");
+    this.columnLines = make("div", []);
+    // where the first line shown sits in the module tree: deep in a big model, the path
+    this.pathBar = make("div", ["ckv-path-bar"]);
+    this.pathBar.setAttribute("aria-hidden", "true");
+    this.header.append(this.columnLines, this.pathBar);
     this.spacer = make("div", ["ckv-spacer"]);
     this.lineBox = make("div", ["ckv-lines"]);
     this.lineBox.setAttribute("role", "rowgroup");
     this.spacer.append(this.lineBox);
     this.scroller = make("div", ["ckv-scroll"]);
-    this.scroller.setAttribute("role", "table");
-    this.scroller.setAttribute("aria-label", "checkpoint and model tensors");
+    // the ARIA grid pattern: one tab stop, arrow keys move, only the lines in view are in the
+    // DOM and each says where it is (aria-rowindex of aria-rowcount)
+    this.scroller.setAttribute("role", "grid");
+    this.scroller.setAttribute("aria-label", "checkpoint and model tensors: arrow keys move, Space or Enter picks an action, n and p jump to the next and previous difference");
     this.scroller.append(this.header, this.spacer);
+    this.probe = make("span", ["ckv-probe"], "0000000000");
+    this.probe.setAttribute("aria-hidden", "true");
+    root.append(this.probe);
     this.details = make("div", ["ckv-details"]);
     this.details.setAttribute("aria-live", "polite");
     const table = make("div", ["ckv-table"]);
@@ -377,21 +434,34 @@ class LoaderView {
       this.send("set_bulk", args);
     });
     resetButton.addEventListener("click", () => this.send("reset"));
+    this.suggestBox.addEventListener("click", (event) => {
+      if (event.target.closest("[data-accept-all]")) {
+        this.send("accept_all");
+        return;
+      }
+      const chosen = event.target.closest("[data-accept]");
+      if (chosen) this.send("accept", { which: Number(chosen.dataset.accept) });
+    });
     this.expandButton.addEventListener("click", () => {
       if (this.collapsed.size) this.collapsed.clear();
       else for (const path of this.groupPaths) this.collapsed.add(path);
       this.rebuildLines();
     });
-    this.applyButton.addEventListener("click", () => this.request("apply", {}, "applying…"));
-    this.undoButton.addEventListener("click", () => this.request("undo", {}, "undoing…"));
+    // Apply and Undo are never `disabled` (a disabled button drops the focus to the page):
+    // aria-disabled says they cannot be used now, and a click then does nothing
+    this.applyButton.addEventListener("click", () => {
+      if (this.applyButton.getAttribute("aria-disabled") !== "true") this.request("apply", {}, "applying…");
+    });
+    this.undoButton.addEventListener("click", () => {
+      if (this.undoButton.getAttribute("aria-disabled") !== "true") this.request("undo", {}, "undoing…");
+    });
+    this.prevButton.addEventListener("click", () => this.jumpToDifference(-1));
+    this.nextButton.addEventListener("click", () => this.jumpToDifference(1));
     this.codeButton.addEventListener("click", () => {
-      if (this.model.get("_code") && this.codeRev === this.rev) {
+      if (this.model.get("_code") && !this.model.get("code_stale")) {
         this.send("hide_code");
         return;
       }
-      // the kernel sends new code only if it differs; if it does not, what is shown is current
-      this.codeRev = this.rev;
-      this.renderCode();
       this.send("show_code");
     });
     this.saveButton.addEventListener("click", () => {
@@ -431,7 +501,7 @@ class LoaderView {
     this.gen = state.gen || 0;
     this.actionOrder = Array.isArray(state.actions_order) ? state.actions_order : this.chosenActions;
     this.reasons = Array.isArray(state.reasons) ? state.reasons.map(textOf) : [];
-    const data = Array.isArray(state.data) ? state.data : [];
+    const data = decodeRows(state.data);
     this.rows = data.map((values, index) => {
       const get = (name) => (at.has(name) ? values[at.get(name)] : undefined);
       const modelKey = keyOf(get("model_key"));
@@ -447,6 +517,7 @@ class LoaderView {
         leaf: cut < 0 ? place : place.slice(cut + 1),
         renamed: Boolean(get("renamed")),
         status: textOf(get("status")),
+        differs: this.differingStatuses.has(textOf(get("status"))) || Boolean(get("note")),
         modelKey,
         ckptKey,
         md: this.columns.map((c) => get(`model_${c.key}`)),
@@ -469,6 +540,22 @@ class LoaderView {
       }
     };
     collect(this.tree);
+    // a big table opens on the groups that hold differences (the kernel says which); else all
+    const expanded = Array.isArray(state.expanded) ? new Set(state.expanded.map(textOf)) : null;
+    this.collapsed = new Set(expanded ? this.groupPaths.filter((path) => !expanded.has(path)) : []);
+    // every row in the order the tree shows them, for "next difference" through closed groups
+    this.treeOrder = [];
+    const walkAll = (node) => {
+      this.treeOrder.push(...node.rows);
+      for (const child of node.children.values()) walkAll(child);
+    };
+    walkAll(this.tree);
+    this.treePosition = new Int32Array(this.rows.length);
+    this.treeOrder.forEach((rowIndex, position) => {
+      this.treePosition[rowIndex] = position;
+    });
+    this.differenceCount = this.rows.filter((r) => r.differs).length;
+    this.cursor = { line: 0, col: 0 };
     this.rebuildLines();
     this.renderCounters();
     this.renderDetails();
@@ -480,6 +567,13 @@ class LoaderView {
     if (!refused) return "";
     const code = refused[this.actionOrder.indexOf(action)];
     return code ? this.reasons[code - 1] || "" : "";
+  }
+
+  /** The action an apply still in effect wrote to row `index`, or "". */
+  appliedAction(index) {
+    const applied = (this.model.get("_report") || {}).applied;
+    const code = typeof applied === "string" ? applied[index] : undefined;
+    return code && this.actionOfCode.has(code) ? this.actionOfCode.get(code) : "";
   }
 
   actionOf(index) {
@@ -552,7 +646,11 @@ class LoaderView {
   fitWidth() {
     const width = this.root.clientWidth;
     const mode = width < 680 ? "narrow" : width < 1000 ? "medium" : "wide";
-    if (mode === this.mode) return;
+    if (mode === this.mode) {
+      // the columns grew or shrank: how much of each value fits changed with them
+      if (this.measureRoom()) this.renderRows();
+      return;
+    }
     this.root.classList.remove(MODE_CLASS[this.mode]);
     this.mode = mode;
     this.root.classList.add(MODE_CLASS[mode]);
@@ -590,11 +688,16 @@ class LoaderView {
     const columns = this.sideColumns();
     const sideTitle = (label, name, sideClass) => {
       const title = make("div", ["ckv-side-title", sideClass, SPAN_CLASS[Math.min(columns.length, 8)]], `${label} `);
+      title.setAttribute("role", "columnheader");
       title.setAttribute("title", textOf(name));
       title.append(make("span", [], name));
       return title;
     };
-    const columnName = (text, classes) => make("div", ["ckv-colname", ...classes], text);
+    const columnName = (text, classes) => {
+      const cell = make("div", ["ckv-colname", ...classes], text);
+      cell.setAttribute("role", "columnheader");
+      return cell;
+    };
     if (this.mode === "narrow") {
       const line = make("div", ["ckv-hline"]);
       line.append(
@@ -602,7 +705,9 @@ class LoaderView {
         columnName("→", ["ckv-c-arrow"]),
         sideTitle("model", info.model, "ckv-md"),
       );
-      this.header.replaceChildren(line);
+      line.setAttribute("role", "row");
+      line.setAttribute("aria-rowindex", "1");
+      this.columnLines.replaceChildren(line);
       return;
     }
     const top = make("div", ["ckv-hline", "ckv-grid"]);
@@ -620,7 +725,12 @@ class LoaderView {
       ...names("ckv-md"),
       columnName("", ["ckv-c-act"]),
     );
-    this.header.replaceChildren(top, sub);
+    top.setAttribute("role", "row");
+    top.setAttribute("aria-rowindex", "1");
+    sub.setAttribute("role", "row");
+    sub.setAttribute("aria-rowindex", "2");
+    this.columnLines.replaceChildren(top, sub);
+    this.measureRoom();
   }
 
   renderToolbar() {
@@ -650,6 +760,10 @@ class LoaderView {
       bulk.setAttribute("title", `${action} on every shown row that can take it: ${this.actionTerm(action).label}`);
     }
     this.expandButton.textContent = this.collapsed.size ? "expand all" : "collapse all";
+    const none = !this.differenceCount;
+    this.prevButton.setAttribute("aria-disabled", String(none));
+    this.nextButton.setAttribute("aria-disabled", String(none));
+    this.diffCount.textContent = none ? "no row differs" : `${plural(this.differenceCount, "row")} differ`;
   }
 
   renderCounters() {
@@ -675,32 +789,188 @@ class LoaderView {
     const height = ROW_HEIGHT[this.mode];
     const total = this.lines.length;
     const headerHeight = this.header.offsetHeight;
+    const headerRows = this.columnLines.children.length;
     this.spacer.style.height = `${total * height}px`;
     this.scroller.style.maxHeight = `${headerHeight + VISIBLE_LINES * height + 2}px`;
-    const top = Math.max(0, this.scroller.scrollTop - headerHeight);
-    const viewport = this.scroller.clientHeight || VISIBLE_LINES * height;
+    this.scroller.setAttribute("aria-rowcount", String(total + headerRows));
+    const top = Math.max(0, this.scroller.scrollTop);
+    const viewport = Math.max(0, (this.scroller.clientHeight || VISIBLE_LINES * height) - headerHeight);
     const first = Math.max(0, Math.floor(top / height) - OVERSCAN);
     const last = Math.min(total, Math.ceil((top + viewport) / height) + OVERSCAN);
-    const active = document.activeElement;
-    const refocus = active && this.lineBox.contains(active) && active.dataset ? { ...active.dataset } : null;
+    const hadFocus = this.lineBox.contains(document.activeElement);
     const lines = [];
     for (let k = first; k < last; k++) {
       const line = this.lines[k];
       const node = line.kind === "row" ? this.rowLine(line) : this.groupLine(line);
       node.style.top = `${k * height}px`;
+      node.setAttribute("aria-rowindex", String(k + 1 + headerRows));
+      node.setAttribute("data-line", String(k));
       lines.push(node);
     }
     if (!total) lines.push(make("div", ["ckv-empty-table"], "no rows match the filter and the statuses chosen"));
     this.lineBox.replaceChildren(...lines);
-    if (refocus && refocus.a) {
-      for (const candidate of this.lineBox.querySelectorAll("button[data-a]")) {
-        const same = candidate.dataset.a === refocus.a && candidate.dataset.i === refocus.i && candidate.dataset.g === refocus.g;
-        if (same) {
-          candidate.focus({ preventScroll: true });
-          break;
+    this.renderPath(Math.min(total - 1, Math.ceil(top / height)));
+    // roving tabindex: the cursor's cell is the grid's one tab stop; when it is scrolled out of
+    // the DOM, the first line in view stands in for it
+    if (this.cursor.line >= total) this.cursor = { line: Math.max(0, total - 1), col: this.cursor.col };
+    const target = this.cellAt(this.cursor.line, this.cursor.col) || this.cellAt(Math.min(last - 1, Math.max(first, Math.ceil(top / height))), this.cursor.col);
+    if (target) {
+      target.setAttribute("tabindex", "0");
+      if (hadFocus) target.focus({ preventScroll: true });
+    }
+  }
+
+  /** The path of the module the first line in view belongs to, above the lines. */
+  renderPath(k) {
+    const line = this.lines[k];
+    if (!line || !this.groupPaths.length) {
+      this.pathBar.hidden = true;
+      return;
+    }
+    const path = line.kind === "row" ? this.rows[line.index].module : line.node.path;
+    this.pathBar.hidden = false;
+    this.pathBar.textContent = `in ${path ? path.split(".").join(" › ") : "the model's top level"}`;
+    this.pathBar.setAttribute("title", path);
+  }
+
+  /** The focusable element of line `k` at column `col` (−1: the twisty or the line's only cell),
+   * clamped to the columns the line has; null when the line is not in the DOM. */
+  cellAt(k, col) {
+    const node = this.lineBox.querySelector(`[data-line="${Number(k)}"]`);
+    if (!node) return null;
+    const cells = [...node.querySelectorAll("[data-col]")];
+    if (!cells.length) return null;
+    const cols = cells.map((c) => Number(c.dataset.col));
+    let best = cells[0];
+    for (let i = 0; i < cells.length; i++) if (cols[i] <= col) best = cells[i];
+    return best;
+  }
+
+  onGridFocus(event) {
+    const cell = event.target.closest("[data-col]");
+    const line = event.target.closest("[data-line]");
+    if (!cell || !line) return;
+    const k = Number(line.dataset.line);
+    const col = Number(cell.dataset.col);
+    if (this.cursor.line === k && this.cursor.col === col) return;
+    this.cursor = { line: k, col };
+    for (const old of this.lineBox.querySelectorAll('[tabindex="0"]')) if (old !== cell) old.setAttribute("tabindex", "-1");
+    cell.setAttribute("tabindex", "0");
+  }
+
+  onGridKey(event) {
+    if (!GRID_KEYS.has(event.key) || event.altKey || event.ctrlKey || event.metaKey) return;
+    // a handled key is the table's: JupyterLab's command mode (arrows move cells, Enter edits)
+    // never sees it
+    event.stopPropagation();
+    if (event.key === " " || event.key === "Enter") return; // the focused button's own click
+    event.preventDefault();
+    const total = this.lines.length;
+    if (!total) return;
+    let { line, col } = this.cursor;
+    const page = VISIBLE_LINES - 1;
+    const focused = this.lines[line];
+    if (event.key === "ArrowDown") line = Math.min(total - 1, line + 1);
+    else if (event.key === "ArrowUp") line = Math.max(0, line - 1);
+    else if (event.key === "PageDown") line = Math.min(total - 1, line + page);
+    else if (event.key === "PageUp") line = Math.max(0, line - page);
+    else if (event.key === "Home") line = 0;
+    else if (event.key === "End") line = total - 1;
+    else if (event.key === "n" || event.key === "p") {
+      this.jumpToDifference(event.key === "n" ? 1 : -1);
+      return;
+    } else if (event.key === "ArrowLeft" || event.key === "ArrowRight") {
+      const step = event.key === "ArrowLeft" ? -1 : 1;
+      // on a group's twisty, left closes the group and right opens it (the tree convention)
+      if (focused && focused.kind === "group" && col === -1) {
+        const open = !this.collapsed.has(focused.node.path);
+        if (step < 0 ? open : !open) {
+          this.toggleGroup(focused.node.path);
+          return;
         }
       }
+      col = Math.max(-1, Math.min(this.chosenActions.length - 1, col + step));
     }
+    this.moveCursor(line, col);
+  }
+
+  /** Put the cursor on line `k`, column `col`: scrolled into view and focused. */
+  moveCursor(k, col) {
+    const height = ROW_HEIGHT[this.mode];
+    const headerHeight = this.header.offsetHeight;
+    const viewport = Math.max(height, this.scroller.clientHeight - headerHeight);
+    const top = k * height;
+    if (top < this.scroller.scrollTop) this.scroller.scrollTop = top;
+    else if (top + height > this.scroller.scrollTop + viewport) this.scroller.scrollTop = top + height - viewport;
+    this.cursor = { line: k, col };
+    this.renderRows();
+    const cell = this.cellAt(k, col);
+    if (cell) {
+      this.cursor.col = Number(cell.dataset.col) === -1 && col > -1 ? col : Number(cell.dataset.col);
+      cell.focus({ preventScroll: true });
+    }
+  }
+
+  toggleGroup(path) {
+    if (this.collapsed.has(path)) this.collapsed.delete(path);
+    else this.collapsed.add(path);
+    const focus = this.lineBox.contains(document.activeElement);
+    this.rebuildLines();
+    if (focus) this.moveCursor(this.cursor.line, this.cursor.col);
+  }
+
+  /** The next (`step` 1) or previous (−1) row that differs, in tree order, among the rows the
+   * statuses and filter show; its groups open, the cursor on it. */
+  jumpToDifference(step) {
+    if (!this.rows.length) return;
+    const current = this.lines[this.cursor.line];
+    let position = -1;
+    if (current && current.kind === "row") position = this.treePosition[current.index];
+    else if (current) position = this.treePosition[current.node.all[0]] - (step > 0 ? 1 : 0);
+    const count = this.treeOrder.length;
+    for (let n = 1; n <= count; n++) {
+      const at = (((position + step * n) % count) + count) % count;
+      const index = this.treeOrder[at];
+      if (!this.rows[index].differs || !this.visible[index]) continue;
+      const parts = this.rows[index].module ? this.rows[index].module.split(".") : [];
+      for (let depth = 1; depth <= parts.length; depth++) this.collapsed.delete(parts.slice(0, depth).join("."));
+      this.rebuildLines();
+      const k = this.lines.findIndex((l) => l.kind === "row" && l.index === index);
+      if (k >= 0) this.moveCursor(k, Math.max(0, this.cursor.col));
+      return;
+    }
+  }
+
+  /** After Apply, Undo or a file call: if the focus fell out of the widget, put it back. */
+  keepFocus() {
+    if (this.root.contains(document.activeElement) || document.activeElement !== document.body) return;
+    if (this.lastFocus && this.root.contains(this.lastFocus)) this.lastFocus.focus();
+  }
+
+  /** How many characters of each declared column fit, measured on the column headers. */
+  measureRoom() {
+    const charWidth = this.probe.getBoundingClientRect().width / 10;
+    // not laid out yet (the view is built before it is attached): nothing is cut until it is
+    if (!charWidth) return false;
+    this.charWidth = charWidth;
+    this.emPx = parseFloat(getComputedStyle(this.root).fontSize) || 13;
+    const names = this.columnLines.querySelectorAll(".ckv-sub .ckv-colname.ckv-md");
+    const columns = this.sideColumns();
+    let changed = false;
+    names.forEach((cell, i) => {
+      const column = columns[i];
+      if (!column || !cell.clientWidth) return;
+      const room = Math.max(4, Math.floor((cell.clientWidth - 14) / charWidth));
+      if (this.room.get(column.key) !== room) changed = true;
+      this.room.set(column.key, room);
+    });
+    return changed;
+  }
+
+  /** `text` fitted to its column (cut in the middle), `indent` characters taken by the tree. */
+  fitted(column, text, indent = 0) {
+    const room = this.room.get(column.key);
+    return room ? middleCut(text, Math.max(4, room - indent)) : text;
   }
 
   /** A cell indented to a depth of the module tree. */
@@ -716,7 +986,10 @@ class LoaderView {
     const shown = side === "ck" && row.renamed ? key : row.leaf;
     const cell = this.indented(["ckv-cell", "ckv-name", side === "ck" ? "ckv-ck" : "ckv-md"], depth);
     cell.setAttribute("title", row.note && side === "ck" ? `${key}: ${row.note}` : key);
-    cell.append(make("span", ["ckv-key"], shown));
+    // the indentation and the tags take room; the key is cut in the middle, never at its end
+    const indent = Math.ceil(((0.4 + Math.min(depth, MAX_DEPTH) * 1.1) * (this.emPx || 13)) / (this.charWidth || 7));
+    const tags = (side === "ck" && row.renamed) || (side === "md" && row.tied.length) ? 9 : 0;
+    cell.append(make("span", ["ckv-key"], this.fitted(this.columns[0], shown, indent + tags)));
     if (side === "ck" && row.renamed) {
       const tag = make("span", ["ckv-tag"], "renamed");
       tag.setAttribute("title", row.note);
@@ -740,7 +1013,9 @@ class LoaderView {
       icon.setAttribute("aria-label", `${column.title} differs`);
       cell.append(icon);
     }
-    cell.append(make("span", [], cellText(column.kind, value)));
+    const text = cellText(column.kind, value);
+    cell.setAttribute("title", `${column.title}: ${text}`);
+    cell.append(make("span", [], this.fitted(column, text, cell.classList.contains("ckv-flag") ? 2 : 0)));
     return cell;
   }
 
@@ -772,6 +1047,8 @@ class LoaderView {
     if (row.modelKey == null) {
       const skip = make("span", ["ckv-never"], `${this.skipAction} · never applied`);
       skip.setAttribute("title", this.refusal(row.index, this.chosenActions[0]) || this.actionTerm(this.skipAction).label);
+      skip.setAttribute("data-col", "-1");
+      skip.setAttribute("tabindex", "-1");
       cell.append(skip);
       return cell;
     }
@@ -785,6 +1062,8 @@ class LoaderView {
       const choice = button([this.roleClass(term.colour)], action, why ? `${action} is not possible: ${why}` : `${action}: ${term.label}`);
       choice.setAttribute("data-i", String(row.index));
       choice.setAttribute("data-a", action);
+      choice.setAttribute("data-col", String(this.chosenActions.indexOf(action)));
+      choice.setAttribute("tabindex", "-1");
       choice.setAttribute("aria-pressed", String(current === action));
       choice.setAttribute("aria-disabled", String(Boolean(why)));
       group.append(choice);
@@ -803,14 +1082,25 @@ class LoaderView {
     node.setAttribute("data-status", row.status);
     const status = make("div", ["ckv-cell", "ckv-status"]);
     status.append(this.statusBadge(row.status));
+    const applied = this.appliedAction(row.index);
+    if (applied) {
+      const term = this.actionTerm(applied);
+      node.classList.add("ckv-applied-row");
+      const mark = make("span", ["ckv-applied", this.roleClass(term.colour)], term.symbol);
+      mark.setAttribute("title", `applied: ${applied} (written to the model by an apply not undone)`);
+      mark.setAttribute("aria-label", `applied ${applied}`);
+      status.append(mark);
+    }
     if (this.mode === "narrow") {
       const name = this.indented(["ckv-cell", "ckv-name"], line.depth);
-      name.setAttribute("title", row.key);
-      name.append(make("span", ["ckv-key"], row.leaf));
+      name.setAttribute("title", row.renamed ? `${row.ckptKey} → ${row.key}` : row.key);
+      const shown = row.renamed ? `${row.ckptKey} → ${row.leaf}` : row.leaf;
+      name.append(make("span", ["ckv-key"], middleCut(shown, 34)));
       node.append(status, name, this.actionCell(row), this.pairCell(row));
-      return node;
+    } else {
+      node.append(...this.sideCells(row, "ck", line.depth), status, ...this.sideCells(row, "md", line.depth), this.actionCell(row));
     }
-    node.append(...this.sideCells(row, "ck", line.depth), status, ...this.sideCells(row, "md", line.depth), this.actionCell(row));
+    for (const cell of node.children) cell.setAttribute("role", "gridcell");
     return node;
   }
 
@@ -836,6 +1126,7 @@ class LoaderView {
       make("span", [], " → "),
       ...side(row.modelKey, row.md, "not in the model"),
     );
+    cell.setAttribute("title", cell.textContent);
     return cell;
   }
 
@@ -874,6 +1165,8 @@ class LoaderView {
     const twisty = make("button", ["ckv-twisty"], open ? "▾" : "▸");
     twisty.setAttribute("type", "button");
     twisty.setAttribute("data-toggle", node.path);
+    twisty.setAttribute("data-col", "-1");
+    twisty.setAttribute("tabindex", "-1");
     twisty.setAttribute("aria-expanded", String(open));
     twisty.setAttribute("title", `${open ? "collapse" : "expand"} ${node.path}`);
     const name = make("span", ["ckv-gname"], line.label);
@@ -905,6 +1198,8 @@ class LoaderView {
         const choice = button([this.roleClass(this.actionTerm(action).colour)], action, title);
         choice.setAttribute("data-g", node.path);
         choice.setAttribute("data-a", action);
+        choice.setAttribute("data-col", String(this.chosenActions.indexOf(action)));
+        choice.setAttribute("tabindex", "-1");
         choice.setAttribute("aria-pressed", pressed);
         choice.setAttribute("aria-disabled", String(none));
         seg.append(choice);
@@ -916,16 +1211,15 @@ class LoaderView {
       controls.append(skip);
     }
     group.append(label, controls);
+    label.setAttribute("role", "gridcell");
+    controls.setAttribute("role", "gridcell");
     return group;
   }
 
   onTableClick(event) {
     const toggle = event.target.closest("[data-toggle]");
     if (toggle) {
-      const path = toggle.dataset.toggle;
-      if (this.collapsed.has(path)) this.collapsed.delete(path);
-      else this.collapsed.add(path);
-      this.rebuildLines();
+      this.toggleGroup(toggle.dataset.toggle);
       return;
     }
     const choice = event.target.closest("button[data-a]");
@@ -984,11 +1278,28 @@ class LoaderView {
     const row = this.rows[focus.index];
     if (!row) return;
     const text = this.explanations.get(focus.index);
+    // both sides in full: what a narrow column cuts in the middle is whole here
+    const side = (label, key, values) => {
+      const line = make("div", ["ckv-full"]);
+      line.append(make("span", ["ckv-dim"], `${label}: `));
+      if (key == null) {
+        line.append(make("i", [], "absent"));
+        return line;
+      }
+      line.append(make("code", [], key));
+      for (const column of this.columns.slice(1)) {
+        const value = values[this.columns.indexOf(column)];
+        line.append(make("span", [], ` ${column.title} `), make("code", [], cellText(column.kind, value)));
+      }
+      return line;
+    };
     const parts = [
       this.statusBadge(row.status),
       make("span", [], " "),
       make("b", [], row.key),
       make("span", ["ckv-now"], `action: ${this.actionOf(row.index)}`),
+      side("checkpoint", row.ckptKey, row.ck),
+      side("model", row.modelKey, row.md),
       make("span", ["ckv-explain"], text === undefined ? "…" : text),
     ];
     const refused = this.chosenActions.map((a) => [a, this.refusal(row.index, a)]).filter(([, why]) => why && row.modelKey != null);
@@ -1022,18 +1333,45 @@ class LoaderView {
       return;
     }
     this.suggestBox.hidden = false;
-    const list = make("ul", ["ckv-suggestions"]);
-    items.forEach((item, index) => {
-      const li = make("li");
-      if (item.kind === "rule") {
-        li.append(
-          make("span", [], "rename rule "),
-          make("code", [], item.pattern),
-          make("span", [], " → "),
-          make("code", [], item.replacement),
-          make("span", [], ` pairs ${numberText(item.pairs)} keys `),
-        );
-      } else {
+    const accept = (index, label) => {
+      const node = button([], label);
+      node.setAttribute("data-accept", String(index));
+      return node;
+    };
+    const rules = items.filter((item) => item.kind === "rule");
+    const pairs = items.filter((item) => item.kind !== "rule");
+    const head = make("div", ["ckv-suggest-title"], "Renamed keys? ");
+    const total = rules.reduce((n, r) => n + Number(r.pairs || 0), 0) + pairs.length;
+    head.append(make("span", ["ckv-dim"], `${plural(rules.length, "rule")}, ${plural(pairs.length, "single pair")}: up to ${plural(total, "tensor")} to pair `));
+    if (items.length) {
+      const all = button([], "accept all", "take every rule and every pair listed");
+      all.setAttribute("data-accept-all", "1");
+      head.append(all);
+    }
+    const children = [head];
+    if (rules.length) {
+      const list = make("ul", ["ckv-suggestions"]);
+      for (const rule of rules) {
+        const li = make("li");
+        const readable = make("code", [], rule.readable);
+        readable.setAttribute("title", `regular expression ${textOf(rule.pattern)} → ${textOf(rule.replacement)}`);
+        li.append(make("span", [], "rule "), readable, make("span", [], ` pairs ${plural(Number(rule.pairs || 0), "key")} `), accept(rule.index, "accept rule"));
+        const examples = Array.isArray(rule.examples) ? rule.examples : [];
+        if (examples.length) {
+          const eg = make("div", ["ckv-dim", "ckv-examples"], "e.g. ");
+          examples.forEach(([from, to], i) => {
+            if (i) eg.append(make("span", [], "; "));
+            eg.append(make("code", [], from), make("span", [], " → "), make("code", [], to));
+          });
+          li.append(eg);
+        }
+        list.append(li);
+      }
+      children.push(list);
+    }
+    if (pairs.length) {
+      const pairLine = (item) => {
+        const li = make("li");
         li.append(
           make("span", [], "checkpoint "),
           make("code", [], item.checkpoint_key),
@@ -1042,20 +1380,29 @@ class LoaderView {
           make("span", [], " "),
           make("span", ["ckv-dim"], `(${textOf(item.reason)})`),
           make("span", [], " "),
+          accept(item.index, "accept"),
         );
+        return li;
+      };
+      const SHOWN = 5;
+      const list = make("ul", ["ckv-suggestions"]);
+      list.append(...pairs.slice(0, SHOWN).map(pairLine));
+      children.push(list);
+      if (pairs.length > SHOWN) {
+        // a long list stays folded: the table must not move far down the page
+        const more = make("details", ["ckv-more"]);
+        more.append(make("summary", [], `${plural(pairs.length - SHOWN, "more suggested pair")}`));
+        const rest = make("ul", ["ckv-suggestions"]);
+        rest.append(...pairs.slice(SHOWN).map(pairLine));
+        more.append(rest);
+        children.push(more);
       }
-      const accept = button([], "accept");
-      accept.setAttribute("data-accept", String(index));
-      li.append(accept);
-      list.append(li);
-    });
-    const children = [make("div", ["ckv-suggest-title"], "Renamed keys?")];
-    if (items.length) children.push(list);
+    }
     if (missing.length && unexpected.length) {
       const picker = (label, rows, keyOfRow) => {
         const select = make("select");
         select.setAttribute("aria-label", label);
-        for (const r of rows) {
+        for (const r of rows.slice(0, 2000)) {
           const option = make("option", [], keyOfRow(r));
           option.value = keyOfRow(r);
           select.append(option);
@@ -1079,15 +1426,11 @@ class LoaderView {
       children.push(byHand);
     }
     this.suggestBox.replaceChildren(...children);
-    list.addEventListener("click", (event) => {
-      const accept = event.target.closest("[data-accept]");
-      if (accept) this.send("accept", { which: Number(accept.dataset.accept) });
-    });
   }
 
   renderReport() {
     const report = this.model.get("_report") || {};
-    this.undoButton.disabled = !report.can_undo;
+    this.undoButton.setAttribute("aria-disabled", String(!report.can_undo));
     if (!report.summary) {
       this.reportBox.replaceChildren();
       this.reportBox.hidden = true;
@@ -1121,7 +1464,19 @@ class LoaderView {
       list.append(li);
     }
     const notes = (Array.isArray(report.notes) ? report.notes : []).map((n) => make("div", ["ckv-dim"], `note: ${textOf(n)}`));
-    this.reportBox.replaceChildren(head, list, ...notes);
+    const history = Array.isArray(report.history) ? report.history : [];
+    const steps = make("ol", ["ckv-history"]);
+    steps.setAttribute("aria-label", "applies and undos, oldest first");
+    for (const entry of history) {
+      const li = make("li", [entry.undoable ? "ckv-undoable" : ""]);
+      li.append(make("b", [], `#${numberText(entry.step)} ${textOf(entry.kind)} `), make("span", [], textOf(entry.summary)));
+      if (entry.undoable) li.append(make("span", ["ckv-badge", "ckv-role-accent"], "Undo puts this back"));
+      steps.append(li);
+    }
+    const historyBox = make("details", ["ckv-more"]);
+    historyBox.open = history.length <= 4;
+    historyBox.append(make("summary", [], `history: ${plural(history.length, "step")}`), steps);
+    this.reportBox.replaceChildren(head, list, ...notes, historyBox);
   }
 
   renderMessages() {
@@ -1141,19 +1496,19 @@ class LoaderView {
   renderBusy() {
     const labels = [...this.pending.values()];
     this.busy.textContent = labels.length ? labels[labels.length - 1] : "";
-    this.applyButton.disabled = labels.length > 0;
+    this.applyButton.setAttribute("aria-disabled", String(labels.length > 0));
   }
 
   renderCode() {
     const code = textOf(this.model.get("_code"));
-    this.codeButton.setAttribute("aria-pressed", String(Boolean(code) && this.codeRev === this.rev));
+    const stale = Boolean(this.model.get("code_stale"));
+    this.codeButton.setAttribute("aria-pressed", String(Boolean(code) && !stale));
     if (!code) {
       this.codeBox.replaceChildren();
       this.codeBox.hidden = true;
       return;
     }
     this.codeBox.hidden = false;
-    const stale = this.codeRev !== this.rev;
     const copy = button([], "copy");
     const pre = make("pre");
     pre.append(make("code", [], code));

@@ -669,10 +669,15 @@ def torch_opener(
 def _native_byte_order(path: Path) -> bool:
     """Whether a torch zip file's tensors are stored in this machine's byte order (else
     torch swaps them in memory, and the mapped bytes are no longer the file's)."""
-    with zipfile.ZipFile(path) as archive:
-        # torch's zip reader finds its records whatever their case
-        names = [n for n in archive.namelist() if n.rpartition("/")[2].lower() == "byteorder"]
-        return all(archive.read(n) == sys.byteorder.encode() for n in names)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            # torch's zip reader finds its records whatever their case
+            names = [n for n in archive.namelist() if n.rpartition("/")[2].lower() == "byteorder"]
+            return all(archive.read(n) == sys.byteorder.encode() for n in names)
+    except (OSError, ValueError, zipfile.BadZipFile, zipfile.LargeZipFile):
+        # Python's zip reader is stricter than torch's (a local header that disagrees with the
+        # directory, a name that is not UTF-8): unsure, so no mapping; torch.load decides
+        return False
 
 
 def read_torch_file(
