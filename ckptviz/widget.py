@@ -596,7 +596,7 @@ class Loader(anywidget.AnyWidget):
         self._codes = self._codes_now()
         self._counts = _counts_state(plan)
         return {
-            "_rows": _rows_state(plan, self._generation, self._codes.decode()),
+            "_rows": _rows_state(plan, self._generation, self._codes.decode(), self._counts),
             "_info": _info_state(plan, self._model, self._plan_dir),
             "_suggestions": _suggestion_state(plan.diff),
             "_report": self._report_state(),
@@ -840,7 +840,9 @@ class _Refusals:
             return why
 
 
-def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
+def _rows_state(
+    plan: Plan, generation: int, codes: str, counts: Mapping[str, list[int]]
+) -> dict[str, Any]:
     """Row metadata, one list per row in ``ROW_FIELDS`` order; refusal reasons deduplicated.
 
     The rows travel as one JSON buffer (``data``): a binary buffer is sent as it is,
@@ -889,7 +891,8 @@ def _rows_state(plan: Plan, generation: int, codes: str) -> dict[str, Any]:
         "data": json.dumps(data, separators=(",", ":")).encode("ascii"),
         "reasons": list(reasons),
         "actions": codes,
-        "counts": _counts_state(plan),
+        # a copy: the Loader updates its counters in place as actions change
+        "counts": {action: list(figures) for action, figures in counts.items()},
         "expanded": _opening_groups(plan.diff),
     }
 
