@@ -125,6 +125,9 @@ FRONT_END_CALLS: Mapping[str, tuple[str, ...]] = MappingProxyType(
 
 #: Rows in the static (no-widget) view; larger plans show the rows that differ first.
 STATIC_ROWS = 100
+#: Tied keys named per row: a file can tie thousands of keys to one storage, and naming them all
+#: in every row would make the table grow with the square of the group.
+TIED_SHOWN = 8
 #: Above this share of changed rows a full action string is smaller than a delta.
 _FULL_RESEND_SHARE = 0.25
 
@@ -878,7 +881,7 @@ def _rows_state(
                 *([value(c) for value in values] if c else absent),
                 row.note,
                 codes_of_row if any(codes_of_row) else 0,
-                list(row.tied),
+                _tied_shown(row.tied),
                 place if place != row.key else None,
                 renamed,
             ]
@@ -1219,3 +1222,10 @@ def static_html(loader: Loader) -> str:
         parts.append(loader.report._repr_html_())
     body = f"<div class='{tables.NO_MATH_CLASSES}'>" + "".join(parts) + "</div>"
     return "<div class='ckptviz-loader-static'>" + body + "</div>"
+
+
+def _tied_shown(tied: Sequence[str]) -> list[str]:
+    """The first ``TIED_SHOWN`` keys a row is tied to, then how many more (shown as text)."""
+    if len(tied) <= TIED_SHOWN:
+        return list(tied)
+    return [*tied[:TIED_SHOWN], f"… and {len(tied) - TIED_SHOWN:,} more"]

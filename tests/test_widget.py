@@ -976,3 +976,25 @@ def test_incremental_ticks_keep_the_counters_equal_to_the_plan(tmp_path: Path) -
     assert ui.actions() == loader.plan.actions
     counts = {a: [c["rows"], c["numel"]] for a, c in loader.plan.counts.items()}
     assert ui.state["_rows"]["counts"] == counts
+
+
+def test_a_big_tie_group_does_not_make_the_table_grow_with_its_square() -> None:
+    """A file can tie thousands of keys to one storage: each row names a few of them and how
+    many more, not all of them (2,000 x 2,000 names would be millions of strings)."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            shared = nn.Parameter(torch.zeros(2))
+            for i in range(2_000):
+                self.register_parameter(f"p{i}", shared)
+
+    model = Tied()
+    state = {f"p{i}": model.p0.detach() for i in range(2_000)}  # one storage, 2,000 keys
+    front = FrontEnd(Loader(model, state))
+    rows = front.rows()
+    tied = [row["tied"] for row in rows]
+    assert len(rows) == 2_000
+    assert max(len(t) for t in tied) == widget.TIED_SHOWN + 1
+    assert tied[0][-1] == f"… and {1_999 - widget.TIED_SHOWN:,} more"
+    assert all(name.startswith("p") for name in tied[0][:-1])
