@@ -93,7 +93,7 @@ def declaration_problem(key: object, shape: object, dtype: object, nbytes: objec
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TensorInfo:
     """What is known about one checkpoint tensor without reading its data.
 
@@ -111,27 +111,43 @@ class TensorInfo:
     kind: str | None = None
     module_type: str | None = None
 
-    def __post_init__(self) -> None:
-        # the common case inline (a table of 20,000 tensors builds 20,000 of these); any doubt
-        # goes to declaration_problem, which says what is wrong
-        shape, dtype = self.shape, self.dtype
-        if type(self.key) is str and type(shape) is tuple and len(shape) <= MAX_RANK:
-            numel = 1
+    def __init__(
+        self,
+        key: str,
+        shape: tuple[int, ...],
+        dtype: str,
+        nbytes: int,
+        kind: str | None = None,
+        module_type: str | None = None,
+    ) -> None:
+        # Checked before anything is set. The common case inline (a table of 20,000 tensors
+        # builds 20,000 of these); any doubt goes to declaration_problem, which says what is
+        # wrong. Fields are set one by one in one order (a write to self.__dict__ would be one
+        # call, but it gives each instance a dict of its own: ~400 bytes more a tensor).
+        if type(key) is str and type(shape) is tuple and len(shape) <= MAX_RANK:
+            limit, numel = INT64_LIMIT, 1
             for size in shape:
-                if type(size) is not int or not 0 <= size < INT64_LIMIT:
+                if not (type(size) is int and 0 <= size < limit):
                     break
                 numel *= size
             else:
                 itemsize = ITEMSIZES.get(dtype) if type(dtype) is str else None
                 if (
                     itemsize is not None
-                    and numel < INT64_LIMIT
-                    and type(self.nbytes) is int
-                    and self.nbytes == numel * itemsize
+                    and numel < limit
+                    and type(nbytes) is int
+                    and nbytes == numel * itemsize
                 ):
+                    setter = object.__setattr__
+                    setter(self, "key", key)
+                    setter(self, "shape", shape)
+                    setter(self, "dtype", dtype)
+                    setter(self, "nbytes", nbytes)
+                    setter(self, "kind", kind)
+                    setter(self, "module_type", module_type)
                     return
-        problem = declaration_problem(self.key, shape, dtype, self.nbytes)
-        raise InvalidDeclaration(f"tensor {_shown(self.key)} {problem}")
+        problem = declaration_problem(key, shape, dtype, nbytes)
+        raise InvalidDeclaration(f"tensor {_shown(key)} {problem}")
 
     @property
     def numel(self) -> int:
@@ -193,10 +209,19 @@ class DeclaredStorage(_Sealed):
     def __init__(self, key: str, dtype: str, numel: int) -> None:
         if not 0 <= numel < INT64_LIMIT:
             raise NotPlain("a storage of a negative or overflowing size")
-        setter = object.__setattr__
-        setter(self, "key", key)
-        setter(self, "dtype", dtype)
-        setter(self, "numel", numel)
+        set_key, set_dtype, set_numel = _STORAGE_SLOTS
+        set_key(self, key)
+        set_dtype(self, dtype)
+        set_numel(self, numel)
+
+
+def _slot_setters(cls: type, *names: str) -> tuple[Callable[[Any, Any], None], ...]:
+    """The setters of ``cls``'s slots, past its sealed ``__setattr__``: calling a slot's own
+    descriptor is the cheapest write, and a file of 500,000 tensors makes millions."""
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+_STORAGE_SLOTS = _slot_setters(DeclaredStorage, "key", "dtype", "numel")
 
 
 class DeclaredTensor(_Sealed):
@@ -222,35 +247,37 @@ class DeclaredTensor(_Sealed):
         shape: tuple[int, ...],
         stride: tuple[int, ...],
     ) -> None:
-        if (
-            type(offset) is not int
-            or not 0 <= offset < INT64_LIMIT
-            or type(shape) is not tuple
-            or type(stride) is not tuple
-            or len(shape) != len(stride)
-            or len(shape) > MAX_RANK
+        limit = INT64_LIMIT  # a local: read four times a dimension
+        if not (
+            type(offset) is int
+            and type(shape) is tuple
+            and type(stride) is tuple
+            and 0 <= offset < limit
+            and len(shape) == len(stride) <= MAX_RANK
         ):
             raise NotPlain("an unusual tensor")
         numel, last = 1, offset
         for size, step in zip(shape, stride, strict=True):
-            if (
-                type(size) is not int
-                or type(step) is not int
-                or not 0 <= size < INT64_LIMIT
-                or not 0 <= step < INT64_LIMIT
+            if not (
+                type(size) is int and type(step) is int and 0 <= size < limit and 0 <= step < limit
             ):
                 raise NotPlain("a tensor with a size or stride torch would not take")
             numel *= size
             last += (size - 1) * step
-        if numel >= INT64_LIMIT or not (last < storage.numel if numel else offset <= storage.numel):
+        if numel >= limit or not (last < storage.numel if numel else offset <= storage.numel):
             raise NotPlain("a tensor beyond its storage")
-        setter = object.__setattr__
-        setter(self, "storage", storage)
-        setter(self, "offset", offset)
-        setter(self, "shape", shape)
-        setter(self, "stride", stride)
-        setter(self, "numel", numel)
-        setter(self, "nbytes", numel * ITEMSIZES[storage.dtype])
+        set_storage, set_offset, set_shape, set_stride, set_numel, set_nbytes = _TENSOR_SLOTS
+        set_storage(self, storage)
+        set_offset(self, offset)
+        set_shape(self, shape)
+        set_stride(self, stride)
+        set_numel(self, numel)
+        set_nbytes(self, numel * ITEMSIZES[storage.dtype])
+
+
+_TENSOR_SLOTS = _slot_setters(
+    DeclaredTensor, "storage", "offset", "shape", "stride", "numel", "nbytes"
+)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,8 @@ def read_safetensors(
         )
     tensors: dict[str, TensorInfo] = {}
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        # one context for all tensors (one a tensor costs ~2 us, 40 ms at 20,000 tensors)
+        with safe_open(str(path), framework="pt") as handle, declarations_of(path):
             metadata = dict(handle.metadata() or {})
             for name in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
                 view = handle.get_slice(name)
@@ -81,8 +82,7 @@ def read_safetensors(
                 n = 1
                 for s in shape:
                     n *= s
-                with declarations_of(path):
-                    tensors[name] = TensorInfo(name, shape, dtype, n * ITEMSIZES[dtype])
+                tensors[name] = TensorInfo(name, shape, dtype, n * ITEMSIZES[dtype])
     except CheckpointError:
         raise
     except Exception as exc:

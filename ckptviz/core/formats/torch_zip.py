@@ -487,6 +487,7 @@ def _declared_object(
     except Exception:  # NotPlain, or anything odd: torch.load decides what it is
         return None
     records: dict[str, zipfile.ZipInfo] = {}
+    capacity: dict[str, int] = {}
     folder = f"{found.prefix}data/"
     data_folder = _raw_name(folder).lower()
     exact = archive.NameToInfo
@@ -505,11 +506,13 @@ def _declared_object(
                 f"{only}{record.file_size:,} bytes for it (torch.load refuses such a file too)",
             )
         records[key] = record
+        # the whole elements its record's bytes hold (every storage dtype is 1 byte or more):
+        # an element ends inside the record exactly when its index is below this
+        capacity[key] = record.file_size // ITEMSIZES[storage.dtype]
     # each declaration again, from its parts, against its own record: it must lie inside
     for tensor in unpickler.tensors:
-        storage = tensor.storage
-        record = records.get(storage.key)
-        if record is None:
+        elements = capacity.get(tensor.storage.key)
+        if elements is None:
             return None
         end = tensor.offset  # one past its last element, or its offset when it has none
         if tensor.numel:
@@ -517,7 +520,7 @@ def _declared_object(
             for size, step in zip(tensor.shape, tensor.stride, strict=False):
                 end += (size - 1) * step
             end += 1
-        if end * ITEMSIZES[storage.dtype] > record.file_size:
+        if end > elements:
             return None
     return obj, records
 
