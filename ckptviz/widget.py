@@ -31,16 +31,14 @@ inside one folder (``plan_dir``, by default the working directory when the Loade
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import html
 import json
 import logging
 import os
 import re
 import stat
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -52,6 +50,7 @@ import traitlets
 
 from ckptviz import widget_columns
 from ckptviz.core.apply import Report
+from ckptviz.core.checkpoint import gc_paused
 from ckptviz.core.diff import STATUSES, Diff, Row, compare
 from ckptviz.core.errors import PlanError
 from ckptviz.core.explain import explain_row
@@ -233,7 +232,7 @@ class Loader(anywidget.AnyWidget):
             raise PlanError(f"plan_dir {str(folder)!r} is not a folder; pass an existing one")
         self._plan_dir = folder
         self._model = model
-        with _collection_paused():
+        with gc_paused():
             self._plan = compare(model, source, **compare_kwargs).plan()
         self._reports: list[Report] = []
         # (kind, index of the report in _reports, summary) per apply and undo
@@ -247,7 +246,7 @@ class Loader(anywidget.AnyWidget):
         self._numel: list[int] = []
         # the plan the shown code was made from: (Diff, action codes), None when none is shown
         self._code_source: tuple[Diff, bytes] | None = None
-        with _collection_paused():
+        with gc_paused():
             diff_state = self._diff_state()
         super().__init__(
             _vocabulary=_vocabulary_state(),
@@ -567,7 +566,7 @@ class Loader(anywidget.AnyWidget):
         ``changed`` names the keys whose action changed when the caller knows them: the work
         is then in proportion to those rows; without it every row is compared."""
         if self._plan.diff is not self._sent_diff:
-            with _collection_paused():
+            with gc_paused():
                 diff_state = self._diff_state()
             with self.hold_sync():  # one update message for the traits
                 for name, value in diff_state.items():
@@ -801,21 +800,6 @@ class _ModuleIndex:
             return self._modules[name]
         except KeyError:
             raise AttributeError(f"no submodule {name!r}") from None
-
-
-@contextlib.contextmanager
-def _collection_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector paused while a table is built: the build makes
-    millions of objects, and each burst of them made the collector walk every live object
-    again (about a fifth of the build's time at 100,000 rows). Cycles made meanwhile are
-    collected at the next collection after it."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class _Refusals:

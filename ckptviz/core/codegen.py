@@ -355,9 +355,9 @@ def _meta_guard(plan: Plan) -> list[str]:
     ]
 
 
-def plan_code(plan: Plan) -> str:
-    load = [(r.key, r.checkpoint_key or "") for r, a in plan if a == "load" and r.model]
-    partial = [(r.key, r.checkpoint_key or "") for r, a in plan if a == "partial" and r.model]
+def reinit_groups(plan: Plan) -> dict[tuple[str, str], list[str]]:
+    """The plan's ``reinit`` tensors by (module, the initialiser that sets them), as the code
+    calls them: one seeded call per module and method."""
     reinit: dict[tuple[str, str], list[str]] = {}
     model = plan.diff.model
     for key in plan.keys_with("reinit"):
@@ -366,6 +366,13 @@ def plan_code(plan: Plan) -> str:
         if model is not None:
             method = initialiser_of(model.get_submodule(module_name), tensor_name) or method
         reinit.setdefault((module_name, method), []).append(tensor_name)
+    return reinit
+
+
+def plan_code(plan: Plan) -> str:
+    load = [(r.key, r.checkpoint_key or "") for r, a in plan if a == "load" and r.model]
+    partial = [(r.key, r.checkpoint_key or "") for r, a in plan if a == "partial" and r.model]
+    reinit = reinit_groups(plan)
     counts = ", ".join(f"{c['rows']} {a}" for a, c in plan.counts.items() if c["rows"])
 
     lines = [

@@ -75,7 +75,8 @@ import torch.distributed as dist
 
 from ckptviz.core._torch_private import module_tables, module_with_tables, tensor_version
 from ckptviz.core.apply import Report, ReportEntry, bitwise_equal
-from ckptviz.core.checkpoint import Checkpoint
+from ckptviz.core.checkpoint import Checkpoint, dtype_name
+from ckptviz.core.codegen import reinit_groups
 from ckptviz.core.errors import ApplyError, CheckpointError, PlanError
 from ckptviz.core.formats.base import Box, SliceReader, slice_reader
 from ckptviz.core.plan import Plan, initialiser_of, refusal, reinit_seed
@@ -228,10 +229,6 @@ class ReadRecord:
     nbytes: int  # bytes copied out of the checkpoint (DCP: bytes of the stored chunks decoded)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _model_problems(plan: Plan, model: torch.nn.Module, targets: dict[str, Any]) -> dict[str, str]:
     problems: dict[str, str] = {}
     for row, action in plan:
@@ -242,7 +239,7 @@ def _model_problems(plan: Plan, model: torch.nn.Module, targets: dict[str, Any])
         if now is None:
             problems[m.key] = "not in this model"
             continue
-        shape, dtype = tuple(now.shape), _dtype_name(now.dtype)
+        shape, dtype = tuple(now.shape), dtype_name(now.dtype)
         if shape != m.shape or dtype != m.dtype:
             problems[m.key] = (
                 f"the model has {list(shape)} {dtype}, the plan expects {list(m.shape)} {m.dtype}"
@@ -864,14 +861,7 @@ def distributed_code(plan: Plan) -> str:
         for r, a in plan
         if a == "partial" and r.model and r.checkpoint
     }
-    reinit: dict[tuple[str, str], list[str]] = {}
-    model = plan.diff.model
-    for key in plan.keys_with("reinit"):
-        module_name, _, tensor_name = key.rpartition(".")
-        method = "reset_parameters"
-        if model is not None:
-            method = initialiser_of(model.get_submodule(module_name), tensor_name) or method
-        reinit.setdefault((module_name, method), []).append(tensor_name)
+    reinit = reinit_groups(plan)
     if reinit and plan.seed is None:
         raise PlanError(
             "a plan with seed=None cannot reinit across ranks (each rank's own random state "

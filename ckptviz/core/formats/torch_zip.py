@@ -39,7 +39,7 @@ from ckptviz.core.checkpoint import (
     dtype_from_name,
     gc_paused,
 )
-from ckptviz.core.errors import CheckpointError, first_line
+from ckptviz.core.errors import CheckpointError, first_line, torch_reason
 from ckptviz.core.formats.base import FileFormat, ViewSlices
 from ckptviz.core.formats.filedata import CheckedFile, plain
 from ckptviz.core.locate import checkpoint_from_object, navigate
@@ -617,25 +617,15 @@ def load_torch(
             ):
                 raise unsafe_error(path, exc, allowed) from None
             raise CheckpointError(
-                f"{path}: not a checkpoint I can read safely ({_torch_reason(exc)}). "
+                f"{path}: not a checkpoint I can read safely ({torch_reason(exc)}). "
                 "Expected a file written by torch.save or safetensors; re-save it with one."
             ) from None
         except Exception as exc:
             raise CheckpointError(
                 f"{path}: the file looks like a torch checkpoint but cannot be read "
-                f"({_torch_reason(exc)}). It may be truncated or damaged; re-save it with "
+                f"({torch_reason(exc)}). It may be truncated or damaged; re-save it with "
                 "torch.save."
             ) from None
-
-
-def _torch_reason(exc: BaseException) -> str:
-    """torch's reason for a refusal, without its advice to retry with weights_only=False."""
-    text = str(exc)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1]
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 def torch_opener(
