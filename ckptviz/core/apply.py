@@ -306,23 +306,33 @@ def _checkpoint_for(plan: Plan, source: Any) -> Checkpoint:
     )
 
 
+def model_row_problem(
+    row: Row, action: str, model: torch.nn.Module, now: tuple[tuple[int, ...], str] | None
+) -> str | None:
+    """Why ``action`` on ``row`` no longer fits the model, whose tensor there has the
+    (shape, dtype name) ``now`` (``None``: it has none); ``None`` when it fits."""
+    m = row.model
+    assert m is not None
+    if now is None:
+        return "not in this model"
+    shape, dtype = now
+    if shape != m.shape or dtype != m.dtype:
+        return f"the model has {list(shape)} {dtype}, the plan expects {list(m.shape)} {m.dtype}"
+    if why := refusal(row, action, model):
+        return f"{action}: {why}"
+    return None
+
+
 def _check_model(plan: Plan, model: torch.nn.Module) -> dict[str, str]:
     live = read_checkpoint(model).tensors
     problems: dict[str, str] = {}
     for row, action in plan:
-        m = row.model
-        if m is None:
+        if row.model is None:
             continue
-        now = live.get(m.key)
-        if now is None:
-            problems[m.key] = "not in this model"
-        elif now.shape != m.shape or now.dtype != m.dtype:
-            problems[m.key] = (
-                f"the model has {list(now.shape)} {now.dtype}, the plan expects "
-                f"{list(m.shape)} {m.dtype}"
-            )
-        elif why := refusal(row, action, model):
-            problems[m.key] = f"{action}: {why}"
+        now = live.get(row.model.key)
+        declared = None if now is None else (now.shape, now.dtype)
+        if why := model_row_problem(row, action, model, declared):
+            problems[row.model.key] = why
     return problems
 
 

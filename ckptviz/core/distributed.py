@@ -74,12 +74,12 @@ import torch
 import torch.distributed as dist
 
 from ckptviz.core._torch_private import module_tables, module_with_tables, tensor_version
-from ckptviz.core.apply import Report, ReportEntry, bitwise_equal
+from ckptviz.core.apply import Report, ReportEntry, bitwise_equal, model_row_problem
 from ckptviz.core.checkpoint import Checkpoint, dtype_name
 from ckptviz.core.codegen import reinit_groups
 from ckptviz.core.errors import ApplyError, CheckpointError, PlanError
 from ckptviz.core.formats.base import Box, SliceReader, slice_reader
-from ckptviz.core.plan import Plan, initialiser_of, refusal, reinit_seed
+from ckptviz.core.plan import Plan, initialiser_of, reinit_seed
 from ckptviz.core.reading import read_checkpoint
 from ckptviz.core.snapshot import MemorySnapshot, Snapshot
 
@@ -236,18 +236,11 @@ def _model_problems(plan: Plan, model: torch.nn.Module, targets: dict[str, Any])
         if m is None:
             continue
         now = targets.get(m.key)
-        if now is None:
-            problems[m.key] = "not in this model"
+        declared = None if now is None else (tuple(now.shape), dtype_name(now.dtype))
+        if why := model_row_problem(row, action, model, declared):
+            problems[m.key] = why
             continue
-        shape, dtype = tuple(now.shape), dtype_name(now.dtype)
-        if shape != m.shape or dtype != m.dtype:
-            problems[m.key] = (
-                f"the model has {list(shape)} {dtype}, the plan expects {list(m.shape)} {m.dtype}"
-            )
-            continue
-        if why := refusal(row, action, model):
-            problems[m.key] = f"{action}: {why}"
-            continue
+        assert now is not None
         if action == "reinit" and plan.seed is None:
             problems[m.key] = (
                 "reinit with seed=None draws from each rank's own random state, so the shards "
