@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,7 +52,7 @@ def square_grid(tokens: int, prefix_tokens: int = 0) -> tuple[int, int]:
     return (side, side)
 
 
-def resample_grid_bicubic(grid: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def resample_grid_bicubic(grid: torch.Tensor, size: tuple[int, ...] | list[int]) -> torch.Tensor:
     """Bicubic resize with antialias of the last two dims of an NCHW tensor, in float32.
 
     The tensor is cast to float32 for the interpolation (PyTorch's antialiased bicubic has no
@@ -72,8 +72,8 @@ def resample_grid_bicubic(grid: torch.Tensor, size: Sequence[int]) -> torch.Tens
 
 def resample_position_embedding(
     embedding: torch.Tensor,
-    new_grid: Sequence[int],
-    old_grid: Sequence[int] | None = None,
+    new_grid: tuple[int, ...] | list[int],
+    old_grid: tuple[int, ...] | list[int] | None = None,
     prefix_tokens: int = 1,
 ) -> torch.Tensor:
     """Resample an absolute position embedding to a new grid, keeping its prefix tokens.
@@ -127,8 +127,8 @@ def resample_position_embedding(
 
 def resample_relative_position_bias(
     table: torch.Tensor,
-    new_grid: Sequence[int],
-    old_grid: Sequence[int] | None = None,
+    new_grid: tuple[int, ...] | list[int],
+    old_grid: tuple[int, ...] | list[int] | None = None,
     extra_tokens: int = 0,
 ) -> torch.Tensor:
     """Resample a relative position bias table to a new window, per attention head.
@@ -169,7 +169,9 @@ def resample_relative_position_bias(
     return torch.cat([resized, extra], dim=0)
 
 
-def patch_resize_matrix(old_size: Sequence[int], new_size: Sequence[int]) -> torch.Tensor:
+def patch_resize_matrix(
+    old_size: tuple[int, ...] | list[int], new_size: tuple[int, ...] | list[int]
+) -> torch.Tensor:
     """The matrix ``R`` with ``resize(patch).flatten() == R @ patch.flatten()``.
 
     ``resize`` is bicubic antialiased interpolation of one ``old_size`` patch to ``new_size``
@@ -182,7 +184,9 @@ def patch_resize_matrix(old_size: Sequence[int], new_size: Sequence[int]) -> tor
     return resized.reshape(old_h * old_w, -1).transpose(0, 1)
 
 
-def resample_patch_kernel(weight: torch.Tensor, new_size: Sequence[int]) -> torch.Tensor:
+def resample_patch_kernel(
+    weight: torch.Tensor, new_size: tuple[int, ...] | list[int]
+) -> torch.Tensor:
     """Resize a patch-embedding conv kernel ``[out, in, h, w]`` to ``new_size`` by PI-resize.
 
     FlexiViT's pseudo-inverse resize, as timm's ``resample_patch_embed``: the new kernel is
@@ -209,7 +213,9 @@ def resample_patch_kernel(weight: torch.Tensor, new_size: Sequence[int]) -> torc
     return resized.reshape(out_channels, in_channels, new_h, new_w).to(weight.dtype)
 
 
-def adapt_input_channels_refusal(weight_shape: Sequence[int], in_channels: int) -> str | None:
+def adapt_input_channels_refusal(
+    weight_shape: tuple[int, ...] | list[int], in_channels: int
+) -> str | None:
     """Why :func:`adapt_input_channels` cannot adapt this kernel, or None if it can.
 
     Mirrors what timm's ``adapt_input_conv`` refuses: only a 4D conv kernel; to 1 channel from
@@ -244,10 +250,10 @@ def adapt_input_channels(weight: torch.Tensor, in_channels: int) -> torch.Tensor
     To 1 channel: the sum over the input channels (a gray image replicated to RGB through the
     old kernel gives what the gray image gives through the new one); a space-to-depth stem with
     ``3*k`` inputs sums each RGB triple. To N other than 3 (from 3): the RGB kernel repeated
-    ``ceil(N/3)`` times, the first N channels kept, scaled by ``3/N`` so the response to a
-    constant image keeps its size. Computed in float32, cast back, as timm's
-    ``adapt_input_conv`` (bitwise equal to that formula). Raises ValueError with
-    :func:`adapt_input_channels_refusal`'s words where timm refuses.
+    ``ceil(N/3)`` times, the first N channels kept, scaled by ``3/N`` (an RGB image repeated
+    to 3k channels then gives the old output; other N keep the scale only roughly). Computed
+    in float32, cast back, as timm's ``adapt_input_conv`` (bitwise equal to that formula).
+    Raises ValueError with :func:`adapt_input_channels_refusal`'s words where timm refuses.
     """
     reason = adapt_input_channels_refusal(weight.shape, in_channels)
     if reason is not None:
@@ -274,7 +280,9 @@ def growth_fills() -> tuple[str, ...]:
     return ("model", "zeros", "mean", "mean_noise")
 
 
-def grown_dim(current_shape: Sequence[int], source_shape: Sequence[int]) -> int | None:
+def grown_dim(
+    current_shape: tuple[int, ...] | list[int], source_shape: tuple[int, ...] | list[int]
+) -> int | None:
     """The one dim along which ``current_shape`` is larger than ``source_shape``, or None.
 
     Raises ValueError when the ranks differ or more than one dim grew (the corner where two
