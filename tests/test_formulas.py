@@ -329,7 +329,8 @@ def _generator_at(state: torch.Tensor) -> torch.Generator:
 def test_mean_noise_equals_transformers_resize_token_embeddings(vocab: int, grown: int) -> None:
     # (40, 47): covariance positive definite, rows drawn; (6, 9): 6 rows in 16 dims give a
     # singular covariance and transformers falls back to the mean; both bit for bit
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     torch.manual_seed(9)
     config = transformers.GPT2Config(
         vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, n_positions=8
@@ -354,7 +355,8 @@ def test_mean_noise_equals_transformers_resize_token_embeddings(vocab: int, grow
 
 def test_mean_noise_equals_transformers_lm_head_and_its_bias() -> None:
     # an untied lm head with a bias (BERT's MLM decoder): weight rows and the bias's new entries
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     torch.manual_seed(10)
     config = transformers.BertConfig(
         vocab_size=30,
@@ -421,7 +423,8 @@ def _lora_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_lora_merge_equals_peft_merge_and_unload(use_rslora: bool) -> None:
-    peft = pytest.importorskip("peft")
+    import peft
+
     torch.manual_seed(11)
     base = _Layers()
     names = ["linear", "conv", "pointwise", "embed"]
@@ -441,8 +444,9 @@ def test_lora_merge_equals_peft_merge_and_unload(use_rslora: bool) -> None:
 
 
 def test_lora_merge_equals_peft_on_gpt2_conv1d_fan_in_fan_out() -> None:
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    import peft
+    import transformers
+
     torch.manual_seed(12)
     config = transformers.GPT2Config(vocab_size=20, n_embd=8, n_layer=1, n_head=2, n_positions=8)
     model = transformers.GPT2Model(config)
