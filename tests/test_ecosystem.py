@@ -438,3 +438,30 @@ def test_builders_are_seeded_and_another_seed_changes_every_parameter(
     assert drawn
     same = [k for k in drawn if torch.equal(first.get_parameter(k), other.get_parameter(k))]
     assert not same, f"the same under another seed: {same}"
+
+
+def test_accelerate_save_state_of_two_models_names_both_files_and_reads_the_one_passed(
+    tmp_path: Path,
+) -> None:
+    """save_state writes model.safetensors and model_1.safetensors for two prepared models:
+    the directory alone does not say which is meant, so it is refused, naming both files."""
+    accelerator = Accelerator(cpu=True)
+    _, second = accelerator.prepare(_accelerate_net(0), nn.Linear(3, 5))
+    accelerator.save_state(tmp_path)
+    with torch.no_grad():
+        second.weight.add_(1.0)
+    accelerator.load_state(tmp_path)
+    reference = {k: v.clone() for k, v in second.state_dict().items()}
+
+    with pytest.raises(CheckpointError) as caught:
+        ckptviz.read_checkpoint(tmp_path)
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path}: holds the weights of several models")
+    assert "(model.safetensors, model_1.safetensors)" in message
+    assert repr(str(tmp_path / "model_1.safetensors")) in message
+
+    torch.manual_seed(1)
+    model = nn.Linear(3, 5)
+    _, report, before = apply_and_check(model, tmp_path / "model_1.safetensors")
+    assert_same_state(model, reference)
+    assert_exact_undo(model, report, before)
