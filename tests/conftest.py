@@ -11,6 +11,11 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 
+# No test reaches the Hugging Face hub: set before any test module imports huggingface_hub or
+# transformers (they read it once, at import), and inherited by notebook kernels.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
 # Subprocesses (CLI runs, notebook kernels, Jupyter servers) import this checkout's ckptviz.
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p

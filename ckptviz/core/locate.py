@@ -84,6 +84,15 @@ def _rank(path: tuple[str, ...]) -> tuple[int, int]:
     return (min(scores) if scores else len(STATE_DICT_KEYS), len(path))
 
 
+def _is_optimizer_state(obj: Mapping[Any, Any]) -> bool:
+    """torch.optim's ``Optimizer.state_dict()`` (exactly its two entries), saved on its own."""
+    return (
+        set(obj) == {"state", "param_groups"}
+        and isinstance(obj["state"], Mapping)
+        and isinstance(obj["param_groups"], list)
+    )
+
+
 def parse_key(key: str | Sequence[str] | None) -> tuple[str, ...] | None:
     if key is None:
         return None
@@ -119,6 +128,14 @@ def locate(
             )
         others = [c for c in _find_candidates(obj) if c != key]
         return node, key, others
+    if _is_optimizer_state(obj):
+        raise CheckpointError(
+            f"{source}: an optimizer's state (torch.optim's state_dict(): 'state', "
+            "'param_groups'), not model weights: its tensors are per-parameter statistics such "
+            "as momentum, not values to load into a model. Pass the model's weights instead; "
+            "accelerate's save_state writes them next to optimizer.bin as model.safetensors "
+            "(pytorch_model.bin with safe_serialization=False), or pass that directory."
+        )
     candidates = sorted(_find_candidates(obj), key=_rank)
     if not candidates:
         candidates = sorted(_find_candidates(obj, loose=True), key=_rank)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -158,6 +159,8 @@ def _index_in(folder: Path) -> Path | None:
     """The index (or single weights file) a Hugging Face directory holds, if any."""
     for name in (*INDEX_NAMES, *SINGLE_FILE_NAMES):
         if (folder / name).is_file():
+            if name in SINGLE_FILE_NAMES:
+                _one_model_only(folder, name)
             return folder / name
     indexes = sorted(folder.glob("*.index.json"))
     if len(indexes) > 1:
@@ -167,6 +170,26 @@ def _index_in(folder: Path) -> Path | None:
             "mean, e.g. ckptviz.compare(model, 'path/to/that.index.json')."
         )
     return indexes[0] if indexes else None
+
+
+def _one_model_only(folder: Path, name: str) -> None:
+    """Refuses a folder holding the weights of several models: accelerate's ``save_state``
+    writes ``model.safetensors`` for the first prepared model, ``model_1.safetensors`` for the
+    second and so on (``pytorch_model_1.bin`` ... as pickle); which one is meant is the user's
+    choice, not ours."""
+    more = sorted(
+        entry.name
+        for entry in folder.iterdir()
+        if re.fullmatch(r"(model_[0-9]+\.safetensors|pytorch_model_[0-9]+\.bin)", entry.name)
+    )
+    if more:
+        names = ", ".join([name, *more])
+        raise CheckpointError(
+            f"{folder}: holds the weights of several models ({names}), as accelerate's "
+            "save_state writes one file per prepared model in the order prepare() got them; "
+            f"pass the file of the model you mean, e.g. ckptviz.compare(model, "
+            f"{str(folder / more[0])!r})."
+        )
 
 
 def is_sharded(path: Path, head: bytes) -> bool:
