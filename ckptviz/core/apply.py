@@ -156,7 +156,9 @@ def _check_model(plan: Plan, model: torch.nn.Module) -> dict[str, str]:
 def _check_checkpoint(plan: Plan, ckpt: Checkpoint) -> dict[str, str]:
     problems: dict[str, str] = {}
     for row, action in plan:
-        if not action_named(action).reads_checkpoint or row.checkpoint is None:
+        if row.model is None or row.checkpoint is None:
+            continue
+        if not action_named(action).reads_checkpoint:
             continue
         now = ckpt.tensors.get(row.checkpoint.key)
         want = row.checkpoint
@@ -201,7 +203,8 @@ def _meta_refusal(t: torch.Tensor, action: str, materialise: torch.device | None
         )
     if action_named(action).reads_current:
         return (
-            f"{action} starts from the tensor's present values, but a meta tensor has none; "
+            f"{action} keeps part of the tensor's present values, but a meta tensor has no "
+            "values to keep; "
             "reinit it, or materialise and initialise the model first "
             "(model.to_empty(device=...), then its own initialisation)"
         )
@@ -547,7 +550,8 @@ def _checked(
 ) -> ReportEntry:
     ok, detail = True, "not verified (verify=False)"
     if verify:
-        ok, detail = _verify(row, target, value, action, options)
+        ctx = DetailContext(row, target, value, MappingProxyType(dict(options)))
+        ok, detail = _verify(target, value, action, ctx)
     if materialised:
         detail = f"materialised on {target.device}; {detail}"
     if not ok:
@@ -621,14 +625,9 @@ def _meta_notes(
 
 
 def _verify(
-    row: Row,
-    target: torch.Tensor,
-    value: torch.Tensor,
-    action: str,
-    options: Mapping[str, OptionValue],
+    target: torch.Tensor, value: torch.Tensor, action: str, ctx: DetailContext
 ) -> tuple[bool, str]:
     """The written tensor equals its action's value bit for bit (in the tensor's dtype); the
     words from the action."""
     ok = bitwise_equal(target, value.to(target.dtype))
-    ctx = DetailContext(row, target, value, MappingProxyType(dict(options)))
     return ok, action_named(action).verified_detail(ctx)

@@ -280,7 +280,9 @@ def _model_problems(plan: Plan, model: torch.nn.Module, targets: dict[str, Any])
 def _checkpoint_problems(plan: Plan, ckpt: Checkpoint) -> dict[str, str]:
     problems: dict[str, str] = {}
     reads = [
-        (row, a) for row, a in plan if row.checkpoint and action_named(a).reads_checkpoint
+        (row, a)
+        for row, a in plan
+        if row.model and row.checkpoint and action_named(a).reads_checkpoint
     ]
     if reads and slice_reader(ckpt) is None:
         why = (
