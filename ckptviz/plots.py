@@ -546,9 +546,7 @@ def plot_report(
         row_parts = [(action.name, 0, False)]
         example = next((e for e in report.entries if e.action == action.name), None)
         if example is not None:
-            row_parts = list(
-                action.plot_parts(diff.row(example.key), example.numel) or row_parts
-            )
+            row_parts = list(action.plot_parts(diff.row(example.key), example.numel) or row_parts)
         for label, _, kept in row_parts:
             categories.append(label)
             styles[label] = (light, "--") if kept else (colour, hatch)

@@ -64,6 +64,8 @@ ROLE_COLOURS = {
 def action_colours() -> dict[str, str]:
     """Background colour per action (every registered one, and ``skip``)."""
     return {name: ROLE_COLOURS[term.colour] for name, term in action_terms().items()}
+
+
 STATUS_MARKS = {"match": "✓", "dtype": "≈", "shape": "✗", "missing": "−", "unexpected": "+"}
 #: Columns of prose (they wrap; every other cell stays on one line).
 PROSE_COLUMNS = ("note", "detail")

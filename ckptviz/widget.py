@@ -1144,7 +1144,7 @@ def _plan_for(diff: Diff, saved: Plan, path: str | Path) -> Plan:
             )
         elif mine.status != row.status:
             problems[key] = f"the plan saw status {row.status}, here it is {mine.status}"
-        elif why := plan.refusal(key, action, **saved.options(key)):
+        elif why := plan.refusal(key, action, None, **cast(dict[str, Any], saved.options(key))):
             problems[key] = f"{action}: {why}"
     for key in ours.keys() - theirs.keys():
         problems[key] = "the plan has no action for it"
@@ -1156,7 +1156,7 @@ def _plan_for(diff: Diff, saved: Plan, path: str | Path) -> Plan:
             problems,
         )
     for key, (_, action) in theirs.items():
-        plan.set(key, action, **saved.options(key))
+        plan.set(key, action, **cast(dict[str, Any], saved.options(key)))
     return plan
 
 

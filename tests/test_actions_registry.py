@@ -145,7 +145,7 @@ def test_a_definition_without_a_step_is_refused_when_made() -> None:
         negate_action(code=None)
     with pytest.raises(TypeError, match="colour"):
         negate_action(colour="purple")
-    with pytest.raises(TypeError, match="taken by plan.set"):
+    with pytest.raises(TypeError, match=r"taken by plan\.set"):
         negate_action(options={"pattern": ckptviz.OptionSpec(str, "x", "clashes")})
 
 
@@ -165,7 +165,7 @@ def test_options_are_checked_where_they_are_set_and_where_a_plan_is_read(
         plan.set("a.weight", "negate", scael=2.0)
     with pytest.raises(ckptviz.PlanError, match="expected a float, got str"):
         plan.set("a.weight", "negate", scale="2")
-    with pytest.raises(ckptviz.PlanError, match="unknown option 'fill'.*none"):
+    with pytest.raises(ckptviz.PlanError, match=r"unknown option 'fill'.*none"):
         plan.set("a.weight", "load", fill="mean")
     assert plan.action("a.weight") == "load"  # nothing changed
 

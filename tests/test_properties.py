@@ -30,8 +30,8 @@ from torch import nn
 import ckptviz
 from ckptviz import ApplyError, CheckpointError
 from ckptviz.core import apply as apply_module
-from ckptviz.core.apply import bitwise_equal
 from ckptviz.core.actions.reinit import reinit_seed
+from ckptviz.core.apply import bitwise_equal
 
 IN_CI = bool(os.environ.get("CI"))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -190,6 +190,8 @@ def plan_from_dict(
             action = row.get("action")
             given = row.get("options", {})
             try:
+                if not isinstance(action, str):
+                    raise PlanError(f"unknown action {action!r}")
                 definition = action_named(action)
                 if not isinstance(given, Mapping):
                     raise PlanError(f"'options' must be an object, not {given!r}")
@@ -233,7 +235,7 @@ def plan_from_dict(
         lines = "; ".join(f"{k}: {v}" for k, v in bad.items())
         raise PlanError(f"the plan is inconsistent: {lines}", bad)
     for key, action in actions.items():
-        plan.set(key, action, **options[key])
+        plan.set(key, action, **cast(dict[str, Any], options[key]))
     return plan
 
 

@@ -239,8 +239,10 @@ class ActionDef:
         return {name: spec.default for name, spec in self.options.items()}
 
 
-def definition_problems(action: ActionDef) -> list[str]:
+def definition_problems(definition: ActionDef) -> list[str]:
     """What an action definition lacks or gets wrong (empty when it is complete)."""
+    # Any: the fields are checked as given at run time, whatever their annotations promise
+    action: Any = definition
     problems = []
     if not isinstance(action.name, str) or not _NAME.fullmatch(action.name):
         problems.append(f"name {action.name!r} must be lowercase letters and '_' only")
