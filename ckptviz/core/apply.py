@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -148,7 +147,7 @@ def _check_model(plan: Plan, model: torch.nn.Module) -> dict[str, str]:
             continue
         now = live.get(row.model.key)
         declared = None if now is None else (now.shape, now.dtype)
-        if why := model_row_problem(row, action, model, declared, plan.options(row.key)):
+        if why := model_row_problem(row, action, model, declared, plan.chosen_options(row.key)):
             problems[row.model.key] = why
     return problems
 
@@ -363,6 +362,11 @@ class _Values(Mapping[str, torch.Tensor]):
         self._plan, self._model, self._targets = plan, model, targets
         self._data, self._prepared, self._materialise = data, prepared, materialise
         self._rows = {row.key: (row, action_named(a)) for row, a in written}
+        defaults = {a.name: a.defaults() for _, a in self._rows.values()}
+        self._options = {
+            key: {**defaults[a.name], **plan.chosen_options(key)}
+            for key, (_, a) in self._rows.items()
+        }
         from_checkpoint = [
             row.checkpoint.key
             for row, action in self._rows.values()
@@ -399,7 +403,7 @@ class _Values(Mapping[str, torch.Tensor]):
         ctx = ValueContext(
             row=row,
             model=self._model,
-            options=MappingProxyType(self._plan.options(key)),
+            options=self._options[key],
             seed=self._plan.seed,
             materialise=self._materialise,
             current=self._targets[key],
@@ -414,7 +418,7 @@ class _Values(Mapping[str, torch.Tensor]):
         return value
 
     def options(self, key: str) -> dict[str, OptionValue]:
-        return self._plan.options(key)
+        return self._options[key]
 
     def forget(self) -> None:
         """Drop the values worked out so far: the next ask computes them from the model as it
@@ -550,8 +554,7 @@ def _checked(
 ) -> ReportEntry:
     ok, detail = True, "not verified (verify=False)"
     if verify:
-        ctx = DetailContext(row, target, value, MappingProxyType(dict(options)))
-        ok, detail = _verify(target, value, action, ctx)
+        ok, detail = _verify(target, value, action, DetailContext(row, target, value, options))
     if materialised:
         detail = f"materialised on {target.device}; {detail}"
     if not ok:

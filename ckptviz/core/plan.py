@@ -91,6 +91,10 @@ class Plan:
             return {}
         return {**action_named(action).defaults(), **self._options.get(key, {})}
 
+    def chosen_options(self, key: str) -> dict[str, OptionValue]:
+        """Only the options of the row set to something other than their default."""
+        return self._options.get(key, {})
+
     @property
     def counts(self) -> dict[str, dict[str, int]]:
         """Per action: how many rows and how many values (parameters and buffers)."""
