@@ -112,7 +112,7 @@ def _inspect_ckptviz(model: torch.nn.Module, path: Path) -> Run:
     def run() -> object:
         checkpoint = ckptviz.read_checkpoint(path)
         diff = ckptviz.compare(model, checkpoint)
-        assert diff.counts["match"] == len(diff.rows), diff.summary
+        assert diff.counts["match"] == len(diff.rows), diff.summary()
         return diff
 
     return run

@@ -5,7 +5,20 @@ from typing import TYPE_CHECKING, Any
 from ckptviz import progress as _progress  # registers the progress-bar view
 from ckptviz import tables as _tables  # registers the DataFrame and HTML views
 from ckptviz.compare_plots import plot_change_strip, plot_changes
-from ckptviz.core.apply import Report, ReportEntry
+from ckptviz.core.actions import (
+    ActionDef,
+    CodeContext,
+    CodePart,
+    DetailContext,
+    OptionSpec,
+    PrepareContext,
+    RowContext,
+    ShardWrite,
+    ValueContext,
+    register_action,
+    registered_actions,
+    unregister_action,
+)
 from ckptviz.core.checkpoint import Checkpoint, TensorInfo
 from ckptviz.core.diff import STATUSES, Diff, Row, compare
 from ckptviz.core.distributed import apply_distributed
@@ -17,8 +30,9 @@ from ckptviz.core.errors import (
     UnsafeCheckpointError,
 )
 from ckptviz.core.matching import KeyMapping, RuleSuggestion, Suggestion
-from ckptviz.core.plan import ACTIONS, Plan
+from ckptviz.core.plan import Plan
 from ckptviz.core.reading import read_checkpoint
+from ckptviz.core.report import Report, ReportEntry
 from ckptviz.core.stats import TensorStats, ValueStats, value_stats
 from ckptviz.plots import plot_diff, plot_report, plot_values  # registers the "plot" view
 
@@ -28,25 +42,33 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACTIONS",
     "STATUSES",
+    "ActionDef",
     "ApplyError",
     "Checkpoint",
     "CheckpointError",
     "CkptvizError",
+    "CodeContext",
+    "CodePart",
+    "DetailContext",
     "Diff",
     "KeyMapping",
     "Loader",
+    "OptionSpec",
     "Plan",
     "PlanError",
+    "PrepareContext",
     "Report",
     "ReportEntry",
     "Row",
+    "RowContext",
     "RuleSuggestion",
+    "ShardWrite",
     "Suggestion",
     "TensorInfo",
     "TensorStats",
     "UnsafeCheckpointError",
+    "ValueContext",
     "ValueStats",
     "apply_distributed",
     "compare",
@@ -56,6 +78,9 @@ __all__ = [
     "plot_report",
     "plot_values",
     "read_checkpoint",
+    "register_action",
+    "registered_actions",
+    "unregister_action",
     "value_stats",
 ]
 

@@ -389,7 +389,7 @@ def _diff_text(
             return "red"
         return None
 
-    head = [_side_line("a", left), _side_line("b", right), visible_lines(diff.summary)]
+    head = [_side_line("a", left), _side_line("b", right), visible_lines(diff.summary())]
     table = aligned_table(headers, rows, style, colour_of)
     verdict_line = style(verdict, "green" if verdict.startswith("identical") else "bold")
     return "\n".join(head) + "\n\n" + table + "\n\n" + verdict_line

@@ -16,10 +16,10 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from math import prod
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ckptviz.core.actions import action_named, default_fitting_action, registered_actions
 from ckptviz.core.diff import STATUSES, Diff
 from ckptviz.core.display import register_renderer
 from ckptviz.core.order import in_model_order, order_source, order_words
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import torch
     from matplotlib.typing import RcKeyType
 
-    from ckptviz.core.apply import Report
+    from ckptviz.core.report import Report
 
 # Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
 STATUS_STYLE: dict[str, tuple[str, str]] = {
@@ -40,15 +40,16 @@ STATUS_STYLE: dict[str, tuple[str, str]] = {
     "missing": ("#0072B2", "//"),
     "unexpected": ("#CC79A7", "\\\\"),
 }
-#: What apply did to the values of a module; a ``partial`` tensor is split into the overlap it
-#: copied and the rest it kept.
-REPORT_CATEGORIES = ("load", "partial: copied", "partial: rest kept", "reinit", "keep")
-REPORT_STYLE: dict[str, tuple[str, str]] = {
-    "load": ("#009E73", ""),
-    "partial: copied": ("#E69F00", ".."),
-    "partial: rest kept": ("#F3D38F", "--"),
-    "reinit": ("#56B4E9", "//"),
-    "keep": ("#B0B0B0", "xx"),
+#: Per colour role of an action (``vocabulary.COLOUR_ROLES``): its bar colour and hatch in
+#: ``plot_report``, and (last) the lighter colour of a part of it that kept the model's values.
+ROLE_STYLE: dict[str, tuple[str, str, str]] = {
+    "ok": ("#009E73", "", "#8FD1BD"),
+    "warn": ("#E69F00", "..", "#F3D38F"),
+    "bad": ("#D55E00", "xx", "#F0B48C"),
+    "info": ("#0072B2", "//", "#8FC3E0"),
+    "extra": ("#CC79A7", "\\\\", "#E8BFD6"),
+    "neutral": ("#B0B0B0", "xx", "#DDDDDD"),
+    "accent": ("#56B4E9", "//", "#B5DDF4"),
 }
 SIDE_COLOURS = ("#0072B2", "#D55E00")
 ROOT_LABEL = "(root)"
@@ -516,25 +517,44 @@ def plot_report(
     failed verification. Options as for ``plot_diff``."""
     items = []
     diff = report.plan.diff
+    # writing actions first, in registration order, then the ones that leave values alone
+    defined = sorted(registered_actions(), key=lambda a: not a.writes)
+    categories: list[str] = []
+    styles: dict[str, tuple[str, str]] = {}
     for entry in report.entries:
         module = entry.key.rpartition(".")[0]
         row = diff.row(entry.key)
         module_type = row.model.module_type if row.model is not None else None
         flag = None if entry.verified else "NOT verified"
-        if entry.action == "partial" and row.model is not None and row.checkpoint is not None:
-            copied = prod(
-                min(a, b) for a, b in zip(row.model.shape, row.checkpoint.shape, strict=True)
+        parts = action_named(entry.action).plot_parts(row, entry.numel)
+        if not parts:
+            parts = ((entry.action, entry.numel, False),)
+        for i, (label, numel, _) in enumerate(parts):
+            # the tensor is counted (and flagged) once, with its first part
+            items.append(
+                _Item(
+                    module,
+                    label,
+                    numel,
+                    entry.action if i == 0 else None,
+                    module_type,
+                    flag if i == 0 else None,
+                )
             )
-            items.append(_Item(module, "partial: copied", copied, "partial", module_type, flag))
-            rest = entry.numel - copied
-            items.append(_Item(module, "partial: rest kept", rest, None, module_type))
-        else:
-            items.append(_Item(module, entry.action, entry.numel, entry.action, module_type, flag))
-    groups, used_depth, run = _group(items, depth, max_groups, {"load"})
+    for action in defined:
+        colour, hatch, light = ROLE_STYLE[action.colour]
+        row_parts = [(action.name, 0, False)]
+        example = next((e for e in report.entries if e.action == action.name), None)
+        if example is not None:
+            row_parts = list(action.plot_parts(diff.row(example.key), example.numel) or row_parts)
+        for label, _, kept in row_parts:
+            categories.append(label)
+            styles[label] = (light, "--") if kept else (colour, hatch)
+    groups, used_depth, run = _group(items, depth, max_groups, {default_fitting_action()})
     level = f"depth {used_depth}" + (f", runs of {run}" if run > 1 else "")
     fig, ax, created = _new_axes(ax, len(groups))
-    actions = ("load", "partial", "reinit", "keep")
-    _draw_bars(groups, REPORT_CATEGORIES, REPORT_STYLE, actions, scale, ax)
+    actions = [a.name for a in defined]
+    _draw_bars(groups, categories, styles, actions, scale, ax)
     state = "verified" if report.verified else "NOT verified"
     if report.undone:
         state += ", undone since (the model is back as it was)"
@@ -554,7 +574,7 @@ def _action_rows(report: Report) -> dict[str, int]:
 
 
 def _plot(obj: object, **options: Any) -> Any:
-    from ckptviz.core.apply import Report
+    from ckptviz.core.report import Report
 
     if isinstance(obj, Diff):
         return plot_diff(obj, **options)

@@ -18,6 +18,12 @@ import html
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ckptviz.core.actions import (
+    SKIP,
+    action_terms,
+    default_action,
+    default_fitting_action,
+)
 from ckptviz.core.display import register_renderer
 from ckptviz.core.text import visible
 
@@ -42,13 +48,24 @@ STATUS_COLOURS = {
     "missing": "#e8eaf6",
     "unexpected": "#f3e5f5",
 }
-ACTION_COLOURS = {
-    "load": "#e6f4ea",
-    "keep": "#f1f3f4",
-    "reinit": "#e3f2fd",
-    "partial": "#fff4ce",
-    "skip": "#f3e5f5",
+#: Background colour per colour role (``vocabulary.COLOUR_ROLES``): an action's cells take its
+#: role's.
+ROLE_COLOURS = {
+    "ok": "#e6f4ea",
+    "warn": "#fff4ce",
+    "bad": "#fde2e1",
+    "info": "#e8eaf6",
+    "extra": "#f3e5f5",
+    "neutral": "#f1f3f4",
+    "accent": "#e3f2fd",
 }
+
+
+def action_colours() -> dict[str, str]:
+    """Background colour per action (every registered one, and ``skip``)."""
+    return {name: ROLE_COLOURS[term.colour] for name, term in action_terms().items()}
+
+
 STATUS_MARKS = {"match": "✓", "dtype": "≈", "shape": "✗", "missing": "−", "unexpected": "+"}
 #: Columns of prose (they wrap; every other cell stays on one line).
 PROSE_COLUMNS = ("note", "detail")
@@ -179,7 +196,7 @@ def _diff_table(diff: Any, positions: Sequence[int], actions: dict[str, str] | N
             f"{right} dtype": c.dtype if c else "",
         }
         if actions is not None:
-            record["action"] = actions.get(row.key, "skip")
+            record["action"] = actions.get(row.key, SKIP)
         record["note"] = row.note
         records.append(record)
     columns = ["status", f"{left} key", f"{left} shape", f"{left} dtype"]
@@ -205,7 +222,7 @@ def diff_html(diff: Any) -> str:
     kept = set(shown)
     hidden = [r.status for i, r in enumerate(rows) if i not in kept]
     more = _more_line(hidden, len(rows)) if hidden else ""
-    caption = _shown_caption(diff.summary.replace("\n", " · "), len(shown), len(rows))
+    caption = _shown_caption(diff.summary().replace("\n", " · "), len(shown), len(rows))
     return _styled(df, caption, {"status": _status_marks()}, keys, more)
 
 
@@ -221,7 +238,7 @@ def plan_html(plan: Any, rows: Sequence[int] | None = None) -> str:
 
     def differs(i: int) -> bool:
         row = all_rows[candidates[i]]
-        return row.status != "match" or actions.get(row.key) != "load"
+        return row.status != "match" or actions.get(row.key) != default_action(row)
 
     shown = [candidates[i] for i in pick_rows(len(candidates), differs)]
     df, keys = _diff_table(plan.diff, shown, actions)
@@ -229,13 +246,13 @@ def plan_html(plan: Any, rows: Sequence[int] | None = None) -> str:
     if rows is None:  # a caller choosing the rows says what it left out
         kept = set(shown)
         hidden = [
-            f"{all_rows[i].status} → {actions.get(all_rows[i].key, 'skip')}"
+            f"{all_rows[i].status} → {actions.get(all_rows[i].key, SKIP)}"
             for i in candidates
             if i not in kept
         ]
         more = _more_line(hidden, len(all_rows)) if hidden else ""
     caption = _shown_caption(plan.summary(), len(shown), len(all_rows))
-    colours = {"status": _status_marks(), "action": ACTION_COLOURS}
+    colours = {"status": _status_marks(), "action": action_colours()}
     return _styled(df, caption, colours, keys, more)
 
 
@@ -244,7 +261,8 @@ def report_html(report: Any) -> str:
 
     entries = report.entries
     shown = pick_rows(
-        len(entries), lambda i: not entries[i].verified or entries[i].action != "load"
+        len(entries),
+        lambda i: not entries[i].verified or entries[i].action != default_fitting_action(),
     )
     records = report.to_records()
     df = pd.DataFrame([records[i] for i in shown], columns=list(records[0]) if records else None)
@@ -263,7 +281,7 @@ def report_html(report: Any) -> str:
     caption = _shown_caption(caption, len(shown), len(entries))
     verified = {_VERIFIED[True]: "#e6f4ea", _VERIFIED[False]: "#fde2e1"}
     more = _more_line(hidden, len(entries)) if hidden else ""
-    colours = {"action": ACTION_COLOURS, "verified": verified}
+    colours = {"action": action_colours(), "verified": verified}
     return _styled(df, caption, colours, ("key", "checkpoint_key"), more)
 
 
@@ -308,9 +326,9 @@ def stats_html(stats: Any) -> str:
 
 
 def _html(obj: Any) -> str:
-    from ckptviz.core.apply import Report
     from ckptviz.core.diff import Diff
     from ckptviz.core.plan import Plan
+    from ckptviz.core.report import Report
     from ckptviz.core.stats import ValueStats
 
     if isinstance(obj, Diff):

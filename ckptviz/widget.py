@@ -49,7 +49,15 @@ import torch
 import traitlets
 
 from ckptviz import widget_columns
-from ckptviz.core.apply import Report
+from ckptviz.core.actions import (
+    SKIP,
+    OptionValue,
+    action_named,
+    action_names,
+    action_terms,
+    default_action,
+    registered_actions,
+)
 from ckptviz.core.checkpoint import gc_paused
 from ckptviz.core.diff import STATUSES, Diff, Row, compare
 from ckptviz.core.errors import PlanError
@@ -62,25 +70,28 @@ from ckptviz.core.matching import (
     with_pair,
     with_rule,
 )
-from ckptviz.core.plan import ACTIONS, SKIP, Plan, plan_from_dict, refusal
+from ckptviz.core.plan import Plan, refusal
+from ckptviz.core.planfile import plan_from_dict
+from ckptviz.core.report import Report
 from ckptviz.core.text import format_table, row_cells, visible
-from ckptviz.core.vocabulary import (
-    ACTION_TERMS,
-    CHOSEN_ACTIONS,
-    COLOUR_ROLES,
-    STATUS_TERMS,
-    Action,
-    Status,
-)
+from ckptviz.core.vocabulary import COLOUR_ROLES, STATUS_TERMS, Status
 from ckptviz.widget_columns import COLUMNS, Column
 
 STATIC = Path(__file__).parent / "static"
 
-#: One letter per action in the action strings and deltas sent to the front end: its initial.
-ACTION_CODES: Mapping[str, str] = MappingProxyType({a.value: a.value[0] for a in Action})
-CODE_ACTIONS: Mapping[str, str] = MappingProxyType({c: a for a, c in ACTION_CODES.items()})
-if len(set(ACTION_CODES.values())) != len(ACTION_CODES):
-    raise ValueError(f"two actions share an initial, the widget's wire code: {ACTION_CODES}")
+_CODE_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def action_codes() -> dict[str, str]:
+    """One character per action (``skip`` and every registered one) in the action strings and
+    deltas sent to the front end: its initial, or the next of its letters still free, or any
+    free letter; ``skip`` and the built-ins come first, so their codes never change."""
+    codes: dict[str, str] = {}
+    for name in (SKIP, *action_names()):
+        taken = set(codes.values())
+        free = [ch for ch in name + _CODE_LETTERS if ch in _CODE_LETTERS and ch not in taken]
+        codes[name] = free[0]
+    return codes
 
 
 def row_fields(columns: Sequence[Column]) -> tuple[str, ...]:
@@ -307,14 +318,20 @@ class Loader(anywidget.AnyWidget):
     # -- what a click does -----------------------------------------------------------------------
     @_user_action
     def set_action(
-        self, pattern: str | re.Pattern[str], action: str, *, skip_refused: bool = False
+        self,
+        pattern: str | re.Pattern[str],
+        action: str,
+        *,
+        skip_refused: bool = False,
+        **options: OptionValue,
     ) -> list[str]:
-        """Set ``action`` on the rows ``pattern`` names (key, module, glob or compiled regex).
+        """Set ``action`` (with its ``options``, by name) on the rows ``pattern`` names (key,
+        module, glob or compiled regex), as ``Plan.set`` does.
 
         A refused row raises ``PlanError`` and changes nothing, unless ``skip_refused``.
-        Returns the keys whose action changed.
+        Returns the keys whose action or options changed.
         """
-        return self._plan.set(pattern, action, skip_refused=skip_refused)
+        return self._plan.set(pattern, action, skip_refused=skip_refused, **options)
 
     @_user_action
     def set_module(self, module: str, action: str) -> list[str]:
@@ -549,6 +566,10 @@ class Loader(anywidget.AnyWidget):
             self.error = f"the widget sent an unknown request {do!r}"
             return
         kwargs = {f: content[f] for f in FRONT_END_CALLS[do] if f in content}
+        if do == "set_action" and isinstance(content.get("options"), dict):
+            # an action's options, by name (the action checks them; their names never clash
+            # with the method's own arguments)
+            kwargs.update({str(k): v for k, v in content["options"].items()})
         try:
             getattr(self, do)(**kwargs)
         except PlanFileExistsError:
@@ -613,15 +634,17 @@ class Loader(anywidget.AnyWidget):
         if not keys:
             return
         changes = []
+        codes = action_codes()
+        actions_of = {code: name for name, code in codes.items()}
         for key in keys:
             index = self._row_of[key]
             action = self._plan.action(key)
-            new = ord(ACTION_CODES[action])
+            new = ord(codes[action])
             old = self._codes[index]
             if old == new:
                 continue
             numel = self._numel[index]
-            before = self._counts[CODE_ACTIONS[chr(old)]]
+            before = self._counts[actions_of[chr(old)]]
             after = self._counts[action]
             before[0] -= 1
             before[1] -= numel
@@ -688,7 +711,7 @@ class Loader(anywidget.AnyWidget):
         report = self.report
         if report is None:
             return {}
-        keys = {a: report.keys(a) for a in ACTIONS}
+        keys = {a: report.keys(a) for a in action_names()}
         return {
             "summary": report.summary(),
             "verified": report.verified,
@@ -707,7 +730,8 @@ class Loader(anywidget.AnyWidget):
 
     def applied_codes(self) -> str:
         """Per row of the table, the code of the action an apply still in effect wrote to it
-        (``load``, ``reinit``, ``partial``), else ``"."``: the rows the table marks applied."""
+        (``load``, ``reinit``, ``partial``, ...), else ``"."``: the rows the table marks applied."""
+        codes = action_codes()
         marks = bytearray(b"." * len(self._plan.diff.rows))
         row_of = {r.key: i for i, r in enumerate(self._plan.diff.rows) if r.model is not None}
         for report in self._reports:  # oldest first: a later apply's action wins
@@ -715,8 +739,8 @@ class Loader(anywidget.AnyWidget):
                 continue
             for entry in report.entries:
                 index = row_of.get(entry.key)
-                if index is not None and entry.action != Action.KEEP:
-                    marks[index] = ord(ACTION_CODES[entry.action])
+                if index is not None and action_named(entry.action).writes:
+                    marks[index] = ord(codes[entry.action])
         return marks.decode()
 
     # -- where widgets do not render -------------------------------------------------------------
@@ -776,9 +800,9 @@ def _key_filter(text: str, regex: bool) -> Callable[[str | None], bool]:
 
 def _action_codes(plan: Plan) -> str:
     actions = plan.actions
+    codes = action_codes()
     return "".join(
-        ACTION_CODES[actions[r.key]] if r.model is not None else ACTION_CODES[SKIP]
-        for r in plan.diff.rows
+        codes[actions[r.key]] if r.model is not None else codes[SKIP] for r in plan.diff.rows
     )
 
 
@@ -804,16 +828,18 @@ class _ModuleIndex:
 
 class _Refusals:
     """``refusal`` for every row and action, asked once per distinct question: apart from
-    ``reinit`` (which reads the row's module), a refusal depends only on the action, which
-    sides the row has, and their shapes, which most rows of a table share."""
+    an action whose refusal reads the model (``refusal_needs_model``: ``reinit`` reads the
+    row's module), a refusal depends only on the action, which sides the row has, and their
+    shapes, which most rows of a table share."""
 
     def __init__(self, owners: torch.nn.Module | None) -> None:
         self._owners = owners
         self._known: dict[tuple[Any, ...], str | None] = {}
+        self._needs_model = {a.name for a in registered_actions() if a.refusal_needs_model}
 
     def of(self, row: Row, action: str) -> str | None:
         m, c = row.model, row.checkpoint
-        if action == "reinit" and m is not None:
+        if action in self._needs_model and m is not None:
             return refusal(row, action, self._owners)
         question = (
             action,
@@ -842,6 +868,7 @@ def _rows_state(
     model = plan.diff.model
     owners = cast(torch.nn.Module, _ModuleIndex(model)) if model is not None else None
     refusals = _Refusals(owners)
+    names = action_names()
     values = [column.value for column in columns]
     absent = [None] * len(columns)
     for row in plan.diff.rows:
@@ -856,7 +883,7 @@ def _rows_state(
         # per action: 0 if it may apply, else 1 + the index of its reason in "reasons"
         codes_of_row = [
             reasons.setdefault(why, len(reasons) + 1) if (why := refusals.of(row, action)) else 0
-            for action in ACTIONS
+            for action in names
         ]
         data.append(
             [
@@ -873,7 +900,7 @@ def _rows_state(
     return {
         "gen": generation,
         "fields": list(row_fields(columns)),
-        "actions_order": list(ACTIONS),
+        "actions_order": list(names),
         # ASCII JSON: a key with a lone surrogate (a file can hold one) stays exact as \udc80
         "data": json.dumps(data, separators=(",", ":")).encode("ascii"),
         "reasons": list(reasons),
@@ -921,7 +948,7 @@ def _info_state(plan: Plan, model: torch.nn.Module, plan_dir: Path) -> dict[str,
         "model": type(model).__name__,
         "checkpoint": checkpoint_name,
         "checkpoint_source": ckpt.source,
-        "summary": diff.summary,
+        "summary": diff.summary(),
         "mapping": diff.mapping.describe(),
         "module_types": module_types,
         "plan_path": f"{stem}.plan.json",
@@ -931,7 +958,10 @@ def _info_state(plan: Plan, model: torch.nn.Module, plan_dir: Path) -> dict[str,
 
 
 def _vocabulary_state() -> dict[str, Any]:
-    """The statuses and actions as the front end shows them, from ``core.vocabulary``."""
+    """The statuses and actions as the front end shows them, from ``core.vocabulary`` and the
+    actions registry."""
+    codes = action_codes()
+    explains = {a.name: a.explain for a in registered_actions()}
     return {
         "statuses": [
             {
@@ -944,16 +974,18 @@ def _vocabulary_state() -> dict[str, Any]:
             }
             for s, t in STATUS_TERMS.items()
         ],
+        # every registered action, in registration order (one button each), then skip
         "actions": [
             {
-                "name": a.value,
-                "label": t.label,
-                "symbol": t.symbol,
-                "colour": t.colour,
-                "code": ACTION_CODES[a.value],
-                "chosen": a in CHOSEN_ACTIONS,
+                "name": name,
+                "label": term.label,
+                "symbol": term.symbol,
+                "colour": term.colour,
+                "code": codes[name],
+                "chosen": name != SKIP,
+                "explain": explains.get(name, term.label),
             }
-            for a, t in ACTION_TERMS.items()
+            for name, term in action_terms().items()
         ],
         "colours": list(COLOUR_ROLES),
     }
@@ -1112,7 +1144,7 @@ def _plan_for(diff: Diff, saved: Plan, path: str | Path) -> Plan:
             )
         elif mine.status != row.status:
             problems[key] = f"the plan saw status {row.status}, here it is {mine.status}"
-        elif why := plan.refusal(key, action):
+        elif why := plan.refusal(key, action, None, **cast(dict[str, Any], saved.options(key))):
             problems[key] = f"{action}: {why}"
     for key in ours.keys() - theirs.keys():
         problems[key] = "the plan has no action for it"
@@ -1124,7 +1156,7 @@ def _plan_for(diff: Diff, saved: Plan, path: str | Path) -> Plan:
             problems,
         )
     for key, (_, action) in theirs.items():
-        plan.set(key, action)
+        plan.set(key, action, **cast(dict[str, Any], saved.options(key)))
     return plan
 
 
@@ -1140,7 +1172,9 @@ def _rows_to_show(plan: Plan, limit: int) -> list[int]:
     notable = [
         i
         for i, r in enumerate(rows)
-        if r.status != "match" or r.note or (r.model is not None and actions[r.key] != "load")
+        if r.status != "match"
+        or r.note
+        or (r.model is not None and actions[r.key] != default_action(r))
     ]
     chosen = set(notable[:limit])
     rest = (i for i in range(len(rows)) if i not in chosen)
@@ -1171,7 +1205,7 @@ def static_text(loader: Loader) -> str:
     more = len(diff.rows) - len(shown)
     lines = [
         f"ckptviz.Loader: {type(loader.model).__name__} <- {visible(diff.checkpoint.source)}",
-        diff.summary,
+        diff.summary(),
         _counts_line(plan),
     ]
     if loader.report is not None:
@@ -1195,7 +1229,7 @@ def static_html(loader: Loader) -> str:
         f"{html.escape(diff.checkpoint.source)}"
         " <span style='opacity:.7'>(the interactive widget shows here when run in Jupyter)</span>"
     )
-    summary = "<br>".join(html.escape(line) for line in diff.summary.splitlines())
+    summary = "<br>".join(html.escape(line) for line in diff.summary().splitlines())
     parts = [f"<p>{head}</p>", f"<p>{summary}<br>{html.escape(_counts_line(plan))}</p>", table]
     if len(shown) < len(diff.rows):
         parts.append(

@@ -51,3 +51,35 @@ def test_import_ckptviz_in_a_plain_process_loads_no_view_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert result.stdout.strip() == ""
+
+
+def test_no_module_outside_the_actions_package_names_an_action() -> None:
+    """What an action does lives in its definition (core/actions/): the rest of the package looks
+    actions up and never branches on a name, so a new action is one file and one registry line.
+    Docstrings may name actions; code may not."""
+    from ckptviz.core.actions import SKIP, action_names
+
+    names = {*action_names(), SKIP}
+    package = REPO / "ckptviz"
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if "actions" in path.relative_to(package).parts[:2]:
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and node.value in names
+                and id(node) not in docstrings
+            ):
+                found.append(f"{path.relative_to(package)}:{node.lineno} {node.value!r}")
+    assert found == []

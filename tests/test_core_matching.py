@@ -22,7 +22,7 @@ def test_wrapper_prefixes_in_the_checkpoint_are_removed(tmp_path: Path, prefix: 
     assert diff.counts["match"] == len(state)
     assert diff.row("conv1.weight").checkpoint_key == prefix + "conv1.weight"
     assert f"renamed from {prefix}conv1.weight" in diff.row("conv1.weight").note
-    assert prefix in diff.summary
+    assert prefix in diff.summary()
 
 
 def test_data_parallel_checkpoint_really_saved_from_a_wrapper(tmp_path: Path) -> None:

@@ -556,7 +556,7 @@ def test_non_tensor_values_and_keys_are_shown_as_skipped(tmp_path: Path, where: 
     model = nn.Linear(2, 2)
     diff = ckptviz.compare(model, source)
     assert diff.counts["match"] == 2 and diff.identical
-    assert "6 checkpoint entries are not tensors" in diff.summary
+    assert "6 checkpoint entries are not tensors" in diff.summary()
     diff.plan().apply(model)
     assert torch.equal(model.weight, state["weight"]) and torch.equal(model.bias, state["bias"])
 

@@ -286,7 +286,7 @@ def test_str_and_repr_of_every_object_show_control_characters_as_escapes(
     stats = ckptviz.value_stats(between, progress=False)
     shown = {
         "Checkpoint": [str(ckpt), repr(ckpt), ckpt.summary()],
-        "Diff": [str(diff), repr(diff), diff.summary],
+        "Diff": [str(diff), repr(diff), diff.summary()],
         "Row": [repr(r) for r in diff.rows],
         "explain": [diff.explain(r.key) for r in diff.rows],
         "suggestions": [repr(diff.suggestions), repr(diff.rule_suggestions)],

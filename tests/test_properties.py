@@ -30,8 +30,8 @@ from torch import nn
 import ckptviz
 from ckptviz import ApplyError, CheckpointError
 from ckptviz.core import apply as apply_module
+from ckptviz.core.actions.reinit import reinit_seed
 from ckptviz.core.apply import bitwise_equal
-from ckptviz.core.plan import reinit_seed
 
 IN_CI = bool(os.environ.get("CI"))
 
@@ -209,7 +209,7 @@ def test_apply_does_exactly_the_plan_and_undo_restores_everything(
         if isinstance(block, Block):
             assert bitwise_equal(block.scratch, before[f"{block_name}.scratch"])
     assert all(p is params[k] for k, p in model.named_parameters())
-    for action in ckptviz.ACTIONS:
+    for action in [a.name for a in ckptviz.registered_actions()]:
         assert sorted(report.keys(action)) == sorted(plan.keys_with(action))
     assert report.verified
 

@@ -15,19 +15,15 @@ from conftest import SmallCNN
 
 import ckptviz
 from ckptviz import widget, widget_columns
-from ckptviz.core.vocabulary import (
-    ACTION_TERMS,
-    CHOSEN_ACTIONS,
-    COLOUR_ROLES,
-    STATUS_TERMS,
-    Action,
-    Status,
-)
+from ckptviz.core.actions import SKIP, action_names, action_terms
+from ckptviz.core.vocabulary import COLOUR_ROLES, STATUS_TERMS, Status
+
+ACTION_TERMS = action_terms()
 
 
 def test_every_status_and_action_has_words_a_symbol_and_a_known_colour() -> None:
     assert set(STATUS_TERMS) == set(Status)
-    assert set(ACTION_TERMS) == set(Action)
+    assert set(ACTION_TERMS) == {*action_names(), SKIP}
     for term in (*STATUS_TERMS.values(), *ACTION_TERMS.values()):
         assert term.label and term.symbol and term.colour in COLOUR_ROLES
     assert len({t.symbol for t in STATUS_TERMS.values()}) == len(Status)  # not by colour alone
@@ -35,10 +31,10 @@ def test_every_status_and_action_has_words_a_symbol_and_a_known_colour() -> None
 
 def test_the_core_names_come_from_the_vocabulary() -> None:
     assert tuple(s.value for s in Status) == ckptviz.STATUSES
-    assert tuple(a.value for a in CHOSEN_ACTIONS) == ckptviz.ACTIONS
-    assert Action.SKIP not in CHOSEN_ACTIONS
-    assert Status.MATCH == "match" and str(Action.PARTIAL) == "partial"
-    assert json.dumps([Status.SHAPE, Action.LOAD]) == '["shape", "load"]'
+    assert tuple(a.name for a in ckptviz.registered_actions()) == action_names()
+    assert SKIP not in action_names()
+    assert Status.MATCH == "match" and str(Status.SHAPE) == "shape"
+    assert json.dumps([Status.SHAPE]) == '["shape"]'
 
 
 def test_every_row_says_a_status_and_an_action_of_the_vocabulary(
@@ -51,8 +47,8 @@ def test_every_row_says_a_status_and_an_action_of_the_vocabulary(
     torch.save(state, tmp_path / "mixed.pt")
     plan = ckptviz.compare(SmallCNN(32), tmp_path / "mixed.pt").plan()
     assert {r.status for r in plan.diff.rows} == set(Status)
-    assert {action for _, action in plan} <= set(Action)
-    assert set(plan.counts) == set(Action)
+    assert {action for _, action in plan} <= set(ACTION_TERMS)
+    assert set(plan.counts) == set(ACTION_TERMS)
 
 
 class RecordingComm(BaseComm):
@@ -92,7 +88,7 @@ def opened(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, old_cnn_path: Path) 
 def test_the_widget_sends_the_vocabulary(opened: dict[str, Any]) -> None:
     vocabulary = opened["_vocabulary"]
     assert [s["name"] for s in vocabulary["statuses"]] == [s.value for s in Status]
-    assert [a["name"] for a in vocabulary["actions"]] == [a.value for a in Action]
+    assert [a["name"] for a in vocabulary["actions"]] == [*action_names(), SKIP]
     for sent in vocabulary["statuses"]:
         term = STATUS_TERMS[Status(sent["name"])]
         assert (sent["label"], sent["symbol"], sent["colour"]) == (
@@ -101,11 +97,11 @@ def test_the_widget_sends_the_vocabulary(opened: dict[str, Any]) -> None:
             term.colour,
         )
     chosen = [a["name"] for a in vocabulary["actions"] if a["chosen"]]
-    assert chosen == list(ckptviz.ACTIONS)
+    assert chosen == list(action_names())
     codes = {a["code"]: a["name"] for a in vocabulary["actions"]}
-    assert len(codes) == len(Action)  # the letters of the action string decode one way
+    assert len(codes) == len(ACTION_TERMS)  # the letters of the action string decode one way
     rows = opened["_rows"]
-    assert {codes[c] for c in rows["actions"]} <= set(Action)
+    assert {codes[c] for c in rows["actions"]} <= set(ACTION_TERMS)
     assert vocabulary["colours"] == list(COLOUR_ROLES)
 
 

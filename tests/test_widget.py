@@ -24,10 +24,10 @@ from torch import nn
 import ckptviz
 from ckptviz import widget
 from ckptviz.core.apply import bitwise_equal
-from ckptviz.widget import ACTION_CODES, ROW_FIELDS, STATIC_ROWS, Loader
+from ckptviz.widget import ROW_FIELDS, STATIC_ROWS, Loader, action_codes
 from ckptviz.widget_columns import COLUMNS
 
-CODE_ACTIONS = {code: action for action, code in ACTION_CODES.items()}
+CODE_ACTIONS = {code: action for action, code in action_codes().items()}
 
 
 class RecordingComm(BaseComm):
@@ -343,17 +343,17 @@ OPERATIONS = st.one_of(
     st.tuples(
         st.just("set_action"),
         st.sampled_from(["conv1.weight", "conv1.bias", "bn1.running_var", "fc.bias", "fc.*"]),
-        st.sampled_from(ckptviz.ACTIONS),
+        st.sampled_from([a.name for a in ckptviz.registered_actions()]),
     ),
     st.tuples(
         st.just("set_module"),
         st.sampled_from(["conv1", "bn1", "fc"]),
-        st.sampled_from(ckptviz.ACTIONS),
+        st.sampled_from([a.name for a in ckptviz.registered_actions()]),
     ),
     st.tuples(
         st.just("set_bulk"),
         st.sampled_from(["", "bn1", "weight"]),
-        st.sampled_from(ckptviz.ACTIONS),
+        st.sampled_from([a.name for a in ckptviz.registered_actions()]),
     ),
     st.tuples(st.just("reset"), st.just(""), st.just("")),
 )
@@ -608,7 +608,7 @@ def test_the_static_view_shows_the_plan_table_and_summary(
     for key in model.state_dict():
         assert key in html and key in data["text/plain"]
     assert "✗ shape" in html and "partial" in html and "<table" in html
-    assert loader.diff.summary.splitlines()[0] in html
+    assert loader.diff.summary().splitlines()[0] in html
     assert not data["text/plain"].startswith("Loader(")
     assert "partial" in data["text/plain"]
     loader.apply()
@@ -910,8 +910,8 @@ def test_history_marks_the_latest_undoable_apply_and_the_applied_rows(
         True,
     )
     applied = ui.state["_report"]["applied"]
-    assert applied[keys.index("conv1.weight")] == ACTION_CODES["partial"]
-    assert applied[keys.index("fc.bias")] == ACTION_CODES["load"]
+    assert applied[keys.index("conv1.weight")] == action_codes()["partial"]
+    assert applied[keys.index("fc.bias")] == action_codes()["load"]
     assert applied[keys.index("fc.weight")] == "."  # keep writes nothing
 
     ui.send(do="undo", id=3)
@@ -920,7 +920,7 @@ def test_history_marks_the_latest_undoable_apply_and_the_applied_rows(
     assert [e.undoable for e in loader.history] == [True, False, False]
     applied = ui.state["_report"]["applied"]
     assert applied[keys.index("conv1.weight")] == "."  # the partial apply is undone
-    assert applied[keys.index("fc.bias")] == ACTION_CODES["load"]  # the first stays in effect
+    assert applied[keys.index("fc.bias")] == action_codes()["load"]  # the first stays in effect
     assert [h["undoable"] for h in ui.state["_report"]["history"]] == [True, False, False]
     ui.send(do="undo", id=4)
     assert ui.state["_report"]["applied"] == "." * len(keys)

@@ -1,9 +1,14 @@
 """Apply: write a Plan into a live model, all-or-nothing, verified, with undo.
 
+Every action is looked up in the registry (``core.actions``) and written the same way: its
+``value`` is the complete new value of the model tensor, ``target.copy_(value)`` writes it and
+``bitwise_equal(target, value.to(target.dtype))`` verifies it; an action that does not write
+(``keep``) is verified untouched by the tensor's version counter.
+
 Order of work: check every row against the model and the checkpoint as they are now; compute
-fresh values for ``reinit``; snapshot what will be written (kept for ``Report.undo()``, or
-dropped once the apply succeeded with ``undo=False``); write in place under ``no_grad``; verify;
-on any failure, Ctrl-C included, put back what was written.
+what the actions ``prepare`` (``reinit``'s fresh values); snapshot what will be written (kept
+for ``Report.undo()``, or dropped once the apply succeeded with ``undo=False``); write in place
+under ``no_grad``; verify; on any failure, Ctrl-C included, put back what was written.
 Parameters keep their identity, dtype, device and ``requires_grad``.
 
 Meta-device tensors have a shape and no storage: writing into one would silently do nothing, so
@@ -15,24 +20,27 @@ on the meta device, and the report says so.
 
 from __future__ import annotations
 
-import copy
 import os
-import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ckptviz.core._torch_private import tensor_version
-from ckptviz.core.checkpoint import Checkpoint, TensorSource, dtype_name, human_bytes
-from ckptviz.core.display import render
+from ckptviz.core.actions import (
+    DetailContext,
+    OptionValue,
+    PrepareContext,
+    ValueContext,
+    action_named,
+    registered_actions,
+)
+from ckptviz.core.checkpoint import Checkpoint, TensorSource
 from ckptviz.core.errors import ApplyError, CheckpointError, PlanError
-from ckptviz.core.plan import ACTIONS, initialiser_of, refusal, reinit_seed
+from ckptviz.core.plan import refusal
 from ckptviz.core.reading import read_checkpoint
+from ckptviz.core.report import Report, ReportEntry
 from ckptviz.core.snapshot import (
     Snapshot,
     SnapshotChoice,
@@ -41,24 +49,10 @@ from ckptviz.core.snapshot import (
     new_snapshot,
     swap_tensors,
 )
-from ckptviz.core.text import visible, visible_lines
 
 if TYPE_CHECKING:
     from ckptviz.core.diff import Row
     from ckptviz.core.plan import Plan
-
-
-@dataclass
-class ReportEntry:
-    """What apply did to one model tensor."""
-
-    key: str
-    action: str
-    checkpoint_key: str | None
-    numel: int
-    nbytes: int
-    verified: bool
-    detail: str = ""
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -75,10 +69,6 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def _overlap(a: torch.Size, b: tuple[int, ...]) -> tuple[slice, ...]:
-    return tuple(slice(0, min(x, y)) for x, y in zip(a, b, strict=True))
-
-
 def _storage_id(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
     """Identifies the memory a tensor covers: equal for tied tensors."""
     if t.is_meta:  # no storage (every data_ptr is 0): tied meta tensors are one object
@@ -92,12 +82,9 @@ def _storage_id(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, 
 
 
 def _write(target: torch.Tensor, value: torch.Tensor, action: str) -> None:
-    """The one place a model tensor is written (tests inject failures here)."""
-    if action == "partial":
-        region = _overlap(target.shape, tuple(value.shape))
-        target[region].copy_(value[region])
-    else:
-        target.copy_(value)
+    """The one place a model tensor is written (tests inject failures here): every action's
+    value is the complete new value (``copy_`` casts it to the tensor's dtype)."""
+    target.copy_(value)
 
 
 def _materialised_like(target: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -106,181 +93,6 @@ def _materialised_like(target: torch.Tensor, device: torch.device) -> torch.Tens
     if isinstance(target, torch.nn.Parameter):
         return torch.nn.Parameter(empty, requires_grad=target.requires_grad)
     return empty
-
-
-class Report:
-    """What an apply changed, verified; ``undo()`` puts the model back bit for bit.
-
-    The old values ``undo()`` needs are kept in memory or in a temporary file on disk
-    (``snapshot_kind``, ``snapshot_dir``, ``snapshot_bytes``); the file is freed when the
-    report is dropped, once ``undo()`` ran, or when undo is no longer possible.
-    """
-
-    def __init__(
-        self,
-        plan: Plan,
-        model: torch.nn.Module,
-        entries: list[ReportEntry],
-        snapshot: Snapshot | None,
-        notes: list[str],
-        snapshot_choice: SnapshotChoice | None = None,
-        snapshot_dir: Path | None = None,
-    ) -> None:
-        self.plan = plan
-        self.model = model
-        self.entries = entries
-        self.notes = notes
-        self._snapshot = snapshot
-        self.undone = False
-        #: where apply kept the old values while writing: "memory" or "disk" (with
-        #: ``undo=False`` too, where they were dropped once the apply succeeded)
-        self.snapshot_kind: str | None = snapshot_choice.kind if snapshot_choice else None
-        #: why that kind (the ``snapshot=`` argument, or the budget ``auto`` compared with)
-        self.snapshot_reason: str | None = snapshot_choice.reason if snapshot_choice else None
-        #: the folder of the disk snapshot's temporary file (an unnamed file: it does not show
-        #: in a listing of the folder, but takes its space until freed)
-        self.snapshot_dir = snapshot_dir
-        if snapshot is not None:
-            # dropping the report frees the snapshot (the file's space) without waiting for undo
-            weakref.finalize(self, snapshot.close)
-
-    @property
-    def verified(self) -> bool:
-        return all(e.verified for e in self.entries)
-
-    @property
-    def can_undo(self) -> bool:
-        return self._snapshot is not None and not self._snapshot.closed and not self.undone
-
-    @property
-    def snapshot_bytes(self) -> int:
-        """Bytes of old values held for undo, in memory or on disk (0 once undone or dropped)."""
-        if self._snapshot is None or self._snapshot.closed:
-            return 0
-        return self._snapshot.nbytes
-
-    def _drop_snapshot(self) -> None:
-        if self._snapshot is not None:
-            self._snapshot.close()
-
-    def keys(self, action: str) -> list[str]:
-        return [e.key for e in self.entries if e.action == action]
-
-    @property
-    def counts(self) -> dict[str, dict[str, int]]:
-        counts = {a: {"rows": 0, "numel": 0, "bytes": 0} for a in ACTIONS}
-        for e in self.entries:
-            counts[e.action]["rows"] += 1
-            counts[e.action]["numel"] += e.numel
-            counts[e.action]["bytes"] += e.nbytes
-        return counts
-
-    def undo(self) -> int:
-        """Restore every tensor apply wrote; returns how many. A second call does nothing."""
-        if self._snapshot is None:
-            warnings.warn(
-                "nothing to undo: this apply ran with undo=False, so no snapshot was kept",
-                stacklevel=2,
-            )
-            return 0
-        if self.undone:
-            warnings.warn(
-                "already undone: the model is back as it was before this apply", stacklevel=2
-            )
-            return 0
-        if self._snapshot.closed:
-            warnings.warn(
-                "nothing to undo: the snapshot was discarded when an earlier undo() found the "
-                "model changed",
-                stacklevel=2,
-            )
-            return 0
-        live = {id(t) for t in self.model.state_dict(keep_vars=True).values()}
-        replaced = [t for t in self._snapshot.targets if id(t) not in live]
-        if replaced:
-            self._drop_snapshot()
-            raise PlanError(
-                f"cannot undo: {len(replaced)} tensor(s) written by this apply are no longer in "
-                "the model (it was changed or rebuilt since); nothing was restored, and the "
-                f"{self._snapshot.kind} snapshot was discarded, as it can no longer put this "
-                "model back"
-            )
-        try:
-            restored = self._snapshot.restore()
-        finally:
-            self.undone = True
-            self._drop_snapshot()
-        return restored
-
-    def summary(self) -> str:
-        parts = []
-        for action, c in self.counts.items():
-            if c["rows"]:
-                parts.append(
-                    f"{action} {c['rows']} ({c['numel']:,} values, {human_bytes(c['bytes'])})"
-                )
-        state = "undone" if self.undone else ("verified" if self.verified else "NOT verified")
-        return (
-            f"Applied {visible(self.plan.diff.checkpoint.source)}: "
-            + ", ".join(parts)
-            + f"; {state}"
-            + self._snapshot_text()
-        )
-
-    def _snapshot_text(self) -> str:
-        if self.snapshot_kind is None or self.undone:
-            return ""
-        where = "in memory" if self.snapshot_kind == "memory" else f"on disk in {self.snapshot_dir}"
-        if self._snapshot is None:
-            return f"; no undo kept (the apply was guarded by a snapshot {where})"
-        if self._snapshot.closed:
-            return "; undo no longer possible (snapshot discarded)"
-        return f"; undo snapshot: {human_bytes(self.snapshot_bytes)} {where}"
-
-    def to_records(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "key": e.key,
-                "action": e.action,
-                "checkpoint_key": e.checkpoint_key,
-                "numel": e.numel,
-                "bytes": e.nbytes,
-                "verified": e.verified,
-                "detail": e.detail,
-            }
-            for e in self.entries
-        ]
-
-    def to_frame(self) -> Any:
-        return render("frame", self)
-
-    def _repr_html_(self) -> str:
-        return str(render("html", self))
-
-    def plot(self, **options: Any) -> Any:
-        """A matplotlib Figure: per module, its values by what apply did to them (see
-        ``ckptviz.plot_report`` for the options)."""
-        return render("plot", self, **options)
-
-    def __str__(self) -> str:
-        from ckptviz.core.text import format_table
-
-        # after undo no row holds what apply wrote: "verified" would describe a state that is gone
-        rows = [
-            [e.key, e.action, e.checkpoint_key or "", self._row_state(e), e.detail]
-            for e in self.entries
-        ]
-        table = format_table(["model key", "action", "from", "verified", "detail"], rows)
-        notes = "".join(f"\nnote: {visible_lines(n)}" for n in self.notes)
-        return self.summary() + notes + "\n\n" + table
-
-    def __repr__(self) -> str:
-        return f"<Report {self.summary()}>"
-
-    def _row_state(self, entry: ReportEntry) -> str:
-        if self.undone:
-            return "undone"
-        return "yes" if entry.verified else "NO"
 
 
 # -- the apply itself ---------------------------------------------------------------------------
@@ -307,7 +119,11 @@ def _checkpoint_for(plan: Plan, source: Any) -> Checkpoint:
 
 
 def model_row_problem(
-    row: Row, action: str, model: torch.nn.Module, now: tuple[tuple[int, ...], str] | None
+    row: Row,
+    action: str,
+    model: torch.nn.Module,
+    now: tuple[tuple[int, ...], str] | None,
+    options: Mapping[str, OptionValue] | None = None,
 ) -> str | None:
     """Why ``action`` on ``row`` no longer fits the model, whose tensor there has the
     (shape, dtype name) ``now`` (``None``: it has none); ``None`` when it fits."""
@@ -318,7 +134,7 @@ def model_row_problem(
     shape, dtype = now
     if shape != m.shape or dtype != m.dtype:
         return f"the model has {list(shape)} {dtype}, the plan expects {list(m.shape)} {m.dtype}"
-    if why := refusal(row, action, model):
+    if why := refusal(row, action, model, options):
         return f"{action}: {why}"
     return None
 
@@ -331,7 +147,7 @@ def _check_model(plan: Plan, model: torch.nn.Module) -> dict[str, str]:
             continue
         now = live.get(row.model.key)
         declared = None if now is None else (now.shape, now.dtype)
-        if why := model_row_problem(row, action, model, declared):
+        if why := model_row_problem(row, action, model, declared, plan.chosen_options(row.key)):
             problems[row.model.key] = why
     return problems
 
@@ -339,7 +155,9 @@ def _check_model(plan: Plan, model: torch.nn.Module) -> dict[str, str]:
 def _check_checkpoint(plan: Plan, ckpt: Checkpoint) -> dict[str, str]:
     problems: dict[str, str] = {}
     for row, action in plan:
-        if action not in ("load", "partial") or row.checkpoint is None:
+        if row.model is None or row.checkpoint is None:
+            continue
+        if not action_named(action).reads_checkpoint:
             continue
         now = ckpt.tensors.get(row.checkpoint.key)
         want = row.checkpoint
@@ -358,7 +176,7 @@ def _check_targets(
 ) -> dict[str, str]:
     problems: dict[str, str] = {}
     for row, action in plan:
-        if row.model is None or action == "keep":
+        if row.model is None or not action_named(action).writes:
             continue
         t = targets[row.key]
         if t.is_meta:
@@ -382,9 +200,10 @@ def _meta_refusal(t: torch.Tensor, action: str, materialise: torch.device | None
             "materialise the whole model first with model.to_empty(device='cpu') and tie its "
             "weights again (to_empty gives each tensor its own storage)"
         )
-    if action == "partial":
+    if action_named(action).reads_current:
         return (
-            "partial keeps the rest of the tensor, but a meta tensor has no values to keep; "
+            f"{action} keeps part of the tensor's present values, but a meta tensor has no "
+            "values to keep; "
             "reinit it, or materialise and initialise the model first "
             "(model.to_empty(device=...), then its own initialisation)"
         )
@@ -417,58 +236,19 @@ def _device(materialise: str | torch.device | None) -> torch.device | None:
     return device
 
 
-def _fresh_values(
-    plan: Plan, model: torch.nn.Module, materialise: torch.device | None = None
+def _prepared(
+    plan: Plan, model: torch.nn.Module, materialise: torch.device | None
 ) -> dict[str, torch.Tensor]:
-    """Each ``reinit`` tensor's new value, from a copy of its module re-initialised."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for key in plan.keys_with("reinit"):
-        module_name, _, tensor_name = key.rpartition(".")
-        method = initialiser_of(model.get_submodule(module_name), tensor_name)
-        assert method is not None  # refusal() checked it
-        groups.setdefault((module_name, method), []).append(tensor_name)
-    fresh: dict[str, torch.Tensor] = {}
-    for (module_name, method), names in groups.items():
-        module = model.get_submodule(module_name)
-        keys = [f"{module_name}.{n}" if module_name else n for n in names]
-        try:
-            # the initialiser runs on a copy: the model is written only by _write
-            clone = copy.deepcopy(module)
-            if any(t.is_meta for t in clone.state_dict(keep_vars=True).values()):
-                # a meta module initialises nothing: give the copy storage, then initialise it
-                clone.to_empty(device=materialise or "cpu")
-            before = {n: (id(getattr(clone, n)), tensor_version(getattr(clone, n))) for n in names}
-            with _seeded(plan.seed, module_name):
-                getattr(clone, method)()
-        except Exception as exc:
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-            raise PlanError(
-                f"cannot reinit {', '.join(keys)}: running {type(module).__name__}.{method}() "
-                f"on a copy of {module_name or 'the model'} failed ({type(exc).__name__}: "
-                f"{reason}); keep it instead. Nothing was changed",
-                dict.fromkeys(keys, f"{method}() failed on a copy of the module"),
-            ) from None
-        for name in names:
-            value = getattr(clone, name)
-            key = f"{module_name}.{name}" if module_name else name
-            if (id(value), tensor_version(value)) == before[name]:
-                raise PlanError(
-                    f"cannot reinit {key}: {type(module).__name__}.{method}() does not initialise "
-                    f"{name!r} (a parametrization or custom tensor); keep it instead",
-                    {key: f"{method}() does not initialise it"},
-                )
-            fresh[key] = value.detach()
-    return fresh
-
-
-@contextmanager
-def _seeded(seed: int | None, module_name: str) -> Iterator[None]:
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(reinit_seed(seed, module_name))
-        yield
+    """What the actions with a ``prepare`` step compute for their rows before anything is
+    written (``reinit``: each module's initialiser run once on a copy), by model key."""
+    prepared: dict[str, torch.Tensor] = {}
+    for action in registered_actions():
+        if action.prepare is None:
+            continue
+        rows = [(row, plan.options(row.key)) for row, a in plan if a == action.name and row.model]
+        if rows:
+            prepared.update(action.prepare(PrepareContext(rows, model, plan.seed, materialise)))
+    return prepared
 
 
 def apply_plan(
@@ -494,7 +274,7 @@ def apply_plan(
     if problems:
         raise PlanError(_problem_text("the plan does not fit the checkpoint", problems), problems)
 
-    written = [(row, a) for row, a in plan if row.model is not None and a != "keep"]
+    written = [(row, a) for row, a in plan if row.model is not None and action_named(a).writes]
     # The snapshot is what makes a failure part-way leave the model as it was; with undo=False
     # it is dropped as soon as the apply has succeeded. Made (and on disk, its space reserved)
     # before anything is read or written, so a full disk refuses the apply up front.
@@ -504,12 +284,13 @@ def apply_plan(
     choice = choose_snapshot(snapshot, old_bytes, memory_budget)
     saved = new_snapshot(choice, old_bytes, snapshot_dir)
     try:
-        fresh = _fresh_values(plan, model, device)
+        prepared = _prepared(plan, model, device)
         versions = {k: tensor_version(t) for k, t in targets.items()}
         notes: list[str] = []
         with ckpt.open() as data:
-            values = _gather(written, data, fresh)
+            values = _Values(plan, model, written, targets, data, prepared, device)
             _check_tied_sources(written, values, targets, idents, notes)
+            values.forget()
             entries = _write_all(
                 written, targets, idents, values, saved, verify, data.changes, device
             )
@@ -558,48 +339,98 @@ def _problem_text(head: str, problems: dict[str, str]) -> str:
     return f"{head} ({len(problems)} row(s)); nothing was changed:\n{lines}{more}"
 
 
-def _gather(
-    written: list[tuple[Row, str]], data: TensorSource, fresh: dict[str, torch.Tensor]
-) -> Mapping[str, torch.Tensor]:
-    """The value each written row takes: a fresh one, or the checkpoint's tensor."""
-    from_checkpoint = {
-        row.key: row.checkpoint.key for row, a in written if a != "reinit" and row.checkpoint
-    }
-    read = data.get_many(from_checkpoint.values()) if data.reads_at_once else None
-    return _Values(from_checkpoint, data, fresh, read)
-
-
 class _Values(Mapping[str, torch.Tensor]):
-    """model key -> its new value. A checkpoint tensor is read from the file when it is asked
-    for and only the last one is kept, so an apply holds one tensor's bytes at a time (a format
-    that reads everything in one pass, such as DCP, hands its tensors over already read)."""
+    """model key -> its new value, computed by its action when asked for.
+
+    A checkpoint tensor is read from the file when a value needs it and only the last one is
+    kept, so an apply holds one tensor's bytes at a time (a format that reads everything in one
+    pass, such as DCP, hands its tensors over already read). The last value is kept too (a row
+    is written and then verified); a row sharing memory with another written view keeps its
+    value until it is verified again at the end (``keep_for``).
+    """
 
     def __init__(
         self,
-        from_checkpoint: dict[str, str],
+        plan: Plan,
+        model: torch.nn.Module,
+        written: list[tuple[Row, str]],
+        targets: dict[str, torch.Tensor],
         data: TensorSource,
-        fresh: dict[str, torch.Tensor],
-        read: dict[str, torch.Tensor] | None,
+        prepared: dict[str, torch.Tensor],
+        materialise: torch.device | None,
     ) -> None:
-        self._from, self._data, self._fresh, self._read = from_checkpoint, data, fresh, read
-        self._last: tuple[str, torch.Tensor] | None = None
+        self._plan, self._model, self._targets = plan, model, targets
+        self._data, self._prepared, self._materialise = data, prepared, materialise
+        self._rows = {row.key: (row, action_named(a)) for row, a in written}
+        defaults = {a.name: a.defaults() for _, a in self._rows.values()}
+        self._options = {
+            key: {**defaults[a.name], **plan.chosen_options(key)}
+            for key, (_, a) in self._rows.items()
+        }
+        from_checkpoint = [
+            row.checkpoint.key
+            for row, action in self._rows.values()
+            if action.reads_checkpoint and row.checkpoint is not None
+        ]
+        self._read = data.get_many(from_checkpoint) if data.reads_at_once else None
+        self._last_read: tuple[str, torch.Tensor] | None = None
+        self._last_value: tuple[str, torch.Tensor] | None = None
+        self._kept: dict[str, torch.Tensor] = {}
+        self.keep_for: set[str] = set()
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key in self._fresh:
-            return self._fresh[key]
-        checkpoint_key = self._from[key]
+    def _checkpoint_tensor(self, checkpoint_key: str) -> torch.Tensor:
         if self._read is not None:
             return self._read[checkpoint_key]
-        if self._last is None or self._last[0] != checkpoint_key:
-            self._last = None  # drop the last tensor before reading the next
-            self._last = (checkpoint_key, self._data[checkpoint_key])
-        return self._last[1]
+        if self._last_read is None or self._last_read[0] != checkpoint_key:
+            self._last_read = None  # drop the last tensor before reading the next
+            self._last_read = (checkpoint_key, self._data[checkpoint_key])
+        return self._last_read[1]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._kept:
+            return self._kept[key]
+        if self._last_value is not None and self._last_value[0] == key:
+            return self._last_value[1]
+        row, action = self._rows[key]
+        checkpoint_key = row.checkpoint.key if row.checkpoint is not None else None
+        reader = None
+        if action.reads_checkpoint and checkpoint_key is not None:
+
+            def reader() -> torch.Tensor:
+                return self._checkpoint_tensor(checkpoint_key)
+
+        assert action.value is not None  # registration requires it of a writing action
+        ctx = ValueContext(
+            row=row,
+            model=self._model,
+            options=self._options[key],
+            seed=self._plan.seed,
+            materialise=self._materialise,
+            current=self._targets[key],
+            prepared=self._prepared,
+            read_checkpoint=reader,
+        )
+        self._last_value = None
+        value = action.value(ctx)
+        self._last_value = (key, value)
+        if key in self.keep_for:
+            self._kept[key] = value
+        return value
+
+    def options(self, key: str) -> dict[str, OptionValue]:
+        return self._options[key]
+
+    def forget(self) -> None:
+        """Drop the values worked out so far: the next ask computes them from the model as it
+        is then (a value may start from the tensor's present values)."""
+        self._last_value = None
+        self._kept.clear()
 
     def __iter__(self) -> Iterator[str]:
-        return iter({**self._from, **self._fresh})
+        return iter(self._rows)
 
     def __len__(self) -> int:
-        return len({**self._from, **self._fresh})
+        return len(self._rows)
 
 
 def _check_tied_sources(
@@ -638,7 +469,7 @@ def _write_all(
     written: list[tuple[Row, str]],
     targets: dict[str, torch.Tensor],
     idents: dict[str, Any],
-    values: Mapping[str, torch.Tensor],
+    values: _Values,
     snapshot: Snapshot,
     verify: bool,
     changes: Callable[[], str | None],
@@ -647,7 +478,8 @@ def _write_all(
     """Save, write and verify each storage once, one at a time (while its data is in cache).
 
     Each storage's old values go into the snapshot just before it is written (a meta target:
-    the meta tensor it is swapped for), so a disk snapshot is written in the same streamed pass.
+    the meta tensor it is swapped for), so a disk snapshot is written in the same streamed pass,
+    and its new value is worked out right then (from the model as it is at that moment).
     A row whose memory overlaps another written storage (views of one tensor that are not the
     same view) is verified again once everything is written, as a later write may change it.
     Last, the checkpoint's files must be as they were when it was read (``changes``): data
@@ -655,13 +487,7 @@ def _write_all(
     what was read.
     """
     overlapping = _overlapping_rows(written, targets)
-    # partial rows still to verify per storage: its old values are kept until the last one
-    rows_left: dict[Any, int] = {}
-    for row, action in written:
-        if action == "partial":
-            rows_left[idents[row.key]] = rows_left.get(idents[row.key], 0) + 1
-    # old values a partial row's verification compares the kept rest with
-    before: dict[int, torch.Tensor] = {}
+    values.keep_for = overlapping  # verified again once everything is written
     materialised: set[int] = set()
     current = "?"
     try:
@@ -681,23 +507,19 @@ def _write_all(
                         swap_tensors(target, replacement)
                         materialised.add(id(target))
                     else:
-                        kept = snapshot.save(row.key, target)
-                        if action == "partial":
-                            before[id(target)] = kept if kept is not None else target.clone()
+                        snapshot.save(row.key, target)
                     _write(target, values[row.key], action)
                 fresh = id(target) in materialised
+                options = values.options(row.key)
                 entries.append(
-                    _checked(row, action, target, values[row.key], before, verify, fresh)
+                    _checked(row, action, target, values[row.key], options, verify, fresh)
                 )
-                if row.key not in overlapping and action == "partial":
-                    rows_left[ident] -= 1
-                    if not rows_left[ident]:
-                        before.pop(id(target), None)  # (a disk snapshot's transient copy)
             for row, action in written:
                 if row.key in overlapping:
                     current = row.key
                     target = targets[row.key]
-                    _checked(row, action, target, values[row.key], before, verify)
+                    options = values.options(row.key)
+                    _checked(row, action, target, values[row.key], options, verify)
             changed = changes()
             if changed is not None:
                 raise CheckpointError(changed)
@@ -726,18 +548,18 @@ def _checked(
     action: str,
     target: torch.Tensor,
     value: torch.Tensor,
-    before: dict[int, torch.Tensor],
+    options: Mapping[str, OptionValue],
     verify: bool,
     materialised: bool = False,
 ) -> ReportEntry:
     ok, detail = True, "not verified (verify=False)"
     if verify:
-        ok, detail = _verify(target, value, action, before.get(id(target)))
+        ok, detail = _verify(target, value, action, DetailContext(row, target, value, options))
     if materialised:
         detail = f"materialised on {target.device}; {detail}"
     if not ok:
         raise ApplyError(f"verification failed for {row.key}: {detail}")
-    source_key = row.checkpoint_key if action in ("load", "partial") else None
+    source_key = row.checkpoint_key if action_named(action).reads_checkpoint else None
     nbytes = target.numel() * target.element_size()
     return ReportEntry(row.key, action, source_key, target.numel(), nbytes, ok, detail)
 
@@ -766,7 +588,7 @@ def _keep_entries(
     written_storage = {_storage_id(targets[row.key]): row.key for row, _ in written}
     entries = []
     for row, action in plan:
-        if action != "keep" or row.model is None:
+        if row.model is None or action_named(action).writes:
             continue
         target = targets[row.key]
         tied_to = written_storage.get(_storage_id(target))
@@ -777,7 +599,7 @@ def _keep_entries(
             if target.is_meta:
                 detail = "unchanged; still on the meta device (no values)"
         nbytes = target.numel() * target.element_size()
-        entries.append(ReportEntry(row.key, "keep", None, target.numel(), nbytes, ok, detail))
+        entries.append(ReportEntry(row.key, action, None, target.numel(), nbytes, ok, detail))
     return entries
 
 
@@ -806,23 +628,9 @@ def _meta_notes(
 
 
 def _verify(
-    target: torch.Tensor, value: torch.Tensor, action: str, before: torch.Tensor | None
+    target: torch.Tensor, value: torch.Tensor, action: str, ctx: DetailContext
 ) -> tuple[bool, str]:
-    if action == "partial":
-        region = _overlap(target.shape, tuple(value.shape))
-        ok = bitwise_equal(target[region], value[region].to(target.dtype))
-        copied = [s.stop for s in region]
-        detail = f"copied the {copied} overlap"
-        if before is not None and tuple(copied) != tuple(target.shape):
-            outside = torch.ones(target.shape, dtype=torch.bool)
-            outside[region] = False
-            ok = ok and bitwise_equal(target[outside], before[outside])
-            detail += ", kept the rest"
-        return ok, detail
+    """The written tensor equals its action's value bit for bit (in the tensor's dtype); the
+    words from the action."""
     ok = bitwise_equal(target, value.to(target.dtype))
-    if action == "load":
-        if value.dtype != target.dtype:
-            cast = f"{dtype_name(value.dtype)} -> {dtype_name(target.dtype)}"
-            return ok, f"equals the checkpoint (cast {cast})"
-        return ok, "equals the checkpoint"
-    return ok, "fresh values from the module's initialiser"
+    return ok, action_named(action).verified_detail(ctx)

@@ -17,15 +17,17 @@ such literals with block numbers in f-strings whose only fields are variables.
 
 from __future__ import annotations
 
+import inspect
+import textwrap
 from collections import Counter
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ckptviz.core.formats import format_named, torch_zip
-from ckptviz.core.plan import initialiser_of, reinit_seed
 
 if TYPE_CHECKING:
+    from ckptviz.core.diff import Row
     from ckptviz.core.plan import Plan
 
 
@@ -78,7 +80,7 @@ def _packed(items: list[str], indent: str) -> list[str]:
     return lines
 
 
-def _numbers_literal(numbers: list[int]) -> str:
+def numbers_literal(numbers: list[int]) -> str:
     """``range(0, 24)`` (or ``range(0, 24, 4)``) for evenly spaced numbers, else a list in
     which runs of three or more are ranges: ``[*range(0, 7), 9, *range(12, 40)]``."""
     if len(numbers) >= 3:
@@ -212,7 +214,7 @@ def mapping_lines(name: str, comment: str, pairs: list[tuple[str, str]]) -> list
     ]
     for loop in loops:
         lines.append(
-            f"    ({loop.model_prefix!r}, {loop.ckpt_prefix!r}, {_numbers_literal(loop.numbers)}, ["
+            f"    ({loop.model_prefix!r}, {loop.ckpt_prefix!r}, {numbers_literal(loop.numbers)}, ["
         )
         lines += _packed([repr(n) for n in loop.names], " " * 8)
         lines.append("    ]),")
@@ -226,7 +228,7 @@ def mapping_lines(name: str, comment: str, pairs: list[tuple[str, str]]) -> list
         lines.append("for model_prefix, numbers, names in [  # in those blocks, but not here")
         for loop in dropped:
             listed = ", ".join(repr(n) for n in loop.names)
-            numbers = _numbers_literal(loop.numbers)
+            numbers = numbers_literal(loop.numbers)
             lines.append(f"    ({loop.model_prefix!r}, {numbers}, [{listed}]),")
         lines += [
             "]:",
@@ -241,88 +243,6 @@ def mapping_lines(name: str, comment: str, pairs: list[tuple[str, str]]) -> list
     return lines
 
 
-#: One module to re-initialise: its name, its initialiser and the tensors taken from it.
-_Reinit = tuple[str, str, list[str]]
-
-
-def _block_split(module_name: str) -> tuple[str, int, str] | None:
-    """``"layers.3.attn"`` -> ``("layers.", 3, ".attn")``: split at the first block number."""
-    parts = module_name.split(".")
-    for i, part in enumerate(parts):
-        if part.isascii() and part.isdigit() and str(int(part)) == part:
-            prefix = ".".join(parts[:i]) + "." if i else ""
-            suffix = "".join("." + p for p in parts[i + 1 :])
-            return prefix, int(part), suffix
-    return None
-
-
-def _reinit_loops(
-    seed: int | None, reinit: dict[tuple[str, str], list[str]]
-) -> tuple[list[_Reinit], list[tuple[str, list[int], list[tuple[str, str, list[str]]]]]]:
-    """The modules to re-initialise as (one by one, loops over numbered blocks that are
-    re-initialised alike). With ``seed=None`` the global RNG makes the order matter, so
-    everything stays one by one, in plan order."""
-    entries = [(module, method, names) for (module, method), names in reinit.items()]
-    if seed is None:
-        return entries, []
-    blocks: dict[str, dict[int, list[tuple[str, str, list[str]]]]] = {}
-    for module, method, names in entries:
-        split = _block_split(module)
-        if split is not None:
-            prefix, number, suffix = split
-            blocks.setdefault(prefix, {}).setdefault(number, []).append((suffix, method, names))
-    looped: set[str] = set()
-    loops = []
-    for prefix, by_number in blocks.items():
-        kinds = Counter(repr(modules) for modules in by_number.values())
-        common, count = kinds.most_common(1)[0]
-        if count < LOOP_FROM:
-            continue
-        numbers = sorted(n for n, modules in by_number.items() if repr(modules) == common)
-        template = by_number[numbers[0]]
-        loops.append((prefix, numbers, template))
-        looped.update(f"{prefix}{n}{suffix}" for n in numbers for suffix, _, _ in template)
-    return [e for e in entries if e[0] not in looped], loops
-
-
-def reinit_lines(seed: int | None, reinit: dict[tuple[str, str], list[str]]) -> list[str]:
-    """Lines that build ``reinit``: (module, initialiser, tensor names, seed) per module; numbered
-    blocks re-initialised alike as a loop, each module's seed worked out from its name as
-    ``Plan`` does (``(seed + crc32(name)) % 2**31``)."""
-    if not reinit:
-        return []
-    one_by_one, loops = _reinit_loops(seed, reinit)
-    seed_note = "seed" if seed is not None else "seed (None: global RNG)"
-    comment = f"module, its initialiser, tensors to take from it, {seed_note}"
-    if one_by_one:
-        lines = [f"reinit = [  # {comment}"]
-        for module_name, method, names in one_by_one:
-            module_seed = reinit_seed(seed, module_name) if seed is not None else None
-            lines.append(f"    ({module_name!r}, {method!r}, {names!r}, {module_seed!r}),")
-        lines.append("]")
-    else:
-        lines = [f"reinit = []  # {comment}"]
-    if not loops:
-        return lines
-    lines += [
-        "# numbered blocks re-initialised alike: module = prefix + number + suffix",
-        "for prefix, numbers, modules in [",
-    ]
-    for prefix, numbers, modules in loops:
-        lines.append(f"    ({prefix!r}, {_numbers_literal(numbers)}, [")
-        lines += [f"        {module!r}," for module in modules]
-        lines.append("    ]),")
-    lines += [
-        "]:",
-        "    for i in numbers:",
-        "        for suffix, initialiser, names in modules:",
-        "            module_name = f'{prefix}{i}{suffix}'",
-        f"            module_seed = ({seed!r} + zlib.crc32(module_name.encode())) % 2**31",
-        "            reinit.append((module_name, initialiser, names, module_seed))",
-    ]
-    return lines
-
-
 def _read_lines(plan: Plan) -> list[str]:
     ckpt = plan.diff.checkpoint
     if ckpt.path is None:
@@ -330,7 +250,9 @@ def _read_lines(plan: Plan) -> list[str]:
             f"# The checkpoint was {ckpt.source!r}, not a file: put that state dict in `state`.",
             "state = state_dict",
         ]
-    wanted = [r.checkpoint_key for r, a in plan if a in ("load", "partial") and r.model]
+    from ckptviz.core.actions import action_named
+
+    wanted = [r.checkpoint_key for r, a in plan if r.model and action_named(a).reads_checkpoint]
     keys = [k for k in wanted if k is not None]
     # a plan file that recorded no known format: torch.load's lines
     fmt = format_named(ckpt.format) or torch_zip.FORMAT
@@ -340,7 +262,9 @@ def _read_lines(plan: Plan) -> list[str]:
 def _meta_guard(plan: Plan) -> list[str]:
     """For a model on the meta device: copying into it would silently do nothing, so stop."""
     model = plan.diff.model
-    written = {r.key for r, a in plan if r.model and a != "keep"}
+    from ckptviz.core.actions import action_named
+
+    written = {r.key for r, a in plan if r.model and action_named(a).writes}
     if model is None or not any(
         t.is_meta for k, t in model.state_dict(keep_vars=True).items() if k in written
     ):
@@ -355,68 +279,39 @@ def _meta_guard(plan: Plan) -> list[str]:
     ]
 
 
-def reinit_groups(plan: Plan) -> dict[tuple[str, str], list[str]]:
-    """The plan's ``reinit`` tensors by (module, the initialiser that sets them), as the code
-    calls them: one seeded call per module and method."""
-    reinit: dict[tuple[str, str], list[str]] = {}
-    model = plan.diff.model
-    for key in plan.keys_with("reinit"):
-        module_name, _, tensor_name = key.rpartition(".")
-        method = "reset_parameters"
-        if model is not None:
-            method = initialiser_of(model.get_submodule(module_name), tensor_name) or method
-        reinit.setdefault((module_name, method), []).append(tensor_name)
-    return reinit
-
-
 def plan_code(plan: Plan) -> str:
-    load = [(r.key, r.checkpoint_key or "") for r, a in plan if a == "load" and r.model]
-    partial = [(r.key, r.checkpoint_key or "") for r, a in plan if a == "partial" and r.model]
-    reinit = reinit_groups(plan)
+    from ckptviz.core.actions import CodeContext, registered_actions
+
+    by_action: dict[str, list[tuple[Row, dict[str, Any]]]] = {}
+    for row, action in plan:
+        if row.model is not None:
+            by_action.setdefault(action, []).append((row, plan.options(row.key)))
+    parts = [
+        action.code(CodeContext(plan, by_action[action.name]))
+        for action in registered_actions()
+        if action.name in by_action
+    ]
     counts = ", ".join(f"{c['rows']} {a}" for a, c in plan.counts.items() if c["rows"])
 
     lines = [
         f"# ckptviz plan for {plan.diff.checkpoint.source!r}, in plain PyTorch: {counts}.",
         "# Rows not listed keep the model's current values. Needs `model` in scope.",
     ]
-    if reinit:
-        lines.append("import copy")
-        if _reinit_loops(plan.seed, reinit)[1]:
-            lines.append("import zlib")
-        lines.append("")
+    imports = list(dict.fromkeys(line for part in parts for line in part.imports))
+    if imports:
+        lines += [*imports, ""]
     lines += ["import torch", ""]
+    functions = list(dict.fromkeys(fn for part in parts for fn in part.functions))
+    for function in functions:
+        # the very functions apply runs: the code computes the same values, bit for bit
+        lines += [*textwrap.dedent(inspect.getsource(function)).rstrip().splitlines(), "", ""]
     lines += _read_lines(plan)
     lines += ["params = model.state_dict(keep_vars=True)", ""]
     lines += _meta_guard(plan)
-    lines += mapping_lines("load", "model key: checkpoint key", load)
-    lines += mapping_lines("partial", "copy the overlapping slice, keep the rest", partial)
-    lines += reinit_lines(plan.seed, reinit)
+    for part in parts:
+        lines += part.data
     lines += ["", "with torch.no_grad():"]
-    body = []
-    if load:
-        body += [
-            "for name, ckpt_name in load.items():",
-            "    params[name].copy_(state[ckpt_name])",
-        ]
-    if partial:
-        body += [
-            "for name, ckpt_name in partial.items():",
-            "    dst, src = params[name], state[ckpt_name]",
-            "    overlap = tuple(slice(0, min(a, b)) for a, b in zip(dst.shape, src.shape))",
-            "    dst[overlap].copy_(src[overlap])",
-        ]
-    if reinit:
-        body += [
-            "for module_name, initialiser, names, seed in reinit:",
-            "    module = model.get_submodule(module_name)",
-            "    fresh = copy.deepcopy(module)",
-            "    with torch.random.fork_rng(devices=[], enabled=seed is not None):",
-            "        if seed is not None:",
-            "            torch.manual_seed(seed)",
-            "        getattr(fresh, initialiser)()",
-            "    for name in names:",
-            "        getattr(module, name).copy_(getattr(fresh, name))",
-        ]
+    body = [line for part in parts for line in part.body]
     if not body:
         body = ["pass  # the plan changes nothing"]
     lines += ["    " + line for line in body]

@@ -239,8 +239,8 @@ class Diff:
         """Every row matches under plain names: a strict ``load_state_dict`` would succeed."""
         return all(r.status == "match" and not r.note for r in self.rows)
 
-    @property
     def summary(self) -> str:
+        """How many rows of each status, and how the keys were mapped (a few lines)."""
         counts = self.counts
         parts = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         lines = [f"{len(self.rows)} rows: {parts or 'nothing to compare'}"]
@@ -297,7 +297,8 @@ class Diff:
         return self._remapped(with_pair(self.mapping, model_key, checkpoint_key))
 
     def accept(self, suggestion: Suggestion | RuleSuggestion) -> Diff:
-        """A new Diff with a suggested pair or rule taken."""
+        """A new Diff with a suggested pair or rule taken (a Diff never changes; ``Plan.accept``
+        edits a plan in place)."""
         if isinstance(suggestion, RuleSuggestion):
             return self.rename(suggestion.pattern, suggestion.replacement)
         return self.pair(suggestion.model_key, suggestion.checkpoint_key)

@@ -74,13 +74,15 @@ import torch
 import torch.distributed as dist
 
 from ckptviz.core._torch_private import module_tables, module_with_tables, tensor_version
-from ckptviz.core.apply import Report, ReportEntry, bitwise_equal, model_row_problem
+from ckptviz.core.actions import ShardWrite, action_named
+from ckptviz.core.actions.reinit import initialiser_of, reinit_groups, reinit_seed
+from ckptviz.core.apply import bitwise_equal, model_row_problem
 from ckptviz.core.checkpoint import Checkpoint, dtype_name
-from ckptviz.core.codegen import reinit_groups
 from ckptviz.core.errors import ApplyError, CheckpointError, PlanError
 from ckptviz.core.formats.base import Box, SliceReader, slice_reader
-from ckptviz.core.plan import Plan, initialiser_of, reinit_seed
+from ckptviz.core.plan import Plan
 from ckptviz.core.reading import read_checkpoint
+from ckptviz.core.report import Report, ReportEntry
 from ckptviz.core.snapshot import MemorySnapshot, Snapshot
 
 if TYPE_CHECKING:
@@ -237,18 +239,25 @@ def _model_problems(plan: Plan, model: torch.nn.Module, targets: dict[str, Any])
             continue
         now = targets.get(m.key)
         declared = None if now is None else (tuple(now.shape), dtype_name(now.dtype))
-        if why := model_row_problem(row, action, model, declared):
+        if why := model_row_problem(row, action, model, declared, plan.options(m.key)):
             problems[m.key] = why
             continue
         assert now is not None
-        if action == "reinit" and plan.seed is None:
+        definition = action_named(action)
+        if not definition.writes:
+            continue
+        if definition.distributed is None:
             problems[m.key] = (
-                "reinit with seed=None draws from each rank's own random state, so the shards "
-                "would not fit together; give the plan a seed (Plan(diff, seed=0)) and save it "
-                "again"
+                f"{action} is not supported by apply_distributed: apply the plan on one process "
+                "(plan.apply) to the whole model before sharding it, or choose another action"
             )
             continue
-        if action == "keep":
+        if definition.distributed is ShardWrite.MODULE_INITIALISER and plan.seed is None:
+            problems[m.key] = (
+                f"{action} with seed=None draws from each rank's own random state, so the "
+                "shards would not fit together; give the plan a seed (Plan(diff, seed=0)) and "
+                "save it again"
+            )
             continue
         box = local_box(now)
         if isinstance(box, str):
@@ -270,7 +279,11 @@ def _model_problems(plan: Plan, model: torch.nn.Module, targets: dict[str, Any])
 
 def _checkpoint_problems(plan: Plan, ckpt: Checkpoint) -> dict[str, str]:
     problems: dict[str, str] = {}
-    reads = [(row, a) for row, a in plan if a in ("load", "partial") and row.checkpoint]
+    reads = [
+        (row, a)
+        for row, a in plan
+        if row.model and row.checkpoint and action_named(a).reads_checkpoint
+    ]
     if reads and slice_reader(ckpt) is None:
         why = (
             f"{ckpt.source} is a {ckpt.format} checkpoint, of which a rank cannot read a slice "
@@ -317,13 +330,13 @@ def _checkpoint_for(plan: Plan, source: Any) -> Checkpoint:
 def _tasks(plan: Plan, targets: dict[str, Any]) -> list[_Task]:
     tasks = []
     for row, action in plan:
-        if row.model is None or action == "keep":
+        if row.model is None or not action_named(action).writes:
             continue
         target = targets[row.key]
         box = local_box(target)
         assert isinstance(box, Box)  # _model_problems refused it otherwise
         region = box
-        if action == "partial":
+        if action_named(action).distributed is ShardWrite.CHECKPOINT_OVERLAP:
             assert row.checkpoint is not None
             overlap = Box.whole(
                 [min(a, b) for a, b in zip(row.model.shape, row.checkpoint.shape, strict=True)]
@@ -416,7 +429,7 @@ def _fresh_values(plan: Plan, model: torch.nn.Module, tasks: list[_Task]) -> dic
     the others' gathers, so every rank makes the same collective calls)."""
     groups: dict[tuple[str, str], list[_Task]] = {}
     for task in tasks:
-        if task.action == "reinit":
+        if action_named(task.action).distributed is ShardWrite.MODULE_INITIALISER:
             module_name, _, tensor_name = task.row.key.rpartition(".")
             method = initialiser_of(model.get_submodule(module_name), tensor_name)
             assert method is not None  # refusal() checked it
@@ -469,7 +482,8 @@ def _verify(task: _Task, saved: torch.Tensor) -> tuple[bool, str]:
     want = task.value.to(device=local.device, dtype=local.dtype)
     ok = bitwise_equal(local[region], want)
     where = f"{task.box.text()} of {list(task.row.model.shape) if task.row.model else '?'}"
-    if task.action == "partial":
+    definition = action_named(task.action)
+    if definition.distributed is ShardWrite.CHECKPOINT_OVERLAP and definition.reads_current:
         detail = f"copied {task.region.text()} of the overlap into this rank's {where}"
         if task.region != task.box:
             outside = torch.ones(local.shape, dtype=torch.bool, device=local.device)
@@ -477,7 +491,7 @@ def _verify(task: _Task, saved: torch.Tensor) -> tuple[bool, str]:
             ok = ok and bitwise_equal(local[outside], saved[outside])
             detail += ", kept the rest"
         return ok, detail
-    if task.action == "load":
+    if definition.distributed is ShardWrite.CHECKPOINT_OVERLAP:
         return ok, f"this rank's {where} equals the checkpoint"
     return ok, f"this rank's {where} equals the module's seeded initialiser"
 
@@ -540,7 +554,8 @@ def _write_all(
                     raise ApplyError(f"verification failed for {task.row.key}: {detail}")
                 if tied_to is not None:
                     detail += f" (tied to {tied_to}, written once)"
-                source = task.row.checkpoint_key if task.action in ("load", "partial") else None
+                reads = action_named(task.action).reads_checkpoint
+                source = task.row.checkpoint_key if reads else None
                 nbytes = task.region.numel * task.local.element_size()
                 entries.append(
                     ReportEntry(
@@ -563,7 +578,7 @@ def _keep_entries(
     written = {_storage_key(t.local): t.row.key for t in tasks}
     entries = []
     for row, action in plan:
-        if action != "keep" or row.model is None:
+        if row.model is None or action_named(action).writes:
             continue
         local = local_tensor(targets[row.key])
         tied_to = written.get(_storage_key(local)) if not local.is_meta else None
@@ -572,7 +587,7 @@ def _keep_entries(
         else:
             ok, detail = tensor_version(local) == versions[row.key], "this rank's shard unchanged"
         nbytes = local.numel() * local.element_size()
-        entries.append(ReportEntry(row.key, "keep", None, local.numel(), nbytes, ok, detail))
+        entries.append(ReportEntry(row.key, action, None, local.numel(), nbytes, ok, detail))
     return entries
 
 
@@ -704,7 +719,7 @@ def apply_distributed(
         wanted = {
             t.row.key: (t.row.checkpoint.key, t.region)
             for t in tasks
-            if t.action in ("load", "partial") and t.row.checkpoint is not None
+            if action_named(t.action).reads_checkpoint and t.row.checkpoint is not None
         }
         try:
             values = reader.read_staged(wanted)
@@ -848,13 +863,21 @@ def distributed_code(plan: Plan) -> str:
     every rank the same shards as ``apply_distributed`` (without its checks, verification and
     all-or-nothing).
     """
-    load = {r.key: r.checkpoint_key for r, a in plan if a == "load" and r.model}
-    partial = {
+    shard_writes = {r.key: action_named(a).distributed for r, a in plan if r.model}
+    refused = [k for k, a in plan.actions.items() if action_named(a).writes and not shard_writes[k]]
+    if refused:
+        raise PlanError(
+            f"apply_distributed does not support the action of {', '.join(refused[:5])}: apply "
+            "the plan on one process before sharding the model, or choose another action"
+        )
+    copied = {
         r.key: (r.checkpoint_key, list(r.checkpoint.shape))
-        for r, a in plan
-        if a == "partial" and r.model and r.checkpoint
+        for r, _ in plan
+        if r.checkpoint and shard_writes.get(r.key) is ShardWrite.CHECKPOINT_OVERLAP
     }
-    reinit = reinit_groups(plan)
+    reinit = reinit_groups(
+        plan, [k for k, w in shard_writes.items() if w is ShardWrite.MODULE_INITIALISER]
+    )
     if reinit and plan.seed is None:
         raise PlanError(
             "a plan with seed=None cannot reinit across ranks (each rank's own random state "
@@ -873,11 +896,8 @@ def distributed_code(plan: Plan) -> str:
     lines += ["", "", *_code_lines(_BOX_HELPERS), "", "", *_code_lines(_TWIN_HELPERS)]
     lines += ["", "", *read_lines, "", ""]
     lines += ["params = model.state_dict(keep_vars=True)"]
-    lines.append("load = {  # model key: checkpoint key")
-    lines += [f"    {k!r}: {v!r}," for k, v in load.items()]
-    lines.append("}")
-    lines.append("partial = {  # model key: (checkpoint key, its shape)")
-    lines += [f"    {k!r}: {v!r}," for k, v in partial.items()]
+    lines.append("copied = {  # model key: (checkpoint key, its shape): the overlap is copied")
+    lines += [f"    {k!r}: {v!r}," for k, v in copied.items()]
     lines.append("}")
     lines.append("reinit = [  # module, its initialiser, tensors to take from it, seed")
     for (module_name, method), names in reinit.items():
@@ -888,9 +908,7 @@ def distributed_code(plan: Plan) -> str:
         "]",
         "",
         "requests = {}  # model key: (checkpoint key, offsets, sizes) of what this rank writes",
-        "for name, key in load.items():",
-        "    requests[name] = (key, *local_box(params[name]))",
-        "for name, (key, shape) in partial.items():  # the overlap, within this rank's box",
+        "for name, (key, shape) in copied.items():  # the overlap, within this rank's box",
         "    offsets, sizes = local_box(params[name])",
         "    stops = [min(o + s, n) for o, s, n in zip(offsets, sizes, shape)]",
         "    requests[name] = (key, offsets, [max(b - a, 0) for a, b in zip(offsets, stops)])",

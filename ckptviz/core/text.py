@@ -131,4 +131,4 @@ def diff_text(diff: Diff, extra: dict[str, str] | None = None, extra_header: str
     if extra is not None:
         headers.append(extra_header)
         rows = [[*cells, extra.get(r.key, "")] for cells, r in zip(rows, diff.rows, strict=True)]
-    return diff.summary + "\n\n" + format_table(headers, rows)
+    return diff.summary() + "\n\n" + format_table(headers, rows)

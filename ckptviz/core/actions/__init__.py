@@ -1,0 +1,170 @@
+"""The actions registry: every action a plan may choose for a row, one definition each.
+
+``register_action(ActionDef(...))`` adds one (a definition that lacks a step is refused when it
+is made or registered, never silently defaulted when applied); ``action_named(name)`` finds one;
+``registered_actions()`` lists them in registration order, the order of the widget's buttons.
+The built-ins, registered here: ``load``, ``keep``, ``reinit``, ``partial``. ``skip`` is not an
+action: it is what an ``unexpected`` row shows (no model tensor, never applied).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from ckptviz.core.actions import keep, load, partial, reinit
+from ckptviz.core.actions.base import (
+    ActionDef,
+    CodeContext,
+    CodePart,
+    DetailContext,
+    OptionSpec,
+    OptionValue,
+    PrepareContext,
+    RowContext,
+    ShardWrite,
+    ValueContext,
+    definition_problems,
+)
+from ckptviz.core.errors import PlanError
+from ckptviz.core.vocabulary import Term
+
+if TYPE_CHECKING:
+    from ckptviz.core.diff import Row
+
+__all__ = [
+    "SKIP",
+    "SKIP_TERM",
+    "ActionDef",
+    "CodeContext",
+    "CodePart",
+    "DetailContext",
+    "OptionSpec",
+    "OptionValue",
+    "PrepareContext",
+    "RowContext",
+    "ShardWrite",
+    "ValueContext",
+    "action_named",
+    "action_names",
+    "action_terms",
+    "checked_options",
+    "default_action",
+    "default_fitting_action",
+    "register_action",
+    "registered",
+    "registered_actions",
+    "unregister_action",
+]
+
+#: What an ``unexpected`` row shows: it has no model tensor and is never applied.
+SKIP = "skip"
+SKIP_TERM = Term("never applied: the model has no tensor for this checkpoint entry", "·", "extra")
+
+_REGISTRY: dict[str, ActionDef] = {}
+_BUILT_IN = (load.ACTION, keep.ACTION, reinit.ACTION, partial.ACTION)
+#: What a row whose two tensors fit takes by default, and what every other model row takes.
+_FITTING_DEFAULT = load.ACTION.name
+_OTHER_DEFAULT = keep.ACTION.name
+
+
+def register_action(action: ActionDef) -> ActionDef:
+    """Add ``action`` to the registry (after the ones already there); returns it.
+
+    Raises ``TypeError`` if the definition is incomplete and ``ValueError`` if its name is taken.
+    """
+    if not isinstance(action, ActionDef):
+        raise TypeError(f"register_action takes an ActionDef, not {type(action).__name__}")
+    problems = definition_problems(action)
+    if problems:
+        raise TypeError(f"action {action.name!r} is not complete: " + "; ".join(problems))
+    if action.name in _REGISTRY or action.name == SKIP:
+        raise ValueError(
+            f"an action named {action.name!r} is registered already; choose another name"
+        )
+    _REGISTRY[action.name] = action
+    return action
+
+
+def unregister_action(name: str) -> None:
+    """Remove an action registered with ``register_action`` (the built-ins stay)."""
+    if any(a.name == name for a in _BUILT_IN):
+        raise ValueError(f"{name!r} is a built-in action and cannot be unregistered")
+    if _REGISTRY.pop(name, None) is None:
+        raise KeyError(f"no action {name!r} is registered")
+
+
+@contextmanager
+def registered(action: ActionDef) -> Iterator[ActionDef]:
+    """``action`` registered for the ``with`` block, unregistered after it."""
+    register_action(action)
+    try:
+        yield action
+    finally:
+        unregister_action(action.name)
+
+
+def registered_actions() -> tuple[ActionDef, ...]:
+    """Every registered action, in registration order (the built-ins first)."""
+    return tuple(_REGISTRY.values())
+
+
+def action_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def action_named(name: str) -> ActionDef:
+    """The registered action ``name``; ``PlanError`` naming the registered ones if none."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise PlanError(
+            f"unknown action {name!r}; expected one of {', '.join(_REGISTRY)}"
+        ) from None
+
+
+def action_terms() -> dict[str, Term]:
+    """name -> how it is shown, for every registered action and then ``skip``."""
+    terms = {a.name: Term(a.label, a.symbol, a.colour) for a in _REGISTRY.values()}
+    terms[SKIP] = SKIP_TERM
+    return terms
+
+
+def default_fitting_action() -> str:
+    """The action a row whose two tensors fit takes by default (``load``)."""
+    return _FITTING_DEFAULT
+
+
+def default_action(row: Row) -> str:
+    """The well-known recipe: rows whose tensors fit load, other model rows keep, rows without a
+    model tensor skip."""
+    if row.model is None:
+        return SKIP
+    if row.status in ("match", "dtype"):
+        return _FITTING_DEFAULT
+    return _OTHER_DEFAULT
+
+
+def checked_options(action: ActionDef, options: Mapping[str, Any]) -> dict[str, OptionValue]:
+    """``options`` for ``action`` validated, holding only the values that differ from the
+    defaults; ``PlanError`` on an unknown option or a wrong value."""
+    problems = []
+    kept: dict[str, OptionValue] = {}
+    for name, value in options.items():
+        spec = action.options.get(name)
+        if spec is None:
+            known = ", ".join(action.options) or "none"
+            problems.append(f"unknown option {name!r} (its options: {known})")
+        elif (why := spec.problem(value)) is not None:
+            problems.append(f"option {name!r}: {why}")
+        elif spec.normal(value) != spec.default:
+            kept[name] = spec.normal(value)
+    if problems:
+        raise PlanError(f"{action.name}: " + "; ".join(problems))
+    return kept
+
+
+for _action in _BUILT_IN:
+    register_action(_action)
+del _action

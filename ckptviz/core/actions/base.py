@@ -1,0 +1,280 @@
+"""What an action is: ``ActionDef`` and the context objects handed to its functions.
+
+An action owns everything about itself: when it is refused and why (``refuse``), where the new
+value of a model tensor comes from (``value``, or ``prepare`` for a batch), the words of its
+verification (``verified_detail``), its part of ``Plan.to_code()`` (``code``), its options, its
+words and its widget button. Plan, apply, codegen, the views and the widget look it up by name
+and never branch on it. Apply writes and verifies every action the same way:
+``target.copy_(value)``, then ``bitwise_equal(target, value.to(target.dtype))``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ckptviz.core.vocabulary import COLOUR_ROLES
+
+if TYPE_CHECKING:
+    from ckptviz.core.diff import Row
+    from ckptviz.core.plan import Plan
+
+#: A value an option may take: what JSON holds as it is.
+OptionValue = str | int | float | bool | None
+_OPTION_TYPES: tuple[type, ...] = (str, int, float, bool, type(None))
+_NAME = re.compile(r"[a-z_]+")
+#: The arguments of ``Plan.set`` and ``Loader.set_action`` besides the options: no option may
+#: take one of these names.
+RESERVED_OPTION_NAMES = ("pattern", "action", "skip_refused", "model", "key")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One named option of an action: its type, its default, the values it may take (``choices``,
+    empty for any value of the type) and a line of words saying what it changes."""
+
+    kind: type
+    default: OptionValue
+    words: str
+    choices: tuple[OptionValue, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in _OPTION_TYPES:
+            raise TypeError(
+                f"an option's kind must be one of str, int, float, bool or NoneType (a JSON "
+                f"value), not {self.kind!r}"
+            )
+        if not self.words.strip():
+            raise ValueError("an option needs words saying what it changes")
+        if self.problem(self.default) is not None:
+            raise ValueError(f"the default {self.default!r}: {self.problem(self.default)}")
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` cannot be this option's value (``None`` if it can)."""
+        fits = isinstance(value, self.kind) and not (
+            isinstance(value, bool) and self.kind is not bool
+        )
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            fits = True  # JSON writes 1.0 as 1
+        if not fits:
+            return f"expected a {self.kind.__name__}, got {type(value).__name__} {value!r}"
+        if self.choices and value not in self.choices:
+            return f"{value!r} is not one of {', '.join(repr(c) for c in self.choices)}"
+        return None
+
+    def normal(self, value: OptionValue) -> OptionValue:
+        """``value`` as the option holds it (an int given for a float option becomes a float)."""
+        if self.kind is float and isinstance(value, int):
+            return float(value)
+        return value
+
+
+class ShardWrite(Enum):
+    """How ``apply_distributed`` writes an action on one rank of a sharded model."""
+
+    #: read the slice of the checkpoint tensor that overlaps this rank's box and copy it there
+    CHECKPOINT_OVERLAP = "checkpoint_overlap"
+    #: gather the owning module's tensors, run its seeded initialiser, keep this rank's box
+    MODULE_INITIALISER = "module_initialiser"
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What ``refuse`` sees: the row, the live model (``None`` when a plan is checked without
+    one, e.g. read from JSON: checked again against the model when applied) and the options."""
+
+    row: Row
+    model: torch.nn.Module | None
+    options: Mapping[str, OptionValue]
+
+
+@dataclass
+class ValueContext:
+    """What ``value`` sees for one row.
+
+    ``current`` is the model tensor as it is now (read-only: clone before changing it);
+    ``checkpoint_tensor`` reads the row's checkpoint tensor when first asked (only for an action
+    that ``reads_checkpoint``); ``prepared`` holds what the action's ``prepare`` computed for
+    this apply, by model key.
+    """
+
+    row: Row
+    model: torch.nn.Module
+    options: Mapping[str, OptionValue]
+    seed: int | None
+    materialise: torch.device | None
+    current: torch.Tensor
+    prepared: Mapping[str, torch.Tensor]
+    read_checkpoint: Callable[[], torch.Tensor] | None = None
+
+    @property
+    def module_name(self) -> str:
+        return self.row.key.rpartition(".")[0]
+
+    @property
+    def tensor_name(self) -> str:
+        return self.row.key.rpartition(".")[2]
+
+    @property
+    def checkpoint_tensor(self) -> torch.Tensor:
+        if self.read_checkpoint is None:
+            raise RuntimeError(
+                f"{self.row.key}: this action does not read the checkpoint (reads_checkpoint "
+                "is False), so its value cannot use the checkpoint tensor"
+            )
+        return self.read_checkpoint()
+
+
+@dataclass(frozen=True)
+class PrepareContext:
+    """What ``prepare`` sees: every row of the plan taking the action, in plan order, with its
+    options, the live model, the plan's seed and the ``materialise`` device."""
+
+    rows: Sequence[tuple[Row, Mapping[str, OptionValue]]]
+    model: torch.nn.Module
+    seed: int | None
+    materialise: torch.device | None
+
+
+@dataclass(frozen=True)
+class DetailContext:
+    """What ``verified_detail`` sees: the row, the written model tensor, the value written."""
+
+    row: Row
+    target: torch.Tensor
+    value: torch.Tensor
+    options: Mapping[str, OptionValue]
+
+
+@dataclass(frozen=True)
+class CodeContext:
+    """What ``code`` sees: the plan, and its rows taking the action with their options."""
+
+    plan: Plan
+    rows: Sequence[tuple[Row, Mapping[str, OptionValue]]]
+
+
+@dataclass(frozen=True)
+class CodePart:
+    """An action's part of ``Plan.to_code()``.
+
+    ``imports``: lines like ``"import copy"`` (``import torch`` is always there);
+    ``functions``: plain functions (only ``torch``, ``math`` and ``torch.nn.functional as F``)
+    whose source the snippet includes, the same ones ``value`` calls, so apply and the code run
+    the same operations; ``data``: lines building the action's tables; ``body``: statements run
+    under ``torch.no_grad()`` with ``model``, ``params`` (its state dict, ``keep_vars=True``) and
+    ``state`` (the checkpoint's tensors) in scope.
+    """
+
+    data: Sequence[str] = ()
+    body: Sequence[str] = ()
+    imports: Sequence[str] = ()
+    functions: Sequence[Callable[..., Any]] = ()
+
+
+def _plot_whole(row: Row, numel: int) -> Sequence[tuple[str, int, bool]]:
+    return ()
+
+
+@dataclass(frozen=True)
+class ActionDef:
+    """One action: everything plan, apply, codegen, the views and the widget need of it.
+
+    - ``name``: the JSON name and ``plan.set(..., name)``; lowercase letters and ``_``.
+    - ``label``, ``symbol``, ``colour``: the words, a mark that carries the meaning without
+      colour, and a colour role of ``vocabulary.COLOUR_ROLES``; the widget's button and legend.
+    - ``explain``: one plain-words sentence for teaching: what it does, when it fits.
+    - ``refuse(RowContext)``: why it cannot apply to the row, in words a person can act on;
+      ``None`` if it can. ``refusal_needs_model``: the answer depends on the model (not only on
+      the row's shapes and the options), so views cannot share it between rows of one shape.
+    - ``writes``: False only for an action that leaves the model tensor alone (verified
+      untouched by its version counter).
+    - ``reads_checkpoint``: its value needs the row's checkpoint tensor (read lazily, one at a
+      time). ``reads_current``: its value starts from the model tensor's present values (so it
+      is refused on a meta tensor, which has none).
+    - ``value(ValueContext)``: the complete new value of the model tensor (its shape; apply
+      casts to the tensor's dtype). ``prepare(PrepareContext)``: optional, computes values for
+      all the plan's rows of this action at once (model key -> value), before anything is
+      written; ``value`` finds them in ``ctx.prepared``.
+    - ``verified_detail(DetailContext)``: the report's words once the value was verified.
+    - ``code(CodeContext)``: its ``CodePart`` of ``Plan.to_code()``.
+    - ``options``: named options (``OptionSpec``), JSON values only.
+    - ``distributed``: how ``apply_distributed`` writes it (``ShardWrite``); ``None``: refused
+      there, with words.
+    - ``plot_parts(row, numel)``: how ``plot_report`` splits a tensor's values, as
+      (label, values, kept) parts; empty: all its values under its name.
+    """
+
+    name: str
+    label: str
+    symbol: str
+    colour: str
+    explain: str
+    refuse: Callable[[RowContext], str | None]
+    verified_detail: Callable[[DetailContext], str]
+    code: Callable[[CodeContext], CodePart]
+    value: Callable[[ValueContext], torch.Tensor] | None = None
+    writes: bool = True
+    reads_checkpoint: bool = False
+    reads_current: bool = False
+    refusal_needs_model: bool = False
+    prepare: Callable[[PrepareContext], Mapping[str, torch.Tensor]] | None = None
+    options: Mapping[str, OptionSpec] = field(default_factory=lambda: MappingProxyType({}))
+    distributed: ShardWrite | None = None
+    plot_parts: Callable[[Row, int], Sequence[tuple[str, int, bool]]] = _plot_whole
+
+    def __post_init__(self) -> None:
+        problems = definition_problems(self)
+        if problems:
+            raise TypeError(f"action {self.name!r} is not complete: " + "; ".join(problems))
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    def defaults(self) -> dict[str, OptionValue]:
+        return {name: spec.default for name, spec in self.options.items()}
+
+
+def definition_problems(definition: ActionDef) -> list[str]:
+    """What an action definition lacks or gets wrong (empty when it is complete)."""
+    # Any: the fields are checked as given at run time, whatever their annotations promise
+    action: Any = definition
+    problems = []
+    if not isinstance(action.name, str) or not _NAME.fullmatch(action.name):
+        problems.append(f"name {action.name!r} must be lowercase letters and '_' only")
+    for word in ("label", "symbol", "explain"):
+        text = getattr(action, word)
+        if not isinstance(text, str) or not text.strip():
+            problems.append(f"{word} must be non-empty words")
+    if action.colour not in COLOUR_ROLES:
+        problems.append(f"colour {action.colour!r} must be one of {', '.join(COLOUR_ROLES)}")
+    steps = ["refuse", "verified_detail", "code", "plot_parts"]
+    if action.writes:
+        steps.append("value")
+    for step in steps:
+        if not callable(getattr(action, step)):
+            problems.append(f"{step} must be a function")
+    if not action.writes and (action.value is not None or action.reads_checkpoint):
+        problems.append("an action that does not write has no value and reads no checkpoint")
+    if action.prepare is not None and not callable(action.prepare):
+        problems.append("prepare must be a function or None")
+    if action.distributed is not None and not isinstance(action.distributed, ShardWrite):
+        problems.append("distributed must be a ShardWrite or None")
+    if not isinstance(action.options, Mapping):
+        problems.append("options must map names to OptionSpec")
+    else:
+        for name, spec in action.options.items():
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
+                problems.append(f"option name {name!r} must be lowercase letters and '_' only")
+            elif name in RESERVED_OPTION_NAMES:
+                problems.append(
+                    f"option name {name!r} is taken by plan.set's own arguments "
+                    f"({', '.join(RESERVED_OPTION_NAMES)})"
+                )
+            if not isinstance(spec, OptionSpec):
+                problems.append(f"option {name!r} must be an OptionSpec")
+    return problems

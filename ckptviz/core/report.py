@@ -1,0 +1,210 @@
+"""The Report of an apply: what changed, verified, and ``undo()`` to put the model back."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ckptviz.core.actions import action_names
+from ckptviz.core.checkpoint import human_bytes
+from ckptviz.core.display import render
+from ckptviz.core.errors import PlanError
+from ckptviz.core.snapshot import Snapshot, SnapshotChoice
+from ckptviz.core.text import visible, visible_lines
+
+if TYPE_CHECKING:
+    from ckptviz.core.plan import Plan
+
+
+@dataclass
+class ReportEntry:
+    """What apply did to one model tensor."""
+
+    key: str
+    action: str
+    checkpoint_key: str | None
+    numel: int
+    nbytes: int
+    verified: bool
+    detail: str = ""
+
+
+class Report:
+    """What an apply changed, verified; ``undo()`` puts the model back bit for bit.
+
+    The old values ``undo()`` needs are kept in memory or in a temporary file on disk
+    (``snapshot_kind``, ``snapshot_dir``, ``snapshot_bytes``); the file is freed when the
+    report is dropped, once ``undo()`` ran, or when undo is no longer possible.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        model: torch.nn.Module,
+        entries: list[ReportEntry],
+        snapshot: Snapshot | None,
+        notes: list[str],
+        snapshot_choice: SnapshotChoice | None = None,
+        snapshot_dir: Path | None = None,
+    ) -> None:
+        self.plan = plan
+        self.model = model
+        self.entries = entries
+        self.notes = notes
+        self._snapshot = snapshot
+        self.undone = False
+        #: where apply kept the old values while writing: "memory" or "disk" (with
+        #: ``undo=False`` too, where they were dropped once the apply succeeded)
+        self.snapshot_kind: str | None = snapshot_choice.kind if snapshot_choice else None
+        #: why that kind (the ``snapshot=`` argument, or the budget ``auto`` compared with)
+        self.snapshot_reason: str | None = snapshot_choice.reason if snapshot_choice else None
+        #: the folder of the disk snapshot's temporary file (an unnamed file: it does not show
+        #: in a listing of the folder, but takes its space until freed)
+        self.snapshot_dir = snapshot_dir
+        if snapshot is not None:
+            # dropping the report frees the snapshot (the file's space) without waiting for undo
+            weakref.finalize(self, snapshot.close)
+
+    @property
+    def verified(self) -> bool:
+        return all(e.verified for e in self.entries)
+
+    @property
+    def can_undo(self) -> bool:
+        return self._snapshot is not None and not self._snapshot.closed and not self.undone
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Bytes of old values held for undo, in memory or on disk (0 once undone or dropped)."""
+        if self._snapshot is None or self._snapshot.closed:
+            return 0
+        return self._snapshot.nbytes
+
+    def _drop_snapshot(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.close()
+
+    def keys(self, action: str) -> list[str]:
+        return [e.key for e in self.entries if e.action == action]
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        counts = {a: {"rows": 0, "numel": 0, "bytes": 0} for a in action_names()}
+        for e in self.entries:
+            counts[e.action]["rows"] += 1
+            counts[e.action]["numel"] += e.numel
+            counts[e.action]["bytes"] += e.nbytes
+        return counts
+
+    def undo(self) -> int:
+        """Restore every tensor apply wrote; returns how many. A second call does nothing."""
+        if self._snapshot is None:
+            warnings.warn(
+                "nothing to undo: this apply ran with undo=False, so no snapshot was kept",
+                stacklevel=2,
+            )
+            return 0
+        if self.undone:
+            warnings.warn(
+                "already undone: the model is back as it was before this apply", stacklevel=2
+            )
+            return 0
+        if self._snapshot.closed:
+            warnings.warn(
+                "nothing to undo: the snapshot was discarded when an earlier undo() found the "
+                "model changed",
+                stacklevel=2,
+            )
+            return 0
+        live = {id(t) for t in self.model.state_dict(keep_vars=True).values()}
+        replaced = [t for t in self._snapshot.targets if id(t) not in live]
+        if replaced:
+            self._drop_snapshot()
+            raise PlanError(
+                f"cannot undo: {len(replaced)} tensor(s) written by this apply are no longer in "
+                "the model (it was changed or rebuilt since); nothing was restored, and the "
+                f"{self._snapshot.kind} snapshot was discarded, as it can no longer put this "
+                "model back"
+            )
+        try:
+            restored = self._snapshot.restore()
+        finally:
+            self.undone = True
+            self._drop_snapshot()
+        return restored
+
+    def summary(self) -> str:
+        """One line: what each action wrote, whether it is verified, and the undo snapshot."""
+        parts = []
+        for action, c in self.counts.items():
+            if c["rows"]:
+                parts.append(
+                    f"{action} {c['rows']} ({c['numel']:,} values, {human_bytes(c['bytes'])})"
+                )
+        state = "undone" if self.undone else ("verified" if self.verified else "NOT verified")
+        return (
+            f"Applied {visible(self.plan.diff.checkpoint.source)}: "
+            + ", ".join(parts)
+            + f"; {state}"
+            + self._snapshot_text()
+        )
+
+    def _snapshot_text(self) -> str:
+        if self.snapshot_kind is None or self.undone:
+            return ""
+        where = "in memory" if self.snapshot_kind == "memory" else f"on disk in {self.snapshot_dir}"
+        if self._snapshot is None:
+            return f"; no undo kept (the apply was guarded by a snapshot {where})"
+        if self._snapshot.closed:
+            return "; undo no longer possible (snapshot discarded)"
+        return f"; undo snapshot: {human_bytes(self.snapshot_bytes)} {where}"
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "key": e.key,
+                "action": e.action,
+                "checkpoint_key": e.checkpoint_key,
+                "numel": e.numel,
+                "bytes": e.nbytes,
+                "verified": e.verified,
+                "detail": e.detail,
+            }
+            for e in self.entries
+        ]
+
+    def to_frame(self) -> Any:
+        return render("frame", self)
+
+    def _repr_html_(self) -> str:
+        return str(render("html", self))
+
+    def plot(self, **options: Any) -> Any:
+        """A matplotlib Figure: per module, its values by what apply did to them (see
+        ``ckptviz.plot_report`` for the options)."""
+        return render("plot", self, **options)
+
+    def __str__(self) -> str:
+        from ckptviz.core.text import format_table
+
+        # after undo no row holds what apply wrote: "verified" would describe a state that is gone
+        rows = [
+            [e.key, e.action, e.checkpoint_key or "", self._row_state(e), e.detail]
+            for e in self.entries
+        ]
+        table = format_table(["model key", "action", "from", "verified", "detail"], rows)
+        notes = "".join(f"\nnote: {visible_lines(n)}" for n in self.notes)
+        return self.summary() + notes + "\n\n" + table
+
+    def __repr__(self) -> str:
+        return f"<Report {self.summary()}>"
+
+    def _row_state(self, entry: ReportEntry) -> str:
+        if self.undone:
+            return "undone"
+        return "yes" if entry.verified else "NO"
