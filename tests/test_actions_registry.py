@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import ckptviz
+from ckptviz.core.actions import registered
 from ckptviz.core.apply import bitwise_equal
+from ckptviz.core.explain import explain_row
 
 
 def negated(tensor: torch.Tensor, scale: float) -> torch.Tensor:
@@ -191,3 +193,22 @@ def test_plan_editing_returns_the_model_keys_whose_pairing_changed(tmp_path: Pat
     assert changed == ["b.weight", "b.bias"]
     assert plan.diff is not diff_before and diff_before.status("b.weight") == "missing"
     assert plan.pair("b.bias", "old_b.bias") == []  # already fed from it
+
+
+def test_an_actions_advice_reaches_the_explanation_of_the_rows_it_speaks_about(
+    saved: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
+    path, state = saved
+    state["b.weight"] = torch.zeros(5, 3)  # b.weight becomes a shape row
+    torch.save(state, path)
+
+    def advise(ctx: ckptviz.RowContext) -> str | None:
+        return f"negate fits {ctx.row.key}." if ctx.row.key.startswith("b.") else None
+
+    diff = ckptviz.compare(Two(), path)
+    assert "negate fits" not in explain_row(diff, diff.row("b.weight"))
+    with registered(negate_action(advise=advise)):
+        said = explain_row(diff, diff.row("b.weight"))
+        assert said.endswith(" negate fits b.weight.")
+    with pytest.raises(TypeError, match="advise must be a function"):
+        negate_action(advise="resample it")

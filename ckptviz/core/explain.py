@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ckptviz.core.actions import registered_actions
+from ckptviz.core.actions.base import RowContext
 from ckptviz.core.diff import Diff, Row
 from ckptviz.core.text import NAME_WIDTH, visible
 
@@ -82,7 +84,7 @@ def explain_row(diff: Diff, row: Row) -> str:
             f"{visible(model.dtype)}{renamed}: load copies it and converts it {how}.{tied}"
         )
     if row.status == "shape" and model and ckpt:
-        return _explain_shape(row, model, ckpt, names) + renamed + tied
+        return _explain_shape(row, model, ckpt, names) + renamed + tied + _advice(diff, row)
     if row.status == "missing" and model:
         if row.tensor_name == "num_batches_tracked":
             return (
@@ -109,6 +111,16 @@ def explain_row(diff: Diff, row: Row) -> str:
             f"missing key it belongs to.{hint}"
         )
     return row.status
+
+
+def _advice(diff: Diff, row: Row) -> str:
+    """What the registered actions say about this row: the one that fits it, or a warning
+    where one would run and mean nothing (each action's ``advise``)."""
+    ctx = RowContext(row, diff.model, {})
+    sentences = [
+        said for action in registered_actions() if action.advise and (said := action.advise(ctx))
+    ]
+    return "".join(f" {sentence}" for sentence in sentences)
 
 
 def _explain_shape(row: Row, model: TensorInfo, ckpt: TensorInfo, names: tuple[str, str]) -> str:

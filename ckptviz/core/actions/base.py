@@ -209,6 +209,10 @@ class ActionDef:
       there, with words.
     - ``plot_parts(row, numel)``: how ``plot_report`` splits a tensor's values, as
       (label, values, kept) parts; empty: all its values under its name.
+    - ``advise(RowContext)``: optional, a plain-words sentence for ``explain_row`` about this
+      action on this row: that it is the one that fits (a position grid: resample), or a warning
+      where it would run but mean nothing (``partial`` on a flattened grid); ``None``: nothing
+      to add.
     """
 
     name: str
@@ -228,6 +232,7 @@ class ActionDef:
     options: Mapping[str, OptionSpec] = field(default_factory=lambda: MappingProxyType({}))
     distributed: ShardWrite | None = None
     plot_parts: Callable[[Row, int], Sequence[tuple[str, int, bool]]] = _plot_whole
+    advise: Callable[[RowContext], str | None] | None = None
 
     def __post_init__(self) -> None:
         problems = definition_problems(self)
@@ -260,8 +265,9 @@ def definition_problems(definition: ActionDef) -> list[str]:
             problems.append(f"{step} must be a function")
     if not action.writes and (action.value is not None or action.reads_checkpoint):
         problems.append("an action that does not write has no value and reads no checkpoint")
-    if action.prepare is not None and not callable(action.prepare):
-        problems.append("prepare must be a function or None")
+    for optional in ("prepare", "advise"):
+        if getattr(action, optional) is not None and not callable(getattr(action, optional)):
+            problems.append(f"{optional} must be a function or None")
     if action.distributed is not None and not isinstance(action.distributed, ShardWrite):
         problems.append("distributed must be a ShardWrite or None")
     if not isinstance(action.options, Mapping):
