@@ -8,6 +8,8 @@ downloaded). The builders live here: ``tests/ecosystem.py`` is not on main yet.
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -209,3 +211,47 @@ def test_no_rule_renames_a_bare_tensor_name() -> None:
     assert len(diff.suggestions) == 3
     rules = suggest_rules(diff.suggestions, diff.mapping)
     assert not [r for r in rules if "weight" in r.pattern]
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def test_cli_diff_lists_suggestions_on_request_in_a_and_b_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ckptviz.cli import main
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList(torch.nn.Linear(3, 3) for _ in range(2))
+    model.head = torch.nn.Linear(3, 1)
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save(model.state_dict(), a)
+    torch.save(
+        {f"module.{k.replace('layers', 'blocks')}": v for k, v in model.state_dict().items()}, b
+    )
+
+    assert main(["diff", str(a), str(b), "--no-values"]) == 1
+    plain = capsys.readouterr().out
+    assert "key mapping: b prefix 'module.' removed" in plain
+    assert "add --suggest to list them" in plain
+    assert "diff.suggestions" not in plain and "model prefix" not in plain
+
+    assert main(["diff", str(a), str(b), "--no-values", "--suggest"]) == 1
+    listed = capsys.readouterr().out
+    assert "rename suggestions (b keys to a keys, none applied):" in listed
+    assert "pair: a layers.0.weight <- b module.blocks.0.weight" in listed
+    rule = next(line for line in listed.splitlines() if line.startswith("rule: "))
+    option = rule.removeprefix("rule: ").split("  (")[0]
+    # the printed option is the one that takes the rule
+    taken = shlex.split(option)
+    assert main(["diff", str(a), str(b), "--no-values", *taken]) == 1
+    after = capsys.readouterr().out
+    assert "6 rows: 6 match" in after
+
+    assert main(["diff", str(a), str(b), "--no-values", "--suggest", "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["mapping"] == "b prefix 'module.' removed"
+    assert {(s["a_key"], s["b_key"]) for s in data["suggestions"]} >= {
+        ("layers.0.weight", "module.blocks.0.weight")
+    }
+    assert data["rule_suggestions"][0]["pairs"] == 4

@@ -259,6 +259,11 @@ class Diff:
 
     @property
     def summary(self) -> str:
+        return self.summary_for("see diff.suggestions")
+
+    def summary_for(self, suggestions_hint: str) -> str:
+        """The summary, saying where suggestions are listed with ``suggestions_hint`` (the
+        command line says its flag; Python says ``diff.suggestions``)."""
         counts = self.counts
         parts = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         lines = [f"{len(self.rows)} rows: {parts or 'nothing to compare'}"]
@@ -278,7 +283,7 @@ class Diff:
             lines.append(
                 f"{len(self.suggestions)} rename suggestion(s)"
                 + (f", {ambiguous} ambiguous" if ambiguous else "")
-                + ": see diff.suggestions"
+                + f": {suggestions_hint}"
             )
         return "\n".join(lines)
 
