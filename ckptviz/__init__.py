@@ -16,6 +16,7 @@ from ckptviz.core.errors import (
     PlanError,
     UnsafeCheckpointError,
 )
+from ckptviz.core.formats.peft_adapter import AdapterConfig
 from ckptviz.core.matching import KeyMapping, RuleSuggestion, Suggestion
 from ckptviz.core.plan import ACTIONS, Plan
 from ckptviz.core.reading import read_checkpoint
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIONS",
     "STATUSES",
+    "AdapterConfig",
     "ApplyError",
     "Checkpoint",
     "CheckpointError",

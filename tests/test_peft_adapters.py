@@ -233,3 +233,11 @@ def test_an_adapter_directory_without_config_or_with_a_model_is_refused_saying_w
     tiny_classifier(0).save_pretrained(tmp_path / "both")
     with pytest.raises(CheckpointError, match="both a PEFT adapter"):
         ckptviz.read_checkpoint(tmp_path / "both")
+
+
+def test_a_directory_of_nothing_readable_names_every_directory_kind(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("no weights here")
+    with pytest.raises(CheckpointError) as raised:
+        ckptviz.read_checkpoint(tmp_path)
+    for name in ("model.safetensors", "adapter_model.safetensors", "adapter_config.json"):
+        assert name in str(raised.value)
