@@ -208,6 +208,7 @@ def test_a_bad_config_is_refused_naming_the_file_and_the_field(
         ("{}", "'peft_type' is 'None'"),
         (" " * (MAX_CONFIG_BYTES + 1), "more than ckptviz reads"),
     ],
+    ids=["bad_json", "a_list", "empty", "too_big"],
 )
 def test_a_config_that_is_no_config_is_refused(tmp_path: Path, content: str, words: str) -> None:
     trained_adapter(tmp_path / "adapter")

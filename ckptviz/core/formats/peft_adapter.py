@@ -53,7 +53,7 @@ class AdapterConfig:
 
     ``r`` and ``lora_alpha`` give the scale of ``B @ A`` (``lora_alpha / r``, or
     ``lora_alpha / sqrt(r)`` with ``use_rslora``), per module overridden by ``rank_pattern`` /
-    ``alpha_pattern`` (``scaling(module)``). ``target_modules`` is a tuple of module-name
+    ``alpha_pattern`` (``scaling(module)``). ``target_modules`` is a sorted tuple of module-name
     endings, or one regex string that a whole module name must match (PEFT's two forms).
     ``fan_in_fan_out``: the base layer stores its weight transposed (GPT-2's ``Conv1D``).
     ``modules_to_save``: modules saved whole (a new head), live under
@@ -215,7 +215,8 @@ def parse_adapter_config(path: Path, adapter_name: str = "default") -> AdapterCo
     if isinstance(targets_raw, str):
         targets = _pattern(targets_raw, "target_modules", path)
     else:
-        targets = _names(targets_raw, "target_modules", path)
+        # a set in PEFT, saved as a list in set order (which varies between runs): sorted
+        targets = tuple(sorted(_names(targets_raw, "target_modules", path)))
     bias = _field(data, "bias", (str,), path) if "bias" in data else "none"
     if bias not in ("none", "all", "lora_only"):
         raise CheckpointError(
