@@ -29,6 +29,7 @@ from ckptviz.core.errors import (
     PlanError,
     UnsafeCheckpointError,
 )
+from ckptviz.core.formats.peft_adapter import AdapterConfig
 from ckptviz.core.matching import KeyMapping, RuleSuggestion, Suggestion
 from ckptviz.core.plan import Plan
 from ckptviz.core.reading import read_checkpoint
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "STATUSES",
     "ActionDef",
+    "AdapterConfig",
     "ApplyError",
     "Checkpoint",
     "CheckpointError",

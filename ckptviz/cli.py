@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -299,8 +300,9 @@ def run_diff(args: argparse.Namespace, out: TextIO) -> int:
             {
                 "a": _side(left),
                 "b": _side(right),
-                "mapping": diff.mapping.describe(),
+                "mapping": diff.mapping.describe(("a", "b")),
                 "counts": diff.counts,
+                **(_suggestion_records(diff) if args.suggest else {}),
                 "values_compared": "stats" if stats else ("bytes" if equal is not None else "no"),
                 "identical": identical,
                 "verdict": verdict,
@@ -316,8 +318,44 @@ def run_diff(args: argparse.Namespace, out: TextIO) -> int:
         _write_csv(out, columns, records)
     else:
         style = Styler(use_colour(out, args.color))
-        out.write(_diff_text(diff, left, right, equal, stats, verdict, style) + "\n")
+        out.write(_diff_text(diff, left, right, equal, stats, verdict, style, args.suggest) + "\n")
     return EXIT_IDENTICAL if identical else EXIT_DIFFERENT
+
+
+def _suggestion_records(diff: Diff) -> dict[str, Any]:
+    return {
+        "suggestions": [
+            {
+                "a_key": s.model_key,
+                "b_key": s.checkpoint_key,
+                "score": s.score,
+                "ambiguous": s.ambiguous,
+                "other_a_keys": list(s.other_model_keys),
+                "other_b_keys": list(s.other_checkpoint_keys),
+                "reason": s.reason,
+            }
+            for s in diff.suggestions
+        ],
+        "rule_suggestions": [
+            {"pattern": r.pattern, "replacement": r.replacement, "pairs": r.pairs}
+            for r in diff.rule_suggestions
+        ],
+    }
+
+
+def _suggestion_lines(diff: Diff) -> list[str]:
+    """Suggested rules (each as the --rename that takes it) and pairs, a vs b."""
+    lines = []
+    for rule in diff.rule_suggestions:
+        escaped = rule.pattern.replace("=", "\\=")  # the first bare = splits REGEX=REPL
+        option = f"--rename {shlex.quote(f'{escaped}={rule.replacement}')}"
+        lines.append(f"rule: {visible(option)}  (pairs {rule.pairs} more keys)")
+    for s in diff.suggestions:
+        lines.append(
+            f"pair: a {visible(s.model_key)} <- b {visible(s.checkpoint_key)}  "
+            f"(score {s.score:.2f}; {visible(s.reason)})"
+        )
+    return lines or ["no rename suggestions"]
 
 
 def _verdict(diff: Diff, equal: dict[str, bool] | None, stats: ValueStats | None) -> str:
@@ -352,6 +390,7 @@ def _diff_text(
     stats: ValueStats | None,
     verdict: str,
     style: Styler,
+    suggest: bool = False,
 ) -> str:
     headers = ["status", "a key", "shape", "dtype", "b key", "shape", "dtype"]
     if equal is not None:
@@ -389,10 +428,14 @@ def _diff_text(
             return "red"
         return None
 
-    head = [_side_line("a", left), _side_line("b", right), visible_lines(diff.summary())]
+    hint = "listed below" if suggest else "add --suggest to list them"
+    head = [_side_line("a", left), _side_line("b", right), visible_lines(diff.summary_for(hint))]
     table = aligned_table(headers, rows, style, colour_of)
     verdict_line = style(verdict, "green" if verdict.startswith("identical") else "bold")
-    return "\n".join(head) + "\n\n" + table + "\n\n" + verdict_line
+    below = "\n\nrename suggestions (b keys to a keys, none applied):\n" + "\n".join(
+        _suggestion_lines(diff)
+    )
+    return "\n".join(head) + "\n\n" + table + (below if suggest else "") + "\n\n" + verdict_line
 
 
 # -- entry point ---------------------------------------------------------------------------------
@@ -488,6 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-values",
         action="store_true",
         help="compare keys, shapes and dtypes only; never read tensor data",
+    )
+    diff.add_argument(
+        "--suggest",
+        action="store_true",
+        help="list rename suggestions: rules (as the --rename that takes each) and pairs of "
+        "keys, ambiguous ones marked; none is applied",
     )
     diff.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     diff.add_argument(

@@ -190,7 +190,9 @@ def test_an_index_json_that_python_cannot_parse_is_a_checkpoint_error(
 def test_a_metadata_that_is_a_directory_is_not_taken_for_a_dcp_checkpoint(tmp_path: Path) -> None:
     """An Eclipse workspace has a ``.metadata`` directory: not a checkpoint, said as before."""
     (tmp_path / ".metadata").mkdir()
-    with pytest.raises(CheckpointError, match="holds neither a Hugging Face sharded checkpoint"):
+    with pytest.raises(
+        CheckpointError, match="holds none of the checkpoints ckptviz reads as a directory"
+    ):
         ckptviz.read_checkpoint(tmp_path)
 
 

@@ -15,12 +15,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ckptviz.core.errors import CheckpointError
 from ckptviz.core.text import visible
+
+if TYPE_CHECKING:
+    from ckptviz.core.formats.peft_adapter import AdapterConfig
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -410,7 +413,8 @@ class Checkpoint:
     ``location`` is where the state dict sits inside a nested checkpoint (``("state_dict",)``
     for Lightning), ``candidates`` the other places that also looked like one, ``skipped`` the
     entries that are not tensors (key -> what they are) and ``ties`` the groups of keys that
-    share one storage.
+    share one storage. ``adapter`` is the config of a PEFT adapter read with its
+    ``adapter_config.json`` (``None`` for anything else).
     """
 
     source: str
@@ -425,6 +429,7 @@ class Checkpoint:
     fingerprint: FileFingerprint | None = None
     trusted: bool = False
     allow_globals: tuple[str, ...] = ()
+    adapter: AdapterConfig | None = None
     _opener: Callable[[Checkpoint], AbstractContextManager[TensorSource]] | None = field(
         default=None, repr=False
     )

@@ -22,9 +22,11 @@ from ckptviz.core.matching import (
     KeyMapping,
     RuleSuggestion,
     Suggestion,
-    detect_prefixes,
+    adapter_names,
+    align,
     match_keys,
     parse_rules,
+    suggest_base_prefix,
     suggest_renames,
     suggest_rules,
     with_pair,
@@ -126,12 +128,22 @@ def row_status(model: TensorInfo | None, checkpoint: TensorInfo | None) -> str:
 def _rename_note(model_key: str, checkpoint_key: str, mapping: KeyMapping) -> str:
     if model_key == checkpoint_key:
         return ""
+    prefixed = KeyMapping(mapping.checkpoint_prefix).checkpoint_name(checkpoint_key)
+    named = KeyMapping(
+        mapping.checkpoint_prefix, adapter=mapping.adapter, adapter_modules=mapping.adapter_modules
+    ).checkpoint_name(checkpoint_key)
     if (model_key, checkpoint_key) in mapping.pairs:
         how = "paired by hand"
-    elif mapping.rules and mapping.checkpoint_name(checkpoint_key) != KeyMapping(
-        mapping.checkpoint_prefix
-    ).checkpoint_name(checkpoint_key):
+    elif mapping.rules and mapping.checkpoint_name(checkpoint_key) != named:
         how = "by rename rule"
+    elif named != prefixed:
+        how = f"PEFT adapter {mapping.adapter!r}"
+    elif mapping.base_side and (
+        checkpoint_key.startswith(mapping.checkpoint_prefix)
+        if mapping.base_side == "checkpoint"
+        else model_key.startswith(mapping.model_prefix)
+    ):
+        how = f"base model {mapping.base_prefix!r}"
     else:
         how = "wrapper prefix"
     return f"renamed from {checkpoint_key} ({how})"
@@ -198,6 +210,12 @@ class Diff:
         return self.model_side.format == MODULE
 
     @property
+    def side_words(self) -> tuple[str, str]:
+        """How text names the two sides: ``model``/``checkpoint``, or ``a``/``b`` when two
+        checkpoints are compared (``side_names`` gives their sources)."""
+        return ("model", "checkpoint") if self.against_model else ("a", "b")
+
+    @property
     def side_names(self) -> tuple[str, str]:
         if self.against_model:
             return ("model", "checkpoint")
@@ -240,11 +258,17 @@ class Diff:
         return all(r.status == "match" and not r.note for r in self.rows)
 
     def summary(self) -> str:
-        """How many rows of each status, and how the keys were mapped (a few lines)."""
+        return self.summary_for("see diff.suggestions")
+
+    def summary_for(self, suggestions_hint: str) -> str:
+        """How many rows of each status, and how the keys were mapped (a few lines), saying
+        where suggestions are listed with ``suggestions_hint`` (the command line says its flag;
+        Python says ``diff.suggestions``)."""
         counts = self.counts
         parts = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         lines = [f"{len(self.rows)} rows: {parts or 'nothing to compare'}"]
-        lines.append(f"key mapping: {visible(self.mapping.describe(), 4 * NAME_WIDTH)}")
+        described = self.mapping.describe(self.side_words)
+        lines.append(f"key mapping: {visible(described, 4 * NAME_WIDTH)}")
         if self.checkpoint.location:
             lines.append(f"checkpoint state dict at '{visible(self.checkpoint.location_text)}'")
         if self.checkpoint.candidates:
@@ -255,7 +279,12 @@ class Diff:
         if self.checkpoint.skipped:
             lines.append(f"{len(self.checkpoint.skipped)} checkpoint entries are not tensors")
         if self.suggestions:
-            lines.append(f"{len(self.suggestions)} rename suggestion(s): see diff.suggestions")
+            ambiguous = sum(s.ambiguous for s in self.suggestions)
+            lines.append(
+                f"{len(self.suggestions)} rename suggestion(s)"
+                + (f", {ambiguous} ambiguous" if ambiguous else "")
+                + f": {suggestions_hint}"
+            )
         return "\n".join(lines)
 
     # -- renames ---------------------------------------------------------------------------------
@@ -263,7 +292,11 @@ class Diff:
     def suggestions(self) -> list[Suggestion]:
         """Likely pairs of missing and unexpected keys, best first; never applied on their own."""
         if self._suggestions is None:
-            missing = [r.model for r in self.rows if r.status == "missing" and r.model]
+            missing = [
+                r.model
+                for r in self.rows
+                if r.status == "missing" and r.model and self._adapter_may_feed(r.model.key)
+            ]
             unexpected = [
                 r.checkpoint for r in self.rows if r.status == "unexpected" and r.checkpoint
             ]
@@ -274,14 +307,34 @@ class Diff:
             )
         return self._suggestions
 
+    def _adapter_may_feed(self, model_key: str) -> bool:
+        """Whether a PEFT adapter checkpoint may feed ``model_key``: never PEFT's frozen
+        ``original_module`` copy, never another adapter's tensors than the one it is named
+        as (with no adapter naming in the mapping, any: nothing says which is active)."""
+        if self.checkpoint.adapter is None:
+            return True
+        parts = model_key.split(".")
+        if "original_module" in parts:
+            return False
+        if not self.mapping.adapter:
+            return True
+        held = adapter_names([model_key])
+        return not held or held == {self.mapping.adapter}
+
     @property
     def rule_suggestions(self) -> list[RuleSuggestion]:
-        return suggest_rules(
-            self.suggestions,
-            self.mapping,
-            list(self.model_side.tensors),
-            list(self.checkpoint.tensors),
+        """Rename rules that would pair several keys at once: a base model's module first
+        (``^`` -> ``bert.``, where ``compare`` could not be sure of it), then rules shared by
+        the suggested pairs."""
+        model_keys = list(self.model_side.tensors)
+        checkpoint_keys = list(self.checkpoint.tensors)
+        based = (
+            []
+            if self.mapping.base_side or self.checkpoint.adapter is not None
+            else suggest_base_prefix(model_keys, checkpoint_keys, self.mapping)
         )
+        shared = suggest_rules(self.suggestions, self.mapping, model_keys, checkpoint_keys)
+        return [*based, *shared]
 
     def pair(self, model_key: str, checkpoint_key: str) -> Diff:
         """A new Diff in which ``checkpoint_key`` feeds ``model_key``."""
@@ -383,5 +436,32 @@ def compare(
     with gc_paused():
         model_side = read_checkpoint(model)
         checkpoint = read_checkpoint(source, key=key, trusted=trusted, allow_globals=allow_globals)
-        mapping = detect_prefixes(model_side.keys(), checkpoint.keys(), parse_rules(rename))
+        mapping = align(
+            model_side.keys(),
+            checkpoint.keys(),
+            parse_rules(rename),
+            base_model_prefix=_declared_base_prefix(live),
+            adapter_modules=None
+            if checkpoint.adapter is None
+            else checkpoint.adapter.modules_to_save,
+            active_adapter=_active_adapter(live, model_side.keys()),
+        )
         return Diff(model_side, checkpoint, mapping, live)
+
+
+def _declared_base_prefix(model: torch.nn.Module | None) -> str | None:
+    """The base model's module a transformers model class declares (``base_model_prefix``,
+    a class attribute: read from the class, so no model code runs)."""
+    prefix = getattr(type(model), "base_model_prefix", None) if model is not None else None
+    return prefix if isinstance(prefix, str) and prefix else None
+
+
+def _active_adapter(model: torch.nn.Module | None, keys: Sequence[str]) -> str | None:
+    """The adapter a live ``PeftModel`` runs (its ``active_adapter``), if it says one."""
+    if model is None or not adapter_names(keys):
+        return None
+    try:
+        active = model.active_adapter  # a property of PeftModel: only asked of adapter models
+    except Exception:  # a model that cannot say has no active adapter
+        return None
+    return active if isinstance(active, str) else None

@@ -3,8 +3,13 @@ r"""Matching: which checkpoint key feeds which model key.
 A ``KeyMapping`` is everything that decides it: a wrapper prefix stripped on either side
 (``module.`` from DataParallel, ``_orig_mod.`` from torch.compile, ``model.`` from Lightning),
 explicit rename rules (regex -> replacement, applied to checkpoint keys) and pairs a person
-chose by hand. ``detect_prefixes`` finds the prefixes; ``suggest_renames`` ranks likely pairs
-among what is still unmatched, for a person to accept, never applied on its own.
+chose by hand, and two alignments that know the ecosystem: a *base model* (a ``BertModel``
+checkpoint into ``BertForSequenceClassification``, whose keys sit under ``bert.``; or the
+reverse) and a *PEFT adapter* (saved keys carry no adapter name: ``lora_A.weight`` lives as
+``lora_A.default.weight``, a ``modules_to_save`` head ``classifier.weight`` as
+``classifier.modules_to_save.default.weight``). ``align`` finds all of it, applying only what is
+certain (see ``detect_base_prefix`` and ``detect_adapter``); ``suggest_renames`` ranks likely
+pairs among what is still unmatched, for a person to accept, never applied on its own.
 
 Rename rules come from people, but also from plan JSON files and command lines that someone else
 wrote, so they run in RE2 (``google-re2``), whose matching time grows linearly with the key
@@ -21,6 +26,7 @@ from __future__ import annotations
 import bisect
 import functools
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
@@ -192,6 +198,15 @@ class KeyMapping:
     model_prefix: str = ""
     rules: tuple[tuple[str, str], ...] = ()
     pairs: tuple[tuple[str, str], ...] = field(default=())  # (model key, checkpoint key)
+    #: which side's prefix ends with a base model's module (``"model"`` or ``"checkpoint"``),
+    #: and that module (``"bert."``): the words of ``describe``; the stripping itself is the
+    #: side's prefix, which holds it
+    base_side: str = ""
+    base_prefix: str = ""
+    #: a PEFT adapter's checkpoint keys are named as the model's adapter ``adapter`` (e.g.
+    #: ``"default"``); ``adapter_modules`` are its ``modules_to_save``
+    adapter: str = ""
+    adapter_modules: tuple[str, ...] = ()
     _compiled: tuple[RenameRule, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
@@ -199,10 +214,27 @@ class KeyMapping:
         # equality, repr and to_dict stay those of the rule strings
         compiled = tuple(compile_rule(pattern, replacement) for pattern, replacement in self.rules)
         object.__setattr__(self, "_compiled", compiled)
+        if self.base_side not in ("", "model", "checkpoint") or bool(self.base_side) != bool(
+            self.base_prefix
+        ):
+            raise PlanError(
+                f"key mapping: base_side {self.base_side!r} with base_prefix "
+                f"{self.base_prefix!r}; expected 'model' or 'checkpoint' with a prefix, or neither"
+            )
+        side_prefix = self.model_prefix if self.base_side == "model" else self.checkpoint_prefix
+        if self.base_prefix and not side_prefix.endswith(self.base_prefix):
+            raise PlanError(
+                f"key mapping: the base model prefix {self.base_prefix!r} must end the "
+                f"{self.base_side} prefix {side_prefix!r}"
+            )
+        if self.adapter_modules and not self.adapter:
+            raise PlanError("key mapping: adapter_modules given without an adapter name")
 
     def checkpoint_name(self, key: str) -> str:
-        """The name a checkpoint key is matched under, after prefix and rules."""
+        """The name a checkpoint key is matched under, after prefix, adapter name and rules."""
         name = key.removeprefix(self.checkpoint_prefix) if self.checkpoint_prefix else key
+        if self.adapter:
+            name = adapter_live_name(name, self.adapter, self.adapter_modules)
         for rule in self._compiled:
             name = rule.apply(name)
         return name
@@ -210,38 +242,75 @@ class KeyMapping:
     def model_name(self, key: str) -> str:
         return key.removeprefix(self.model_prefix) if self.model_prefix else key
 
-    def describe(self) -> str:
+    def describe(self, sides: tuple[str, str] = ("model", "checkpoint")) -> str:
+        """The mapping in words; ``sides`` names the two sides (model side first), e.g. the
+        two file names when two checkpoints are compared."""
+        left, right = sides
         parts = []
-        if self.checkpoint_prefix:
-            parts.append(f"checkpoint prefix {self.checkpoint_prefix!r} removed")
-        if self.model_prefix:
-            parts.append(f"model prefix {self.model_prefix!r} removed")
+        wrapper = {"checkpoint": self.checkpoint_prefix, "model": self.model_prefix}
+        if self.base_side:
+            wrapper[self.base_side] = wrapper[self.base_side][: -len(self.base_prefix)]
+        if wrapper["checkpoint"]:
+            parts.append(f"{right} prefix {wrapper['checkpoint']!r} removed")
+        if wrapper["model"]:
+            parts.append(f"{left} prefix {wrapper['model']!r} removed")
+        if self.base_side == "model":
+            parts.append(
+                f"base model: {right} keys aligned under {left}'s module {self.base_prefix!r}"
+            )
+        elif self.base_side == "checkpoint":
+            parts.append(
+                f"base model: {left} keys aligned under {right}'s module {self.base_prefix!r}"
+            )
+        if self.adapter:
+            saved = ", ".join(self.adapter_modules)
+            parts.append(
+                f"PEFT adapter: {right} keys named as adapter {self.adapter!r} of {left} "
+                f"(lora_A.weight -> lora_A.{self.adapter}.weight"
+                + (
+                    f"; modules_to_save {saved} -> <module>.modules_to_save.{self.adapter}"
+                    if saved
+                    else ""
+                )
+                + ")"
+            )
         parts += [f"rule {p!r} -> {r!r}" for p, r in self.rules]
         if self.pairs:
             parts.append(f"{len(self.pairs)} pair(s) chosen by hand")
         return "; ".join(parts) or "keys compared as they are"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "checkpoint_prefix": self.checkpoint_prefix,
             "model_prefix": self.model_prefix,
             "rules": [list(r) for r in self.rules],
             "pairs": [list(p) for p in self.pairs],
         }
+        if self.base_side:  # only when used, so plans without them read as before
+            data["base_side"], data["base_prefix"] = self.base_side, self.base_prefix
+        if self.adapter:
+            data["adapter"], data["adapter_modules"] = self.adapter, list(self.adapter_modules)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KeyMapping:
         """The mapping saved by ``to_dict``; anything malformed is refused, naming the field."""
         prefixes = {}
-        for name in ("checkpoint_prefix", "model_prefix"):
+        for name in ("checkpoint_prefix", "model_prefix", "base_side", "base_prefix", "adapter"):
             value = data.get(name, "")
             if not isinstance(value, str):
                 raise PlanError(f"not a ckptviz plan: mapping {name!r} must be a string")
             prefixes[name] = value
+        modules = data.get("adapter_modules", [])
+        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+            raise PlanError(
+                "not a ckptviz plan: mapping 'adapter_modules' must be a list of strings"
+            )
         return cls(
             **prefixes,
             rules=_string_pairs(data, "rules"),
             pairs=_string_pairs(data, "pairs"),
+            adapter_modules=tuple(modules),
         )
 
 
@@ -360,12 +429,23 @@ def detect_prefixes(
 
 @dataclass(frozen=True)
 class Suggestion:
-    """A likely pair among unmatched keys, with how sure and why; accept it or leave it."""
+    """A likely pair among unmatched keys, with how sure and why; accept it or leave it.
+
+    ``other_model_keys`` / ``other_checkpoint_keys``: keys of the same shape that fit this
+    pair's checkpoint (model) key as well by name (the same block numbers, as many name parts in
+    common). When there are any the suggestion is ``ambiguous``: its score does not decide, a
+    person must."""
 
     model_key: str
     checkpoint_key: str
     score: float
     reason: str
+    other_model_keys: tuple[str, ...] = ()
+    other_checkpoint_keys: tuple[str, ...] = ()
+
+    @property
+    def ambiguous(self) -> bool:
+        return bool(self.other_model_keys or self.other_checkpoint_keys)
 
 
 @dataclass(frozen=True)
@@ -408,6 +488,19 @@ def _shared_start(a: str, b: str) -> int:
     return low
 
 
+def _evidence(a: str, b: str) -> tuple[bool, int]:
+    """What the names alone say about a pair: whether their numbers (``blocks.3``,
+    ``stage0``) agree, and how many name parts they share."""
+    a_parts, b_parts = a.split("."), b.split(".")
+    numbers_agree = _NUMBER.findall(a) == _NUMBER.findall(b)
+    return numbers_agree, sum((Counter(a_parts) & Counter(b_parts)).values())
+
+
+_NUMBER = re.compile(r"\d+")
+#: Other keys named in an ambiguous suggestion, at most.
+MAX_ALTERNATIVES = 5
+
+
 def suggest_renames(
     missing: Sequence[TensorInfo],
     unexpected: Sequence[TensorInfo],
@@ -419,7 +512,9 @@ def suggest_renames(
     """Rank pairs of (missing model key, unexpected checkpoint key) of one shape and leaf name.
 
     Score = 0.6 * name similarity + 0.4 * closeness of their positions in each file; each key is
-    used in at most one suggestion, best first.
+    used in at most one suggestion, best first. Where another key of the same shape fits as well
+    by name (``_evidence``: same block numbers, as many shared name parts), the score is not
+    trusted to decide: the suggestion is marked ambiguous and names the others.
     """
     if not missing or not unexpected:
         return []
@@ -435,13 +530,17 @@ def suggest_renames(
         group.sort(key=lambda item: item[0])
     window = 8 if len(unexpected) <= 5000 else 2
     scored: list[tuple[float, str, str, str]] = []
+    evidence: dict[tuple[str, str], tuple[bool, int]] = {}
+    by_ckpt: dict[str, list[str]] = {}
+    by_model: dict[str, list[str]] = {}
     for ckpt in unexpected:
         group = groups.get((ckpt.shape, _leaf(ckpt.key)), [])
         position = checkpoint_order[ckpt.key] / n_ckpt
         at = bisect.bisect_left(group, position, key=lambda item: item[0])
         name = mapping.checkpoint_name(ckpt.key)
         for model_position, model in group[max(0, at - window) : at + window]:
-            similarity, how = name_similarity(name, mapping.model_name(model.key))
+            model_name = mapping.model_name(model.key)
+            similarity, how = name_similarity(name, model_name)
             closeness = 1 - abs(model_position - position)
             score = 0.6 * similarity + 0.4 * closeness
             reason = (
@@ -449,6 +548,9 @@ def suggest_renames(
                 f"positions {closeness:.0%} close"
             )
             scored.append((score, model.key, ckpt.key, reason))
+            evidence[(model.key, ckpt.key)] = _evidence(name, model_name)
+            by_ckpt.setdefault(ckpt.key, []).append(model.key)
+            by_model.setdefault(model.key, []).append(ckpt.key)
     scored.sort(key=lambda s: (-s[0], s[1], s[2]))
     used_model: set[str] = set()
     used_ckpt: set[str] = set()
@@ -458,7 +560,26 @@ def suggest_renames(
             continue
         used_model.add(model_key)
         used_ckpt.add(ckpt_key)
-        result.append(Suggestion(model_key, ckpt_key, round(score, 3), reason))
+        chosen = evidence[(model_key, ckpt_key)]
+        other_models = tuple(
+            m for m in by_ckpt[ckpt_key] if m != model_key and evidence[(m, ckpt_key)] >= chosen
+        )[:MAX_ALTERNATIVES]
+        other_ckpts = tuple(
+            c for c in by_model[model_key] if c != ckpt_key and evidence[(model_key, c)] >= chosen
+        )[:MAX_ALTERNATIVES]
+        if other_models or other_ckpts:
+            reason = (
+                "ambiguous, "
+                + reason
+                + ": "
+                + "; ".join(
+                    [f"as likely model key {m}" for m in other_models]
+                    + [f"as likely checkpoint key {c}" for c in other_ckpts]
+                )
+            )
+        result.append(
+            Suggestion(model_key, ckpt_key, round(score, 3), reason, other_models, other_ckpts)
+        )
         if len(result) >= limit:
             break
     return result
@@ -506,6 +627,10 @@ def suggest_rules(
         old_mid, new_mid = old[start : len(old) - end], new[start : len(new) - end]
         if not old_mid or not old_mid[0].isascii():
             continue  # RE2's word boundary is ASCII: it could not say where such a name starts
+        if start > old.rfind("."):
+            continue  # it would rename a bare tensor name (weight -> default.weight) everywhere
+        if s.ambiguous:
+            continue  # a pair a person must decide is no ground for a rule over many keys
         counts[(old_mid, new_mid)] = counts.get((old_mid, new_mid), 0) + 1
     rules = [_rule_for(old, new, n) for (old, new), n in counts.items() if n >= 2]
     if model_keys and checkpoint_keys:
@@ -537,3 +662,217 @@ def with_pair(mapping: KeyMapping, model_key: str, checkpoint_key: str) -> KeyMa
 
 def with_rule(mapping: KeyMapping, pattern: str, replacement: str) -> KeyMapping:
     return replace(mapping, rules=(*mapping.rules, (pattern, replacement)))
+
+
+# -- the ecosystem: PEFT adapters and base models ------------------------------------------------
+
+#: Tensors of a LoRA layer: saved as ``<module>.lora_A.weight``, held by a live ``PeftModel`` as
+#: ``<module>.lora_A.<adapter>.weight`` (an embedding's ``lora_embedding_A`` has no ``.weight``).
+LORA_TENSORS = frozenset(
+    {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
+)
+#: Module prefixes a base-model rule suggestion tries (each costs a pass over the keys).
+MAX_PREFIX_SUGGESTIONS = 8
+#: Where a live ``PeftModel`` keeps a ``modules_to_save`` module's trained copies, by adapter.
+MODULES_TO_SAVE = "modules_to_save"
+
+
+def adapter_live_name(name: str, adapter: str, modules_to_save: Sequence[str] = ()) -> str:
+    """The name a saved PEFT adapter key has in a live model holding adapter ``adapter``.
+
+    PEFT saves without the adapter name; loading puts it back: after a LoRA tensor's name
+    (``q.lora_A.weight`` -> ``q.lora_A.default.weight``) and, for a module of
+    ``modules_to_save`` (a module whose name ends with one of them, PEFT's own test), as
+    ``modules_to_save.<adapter>`` after the module (``classifier.weight`` ->
+    ``classifier.modules_to_save.default.weight``; never the frozen ``original_module``)."""
+    parts = name.split(".")
+    for at, part in enumerate(parts):
+        if part in LORA_TENSORS:
+            return ".".join([*parts[: at + 1], adapter, *parts[at + 1 :]])
+    for end in range(1, len(parts)):
+        module = ".".join(parts[:end])
+        if any(module.endswith(target) for target in modules_to_save):
+            return ".".join([*parts[:end], MODULES_TO_SAVE, adapter, *parts[end:]])
+    return name
+
+
+def adapter_names(model_keys: Iterable[str]) -> set[str]:
+    """Adapter names in model keys (``lora_A.<name>.``, ``modules_to_save.<name>.``)."""
+    names: set[str] = set()
+    for key in model_keys:
+        parts = key.split(".")
+        for at, part in enumerate(parts[:-1]):
+            if part in LORA_TENSORS or (part == MODULES_TO_SAVE and at + 2 < len(parts)):
+                names.add(parts[at + 1])
+    return names
+
+
+def detect_adapter(
+    model_keys: Sequence[str],
+    checkpoint_keys: Sequence[str],
+    mapping: KeyMapping,
+    modules_to_save: Sequence[str],
+    active: str | None = None,
+) -> KeyMapping | None:
+    """``mapping`` naming a PEFT adapter checkpoint's keys as the model's adapter, when sure.
+
+    The adapter is ``active`` (the live model's active adapter) or else the one adapter the
+    model's keys hold; several and no active one: ``None``. Sure means every key the adapter
+    naming changes lands on a model key and more keys match than without it."""
+    held = adapter_names(model_keys)
+    name = active if active in held else next(iter(held)) if len(held) == 1 else None
+    if name is None:
+        return None
+    candidate = replace(mapping, adapter=name, adapter_modules=tuple(modules_to_save))
+    model_names = set(map(candidate.model_name, model_keys))
+    for key in checkpoint_keys:
+        live = candidate.checkpoint_name(key)
+        if live != mapping.checkpoint_name(key) and live not in model_names:
+            return None
+    before = len(match_keys(model_keys, checkpoint_keys, mapping))
+    after = len(match_keys(model_keys, checkpoint_keys, candidate))
+    return candidate if after > before else None
+
+
+def _under(names: Sequence[str], outer: set[str], prefix: str, every: bool = False) -> int:
+    """How many of ``names`` sit under ``prefix`` among ``outer``, or -1 when one of them also
+    matches as it is (then the module is not where they belong for sure). ``every``: stop at the
+    first name that does not (the count is then short of ``len(names)``)."""
+    count = 0
+    for name in names:
+        if prefix + name in outer:
+            if name in outer:
+                return -1
+            count += 1
+        elif every:
+            break
+    return count
+
+
+def _module_candidates(inner: Sequence[str], outer: Iterable[str], samples: int) -> list[str]:
+    """Prefixes ``P`` (ending in ``.``) such that ``P + name`` is in ``outer`` for a few sampled
+    ``name`` of ``inner`` (the first, and spread over the rest)."""
+    if not inner:
+        return []
+    ordered = sorted(inner)
+    picked = {ordered[i * (len(ordered) - 1) // max(samples - 1, 1)] for i in range(samples)}
+    found: dict[str, None] = {}
+    for name in sorted(picked):
+        tail = "." + name
+        for key in outer:
+            if key.endswith(tail):
+                found.setdefault(key[: len(key) - len(name)], None)
+    return sorted(found)
+
+
+def _with_base(mapping: KeyMapping, side: str, prefix: str) -> KeyMapping:
+    if side == "model":
+        return replace(
+            mapping,
+            model_prefix=mapping.model_prefix + prefix,
+            base_side="model",
+            base_prefix=prefix,
+        )
+    return replace(
+        mapping,
+        checkpoint_prefix=mapping.checkpoint_prefix + prefix,
+        base_side="checkpoint",
+        base_prefix=prefix,
+    )
+
+
+def _base_sides(
+    model_keys: Sequence[str], checkpoint_keys: Sequence[str], mapping: KeyMapping
+) -> list[tuple[str, list[str], set[str]]]:
+    """(side holding the base model's module, the names that go under it, the other side's
+    names): checkpoint keys under a model module, and model keys under a checkpoint module."""
+    ckpt_names = [mapping.checkpoint_name(k) for k in checkpoint_keys]
+    model_names = [mapping.model_name(k) for k in model_keys]
+    return [("model", ckpt_names, set(model_names)), ("checkpoint", model_names, set(ckpt_names))]
+
+
+def detect_base_prefix(
+    model_keys: Sequence[str],
+    checkpoint_keys: Sequence[str],
+    mapping: KeyMapping,
+    declared: str | None = None,
+) -> KeyMapping | None:
+    """``mapping`` with a base model's module added to one side's prefix, when sure; else None.
+
+    A base model's checkpoint (``embeddings.*``) into a model with a head (``bert.embeddings.*``,
+    ``classifier.*``), or a head model's checkpoint into the base model. transformers'
+    ``from_pretrained`` is sure of the module because the model class names it
+    (``base_model_prefix``), and then moves each key whose moved name the model has. Here the
+    same holds for ``declared`` (a live model's ``base_model_prefix``); found from the keys
+    alone, a module is sure only when *every* key of one side sits under it, it is the only
+    module that holds them all, and no key also matches as it is. Anything less is a rule
+    suggestion (``suggest_base_prefix``)."""
+    if mapping.rules or mapping.pairs or mapping.base_side or mapping.adapter:
+        return None  # a person is mapping by hand: do not move their keys under them
+    before = len(match_keys(model_keys, checkpoint_keys, mapping))
+    if before == min(len(model_keys), len(checkpoint_keys)):
+        return None  # every key that can match does
+    sure: list[KeyMapping] = []
+    for side, inner, outer in _base_sides(model_keys, checkpoint_keys, mapping):
+        if declared:
+            prefix = declared + "."
+            if _under(inner, outer, prefix) > 0:
+                sure.append(_with_base(mapping, side, prefix))
+                continue
+        if len(inner) > len(outer):
+            continue
+        for prefix in _module_candidates(inner, outer, samples=1):
+            if _under(inner, outer, prefix, every=True) == len(inner):
+                sure.append(_with_base(mapping, side, prefix))
+    if len(sure) != 1:
+        return None  # none, or two modules that would both do (a teacher and a student)
+    after = len(match_keys(model_keys, checkpoint_keys, sure[0]))
+    return sure[0] if after > before else None
+
+
+def suggest_base_prefix(
+    model_keys: Sequence[str], checkpoint_keys: Sequence[str], mapping: KeyMapping
+) -> list[RuleSuggestion]:
+    """Rules that put the checkpoint's keys under one module of the model (``^`` -> ``bert.``)
+    or take them out of one (``^bert\\.`` -> ``""``), where that pairs two or more more keys
+    but is not sure enough for ``detect_base_prefix``."""
+    before = len(match_keys(model_keys, checkpoint_keys, mapping))
+    found: list[RuleSuggestion] = []
+    for side, inner, outer in _base_sides(model_keys, checkpoint_keys, mapping):
+        for prefix in _module_candidates(inner, outer, samples=5)[:MAX_PREFIX_SUGGESTIONS]:
+            if _under(inner, outer, prefix) < 2:
+                continue
+            if side == "model":
+                rule = ("^", prefix.replace("\\", "\\\\"))
+            else:
+                rule = ("^" + re2.escape(prefix), "")
+            after = len(match_keys(model_keys, checkpoint_keys, with_rule(mapping, *rule)))
+            if after - before >= 2:
+                found.append(RuleSuggestion(*rule, after - before))
+    return sorted(found, key=lambda r: -r.pairs)
+
+
+def align(
+    model_keys: Sequence[str],
+    checkpoint_keys: Sequence[str],
+    rules: tuple[tuple[str, str], ...] = (),
+    *,
+    base_model_prefix: str | None = None,
+    adapter_modules: Sequence[str] | None = None,
+    active_adapter: str | None = None,
+) -> KeyMapping:
+    """The key mapping ``compare`` uses: wrapper prefixes, then, when sure, a PEFT adapter's
+    names (``adapter_modules`` given: the checkpoint is an adapter with those
+    ``modules_to_save``) or a base model's module (``base_model_prefix``: the one the model
+    class declares, as transformers names it)."""
+    mapping = detect_prefixes(model_keys, checkpoint_keys, rules)
+    if adapter_modules is not None:
+        for start in (mapping, KeyMapping(rules=rules)):
+            named = detect_adapter(
+                model_keys, checkpoint_keys, start, adapter_modules, active_adapter
+            )
+            if named is not None:
+                return named
+        return mapping
+    based = detect_base_prefix(model_keys, checkpoint_keys, mapping, base_model_prefix)
+    return based if based is not None else mapping

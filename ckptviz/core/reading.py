@@ -47,10 +47,12 @@ def _read_path(
             return fmt.read(path, key=key, trusted=trusted, allow=allow)
     if path.is_dir():
         raise CheckpointError(
-            f"{path}: is a directory, but holds neither a Hugging Face sharded checkpoint "
-            "(*.index.json and its shards) nor a torch.distributed.checkpoint (.metadata and "
-            "*.distcp). For a checkpoint file (.pt, .pth, .bin, .ckpt or .safetensors), pass "
-            "the file inside it."
+            f"{path}: is a directory, but holds none of the checkpoints ckptviz reads as a "
+            "directory: a Hugging Face save_pretrained directory (model.safetensors, "
+            "pytorch_model.bin, or *.index.json and its shards), a PEFT adapter "
+            "(adapter_model.safetensors or adapter_model.bin, with adapter_config.json) or a "
+            "torch.distributed.checkpoint (.metadata and *.distcp). For a checkpoint file (.pt, "
+            ".pth, .bin, .ckpt or .safetensors), pass the file inside it."
         )
     if path.is_file() and tarfile.is_tarfile(path):
         raise CheckpointError(
