@@ -27,14 +27,16 @@ from ckptviz.core.text import visible
 def stem_conv(model: torch.nn.Module) -> str | None:
     """The name of the model's input conv: the first ``Conv2d`` in ``named_modules()`` order
     (registration order), or ``None`` when it has none."""
-    names: list[str] = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    root = model.get_submodule("")  # the model itself (the widget's module index: its root)
+    names: list[str] = [n for n, m in root.named_modules() if isinstance(m, torch.nn.Conv2d)]
     return names[0] if names else None
 
 
 def adaptation_problem(
     ckpt_shape: tuple[int, ...], model_shape: tuple[int, ...], dtype_names: tuple[str, str]
 ) -> str | None:
-    """Why the checkpoint kernel cannot be adapted to the model's, from the shapes alone."""
+    """Why the checkpoint kernel is not one whose input channels alone changed (``None``: it
+    is; ``formulas.adapt_input_channels_refusal`` then says whether the counts can be adapted)."""
     if ckpt_shape == model_shape:
         return "the shapes agree already: load it"
     if len(ckpt_shape) != 4 or len(model_shape) != 4:
@@ -50,7 +52,7 @@ def adaptation_problem(
     for name in dtype_names:
         if not name.startswith(("float", "bfloat")):
             return f"a {visible(name)} tensor is not a conv kernel of real values"
-    return formulas.adapt_input_channels_refusal(ckpt_shape, model_shape[1])
+    return None
 
 
 def _refuse(ctx: RowContext) -> str | None:
@@ -58,16 +60,17 @@ def _refuse(ctx: RowContext) -> str | None:
     if c is None or m is None:
         return "the checkpoint has no kernel to adapt"
     why = adaptation_problem(c.shape, m.shape, (c.dtype, m.dtype))
-    if why is not None or ctx.model is None:
-        return why  # without the model: checked again when applied, against the model given then
-    stem = stem_conv(ctx.model)
-    if ctx.row.key != (f"{stem}.weight" if stem else "weight"):
+    if why is not None:
+        return why
+    # without the model: the input conv is checked when applied, against the model given then
+    stem = stem_conv(ctx.model) if ctx.model is not None else None
+    if ctx.model is not None and ctx.row.key != f"{stem}.weight":
         where = f"the model's first Conv2d is {visible(stem)}" if stem else "the model has none"
         return (
             f"not the model's input conv ({where}): summing or repeating input channels only "
             "means something where the image's channels come in; partial or reinit it"
         )
-    return None
+    return formulas.adapt_input_channels_refusal(c.shape, m.shape[1])
 
 
 def _value(ctx: ValueContext) -> torch.Tensor:

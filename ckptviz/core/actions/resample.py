@@ -137,22 +137,28 @@ def _kind_by_key(row: Row) -> str | None:
 
 def prefix_tokens_of(model: torch.nn.Module, key: str, width: int) -> tuple[int, list[str]]:
     """The prefix tokens a position embedding at ``key`` of width ``width`` holds, by the rule
-    of the module doc: (count, the model keys counted)."""
-    module_name = key.rpartition(".")[0]
-    owners = {""}
-    parts = module_name.split(".") if module_name else []
-    owners.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    of the module doc: (count, the model keys counted). Asks the model only through
+    ``get_submodule`` (the widget hands over an index of the modules)."""
+    parts = key.split(".")[:-1]
     count, found = 0, []
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        owner, _, leaf = name.rpartition(".")
-        if owner in owners and _PREFIX_TOKEN.fullmatch(leaf) and tensor.numel() % width == 0:
-            count += tensor.numel() // width
-            found.append(name)
+    for depth in range(len(parts), -1, -1):
+        owner = ".".join(parts[:depth])
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for leaf, tensor in own:
+            if _PREFIX_TOKEN.fullmatch(leaf) and tensor.numel() % width == 0:
+                count += tensor.numel() // width
+                found.append(f"{owner}.{leaf}" if owner else leaf)
     return count, found
 
 
 def _patch_embedding(model: torch.nn.Module, width: int) -> str | None:
-    for name, module in model.named_modules():
+    """The first ``Conv2d`` of the model projecting to ``width`` channels (a patch embedding)."""
+    root = model.get_submodule("")  # the model itself (the widget's module index: its root)
+    for name, module in root.named_modules():
         if isinstance(module, torch.nn.Conv2d) and module.out_channels == width:
             return name or "the model"
     return None
