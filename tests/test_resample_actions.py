@@ -444,3 +444,37 @@ def test_adapt_channels_code_on_a_plain_module(gray_stem_files: tuple[Path, nn.M
         float(torch.load(path)["stem.weight"].sum()),
         rel_tol=1e-5,
     )
+
+
+class Mixed(nn.Module):
+    """Every kind at once: a position grid with a class token, a bias table, a patch kernel."""
+
+    def __init__(self, grid: int, window: int, kernel: int):
+        super().__init__()
+        self.tokens = Tokens(1 + grid * grid)
+        self.window = Window(window, extra=3)
+        self.patch = nn.Conv2d(3, 4, kernel, kernel)
+
+
+def test_every_kind_in_one_plan_runs_as_code_bit_for_bit(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    old = Mixed(grid=2, window=2, kernel=4)
+    path = tmp_path / "mixed.safetensors"
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, path)
+    torch.manual_seed(1)
+    model = Mixed(grid=3, window=3, kernel=6)
+    untouched = state_of(model)
+    plan = ckptviz.Plan(ckptviz.compare(model, path))
+    keys = ["tokens.pos_embed", "window.relative_position_bias_table", "patch.weight"]
+    for key in keys:
+        plan.set(key, "resample")
+    report = plan.apply(model)
+    details = {e.key: e.detail for e in report.entries}
+    assert "PI-resize" in details["patch.weight"]
+    assert "3 class-token rows kept" in details["window.relative_position_bias_table"]
+    applied = state_of(model)
+    assert all(not bitwise_equal(applied[k], untouched[k]) for k in keys)
+    fresh = Mixed(grid=3, window=3, kernel=6)
+    fresh.load_state_dict(untouched)
+    exec(plan.to_code(), {"model": fresh})
+    assert_state(fresh, applied)
