@@ -57,7 +57,9 @@ def test_refusals_name_the_reason() -> None:
         "keep": None,
         "reinit": None,
         "partial": None,
+        "merge": plan.refusal("lin.weight", "merge"),
     }
+    assert "not read as a PEFT LoRA adapter" in str(plan.refusal("lin.weight", "merge"))
     assert plan.action("lin.weight") == "keep"  # refused sets changed nothing
     changed = plan.set("*", "reinit", skip_refused=True)
     assert sorted(changed) == ["lin.bias", "lin.weight"]

@@ -69,6 +69,9 @@ class _AdapterIndex:
     peft_model: bool
 
 
+#: Where ``PeftModel.save_pretrained`` puts every key: the wrapped model's own names after it.
+PEFT_PREFIX = "base_model.model."
+
 _INDEXES: weakref.WeakKeyDictionary[Diff, _AdapterIndex] = weakref.WeakKeyDictionary()
 
 
@@ -82,13 +85,32 @@ def lora_factor(name: str) -> tuple[str, str] | None:
     return None
 
 
+def _factor_of(diff: Diff, checkpoint_key: str) -> tuple[str, str] | None:
+    """The model module a checkpoint key is a LoRA factor of, and the rest of its name.
+
+    Named through the diff's key mapping; where that leaves PEFT's own ``base_model.model.``
+    in front (found only when some key also matches, such as a ``modules_to_save`` head), it is
+    taken off when the model has the weight then named, as ``PeftModel.from_pretrained`` does.
+    """
+    split = lora_factor(diff.mapping.checkpoint_name(checkpoint_key))
+    if split is None:
+        return None
+    module, factor = split
+    weights = diff.model_side.tensors
+    if f"{module}.weight" not in weights and module.startswith(PEFT_PREFIX):
+        bare = module[len(PEFT_PREFIX) :]
+        if f"{bare}.weight" in weights:
+            return bare, factor
+    return module, factor
+
+
 def _index(diff: Diff) -> _AdapterIndex:
     found = _INDEXES.get(diff)
     if found is None:
         factors: dict[str, dict[str, str]] = {}
         for row in diff.rows:
             if row.model is None and row.checkpoint is not None:
-                split = lora_factor(diff.mapping.checkpoint_name(row.checkpoint.key))
+                split = _factor_of(diff, row.checkpoint.key)
                 if split is not None:
                     factors.setdefault(split[0], {})[split[1]] = row.checkpoint.key
         peft_model = bool(diff.mapping.adapter or adapter_names(diff.model_side.tensors))
@@ -333,7 +355,7 @@ def factor_note(diff: Diff, checkpoint_key: str) -> str:
     index = _index(diff)
     if index.peft_model or diff.checkpoint.adapter is None:
         return ""
-    split = lora_factor(diff.mapping.checkpoint_name(checkpoint_key))
+    split = _factor_of(diff, checkpoint_key)
     if split is None:
         return ""
     module, factor = split
