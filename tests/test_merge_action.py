@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import ckptviz
-from ckptviz.core.actions import action_named, checkpoint_reads
+from ckptviz.core.actions import action_named
 from ckptviz.core.apply import bitwise_equal
 
 QUERY = "bert.encoder.layer.0.attention.self.query"
@@ -84,7 +84,7 @@ def test_a_bert_adapter_merges_by_default_as_merge_and_unload(
     # modules_to_save: the trained head loads as it is
     assert plan.action("classifier.weight") == "load"
     # every tensor of the adapter is used: the factors by the merges, the head by load
-    reads = checkpoint_reads(plan)
+    reads = ckptviz.checkpoint_reads(plan)
     assert set(reads) == set(diff.checkpoint.tensors)
     assert reads[LORA_A] == [f"{QUERY}.weight"]
     # the factors' rows say where they go, not "never applied"
