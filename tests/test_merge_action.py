@@ -276,3 +276,14 @@ def test_the_widget_has_a_merge_button_and_sets_it(bert_adapter: tuple[Path, Pef
 
 def test_merge_is_not_written_by_apply_distributed() -> None:
     assert action_named("merge").distributed is None
+
+
+def test_tensors_without_their_config_are_refused_for_merge(
+    bert_adapter: tuple[Path, PeftModel],
+) -> None:
+    folder, _ = bert_adapter
+    model = bert_classifier()
+    plan = ckptviz.compare(model, folder).plan()
+    with pytest.raises(ckptviz.PlanError, match="read without an adapter config"):
+        plan.apply(model, source=load_file(folder / "adapter_model.safetensors"))
+    assert_state_equal(model, bert_classifier().state_dict())

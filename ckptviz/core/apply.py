@@ -180,7 +180,13 @@ def _check_checkpoint(plan: Plan, ckpt: Checkpoint) -> dict[str, str]:
         planned = plan.diff.checkpoint.adapter
         if definition.needs is not None and planned is not None and row.key not in problems:
             found = ckpt.adapter
-            if found is None or replace(found, source="") != replace(planned, source=""):
+            if found is None:
+                problems[row.key] = (
+                    f"{ckpt.source} was read without an adapter config, and the plan's "
+                    f"{definition.name} needs the one it was made with ({planned.source}); "
+                    "apply from the adapter's directory"
+                )
+            elif replace(found, source="") != replace(planned, source=""):
                 problems[row.key] = (
                     f"{ckpt.source}: the adapter config is not the one the plan was made with "
                     f"({planned.source}); compare again to plan with the config as it is now"
