@@ -837,15 +837,16 @@ class _Refusals:
     row's module), a refusal depends only on the action, which sides the row has, and their
     shapes, which most rows of a table share."""
 
-    def __init__(self, owners: torch.nn.Module | None) -> None:
+    def __init__(self, owners: torch.nn.Module | None, diff: Diff | None = None) -> None:
         self._owners = owners
+        self._diff = diff
         self._known: dict[tuple[Any, ...], str | None] = {}
         self._needs_model = {a.name for a in registered_actions() if a.refusal_needs_model}
 
     def of(self, row: Row, action: str) -> str | None:
         m, c = row.model, row.checkpoint
         if action in self._needs_model and m is not None:
-            return refusal(row, action, self._owners)
+            return refusal(row, action, self._owners, None, self._diff)
         question = (
             action,
             None if m is None else m.shape,
@@ -854,7 +855,7 @@ class _Refusals:
         try:
             return self._known[question]
         except KeyError:
-            why = self._known[question] = refusal(row, action, self._owners)
+            why = self._known[question] = refusal(row, action, self._owners, None, self._diff)
             return why
 
 
@@ -872,7 +873,7 @@ def _rows_state(
     prefixes_only = KeyMapping(mapping.checkpoint_prefix, mapping.model_prefix)
     model = plan.diff.model
     owners = cast(torch.nn.Module, _ModuleIndex(model)) if model is not None else None
-    refusals = _Refusals(owners)
+    refusals = _Refusals(owners, plan.diff)
     names = action_names()
     values = [column.value for column in columns]
     absent = [None] * len(columns)

@@ -58,11 +58,13 @@ def test_refusals_name_the_reason() -> None:
         "keep": None,
         "reinit": None,
         "partial": None,
-        # a grown linear weight is neither a grid nor an input conv
+        # a grown linear weight is neither a grid nor an input conv, nor a LoRA target
         "resample": allowed["resample"],
         "adapt_channels": allowed["adapt_channels"],
+        "merge": allowed["merge"],
     }
     assert allowed["resample"] and allowed["adapt_channels"]
+    assert "not read as a PEFT LoRA adapter" in str(allowed["merge"])
     assert plan.action("lin.weight") == "keep"  # refused sets changed nothing
     changed = plan.set("*", "reinit", skip_refused=True)
     assert sorted(changed) == ["lin.bias", "lin.weight"]

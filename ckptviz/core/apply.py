@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,8 +34,10 @@ from ckptviz.core.actions import (
     DetailContext,
     OptionValue,
     PrepareContext,
+    RowContext,
     ValueContext,
     action_named,
+    checkpoint_keys_read,
     registered_actions,
 )
 from ckptviz.core.checkpoint import Checkpoint, TensorSource
@@ -51,7 +55,7 @@ from ckptviz.core.snapshot import (
 )
 
 if TYPE_CHECKING:
-    from ckptviz.core.diff import Row
+    from ckptviz.core.diff import Diff, Row
     from ckptviz.core.plan import Plan
 
 
@@ -124,8 +128,9 @@ def model_row_problem(
     model: torch.nn.Module,
     now: tuple[tuple[int, ...], str] | None,
     options: Mapping[str, OptionValue] | None = None,
+    diff: Diff | None = None,
 ) -> str | None:
-    """Why ``action`` on ``row`` no longer fits the model, whose tensor there has the
+    """Why ``action`` on ``row`` (of ``diff``) no longer fits the model, whose tensor there has the
     (shape, dtype name) ``now`` (``None``: it has none); ``None`` when it fits."""
     m = row.model
     assert m is not None
@@ -134,7 +139,7 @@ def model_row_problem(
     shape, dtype = now
     if shape != m.shape or dtype != m.dtype:
         return f"the model has {list(shape)} {dtype}, the plan expects {list(m.shape)} {m.dtype}"
-    if why := refusal(row, action, model, options):
+    if why := refusal(row, action, model, options, diff):
         return f"{action}: {why}"
     return None
 
@@ -147,27 +152,45 @@ def _check_model(plan: Plan, model: torch.nn.Module) -> dict[str, str]:
             continue
         now = live.get(row.model.key)
         declared = None if now is None else (now.shape, now.dtype)
-        if why := model_row_problem(row, action, model, declared, plan.chosen_options(row.key)):
+        options = plan.chosen_options(row.key)
+        if why := model_row_problem(row, action, model, declared, options, plan.diff):
             problems[row.model.key] = why
     return problems
 
 
 def _check_checkpoint(plan: Plan, ckpt: Checkpoint) -> dict[str, str]:
+    """Every checkpoint tensor the plan reads (each row's own, and what an action ``needs``)
+    is still in ``ckpt`` with the shape and dtype the plan saw."""
     problems: dict[str, str] = {}
+    recorded = plan.diff.checkpoint.tensors
     for row, action in plan:
-        if row.model is None or row.checkpoint is None:
+        if row.model is None:
             continue
-        if not action_named(action).reads_checkpoint:
-            continue
-        now = ckpt.tensors.get(row.checkpoint.key)
-        want = row.checkpoint
-        if now is None:
-            problems[row.key] = f"{ckpt.source} no longer has {want.key!r}"
-        elif now.shape != want.shape or now.dtype != want.dtype:
-            problems[row.key] = (
-                f"{ckpt.source} now has {want.key!r} as {list(now.shape)} {now.dtype}, the plan "
-                f"expects {list(want.shape)} {want.dtype}"
-            )
+        definition = action_named(action)
+        ctx = RowContext(row, None, MappingProxyType(plan.options(row.key)), plan.diff)
+        for key in checkpoint_keys_read(definition, ctx):
+            now, want = ckpt.tensors.get(key), recorded[key]
+            if now is None:
+                problems[row.key] = f"{ckpt.source} no longer has {want.key!r}"
+            elif now.shape != want.shape or now.dtype != want.dtype:
+                problems[row.key] = (
+                    f"{ckpt.source} now has {want.key!r} as {list(now.shape)} {now.dtype}, the "
+                    f"plan expects {list(want.shape)} {want.dtype}"
+                )
+        planned = plan.diff.checkpoint.adapter
+        if definition.needs is not None and planned is not None and row.key not in problems:
+            found = ckpt.adapter
+            if found is None:
+                problems[row.key] = (
+                    f"{ckpt.source} was read without an adapter config, and the plan's "
+                    f"{definition.name} needs the one it was made with ({planned.source}); "
+                    "apply from the adapter's directory"
+                )
+            elif replace(found, source="") != replace(planned, source=""):
+                problems[row.key] = (
+                    f"{ckpt.source}: the adapter config is not the one the plan was made with "
+                    f"({planned.source}); compare again to plan with the config as it is now"
+                )
     return problems
 
 
@@ -397,11 +420,17 @@ class _Values(Mapping[str, torch.Tensor]):
             key: {**defaults[a.name], **plan.chosen_options(key)}
             for key, (_, a) in self._rows.items()
         }
+        self._needed: dict[str, tuple[str, ...]] = {}
+        for key, (row, action) in self._rows.items():
+            if action.needs is not None:
+                ctx = RowContext(row, model, MappingProxyType(self._options[key]), plan.diff)
+                self._needed[key] = tuple(action.needs(ctx))
         from_checkpoint = [
             row.checkpoint.key
             for row, action in self._rows.values()
             if action.reads_checkpoint and row.checkpoint is not None
         ]
+        from_checkpoint += [k for keys in self._needed.values() for k in keys]
         self._read = data.get_many(from_checkpoint) if data.reads_at_once else None
         self._last_read: tuple[str, torch.Tensor] | None = None
         self._last_value: tuple[str, torch.Tensor] | None = None
@@ -439,6 +468,9 @@ class _Values(Mapping[str, torch.Tensor]):
             current=self._targets[key],
             prepared=self._prepared,
             read_checkpoint=reader,
+            diff=self._plan.diff,
+            read_needed=self._checkpoint_tensor,
+            needed_keys=self._needed.get(key, ()),
         )
         self._last_value = None
         value = action.value(ctx)
@@ -449,6 +481,10 @@ class _Values(Mapping[str, torch.Tensor]):
 
     def options(self, key: str) -> dict[str, OptionValue]:
         return self._options[key]
+
+    @property
+    def diff(self) -> Diff:
+        return self._plan.diff
 
     def forget(self) -> None:
         """Drop the values worked out so far: the next ask computes them from the model as it
@@ -542,14 +578,17 @@ def _write_all(
                 fresh = id(target) in materialised
                 options = values.options(row.key)
                 entries.append(
-                    _checked(row, action, target, values[row.key], options, verify, fresh)
+                    _checked(
+                        row, action, target, values[row.key], options, verify, fresh, values.diff
+                    )
                 )
             for row, action in written:
                 if row.key in overlapping:
                     current = row.key
                     target = targets[row.key]
                     options = values.options(row.key)
-                    _checked(row, action, target, values[row.key], options, verify)
+                    value = values[row.key]
+                    _checked(row, action, target, value, options, verify, diff=values.diff)
             changed = changes()
             if changed is not None:
                 raise CheckpointError(changed)
@@ -581,10 +620,12 @@ def _checked(
     options: Mapping[str, OptionValue],
     verify: bool,
     materialised: bool = False,
+    diff: Diff | None = None,
 ) -> ReportEntry:
     ok, detail = True, "not verified (verify=False)"
     if verify:
-        ok, detail = _verify(target, value, action, DetailContext(row, target, value, options))
+        context = DetailContext(row, target, value, options, diff)
+        ok, detail = _verify(target, value, action, context)
     if materialised:
         detail = f"materialised on {target.device}; {detail}"
     if not ok:

@@ -250,10 +250,9 @@ def _read_lines(plan: Plan) -> list[str]:
             f"# The checkpoint was {ckpt.source!r}, not a file: put that state dict in `state`.",
             "state = state_dict",
         ]
-    from ckptviz.core.actions import action_named
+    from ckptviz.core.actions import checkpoint_reads
 
-    wanted = [r.checkpoint_key for r, a in plan if r.model and action_named(a).reads_checkpoint]
-    keys = [k for k in wanted if k is not None]
+    keys = list(checkpoint_reads(plan))  # rows' own tensors and what actions need besides
     # a plan file that recorded no known format: torch.load's lines
     fmt = format_named(ckpt.format) or torch_zip.FORMAT
     return fmt.read_code(ckpt, keys)

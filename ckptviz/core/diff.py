@@ -196,6 +196,10 @@ class Diff:
         self.mapping = mapping
         self.model = model
         self.rows = build_rows(model_side, checkpoint, mapping)
+        if checkpoint.adapter is not None:
+            from ckptviz.core.actions.merge import noted_rows
+
+            self.rows = noted_rows(self)  # the LoRA factors a merge would read say so
         self._by_key: dict[str, Row] = {}
         for row in reversed(self.rows):  # a model key wins over an unexpected key of one name
             if row.status == "unexpected" and row.key in self._by_key:
@@ -269,6 +273,11 @@ class Diff:
         lines = [f"{len(self.rows)} rows: {parts or 'nothing to compare'}"]
         described = self.mapping.describe(self.side_words)
         lines.append(f"key mapping: {visible(described, 4 * NAME_WIDTH)}")
+        if self.checkpoint.adapter is not None:
+            from ckptviz.core.actions.merge import adapter_line
+
+            if merging := adapter_line(self):
+                lines.append(visible(merging, None))
         if self.checkpoint.location:
             lines.append(f"checkpoint state dict at '{visible(self.checkpoint.location_text)}'")
         if self.checkpoint.candidates:

@@ -95,7 +95,12 @@ def explain_row(diff: Diff, row: Row) -> str:
             f"Your {names[0]} has {visible(model.key)} {list(model.shape)} but the {names[1]} "
             "does not: nothing to load. keep leaves its current value (for a freshly built "
             f"model, its random initialisation); reinit draws it anew with {_initialiser(row)}."
-            f"{tied}"
+            f"{tied}{_advice(diff, row)}"
+        )
+    if row.status == "unexpected" and ckpt and row.note:  # e.g. a LoRA factor a merge reads
+        return (
+            f"The {names[1]} has {visible(ckpt.key)} {list(ckpt.shape)}, which your {names[0]} "
+            f"has no tensor for: {visible(row.note, None)}."
         )
     if row.status == "unexpected" and ckpt:
         hint = ""
@@ -116,7 +121,7 @@ def explain_row(diff: Diff, row: Row) -> str:
 def _advice(diff: Diff, row: Row) -> str:
     """What the registered actions say about this row: the one that fits it, or a warning
     where one would run and mean nothing (each action's ``advise``)."""
-    ctx = RowContext(row, diff.model, {})
+    ctx = RowContext(row, diff.model, {}, diff)
     sentences = [
         said for action in registered_actions() if action.advise and (said := action.advise(ctx))
     ]

@@ -59,7 +59,9 @@ class Plan:
             )
         self.diff = diff
         self.seed = seed
-        self._actions = {r.key: default_action(r) for r in diff.rows if r.model is not None}
+        self._actions = {
+            r.key: default_action(r, diff, diff.model) for r in diff.rows if r.model is not None
+        }
         # model key -> the options that differ from its action's defaults (absent: none)
         self._options: dict[str, dict[str, OptionValue]] = {}
         if actions:
@@ -115,7 +117,7 @@ class Plan:
         """Why ``action`` (with ``options``) cannot apply to the row ``key`` (``None`` if it
         can)."""
         live = model if model is not None else self.diff.model
-        return refusal(self.diff.row(key), action, live, options)
+        return refusal(self.diff.row(key), action, live, options, self.diff)
 
     def allowed(self, key: str) -> dict[str, str | None]:
         """Every action for the row, with the reason it is refused or ``None``."""
@@ -163,7 +165,11 @@ class Plan:
                 f"{str(pattern)!r} names no row: expected a key, a module name or a glob like "
                 f"'fc.*'.{hint}"
             )
-        refused = {r.key: why for r in rows if (why := refusal(r, action, self.diff.model, kept))}
+        refused = {
+            r.key: why
+            for r in rows
+            if (why := refusal(r, action, self.diff.model, kept, self.diff))
+        }
         if refused and not skip_refused:
             lines = "; ".join(f"{k}: {why}" for k, why in list(refused.items())[:8])
             more = f" (and {len(refused) - 8} more)" if len(refused) > 8 else ""
@@ -183,7 +189,10 @@ class Plan:
 
     def reset(self) -> None:
         """Back to the default actions (without options)."""
-        self._actions = {r.key: default_action(r) for r in self.diff.rows if r.model is not None}
+        diff = self.diff
+        self._actions = {
+            r.key: default_action(r, diff, diff.model) for r in diff.rows if r.model is not None
+        }
         self._options = {}
 
     def pair(self, model_key: str, checkpoint_key: str) -> list[str]:
@@ -218,8 +227,9 @@ class Plan:
             if not same:
                 changed.append(row.key)
             options = old_options.get(row.key, {})
-            keep = same and not refusal(row, old_actions[row.key], diff.model, options)
-            self._actions[row.key] = old_actions[row.key] if keep else default_action(row)
+            keep = same and not refusal(row, old_actions[row.key], diff.model, options, diff)
+            fresh = default_action(row, diff, diff.model)
+            self._actions[row.key] = old_actions[row.key] if keep else fresh
             if keep and options:
                 self._options[row.key] = options
         return changed
@@ -352,9 +362,10 @@ def refusal(
     action: str,
     model: torch.nn.Module | None,
     options: Mapping[str, OptionValue] | None = None,
+    diff: Diff | None = None,
 ) -> str | None:
-    """Why ``action`` (with ``options``, defaults where absent) cannot apply to ``row``, in words
-    a person can act on; ``None`` if it can."""
+    """Why ``action`` (with ``options``, defaults where absent) cannot apply to ``row`` of
+    ``diff``, in words a person can act on; ``None`` if it can."""
     try:
         definition = action_named(action)
     except PlanError as exc:
@@ -365,4 +376,4 @@ def refusal(
             "Pair it with the missing key it belongs to."
         )
     full = {**definition.defaults(), **(options or {})}
-    return definition.refuse(RowContext(row, model, MappingProxyType(full)))
+    return definition.refuse(RowContext(row, model, MappingProxyType(full), diff))

@@ -20,6 +20,7 @@ from ckptviz.core.checkpoint import Checkpoint, TensorInfo
 from ckptviz.core.diff import STATUSES, Diff, row_status
 from ckptviz.core.errors import PlanError
 from ckptviz.core.formats.memory import MODULE
+from ckptviz.core.formats.peft_adapter import is_adapter, read_adapter_config
 from ckptviz.core.matching import KeyMapping
 from ckptviz.core.plan import Plan, refusal
 from ckptviz.core.safety import GlobalSpec, global_name
@@ -229,7 +230,7 @@ def plan_from_dict(
             bad[model_key] = "its checkpoint key does not follow from the plan's key mapping"
     plan = Plan(diff, seed=seed)
     for key, action in actions.items():
-        if key not in bad and (why := refusal(diff.row(key), action, None, options[key])):
+        if key not in bad and (why := refusal(diff.row(key), action, None, options[key], diff)):
             bad[key] = f"{action}: {why}"
     if bad:
         lines = "; ".join(f"{k}: {v}" for k, v in bad.items())
@@ -258,7 +259,7 @@ def _checkpoint_from_plan(
             "not a ckptviz plan: the checkpoint 'key' must be a list of names like "
             f'["state_dict"], not {key!r}'
         )
-    return Checkpoint(
+    checkpoint = Checkpoint(
         source=str(path or data.get("source", "<state dict>")),
         format=str(data.get("format", "?")),
         tensors=tensors,
@@ -267,3 +268,8 @@ def _checkpoint_from_plan(
         trusted=trusted,
         allow_globals=tuple(global_name(g) for g in allow_globals),
     )
+    if path and is_adapter(Path(path), b""):
+        # a PEFT adapter's weights: its config (rank, alpha) is part of what the plan means
+        # (merge); read again as it is now, apply refuses if it changes before then
+        checkpoint.adapter = read_adapter_config(Path(path))
+    return checkpoint

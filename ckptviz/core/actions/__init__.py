@@ -4,17 +4,18 @@
 is made or registered, never silently defaulted when applied); ``action_named(name)`` finds one;
 ``registered_actions()`` lists them in registration order, the order of the widget's buttons.
 The built-ins, registered here: ``load``, ``keep``, ``reinit``, ``partial``, ``resample``,
-``adapt_channels``. ``skip`` is not an
-action: it is what an ``unexpected`` row shows (no model tensor, never applied).
+``adapt_channels``, ``merge``. ``skip`` is not an action: it is what an ``unexpected`` row shows
+(no model tensor, never applied).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from ckptviz.core.actions import adapt_channels, keep, load, partial, reinit, resample
+from ckptviz.core.actions import adapt_channels, keep, load, merge, partial, reinit, resample
 from ckptviz.core.actions.base import (
     ActionDef,
     CodeContext,
@@ -32,7 +33,8 @@ from ckptviz.core.errors import PlanError
 from ckptviz.core.vocabulary import Term
 
 if TYPE_CHECKING:
-    from ckptviz.core.diff import Row
+    from ckptviz.core.diff import Diff, Row
+    from ckptviz.core.plan import Plan
 
 __all__ = [
     "SKIP",
@@ -51,6 +53,8 @@ __all__ = [
     "action_names",
     "action_terms",
     "checked_options",
+    "checkpoint_keys_read",
+    "checkpoint_reads",
     "default_action",
     "default_fitting_action",
     "register_action",
@@ -71,6 +75,7 @@ _BUILT_IN = (
     partial.ACTION,
     resample.ACTION,
     adapt_channels.ACTION,
+    merge.ACTION,
 )
 #: What a row whose two tensors fit takes by default, and what every other model row takes.
 _FITTING_DEFAULT = load.ACTION.name
@@ -144,14 +149,49 @@ def default_fitting_action() -> str:
     return _FITTING_DEFAULT
 
 
-def default_action(row: Row) -> str:
+def default_action(row: Row, diff: Diff | None = None, model: Any = None) -> str:
     """The well-known recipe: rows whose tensors fit load, other model rows keep, rows without a
-    model tensor skip."""
+    model tensor skip; before that, an action whose ``default_for`` claims the row (given the
+    row's ``diff``: ``merge`` claims a LoRA target's weight when an adapter meets a plain
+    model)."""
     if row.model is None:
         return SKIP
+    if diff is not None:
+        for action in _REGISTRY.values():
+            if action.default_for is None:
+                continue
+            ctx = RowContext(row, model, MappingProxyType(action.defaults()), diff)
+            if action.default_for(ctx):
+                return action.name
     if row.status in ("match", "dtype"):
         return _FITTING_DEFAULT
     return _OTHER_DEFAULT
+
+
+def checkpoint_keys_read(action: ActionDef, ctx: RowContext) -> tuple[str, ...]:
+    """The checkpoint keys ``action`` reads for the row of ``ctx``: its own checkpoint tensor
+    (``reads_checkpoint``) and what its ``needs`` names."""
+    keys: list[str] = []
+    if action.reads_checkpoint and ctx.row.checkpoint is not None:
+        keys.append(ctx.row.checkpoint.key)
+    if action.needs is not None:
+        keys += [k for k in action.needs(ctx) if k not in keys]
+    return tuple(keys)
+
+
+def checkpoint_reads(plan: Plan) -> dict[str, list[str]]:
+    """checkpoint key -> the model keys whose planned action reads it, in plan order: every
+    checkpoint tensor the plan uses (a ``merge`` row uses its adapter's ``lora_A`` and
+    ``lora_B``), for counting what a plan loads of what the checkpoint offers."""
+    reads: dict[str, list[str]] = {}
+    for row, name in plan:
+        if row.model is None:
+            continue
+        action = _REGISTRY[name]
+        ctx = RowContext(row, plan.diff.model, MappingProxyType(plan.options(row.key)), plan.diff)
+        for key in checkpoint_keys_read(action, ctx):
+            reads.setdefault(key, []).append(row.key)
+    return reads
 
 
 def checked_options(action: ActionDef, options: Mapping[str, Any]) -> dict[str, OptionValue]:

@@ -22,7 +22,7 @@ import torch
 from ckptviz.core.vocabulary import COLOUR_ROLES
 
 if TYPE_CHECKING:
-    from ckptviz.core.diff import Row
+    from ckptviz.core.diff import Diff, Row
     from ckptviz.core.plan import Plan
 
 #: A value an option may take: what JSON holds as it is.
@@ -87,11 +87,14 @@ class ShardWrite(Enum):
 @dataclass(frozen=True)
 class RowContext:
     """What ``refuse`` sees: the row, the live model (``None`` when a plan is checked without
-    one, e.g. read from JSON: checked again against the model when applied) and the options."""
+    one, e.g. read from JSON: checked again against the model when applied), the options, and
+    the diff the row belongs to (its checkpoint's metadata and key mapping, for an action that
+    reads more than the row's own checkpoint tensor; ``None`` when the caller has no diff)."""
 
     row: Row
     model: torch.nn.Module | None
     options: Mapping[str, OptionValue]
+    diff: Diff | None = None
 
 
 @dataclass
@@ -100,8 +103,9 @@ class ValueContext:
 
     ``current`` is the model tensor as it is now (read-only: clone before changing it);
     ``checkpoint_tensor`` reads the row's checkpoint tensor when first asked (only for an action
-    that ``reads_checkpoint``); ``prepared`` holds what the action's ``prepare`` computed for
-    this apply, by model key.
+    that ``reads_checkpoint``); ``needed(key)`` reads one of the checkpoint tensors the action's
+    ``needs`` named for this row; ``prepared`` holds what the action's ``prepare`` computed for
+    this apply, by model key; ``diff`` is the plan's diff.
     """
 
     row: Row
@@ -112,6 +116,9 @@ class ValueContext:
     current: torch.Tensor
     prepared: Mapping[str, torch.Tensor]
     read_checkpoint: Callable[[], torch.Tensor] | None = None
+    diff: Diff | None = None
+    read_needed: Callable[[str], torch.Tensor] | None = None
+    needed_keys: Sequence[str] = ()
 
     @property
     def module_name(self) -> str:
@@ -130,6 +137,16 @@ class ValueContext:
             )
         return self.read_checkpoint()
 
+    def needed(self, key: str) -> torch.Tensor:
+        """The checkpoint tensor ``key``, one the action's ``needs`` named for this row (read
+        when asked; apply keeps the last tensors read only)."""
+        if self.read_needed is None or key not in self.needed_keys:
+            raise RuntimeError(
+                f"{self.row.key}: {key!r} is not among the checkpoint keys this action's needs "
+                "named for the row, so its value cannot read it"
+            )
+        return self.read_needed(key)
+
 
 @dataclass(frozen=True)
 class PrepareContext:
@@ -144,12 +161,14 @@ class PrepareContext:
 
 @dataclass(frozen=True)
 class DetailContext:
-    """What ``verified_detail`` sees: the row, the written model tensor, the value written."""
+    """What ``verified_detail`` sees: the row, the written model tensor, the value written,
+    the options and the plan's diff."""
 
     row: Row
     target: torch.Tensor
     value: torch.Tensor
     options: Mapping[str, OptionValue]
+    diff: Diff | None = None
 
 
 @dataclass(frozen=True)
@@ -196,8 +215,12 @@ class ActionDef:
     - ``writes``: False only for an action that leaves the model tensor alone (verified
       untouched by its version counter).
     - ``reads_checkpoint``: its value needs the row's checkpoint tensor (read lazily, one at a
-      time). ``reads_current``: its value starts from the model tensor's present values (so it
-      is refused on a meta tensor, which has none).
+      time). ``needs(RowContext)``: optional, the checkpoint keys its value reads besides that
+      (``merge``: the adapter's ``lora_A``/``lora_B`` of the row's module), from
+      ``ctx.diff``; apply checks them against the checkpoint before writing, reads them one row
+      at a time (``ValueContext.needed``), ``to_code()`` reads them into ``state``, and
+      ``checkpoint_reads(plan)`` counts them as used. ``reads_current``: its value starts from
+      the model tensor's present values (so it is refused on a meta tensor, which has none).
     - ``value(ValueContext)``: the complete new value of the model tensor (its shape; apply
       casts to the tensor's dtype). ``prepare(PrepareContext)``: optional, computes values for
       all the plan's rows of this action at once (model key -> value), before anything is
@@ -209,6 +232,8 @@ class ActionDef:
       there, with words.
     - ``plot_parts(row, numel)``: how ``plot_report`` splits a tensor's values, as
       (label, values, kept) parts; empty: all its values under its name.
+    - ``default_for(RowContext)``: optional, True where a new plan gives the row this action
+      by default (before ``load``/``keep``); the diff's summary must then say so.
     - ``advise(RowContext)``: optional, a plain-words sentence for ``explain_row`` about this
       action on this row: that it is the one that fits (a position grid: resample), or a warning
       where it would run but mean nothing (``partial`` on a flattened grid); ``None``: nothing
@@ -233,6 +258,8 @@ class ActionDef:
     distributed: ShardWrite | None = None
     plot_parts: Callable[[Row, int], Sequence[tuple[str, int, bool]]] = _plot_whole
     advise: Callable[[RowContext], str | None] | None = None
+    needs: Callable[[RowContext], Sequence[str]] | None = None
+    default_for: Callable[[RowContext], bool] | None = None
 
     def __post_init__(self) -> None:
         problems = definition_problems(self)
@@ -263,9 +290,10 @@ def definition_problems(definition: ActionDef) -> list[str]:
     for step in steps:
         if not callable(getattr(action, step)):
             problems.append(f"{step} must be a function")
-    if not action.writes and (action.value is not None or action.reads_checkpoint):
+    reads = action.reads_checkpoint or action.needs is not None
+    if not action.writes and (action.value is not None or reads):
         problems.append("an action that does not write has no value and reads no checkpoint")
-    for optional in ("prepare", "advise"):
+    for optional in ("prepare", "advise", "needs", "default_for"):
         if getattr(action, optional) is not None and not callable(getattr(action, optional)):
             problems.append(f"{optional} must be a function or None")
     if action.distributed is not None and not isinstance(action.distributed, ShardWrite):

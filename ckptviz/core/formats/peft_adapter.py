@@ -91,12 +91,15 @@ class AdapterConfig:
         found = self._pattern_for(self.rank_pattern, module)
         return self.r if found is None else int(found)
 
+    def alpha(self, module: str) -> float:
+        """The ``lora_alpha`` of ``module`` (``alpha_pattern`` first)."""
+        found = self._pattern_for(self.alpha_pattern, module)
+        return self.lora_alpha if found is None else float(found)
+
     def scaling(self, module: str) -> float:
         """The factor of ``B @ A`` for ``module`` (its name in the base model), as PEFT's
         ``LoraLayer.update_layer`` sets it."""
-        rank = self.rank(module)
-        found = self._pattern_for(self.alpha_pattern, module)
-        alpha = self.lora_alpha if found is None else float(found)
+        rank, alpha = self.rank(module), self.alpha(module)
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
@@ -252,6 +255,11 @@ def is_adapter(path: Path, head: bytes) -> bool:
     if path.is_dir():
         return _weights_in(path) is not None
     return path.name in WEIGHTS_NAMES and (path.parent / CONFIG_NAME).exists()
+
+
+def read_adapter_config(path: Path) -> AdapterConfig:
+    """The config of the adapter at ``path`` (its directory, or its weights file)."""
+    return parse_adapter_config((path if path.is_dir() else path.parent) / CONFIG_NAME)
 
 
 def _read_weights(
