@@ -255,8 +255,11 @@ class Loader(anywidget.AnyWidget):
         self._counts: dict[str, list[int]] = {}
         self._row_of: dict[str, int] = {}
         self._numel: list[int] = []
+        # the options the front end was told, by row index (rows whose options are the defaults
+        # are absent)
+        self._options: dict[int, dict[str, OptionValue]] = {}
         # the plan the shown code was made from: (Diff, action codes), None when none is shown
-        self._code_source: tuple[Diff, bytes] | None = None
+        self._code_source: tuple[Diff, bytes, dict[int, dict[str, OptionValue]]] | None = None
         with gc_paused():
             diff_state = self._diff_state()
         super().__init__(
@@ -496,7 +499,7 @@ class Loader(anywidget.AnyWidget):
     def show_code(self) -> str:
         """Show ``plan.to_code()`` in the widget and return it."""
         self._code = self._plan.to_code()
-        self._code_source = (self._plan.diff, bytes(self._codes_now()))
+        self._code_source = (self._plan.diff, bytes(self._codes_now()), self._options_now())
         return self._code
 
     @_user_action
@@ -603,7 +606,9 @@ class Loader(anywidget.AnyWidget):
     def _update_code_stale(self) -> None:
         source = self._code_source
         stale = source is not None and (
-            source[0] is not self._plan.diff or source[1] != self._codes
+            source[0] is not self._plan.diff
+            or source[1] != self._codes
+            or source[2] != self._options
         )
         if stale != self.code_stale:
             self.code_stale = stale
@@ -617,9 +622,12 @@ class Loader(anywidget.AnyWidget):
         self._row_of = {r.key: i for i, r in enumerate(rows) if r.model is not None}
         self._numel = [r.numel for r in rows]
         self._codes = self._codes_now()
+        self._options = self._options_now()
         self._counts = _counts_state(plan)
+        rows_state = _rows_state(plan, self._generation, self._codes.decode(), self._counts)
+        rows_state["options"] = _options_message(self._options)
         return {
-            "_rows": _rows_state(plan, self._generation, self._codes.decode(), self._counts),
+            "_rows": rows_state,
             "_info": _info_state(plan, self._model, self._plan_dir),
             "_suggestions": _suggestion_state(plan.diff),
             "_report": self._report_state(),
@@ -629,11 +637,32 @@ class Loader(anywidget.AnyWidget):
         """One action code per row, read from the plan (every row)."""
         return bytearray(_action_codes(self._plan).encode())
 
+    def _options_now(self) -> dict[int, dict[str, OptionValue]]:
+        """The rows' options that differ from their action's defaults, by row index."""
+        chosen = self._plan.chosen_options
+        return {index: dict(o) for key, index in self._row_of.items() if (o := chosen(key))}
+
+    def _option_changes(self, keys: Sequence[str]) -> list[list[Any]]:
+        """[index, options] for the rows of ``keys`` whose options differ from what the front
+        end was told (``{}``: back to the defaults), remembered as told."""
+        changes: list[list[Any]] = []
+        for key in keys:
+            index = self._row_of[key]
+            now = dict(self._plan.chosen_options(key))
+            if now != self._options.get(index, {}):
+                if now:
+                    self._options[index] = now
+                else:
+                    self._options.pop(index, None)
+                changes.append([index, now])
+        return changes
+
     def _send_changes(self, keys: Sequence[str]) -> None:
         """The delta for rows whose action the caller changed: work in proportion to them."""
         if not keys:
             return
         changes = []
+        option_changes = self._option_changes(keys)
         codes = action_codes()
         actions_of = {code: name for name, code in codes.items()}
         for key in keys:
@@ -652,7 +681,7 @@ class Loader(anywidget.AnyWidget):
             after[1] += numel
             self._codes[index] = new
             changes.append([index, chr(new)])
-        if not changes:
+        if not changes and not option_changes:
             return
         message: dict[str, Any] = {"type": "actions", "gen": self._generation}
         if len(changes) > _FULL_RESEND_SHARE * len(self._codes):
@@ -660,6 +689,8 @@ class Loader(anywidget.AnyWidget):
         else:
             message["changes"] = changes
         message["counts"] = self._counts
+        if option_changes:
+            message["options"] = option_changes
         self.send(message)
 
     def _send_actions(self, *, full: bool) -> None:
@@ -670,12 +701,17 @@ class Loader(anywidget.AnyWidget):
             for i, (old, new) in enumerate(zip(self._codes, codes, strict=True))
             if old != new
         ]
-        if not full and not changes:
+        options = self._options_now()
+        if not full and not changes and options == self._options:
             return
         if full or len(changes) > _FULL_RESEND_SHARE * len(codes):
             message["all"] = codes.decode()
         else:
             message["changes"] = changes
+        if full or options != self._options:
+            message["options"] = _options_message(options)
+            message["options_full"] = True
+        self._options = options
         self._codes = codes
         self._counts = _counts_state(self._plan)
         message["counts"] = self._counts
@@ -804,6 +840,11 @@ def _action_codes(plan: Plan) -> str:
     return "".join(
         codes[actions[r.key]] if r.model is not None else codes[SKIP] for r in plan.diff.rows
     )
+
+
+def _options_message(options: Mapping[int, Mapping[str, OptionValue]]) -> list[list[Any]]:
+    """[index, options] per row whose options differ from its action's defaults."""
+    return [[index, dict(chosen)] for index, chosen in options.items()]
 
 
 def _counts_state(plan: Plan) -> dict[str, list[int]]:
@@ -968,6 +1009,21 @@ def _vocabulary_state() -> dict[str, Any]:
     actions registry."""
     codes = action_codes()
     explains = {a.name: a.explain for a in registered_actions()}
+    # each action's options as the front end builds a control for them: a <select> for
+    # choices, a number field for int/float, a checkbox for bool, a text field for str
+    options = {
+        a.name: [
+            {
+                "name": name,
+                "kind": spec.kind.__name__,
+                "default": spec.default,
+                "choices": list(spec.choices),
+                "words": spec.words,
+            }
+            for name, spec in a.options.items()
+        ]
+        for a in registered_actions()
+    }
     return {
         "statuses": [
             {
@@ -990,6 +1046,7 @@ def _vocabulary_state() -> dict[str, Any]:
                 "code": codes[name],
                 "chosen": name != SKIP,
                 "explain": explains.get(name, term.label),
+                "options": options.get(name, []),
             }
             for name, term in action_terms().items()
         ],

@@ -295,10 +295,15 @@ def _keyboard_only(nb: NotebookUI, widget: Any, shots: Path) -> None:
     assert _focused(nb)["activeCell"] == cell_before
     assert nb.panel.locator(".jp-Notebook .jp-Cell").count() == 4
 
-    keys.press("Tab")  # one tab stop: the next is Apply, below the table
+    keys.press("Tab")  # one tab stop: next the options of the row's action (partial's fill)
+    assert _focused(nb)["ring"]
+    assert nb.page.evaluate("() => document.activeElement.dataset.option") == "fill"
+    keys.press("Tab")  # then Apply, below the table
     assert _focused(nb)["text"] == "Apply"
+    keys.press("Shift+Tab")
     keys.press("Shift+Tab")  # back into the grid, on the cell it left
     assert _focused(nb)["key"] == "fc.weight" and _focused(nb)["text"] == "partial"
+    keys.press("Tab")
     keys.press("Tab")
     keys.press("Enter")
     report = widget.locator(".ckv-report")

@@ -252,6 +252,17 @@ def _model_problems(plan: Plan, model: torch.nn.Module, targets: dict[str, Any])
                 "(plan.apply) to the whole model before sharding it, or choose another action"
             )
             continue
+        chosen = plan.chosen_options(m.key)
+        if definition.distributed is ShardWrite.CHECKPOINT_OVERLAP and chosen:
+            # a shard write copies the checkpoint's overlap and nothing else: an option that
+            # changes the value (partial's fill) would be silently dropped
+            problems[m.key] = (
+                f"{action} with {', '.join(f'{k}={v!r}' for k, v in chosen.items())} is not "
+                "supported by apply_distributed, which copies only the checkpoint's overlap: "
+                "apply the plan on one process (plan.apply) before sharding the model, or "
+                "leave the option at its default"
+            )
+            continue
         if definition.distributed is ShardWrite.MODULE_INITIALISER and plan.seed is None:
             problems[m.key] = (
                 f"{action} with seed=None draws from each rank's own random state, so the "
@@ -865,6 +876,12 @@ def distributed_code(plan: Plan) -> str:
     """
     shard_writes = {r.key: action_named(a).distributed for r, a in plan if r.model}
     refused = [k for k, a in plan.actions.items() if action_named(a).writes and not shard_writes[k]]
+    # options change an overlap copy's value, and the distributed code copies the overlap only
+    refused += [
+        k
+        for k, w in shard_writes.items()
+        if w is ShardWrite.CHECKPOINT_OVERLAP and plan.chosen_options(k)
+    ]
     if refused:
         raise PlanError(
             f"apply_distributed does not support the action of {', '.join(refused[:5])}: apply "

@@ -29,6 +29,22 @@ const numberText = (n) => Number(n).toLocaleString("en-US");
 // the keys the table handles itself; they never reach the notebook (JupyterLab's command mode)
 const GRID_KEYS = new Set(["ArrowUp", "ArrowDown", "ArrowLeft", "ArrowRight", "Home", "End", "PageUp", "PageDown", " ", "Enter", "n", "p"]);
 
+// a widget instance's number, for the ids that tie an option's control to its words
+let nextWidget = 1;
+
+/** [row index, {option: value}] pairs from the kernel, the malformed ones dropped. */
+function optionPairs(list) {
+  if (!Array.isArray(list)) return [];
+  return list.filter(
+    (pair) => Array.isArray(pair) && Number.isInteger(pair[0]) && pair[1] && typeof pair[1] === "object" && !Array.isArray(pair[1]),
+  );
+}
+
+/** An option's value as words: what the table and the details line show. */
+function optionValueText(value) {
+  return value === null ? "none" : String(value);
+}
+
 /** The rows' values: one UTF-8 JSON buffer from the kernel (a DataView), or a plain list. */
 function decodeRows(data) {
   if (Array.isArray(data)) return data;
@@ -140,6 +156,9 @@ class LoaderView {
     this.regex = false;
     this.explanations = new Map();
     this.focus = null; // {kind: "row", index} | {kind: "group", path} shown in the details line
+    this.rowOptions = new Map(); // row index -> the options that differ from its action's defaults
+    this.optionsShown = ""; // what the option controls show now: row, action and options
+    this.widgetNumber = nextWidget++;
     this.moduleTypes = {};
     this.lines = null;
     this.mode = "wide";
@@ -179,6 +198,33 @@ class LoaderView {
     // what a row without a model tensor shows: the one action nobody chooses
     this.skipAction = this.actionNames.find((a) => !this.actionTerms.get(a).chosen) || "";
     this.actionOfCode = new Map([...this.actionTerms.values()].map((t) => [t.code, t.name]));
+    // each action's options as Python declares them (OptionSpec): name, kind, default, choices, words
+    const kinds = new Set(["str", "int", "float", "bool"]);
+    this.actionOptions = new Map(
+      [...this.actionTerms.values()].map((t) => [
+        t.name,
+        (Array.isArray(t.options) ? t.options : []).filter(
+          (o) => o && typeof o.name === "string" && kinds.has(o.kind) && typeof o.words === "string",
+        ),
+      ]),
+    );
+  }
+
+  /** Row `index`'s options (every declared one: the chosen value, else the default). */
+  optionsOf(index, action = this.actionOf(index)) {
+    const chosen = this.rowOptions.get(index) || {};
+    return (this.actionOptions.get(action) || []).map((spec) => ({
+      spec,
+      value: Object.prototype.hasOwnProperty.call(chosen, spec.name) ? chosen[spec.name] : spec.default,
+      chosen: Object.prototype.hasOwnProperty.call(chosen, spec.name),
+    }));
+  }
+
+  /** "partial · mean": the action and the values of its options that are not the defaults. */
+  actionWithOptions(index) {
+    const action = this.actionOf(index);
+    const chosen = this.optionsOf(index, action).filter((o) => o.chosen);
+    return [action, ...chosen.map((o) => `${o.spec.name} ${optionValueText(o.value)}`)].join(" · ");
   }
 
   statusTerm(status) {
@@ -236,6 +282,13 @@ class LoaderView {
         for (const [index, code] of msg.changes) codes[index] = code;
         this.codes = codes.join("");
       }
+      if (Array.isArray(msg.options)) {
+        if (msg.options_full) this.rowOptions.clear();
+        for (const [index, chosen] of optionPairs(msg.options)) {
+          if (Object.keys(chosen).length) this.rowOptions.set(index, chosen);
+          else this.rowOptions.delete(index);
+        }
+      }
       this.counts = msg.counts || this.counts;
       this.renderCounters();
       this.renderRows();
@@ -247,6 +300,7 @@ class LoaderView {
     } else if (msg.type === "done") {
       this.pending.delete(msg.id);
       this.renderBusy();
+      this.renderOptions();
       this.keepFocus();
     } else if (msg.type === "confirm_overwrite" && typeof msg.path === "string") {
       this.askOverwrite(msg.path);
@@ -375,8 +429,14 @@ class LoaderView {
     root.append(this.probe);
     this.details = make("div", ["ckv-details"]);
     this.details.setAttribute("aria-live", "polite");
+    // the options of the pointed row's action: controls, outside the live region (a control
+    // announced again at each render would talk over the reader)
+    this.optionsBox = make("div", ["ckv-options"]);
+    this.optionsBox.setAttribute("role", "group");
+    this.optionsBox.hidden = true;
+    this.optionsBox.addEventListener("change", (event) => this.onOptionChange(event));
     const table = make("div", ["ckv-table"]);
-    table.append(this.scroller, this.details);
+    table.append(this.scroller, this.details, this.optionsBox);
     root.append(table);
 
     this.errorBox = make("div", ["ckv-error"]);
@@ -528,6 +588,7 @@ class LoaderView {
       };
     });
     this.codes = typeof state.actions === "string" ? state.actions : "";
+    this.rowOptions = new Map(optionPairs(state.options));
     this.counts = state.counts || {};
     this.explanations.clear();
     this.focus = null;
@@ -1066,6 +1127,14 @@ class LoaderView {
       choice.setAttribute("tabindex", "-1");
       choice.setAttribute("aria-pressed", String(current === action));
       choice.setAttribute("aria-disabled", String(Boolean(why)));
+      if (current === action && this.rowOptions.has(row.index)) {
+        // the options travel with the action: "partial · fill mean", in the text and the name
+        const shown = this.actionWithOptions(row.index);
+        choice.classList.add("ckv-with-options");
+        choice.setAttribute("title", `${shown}: ${term.label}`);
+        const values = this.optionsOf(row.index, action).filter((o) => o.chosen).map((o) => optionValueText(o.value));
+        choice.append(make("span", ["ckv-opt-mark"], ` · ${values.join(", ")}`));
+      }
       group.append(choice);
     }
     cell.append(group);
@@ -1255,6 +1324,7 @@ class LoaderView {
   }
 
   renderDetails() {
+    this.renderOptions();
     const focus = this.focus;
     if (!focus) {
       this.details.replaceChildren(
@@ -1297,7 +1367,7 @@ class LoaderView {
       this.statusBadge(row.status),
       make("span", [], " "),
       make("b", [], row.key),
-      make("span", ["ckv-now"], `action: ${this.actionOf(row.index)}`),
+      make("span", ["ckv-now"], `action: ${this.actionWithOptions(row.index)}`),
       side("checkpoint", row.ckptKey, row.ck),
       side("model", row.modelKey, row.md),
       make("span", ["ckv-explain"], text === undefined ? "…" : text),
@@ -1312,6 +1382,99 @@ class LoaderView {
       parts.push(box);
     }
     this.details.replaceChildren(...parts);
+  }
+
+  /** A control per option of the pointed row's action, labelled with its words; rebuilt only
+   * when the row, its action or its options change, focus kept on the same option. */
+  renderOptions() {
+    const focus = this.focus;
+    const row = focus?.kind === "row" ? this.rows[focus.index] : undefined;
+    const action = row && row.modelKey != null ? this.actionOf(row.index) : "";
+    const options = action ? this.optionsOf(row.index, action) : [];
+    const shown = options.length ? JSON.stringify([row.index, action, options.map((o) => o.value)]) : "";
+    if (shown === this.optionsShown) return;
+    const active = this.root.ownerDocument.activeElement;
+    const inside = this.optionsBox.contains(active);
+    // while the reader works in the controls, pointing at another row does not take them away
+    if (inside && this.optionsRow !== undefined && (!row || row.index !== this.optionsRow)) return;
+    const refocus = inside ? active.getAttribute("data-option") : null;
+    this.optionsShown = shown;
+    this.optionsRow = options.length ? row.index : undefined;
+    this.optionsBox.hidden = !options.length;
+    if (!options.length) {
+      this.optionsBox.replaceChildren();
+      return;
+    }
+    this.optionsBox.setAttribute("aria-label", `options of ${action} for ${row.key}`);
+    const title = make("span", ["ckv-options-title"], `${action} options for `);
+    title.append(make("code", [], row.key));
+    const parts = [title];
+    for (const [n, { spec, value }] of options.entries()) {
+      const field = make("div", ["ckv-option"]);
+      const label = make("label", ["ckv-option-label"]);
+      const words = make("span", ["ckv-option-words"], spec.words);
+      words.setAttribute("id", `ckvoption${this.widgetNumber}-${n}`);
+      let control;
+      if (spec.kind === "bool") {
+        control = make("input", ["ckv-option-control"]);
+        control.setAttribute("type", "checkbox");
+        control.checked = Boolean(value);
+      } else if (Array.isArray(spec.choices) && spec.choices.length) {
+        control = make("select", ["ckv-option-control"]);
+        for (const choice of spec.choices) {
+          const item = make("option", [], optionValueText(choice));
+          item.value = optionValueText(choice);
+          item.selected = choice === value;
+          control.append(item);
+        }
+      } else {
+        control = make("input", ["ckv-option-control"]);
+        control.setAttribute("type", spec.kind === "str" ? "text" : "number");
+        if (spec.kind === "int") control.setAttribute("step", "1");
+        if (spec.kind === "float") control.setAttribute("step", "any");
+        control.value = optionValueText(value);
+      }
+      control.setAttribute("data-option", spec.name);
+      control.setAttribute("aria-describedby", `ckvoption${this.widgetNumber}-${n}`);
+      label.append(make("span", ["ckv-option-name"], spec.name), control);
+      field.append(label, words);
+      parts.push(field);
+    }
+    this.optionsBox.replaceChildren(...parts);
+    if (refocus !== null) {
+      for (const control of this.optionsBox.querySelectorAll("[data-option]")) {
+        if (control.getAttribute("data-option") === refocus) control.focus();
+      }
+    }
+  }
+
+  /** A control changed: send the row's action with all its options, this one's new value. */
+  onOptionChange(event) {
+    const control = event.target.closest("[data-option]");
+    if (!control || this.optionsRow === undefined) return;
+    const row = this.rows[this.optionsRow];
+    const action = this.actionOf(row.index);
+    const options = {};
+    for (const { spec, value } of this.optionsOf(row.index, action)) {
+      options[spec.name] = value;
+      if (spec.name !== control.getAttribute("data-option")) continue;
+      if (spec.kind === "bool") {
+        options[spec.name] = control.checked;
+      } else if (Array.isArray(spec.choices) && spec.choices.length) {
+        // back to the declared value: a choice's text is its value as words
+        options[spec.name] = spec.choices.find((c) => optionValueText(c) === control.value) ?? value;
+      } else if (spec.kind === "int" || spec.kind === "float") {
+        // a number the kernel checks; text that is no number goes as it is, refused in words
+        const number = Number(control.value);
+        options[spec.name] = control.value.trim() !== "" && Number.isFinite(number) ? number : control.value;
+      } else {
+        options[spec.name] = control.value;
+      }
+    }
+    // answered by "done" (after the action delta, if any): the controls are then built again
+    // from what the kernel holds, so a refused value does not stay shown
+    this.optionsShown = "";
+    this.request("set_action", { pattern: row.modelKey, action, options }, "setting options");
   }
 
   findNode(path) {
