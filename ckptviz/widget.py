@@ -811,13 +811,18 @@ def _counts_state(plan: Plan) -> dict[str, list[int]]:
 
 
 class _ModuleIndex:
-    """``get_submodule`` from one walk of the model: ``refusal`` asks it once per row, and
-    ``Module.get_submodule`` walks the path each time."""
+    """The model, with ``get_submodule`` from one walk of it: ``refusal`` asks it once per row,
+    and ``Module.get_submodule`` walks the path each time. Everything else an action's
+    ``refuse`` asks of the model is passed through to the model itself."""
 
     def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
         self._modules: dict[str, torch.nn.Module] = dict(
             model.named_modules(remove_duplicate=False)
         )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
 
     def get_submodule(self, name: str) -> torch.nn.Module:
         try:

@@ -212,3 +212,22 @@ def test_an_actions_advice_reaches_the_explanation_of_the_rows_it_speaks_about(
         assert said.endswith(" negate fits b.weight.")
     with pytest.raises(TypeError, match="advise must be a function"):
         negate_action(advise="resample it")
+
+
+def test_a_refusal_that_reads_the_model_sees_the_whole_model_in_the_widget(
+    saved: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
+    path, _ = saved
+    asked: list[int] = []
+
+    def refuse(ctx: ckptviz.RowContext) -> str | None:
+        assert ctx.model is not None
+        asked.append(sum(1 for _ in ctx.model.named_modules()))  # more than get_submodule
+        return "only for b" if not ctx.row.key.startswith("b.") else None
+
+    with registered(negate_action(refuse=refuse, refusal_needs_model=True)):
+        loader = ckptviz.Loader(Two(), path)
+        loader.set_action("b.weight", "negate")
+        with pytest.raises(ckptviz.PlanError, match="only for b"):
+            loader.set_action("a.weight", "negate")
+    assert asked and set(asked) == {3}

@@ -52,12 +52,17 @@ def test_refusals_name_the_reason() -> None:
         plan.set("lin", "copy")
     with pytest.raises(ckptviz.PlanError, match="names no row"):
         plan.set("nothing.*", "keep")
-    assert plan.allowed("lin.weight") == {
+    allowed = plan.allowed("lin.weight")
+    assert allowed == {
         "load": plan.refusal("lin.weight", "load"),
         "keep": None,
         "reinit": None,
         "partial": None,
+        # a grown linear weight is neither a grid nor an input conv
+        "resample": allowed["resample"],
+        "adapt_channels": allowed["adapt_channels"],
     }
+    assert allowed["resample"] and allowed["adapt_channels"]
     assert plan.action("lin.weight") == "keep"  # refused sets changed nothing
     changed = plan.set("*", "reinit", skip_refused=True)
     assert sorted(changed) == ["lin.bias", "lin.weight"]

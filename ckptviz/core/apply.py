@@ -237,15 +237,23 @@ def _device(materialise: str | torch.device | None) -> torch.device | None:
 
 
 def _prepared(
-    plan: Plan, model: torch.nn.Module, materialise: torch.device | None
+    plan: Plan,
+    model: torch.nn.Module,
+    materialise: torch.device | None,
+    only: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """What the actions with a ``prepare`` step compute for their rows before anything is
-    written (``reinit``: each module's initialiser run once on a copy), by model key."""
+    written (``reinit``: each module's initialiser run once on a copy), by model key; for the
+    row ``only`` alone when given."""
     prepared: dict[str, torch.Tensor] = {}
     for action in registered_actions():
         if action.prepare is None:
             continue
-        rows = [(row, plan.options(row.key)) for row, a in plan if a == action.name and row.model]
+        rows = [
+            (row, plan.options(row.key))
+            for row, a in plan
+            if a == action.name and row.model and only in (None, row.key)
+        ]
         if rows:
             prepared.update(action.prepare(PrepareContext(rows, model, plan.seed, materialise)))
     return prepared
@@ -312,6 +320,28 @@ def apply_plan(
             f"{len(extra)} model tensor(s) not in the plan were left alone: {', '.join(extra[:5])}"
         )
     return Report(plan, model, entries, saved if undo else None, notes, choice, saved.directory)
+
+
+def preview_value(plan: Plan, key: str, *, source: Any = None) -> torch.Tensor:
+    """The value the row ``key``'s action would write into the plan's model (cast to the model
+    tensor's dtype), worked out as ``apply`` does, without writing anything."""
+    model, row, action = plan.diff.model, plan.diff.row(key), plan.action(key)
+    if model is None or row.model is None:
+        raise PlanError(f"{key}: nothing to preview (no live model, or no model tensor here)")
+    live = read_checkpoint(model).tensors.get(key)
+    now = None if live is None else (live.shape, live.dtype)
+    if why := model_row_problem(row, action, model, now, plan.chosen_options(key)):
+        raise PlanError(f"cannot preview {key}: {why}", {key: why})
+    target: torch.Tensor = model.state_dict(keep_vars=True)[key]
+    if not action_named(action).writes:
+        return target.detach().clone()
+    if target.is_meta and (why := _meta_refusal(target, action, torch.device("cpu"))):
+        raise PlanError(f"cannot preview {key}: {why}", {key: why})
+    ckpt = _checkpoint_for(plan, source)
+    prepared = _prepared(plan, model, None, only=key)
+    with ckpt.open() as data:
+        values = _Values(plan, model, [(row, action)], {key: target}, data, prepared, None)
+        return values[key].detach().to(target.dtype, copy=True)
 
 
 def _where(choice: SnapshotChoice, saved: Snapshot) -> str:

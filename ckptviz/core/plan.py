@@ -264,6 +264,14 @@ class Plan:
             memory_budget=memory_budget,
         )
 
+    def preview(self, key: str, *, source: Any = None) -> torch.Tensor:
+        """The value row ``key``'s action would write into the model (in its dtype), worked out
+        as ``apply`` does, without writing: e.g. a resampled position grid before applying.
+        ``source`` reads the checkpoint from another copy, as in ``apply``."""
+        from ckptviz.core.apply import preview_value
+
+        return preview_value(self, key, source=source)
+
     # -- saving ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON-ready data (see ``core.planfile``)."""

@@ -3,7 +3,8 @@
 ``register_action(ActionDef(...))`` adds one (a definition that lacks a step is refused when it
 is made or registered, never silently defaulted when applied); ``action_named(name)`` finds one;
 ``registered_actions()`` lists them in registration order, the order of the widget's buttons.
-The built-ins, registered here: ``load``, ``keep``, ``reinit``, ``partial``. ``skip`` is not an
+The built-ins, registered here: ``load``, ``keep``, ``reinit``, ``partial``, ``resample``,
+``adapt_channels``. ``skip`` is not an
 action: it is what an ``unexpected`` row shows (no model tensor, never applied).
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ckptviz.core.actions import keep, load, partial, reinit
+from ckptviz.core.actions import adapt_channels, keep, load, partial, reinit, resample
 from ckptviz.core.actions.base import (
     ActionDef,
     CodeContext,
@@ -63,7 +64,14 @@ SKIP = "skip"
 SKIP_TERM = Term("never applied: the model has no tensor for this checkpoint entry", "·", "extra")
 
 _REGISTRY: dict[str, ActionDef] = {}
-_BUILT_IN = (load.ACTION, keep.ACTION, reinit.ACTION, partial.ACTION)
+_BUILT_IN = (
+    load.ACTION,
+    keep.ACTION,
+    reinit.ACTION,
+    partial.ACTION,
+    resample.ACTION,
+    adapt_channels.ACTION,
+)
 #: What a row whose two tensors fit takes by default, and what every other model row takes.
 _FITTING_DEFAULT = load.ACTION.name
 _OTHER_DEFAULT = keep.ACTION.name

@@ -66,6 +66,14 @@ def _plot_parts(row: Row, numel: int) -> Sequence[tuple[str, int, bool]]:
     return (("partial: copied", copied, False), ("partial: rest kept", numel - copied, True))
 
 
+def _advise(ctx: RowContext) -> str | None:
+    """Where partial runs but means nothing: a flattened position grid, the input conv's
+    channels (the actions that fit those rows say why)."""
+    from ckptviz.core.actions import adapt_channels, resample
+
+    return resample.partial_warning(ctx) or adapt_channels.partial_warning(ctx)
+
+
 def _code(ctx: CodeContext) -> CodePart:
     pairs = [(row.key, row.checkpoint_key or "") for row, _ in ctx.rows]
     if not pairs:
@@ -99,4 +107,5 @@ ACTION = ActionDef(
     code=_code,
     distributed=ShardWrite.CHECKPOINT_OVERLAP,
     plot_parts=_plot_parts,
+    advise=_advise,
 )
