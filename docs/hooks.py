@@ -5,7 +5,7 @@ Nothing here is copied into ``docs/``, so the site cannot drift from its sources
 
 - the home page is ``README.md`` (a remote image, such as the Binder badge, becomes its alt
   text: the site loads nothing from the network);
-- the four notebooks are executed here, each in a fresh kernel in a temporary folder, and
+- the notebooks are executed here, each in a fresh kernel in a temporary folder, and
   mkdocs-jupyter renders the executed copies with their tables and plots;
 - the API reference lists every name in ``ckptviz.__all__`` (read from ``ckptviz/__init__.py``
   without importing it), each rendered by mkdocstrings from its docstring;

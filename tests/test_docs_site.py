@@ -1,6 +1,6 @@
 """The documentation site: built by the README's one command, offline, and read in a real browser.
 
-The build executes the four notebooks (so it takes tens of seconds): one build per test session,
+The build executes the notebooks (so it takes tens of seconds): one build per test session,
 shared by the checks below.
 """
 
@@ -31,6 +31,7 @@ NOTEBOOK_PAGES = (
     "notebooks/02_new_classes.html",
     "notebooks/03_wrapped_and_renamed.html",
     "notebooks/04_comparing_checkpoints.html",
+    "notebooks/05_transfer_learning.html",
 )
 
 

@@ -29,6 +29,7 @@ TEACHING = (
     "02_new_classes",
     "03_wrapped_and_renamed",
     "04_comparing_checkpoints",
+    "05_transfer_learning",
 )
 
 _executed: dict[Path, Any] = {}
@@ -54,7 +55,7 @@ assert all(_torch.equal(v, _values[k]) for k, v in {w}.model.state_dict().items(
     "a cell below the widget changed the model the reader's widget works on"
 )
 """
-WITH_WIDGETS = ("01_quickstart", "02_new_classes", "03_wrapped_and_renamed")
+WITH_WIDGETS = ("01_quickstart", "02_new_classes", "03_wrapped_and_renamed", "05_transfer_learning")
 
 
 def try_it_widgets(nb: Any) -> dict[int, str]:
