@@ -43,7 +43,7 @@ STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
 Source = str | os.PathLike[str] | Mapping[Any, Any] | torch.nn.Module | Checkpoint
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Row:
     """One aligned pair: a model tensor and the checkpoint tensor that feeds it (either may be
     absent). ``key`` is the model key, or the checkpoint key for ``unexpected`` rows.
@@ -58,6 +58,23 @@ class Row:
     checkpoint: TensorInfo | None
     note: str = ""
     tie_group: tuple[str, ...] = field(default=(), repr=False)
+
+    def __init__(
+        self,
+        status: str,
+        model: TensorInfo | None,
+        checkpoint: TensorInfo | None,
+        note: str = "",
+        tie_group: tuple[str, ...] = (),
+    ) -> None:
+        # written into the instance's dict (still frozen to every later write): a frozen
+        # dataclass's own __init__ calls object.__setattr__ per field, 1 us a row more
+        fields = self.__dict__
+        fields["status"] = status
+        fields["model"] = model
+        fields["checkpoint"] = checkpoint
+        fields["note"] = note
+        fields["tie_group"] = tie_group
 
     @property
     def tied(self) -> tuple[str, ...]:
@@ -150,7 +167,7 @@ def build_rows(left: Checkpoint, right: Checkpoint, mapping: KeyMapping) -> list
     for key, info in left.tensors.items():
         ckpt_key = matched.get(key)
         ckpt_info = right.tensors.get(ckpt_key) if ckpt_key else None
-        note = _rename_note(key, ckpt_key, mapping) if ckpt_key else ""
+        note = _rename_note(key, ckpt_key, mapping) if ckpt_key and ckpt_key != key else ""
         model_rows[key] = Row(
             row_status(info, ckpt_info), info, ckpt_info, note, group_of.get(key, ())
         )
@@ -185,10 +202,12 @@ class Diff:
         self.model = model
         self.rows = build_rows(model_side, checkpoint, mapping)
         self._by_key: dict[str, Row] = {}
+        by_key = self._by_key
         for row in reversed(self.rows):  # a model key wins over an unexpected key of one name
-            if row.status == "unexpected" and row.key in self._by_key:
-                continue
-            self._by_key[row.key] = row
+            if row.model is not None:
+                by_key[row.model.key] = row
+            elif row.checkpoint is not None:
+                by_key.setdefault(row.checkpoint.key, row)
         self._suggestions: list[Suggestion] | None = None
 
     # -- reading rows ---------------------------------------------------------------------------

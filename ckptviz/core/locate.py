@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import Parameter
 
 from ckptviz.core.checkpoint import (
+    ITEMSIZES,
     Checkpoint,
     DeclaredTensor,
     FileFingerprint,
@@ -132,6 +134,10 @@ def locate(
     return navigate(obj, chosen), chosen, candidates[1:]
 
 
+#: (kind, owning module's type) of a tensor not read from a live module
+_UNDESCRIBED: tuple[None, None] = (None, None)
+
+
 def tensor_table(
     state: Mapping[Any, Any],
     described: Mapping[str, tuple[str, str | None]] | None = None,
@@ -142,6 +148,28 @@ def tensor_table(
     skipped: dict[str, str] = {}
     by_storage: dict[tuple[object, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
     for name, value in state.items():
+        value_type = type(value)
+        if type(name) is str and (value_type is torch.Tensor or value_type is Parameter):
+            # the common case, a plain tensor under a plain key, with as few torch calls as
+            # can be (each is ~70 ns; a state dict can hold 100,000 tensors)
+            shape = tuple(value.shape)
+            numel = value.numel()
+            dtype = dtype_names[value.dtype]
+            kind, module_type = described.get(name, _UNDESCRIBED) if described else _UNDESCRIBED
+            tensors[name] = TensorInfo(
+                name, shape, dtype, numel * ITEMSIZES[dtype], kind, module_type
+            )
+            if value.is_meta:  # no storage to compare: tied meta tensors are one object
+                by_storage.setdefault((id(value), -1, shape, ()), []).append(name)
+            elif numel > 0:
+                ident = (
+                    value.untyped_storage().data_ptr(),
+                    value.storage_offset(),
+                    shape,
+                    value.stride(),
+                )
+                by_storage.setdefault(ident, []).append(name)
+            continue
         if not isinstance(name, str):
             skipped[repr(name)] = f"key of type {type(name).__name__}, not a string"
             continue
@@ -160,7 +188,7 @@ def tensor_table(
             skipped[name] = what
             continue
         shape = tuple(value.shape)
-        kind, module_type = described.get(name, (None, None)) if described else (None, None)
+        kind, module_type = described.get(name, _UNDESCRIBED) if described else _UNDESCRIBED
         nbytes = value.numel() * value.element_size()
         dtype = dtype_names[value.dtype]
         tensors[name] = TensorInfo(name, shape, dtype, nbytes, kind, module_type)
