@@ -156,33 +156,38 @@ def _rename_note(model_key: str, checkpoint_key: str, mapping: KeyMapping) -> st
 
 def build_rows(left: Checkpoint, right: Checkpoint, mapping: KeyMapping) -> list[Row]:
     """Rows in model order, each unexpected checkpoint key placed after its predecessor's row."""
+    model_tensors, checkpoint_tensors = left.tensors, right.tensors
     matched = match_keys(left.keys(), right.keys(), mapping)
-    matched = {m: c for m, c in matched.items() if m in left.tensors and c in right.tensors}
+    matched = {
+        m: c for m, c in matched.items() if m in model_tensors and c in checkpoint_tensors
+    }
     group_of: dict[str, tuple[str, ...]] = {}
     for group in left.ties:
         shared = tuple(group)  # one tuple per group: each row derives its ``tied`` from it
         for key in shared:
             group_of[key] = shared
-    model_rows: dict[str, Row] = {}
-    for key, info in left.tensors.items():
-        ckpt_key = matched.get(key)
-        ckpt_info = right.tensors.get(ckpt_key) if ckpt_key else None
-        note = _rename_note(key, ckpt_key, mapping) if ckpt_key and ckpt_key != key else ""
-        model_rows[key] = Row(
-            row_status(info, ckpt_info), info, ckpt_info, note, group_of.get(key, ())
-        )
     fed = {c: m for m, c in matched.items()}
     after: dict[str | None, list[Row]] = {}
     previous: str | None = None
-    for ckpt_key, info in right.tensors.items():
-        if ckpt_key in fed:
-            previous = fed[ckpt_key]
+    for ckpt_key, info in checkpoint_tensors.items():
+        fed_key = fed.get(ckpt_key)
+        if fed_key is not None:
+            previous = fed_key
         else:
             after.setdefault(previous, []).append(Row("unexpected", None, info))
     rows = list(after.get(None, []))
-    for key, row in model_rows.items():
-        rows.append(row)
-        rows.extend(after.get(key, []))
+    append = rows.append
+    for key, info in model_tensors.items():
+        ckpt_key = matched.get(key)
+        if ckpt_key is None:
+            append(Row("missing", info, None, "", group_of.get(key, ())))
+        else:
+            ckpt_info = checkpoint_tensors[ckpt_key]
+            note = "" if ckpt_key == key else _rename_note(key, ckpt_key, mapping)
+            status = row_status(info, ckpt_info)
+            append(Row(status, info, ckpt_info, note, group_of.get(key, ())))
+        if key in after:
+            rows.extend(after[key])
     return rows
 
 
