@@ -908,16 +908,19 @@ def _rows_state(
                     prefixes_only.checkpoint_name(c.key) != prefixes_only.model_name(m.key)
                 )
         # per action: 0 if it may apply, else 1 + the index of its reason in "reasons"
-        codes_of_row = [
-            reasons.setdefault(why, len(reasons) + 1) if why else 0 for why in refusals.of(row)
-        ]
+        whys = refusals.of(row)
+        codes_of_row = (
+            [reasons.setdefault(why, len(reasons) + 1) if why else 0 for why in whys]
+            if any(whys)
+            else 0
+        )
         data.append(
             [
                 row.status,
                 *([value(m) for value in values] if m else absent),
                 *([value(c) for value in values] if c else absent),
                 row.note,
-                codes_of_row if any(codes_of_row) else 0,
+                codes_of_row,
                 _tied_shown(row.tied) if row.tie_group else [],
                 place,
                 renamed,

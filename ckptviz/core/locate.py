@@ -159,7 +159,8 @@ def tensor_table(
     by_storage: dict[tuple[object, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
     # plain tensors by the address of their first element: only those sharing one can be tied,
     # so their storage, offset and stride are asked for only then (3 torch calls fewer each)
-    at_address: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    at_address: dict[int, str] = {}  # the first key seen at each address
+    sharing: dict[int, list[str]] = {}  # every key at an address that more than one has
     others_in_storage = False  # a tensor subclass was grouped by storage directly
     for name, value in state.items():
         value_type = type(value)
@@ -175,7 +176,9 @@ def tensor_table(
             )
             address = value.data_ptr() if numel > 0 else 0  # 0 also for the meta device
             if address:
-                at_address.setdefault(address, []).append((name, value))
+                first = at_address.setdefault(address, name)
+                if first is not name:
+                    sharing.setdefault(address, [first]).append(name)
             elif value.is_meta:  # no storage to compare: tied meta tensors are one object
                 by_storage.setdefault((id(value), -1, shape, ()), []).append(name)
             continue
@@ -206,12 +209,14 @@ def tensor_table(
         elif value.numel() > 0:
             others_in_storage = True
             by_storage.setdefault(_storage_identity(value, shape), []).append(name)
-    for sharing in at_address.values():
-        if len(sharing) > 1 or others_in_storage:
-            for name, value in sharing:
-                by_storage.setdefault(_storage_identity(value, tensors[name].shape), []).append(
-                    name
-                )
+    if others_in_storage:  # a tensor subclass may share storage with any of them: group all
+        groups = [sharing.get(address, [key]) for address, key in at_address.items()]
+    else:
+        groups = list(sharing.values())
+    for names in groups:
+        for name in names:
+            identity = _storage_identity(state[name], tensors[name].shape)
+            by_storage.setdefault(identity, []).append(name)
     ties = [keys for keys in by_storage.values() if len(keys) > 1]
     if ties:  # keys in the state's order, groups in the order of their first key
         order = {key: i for i, key in enumerate(tensors)}
