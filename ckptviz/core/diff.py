@@ -158,9 +158,7 @@ def build_rows(left: Checkpoint, right: Checkpoint, mapping: KeyMapping) -> list
     """Rows in model order, each unexpected checkpoint key placed after its predecessor's row."""
     model_tensors, checkpoint_tensors = left.tensors, right.tensors
     matched = match_keys(left.keys(), right.keys(), mapping)
-    matched = {
-        m: c for m, c in matched.items() if m in model_tensors and c in checkpoint_tensors
-    }
+    matched = {m: c for m, c in matched.items() if m in model_tensors and c in checkpoint_tensors}
     group_of: dict[str, tuple[str, ...]] = {}
     for group in left.ties:
         shared = tuple(group)  # one tuple per group: each row derives its ``tied`` from it
