@@ -176,12 +176,12 @@ def build_rows(left: Checkpoint, right: Checkpoint, mapping: KeyMapping) -> list
     rows = list(after.get(None, []))
     append = rows.append
     for key, info in model_tensors.items():
-        ckpt_key = matched.get(key)
-        if ckpt_key is None:
+        fed_by = matched.get(key)
+        if fed_by is None:
             append(Row("missing", info, None, "", group_of.get(key, ())))
         else:
-            ckpt_info = checkpoint_tensors[ckpt_key]
-            note = "" if ckpt_key == key else _rename_note(key, ckpt_key, mapping)
+            ckpt_info = checkpoint_tensors[fed_by]
+            note = "" if fed_by == key else _rename_note(key, fed_by, mapping)
             status = row_status(info, ckpt_info)
             append(Row(status, info, ckpt_info, note, group_of.get(key, ())))
         if key in after:
