@@ -38,7 +38,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -618,17 +618,15 @@ class Loader(anywidget.AnyWidget):
         plan = self._plan
         self._generation += 1
         self._sent_diff = plan.diff
-        rows = plan.diff.rows
-        self._row_of = {r.key: i for i, r in enumerate(rows) if r.model is not None}
-        self._numel = [r.numel for r in rows]
-        self._codes = self._codes_now()
+        self._row_of, self._numel, self._codes, self._counts = _row_index(plan)
         self._options = self._options_now()
-        self._counts = _counts_state(plan)
-        rows_state = _rows_state(plan, self._generation, self._codes.decode(), self._counts)
+        modules = _ModuleIndex(self._model)  # one walk of the model for both
+        owners = modules if plan.diff.model is self._model else None
+        rows_state = _rows_state(plan, self._generation, self._codes.decode(), self._counts, owners)
         rows_state["options"] = _options_message(self._options)
         return {
             "_rows": rows_state,
-            "_info": _info_state(plan, self._model, self._plan_dir),
+            "_info": _info_state(plan, self._model, self._plan_dir, modules),
             "_suggestions": _suggestion_state(plan.diff),
             "_report": self._report_state(),
         }
@@ -851,6 +849,35 @@ def _counts_state(plan: Plan) -> dict[str, list[int]]:
     return {a: [c["rows"], c["numel"]] for a, c in plan.counts.items()}
 
 
+def _row_index(
+    plan: Plan,
+) -> tuple[dict[str, int], list[int], bytearray, dict[str, list[int]]]:
+    """In one pass over the rows: the row of each model key, each row's value count, its
+    action code, and per action its rows and values (``plan.counts``, as lists)."""
+    actions = plan.actions  # a copy: taken once
+    code_of = {action: ord(code) for action, code in action_codes().items()}
+    counts: dict[str, list[int]] = {action: [0, 0] for action in (*action_names(), SKIP)}
+    row_of: dict[str, int] = {}
+    numels: list[int] = []
+    codes = bytearray()
+    for index, row in enumerate(plan.diff.rows):
+        info = row.model
+        if info is not None:
+            row_of[info.key] = index
+            action = actions[info.key]
+        else:
+            info = row.checkpoint
+            assert info is not None  # a row has at least one side
+            action = SKIP
+        numel = info.numel
+        numels.append(numel)
+        codes.append(code_of[action])
+        figures = counts[action]
+        figures[0] += 1
+        figures[1] += numel
+    return row_of, numels, codes, counts
+
+
 class _ModuleIndex:
     """The model, with ``get_submodule`` from one walk of it: ``refusal`` asks it once per row,
     and ``Module.get_submodule`` walks the path each time. Everything else an action's
@@ -864,6 +891,10 @@ class _ModuleIndex:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
+
+    def items(self) -> Iterator[tuple[str, torch.nn.Module]]:
+        """Every (name, module), shared modules under each of their names, in model order."""
+        return iter(self._modules.items())
 
     def get_submodule(self, name: str) -> torch.nn.Module:
         try:
@@ -881,29 +912,43 @@ class _Refusals:
     def __init__(self, owners: torch.nn.Module | None, diff: Diff | None = None) -> None:
         self._owners = owners
         self._diff = diff
-        self._known: dict[tuple[Any, ...], str | None] = {}
-        self._needs_model = {a.name for a in registered_actions() if a.refusal_needs_model}
+        self._names = action_names()
+        # actions whose refusal reads the model (the row's module): asked per row
+        self._per_row = [
+            i for i, name in enumerate(self._names) if action_named(name).refusal_needs_model
+        ]
+        # (model shape, checkpoint shape) -> reason per action (``None`` where it may apply;
+        # also, as a placeholder, at the per-row actions of rows with a model tensor)
+        self._known: dict[tuple[Any, Any], list[str | None]] = {}
 
-    def of(self, row: Row, action: str) -> str | None:
+    def of(self, row: Row) -> list[str | None]:
+        """The reason each registered action is refused for ``row`` (``None``: it may)."""
         m, c = row.model, row.checkpoint
-        if action in self._needs_model and m is not None:
-            return refusal(row, action, self._owners, None, self._diff)
-        question = (
-            action,
-            None if m is None else m.shape,
-            None if c is None else c.shape,
-        )
-        try:
-            return self._known[question]
-        except KeyError:
-            why = self._known[question] = refusal(row, action, self._owners, None, self._diff)
-            return why
+        question = (None if m is None else m.shape, None if c is None else c.shape)
+        known = self._known.get(question)
+        if known is None:
+            per_row = set(self._per_row) if m is not None else set()
+            known = self._known[question] = [
+                None if i in per_row else refusal(row, name, self._owners, None, self._diff)
+                for i, name in enumerate(self._names)
+            ]
+        if m is None or not self._per_row:
+            return known
+        reasons = known.copy()
+        for i in self._per_row:
+            reasons[i] = refusal(row, self._names[i], self._owners, None, self._diff)
+        return reasons
 
 
 def _rows_state(
-    plan: Plan, generation: int, codes: str, counts: Mapping[str, list[int]]
+    plan: Plan,
+    generation: int,
+    codes: str,
+    counts: Mapping[str, list[int]],
+    modules: _ModuleIndex | None = None,
 ) -> dict[str, Any]:
     """Row metadata, one list per row in ``ROW_FIELDS`` order; refusal reasons deduplicated.
+    ``modules`` is an index of ``plan.diff.model`` already made (else one is made here).
 
     The rows travel as one JSON buffer (``data``): a binary buffer is sent as it is,
     where a list of 100,000 lists would be walked value by value on its way to the wire."""
@@ -912,42 +957,55 @@ def _rows_state(
     data = []
     mapping = plan.diff.mapping
     prefixes_only = KeyMapping(mapping.checkpoint_prefix, mapping.model_prefix)
+    # without prefixes a pair is renamed exactly when its two keys differ
+    no_prefixes = not (mapping.checkpoint_prefix or mapping.model_prefix)
     model = plan.diff.model
-    owners = cast(torch.nn.Module, _ModuleIndex(model)) if model is not None else None
-    refusals = _Refusals(owners, plan.diff)
-    names = action_names()
+    if modules is None and model is not None:
+        modules = _ModuleIndex(model)
+    refusals = _Refusals(cast(torch.nn.Module, modules) if modules is not None else None, plan.diff)
     values = [column.value for column in columns]
     absent = [None] * len(columns)
     for row in plan.diff.rows:
         m, c = row.model, row.checkpoint
         # where the row sits in the module tree, if not at its key: an unexpected key goes where
         # the model would have it
-        place = None if m else mapping.model_prefix + mapping.checkpoint_name(row.key)
+        place = None
+        if m is None and c is not None:
+            place = mapping.model_prefix + mapping.checkpoint_name(c.key)
+            if place == c.key:
+                place = None
         # renamed by a rule or by hand (not merely a wrapper prefix): show the checkpoint key
         renamed = 0
         if m is not None and c is not None:
-            renamed = int(prefixes_only.checkpoint_name(c.key) != prefixes_only.model_name(m.key))
+            if no_prefixes:
+                renamed = int(c.key != m.key)
+            else:
+                renamed = int(
+                    prefixes_only.checkpoint_name(c.key) != prefixes_only.model_name(m.key)
+                )
         # per action: 0 if it may apply, else 1 + the index of its reason in "reasons"
-        codes_of_row = [
-            reasons.setdefault(why, len(reasons) + 1) if (why := refusals.of(row, action)) else 0
-            for action in names
-        ]
+        whys = refusals.of(row)
+        codes_of_row = (
+            [reasons.setdefault(why, len(reasons) + 1) if why else 0 for why in whys]
+            if any(whys)
+            else 0
+        )
         data.append(
             [
                 row.status,
                 *([value(m) for value in values] if m else absent),
                 *([value(c) for value in values] if c else absent),
                 row.note,
-                codes_of_row if any(codes_of_row) else 0,
-                _tied_shown(row.tied),
-                place if place != row.key else None,
+                codes_of_row,
+                _tied_shown(row.tied) if row.tie_group else [],
+                place,
                 renamed,
             ]
         )
     return {
         "gen": generation,
         "fields": list(row_fields(columns)),
-        "actions_order": list(names),
+        "actions_order": list(action_names()),
         # ASCII JSON: a key with a lone surrogate (a file can hold one) stays exact as \udc80
         "data": json.dumps(data, separators=(",", ":")).encode("ascii"),
         "reasons": list(reasons),
@@ -982,12 +1040,17 @@ def _opening_groups(diff: Diff) -> list[str] | None:
     return sorted(expanded)
 
 
-def _info_state(plan: Plan, model: torch.nn.Module, plan_dir: Path) -> dict[str, Any]:
+def _info_state(
+    plan: Plan, model: torch.nn.Module, plan_dir: Path, modules: _ModuleIndex | None = None
+) -> dict[str, Any]:
+    """``modules`` is an index of ``model`` already made (else one is made here)."""
     diff = plan.diff
     ckpt = diff.checkpoint
-    owners = {r.module for r in diff.rows if r.model is not None}
+    owners = {r.model.key.rpartition(".")[0] for r in diff.rows if r.model is not None}
+    if modules is None:
+        modules = _ModuleIndex(model)
     module_types = {
-        name: type(module).__name__ for name, module in model.named_modules() if name in owners
+        name: type(module).__name__ for name, module in modules.items() if name in owners
     }
     checkpoint_name = ckpt.path.name if ckpt.path is not None else ckpt.source
     stem = ckpt.path.stem if ckpt.path is not None else "checkpoint"

@@ -52,6 +52,20 @@ SETTINGS_OVERRIDES = {
 }
 
 
+#: True once the visible notebook's kernel connection is connected, handles comms and has the
+#: widget manager's comm target (``window.jupyterapp``: the server is started with
+#: ``expose_app_in_browser``).
+WIDGET_TARGET_READY = """() => {
+  const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  const session = panel && panel.sessionContext && panel.sessionContext.session;
+  const kernel = session && session.kernel;
+  return Boolean(
+    kernel && kernel.connectionStatus === "connected" && kernel.handleComms &&
+    kernel._targetRegistry && "jupyter.widget" in kernel._targetRegistry
+  );
+}"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -202,6 +216,7 @@ class NotebookUI:
         self.panel.locator(".jp-Cell").first.wait_for(timeout=timeout * 1000)
         self.wait_idle(timeout)
         self.accept_kernel_dialog()
+        self.wait_widget_manager(timeout)
         # give the notebook the whole width: close the file browser that &reset opens
         browser_tab = self.page.locator(
             ".jp-SideBar.jp-mod-left li[data-id='filebrowser'].lm-mod-current"
@@ -215,6 +230,20 @@ class NotebookUI:
         if dialog.count():
             dialog.locator("button", has_text="Select").click()
             self.wait_idle()
+
+    def wait_widget_manager(self, timeout: float = 90) -> None:
+        """Wait until the notebook's kernel connection is connected and takes widget comms.
+
+        A widget output renders "Error displaying widget: model not found" when its model's
+        ``comm_open`` was not handled within 2 s of the output (ipywidgets' ``get_model``), as
+        when it reached a kernel connection without the ``jupyter.widget`` comm target: the
+        widget manager registers it on each new connection, and the execution indicator can
+        turn idle first. ``_targetRegistry`` is JupyterLab's own (private) table of targets."""
+        wait_until(
+            lambda: self.page.evaluate(WIDGET_TARGET_READY),
+            timeout,
+            "the notebook's kernel connection to accept widget comms (jupyter.widget)",
+        )
 
     def wait_idle(self, timeout: float = 90) -> None:
         self.panel.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(

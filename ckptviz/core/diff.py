@@ -45,7 +45,7 @@ STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
 Source = str | os.PathLike[str] | Mapping[Any, Any] | torch.nn.Module | Checkpoint
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Row:
     """One aligned pair: a model tensor and the checkpoint tensor that feeds it (either may be
     absent). ``key`` is the model key, or the checkpoint key for ``unexpected`` rows.
@@ -60,6 +60,23 @@ class Row:
     checkpoint: TensorInfo | None
     note: str = ""
     tie_group: tuple[str, ...] = field(default=(), repr=False)
+
+    def __init__(
+        self,
+        status: str,
+        model: TensorInfo | None,
+        checkpoint: TensorInfo | None,
+        note: str = "",
+        tie_group: tuple[str, ...] = (),
+    ) -> None:
+        # written into the instance's dict (still frozen to every later write): a frozen
+        # dataclass's own __init__ calls object.__setattr__ per field, 1 us a row more
+        fields = self.__dict__
+        fields["status"] = status
+        fields["model"] = model
+        fields["checkpoint"] = checkpoint
+        fields["note"] = note
+        fields["tie_group"] = tie_group
 
     @property
     def tied(self) -> tuple[str, ...]:
@@ -151,33 +168,36 @@ def _rename_note(model_key: str, checkpoint_key: str, mapping: KeyMapping) -> st
 
 def build_rows(left: Checkpoint, right: Checkpoint, mapping: KeyMapping) -> list[Row]:
     """Rows in model order, each unexpected checkpoint key placed after its predecessor's row."""
+    model_tensors, checkpoint_tensors = left.tensors, right.tensors
     matched = match_keys(left.keys(), right.keys(), mapping)
-    matched = {m: c for m, c in matched.items() if m in left.tensors and c in right.tensors}
+    matched = {m: c for m, c in matched.items() if m in model_tensors and c in checkpoint_tensors}
     group_of: dict[str, tuple[str, ...]] = {}
     for group in left.ties:
         shared = tuple(group)  # one tuple per group: each row derives its ``tied`` from it
         for key in shared:
             group_of[key] = shared
-    model_rows: dict[str, Row] = {}
-    for key, info in left.tensors.items():
-        ckpt_key = matched.get(key)
-        ckpt_info = right.tensors.get(ckpt_key) if ckpt_key else None
-        note = _rename_note(key, ckpt_key, mapping) if ckpt_key else ""
-        model_rows[key] = Row(
-            row_status(info, ckpt_info), info, ckpt_info, note, group_of.get(key, ())
-        )
     fed = {c: m for m, c in matched.items()}
     after: dict[str | None, list[Row]] = {}
     previous: str | None = None
-    for ckpt_key, info in right.tensors.items():
-        if ckpt_key in fed:
-            previous = fed[ckpt_key]
+    for ckpt_key, info in checkpoint_tensors.items():
+        fed_key = fed.get(ckpt_key)
+        if fed_key is not None:
+            previous = fed_key
         else:
             after.setdefault(previous, []).append(Row("unexpected", None, info))
     rows = list(after.get(None, []))
-    for key, row in model_rows.items():
-        rows.append(row)
-        rows.extend(after.get(key, []))
+    append = rows.append
+    for key, info in model_tensors.items():
+        fed_by = matched.get(key)
+        if fed_by is None:
+            append(Row("missing", info, None, "", group_of.get(key, ())))
+        else:
+            ckpt_info = checkpoint_tensors[fed_by]
+            note = "" if fed_by == key else _rename_note(key, fed_by, mapping)
+            status = row_status(info, ckpt_info)
+            append(Row(status, info, ckpt_info, note, group_of.get(key, ())))
+        if key in after:
+            rows.extend(after[key])
     return rows
 
 
@@ -201,10 +221,12 @@ class Diff:
 
             self.rows = noted_rows(self)  # the LoRA factors a merge would read say so
         self._by_key: dict[str, Row] = {}
+        by_key = self._by_key
         for row in reversed(self.rows):  # a model key wins over an unexpected key of one name
-            if row.status == "unexpected" and row.key in self._by_key:
-                continue
-            self._by_key[row.key] = row
+            if row.model is not None:
+                by_key[row.model.key] = row
+            elif row.checkpoint is not None:
+                by_key.setdefault(row.checkpoint.key, row)
         self._suggestions: list[Suggestion] | None = None
 
     # -- reading rows ---------------------------------------------------------------------------

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import Parameter
 
 from ckptviz.core.checkpoint import (
+    ITEMSIZES,
     Checkpoint,
     DeclaredTensor,
     FileFingerprint,
@@ -149,16 +151,54 @@ def locate(
     return navigate(obj, chosen), chosen, candidates[1:]
 
 
+def _storage_identity(
+    value: torch.Tensor, shape: tuple[int, ...]
+) -> tuple[object, int, tuple[int, ...], tuple[int, ...]]:
+    """What tied tensors share: storage, offset, shape and stride."""
+    storage = value.untyped_storage()
+    return (storage.data_ptr(), int(value.storage_offset()), shape, tuple(value.stride()))
+
+
+#: (kind, owning module's type) of a tensor not read from a live module
+_UNDESCRIBED: tuple[None, None] = (None, None)
+
+
 def tensor_table(
     state: Mapping[Any, Any],
     described: Mapping[str, tuple[str, str | None]] | None = None,
 ) -> tuple[dict[str, TensorInfo], dict[str, str], list[tuple[str, ...]]]:
     """Metadata of every tensor in ``state``; ``described`` gives a live module's tensors
-    their kind and owning module's type (key -> (kind, module type))."""
+    their kind and owning module's type (key -> (kind, module type)).
+
+    Ties are keys whose tensors share storage, offset, shape and stride (the same values)."""
     tensors: dict[str, TensorInfo] = {}
     skipped: dict[str, str] = {}
     by_storage: dict[tuple[object, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
+    # plain tensors by the address of their first element: only those sharing one can be tied,
+    # so their storage, offset and stride are asked for only then (3 torch calls fewer each)
+    at_address: dict[int, str] = {}  # the first key seen at each address
+    sharing: dict[int, list[str]] = {}  # every key at an address that more than one has
+    others_in_storage = False  # a tensor subclass was grouped by storage directly
     for name, value in state.items():
+        value_type = type(value)
+        if type(name) is str and (value_type is torch.Tensor or value_type is Parameter):
+            # the common case, a plain tensor under a plain key, with as few torch calls as
+            # can be (a state dict can hold 100,000 tensors)
+            shape = tuple(value.shape)
+            numel = value.numel()
+            dtype = dtype_names[value.dtype]
+            kind, module_type = described.get(name, _UNDESCRIBED) if described else _UNDESCRIBED
+            tensors[name] = TensorInfo(
+                name, shape, dtype, numel * ITEMSIZES[dtype], kind, module_type
+            )
+            address = value.data_ptr() if numel > 0 else 0  # 0 also for the meta device
+            if address:
+                first = at_address.setdefault(address, name)
+                if first is not name:
+                    sharing.setdefault(address, [first]).append(name)
+            elif value.is_meta:  # no storage to compare: tied meta tensors are one object
+                by_storage.setdefault((id(value), -1, shape, ()), []).append(name)
+            continue
         if not isinstance(name, str):
             skipped[repr(name)] = f"key of type {type(name).__name__}, not a string"
             continue
@@ -177,18 +217,30 @@ def tensor_table(
             skipped[name] = what
             continue
         shape = tuple(value.shape)
-        kind, module_type = described.get(name, (None, None)) if described else (None, None)
+        kind, module_type = described.get(name, _UNDESCRIBED) if described else _UNDESCRIBED
         nbytes = value.numel() * value.element_size()
         dtype = dtype_names[value.dtype]
         tensors[name] = TensorInfo(name, shape, dtype, nbytes, kind, module_type)
         if value.is_meta:  # no storage to compare: tied meta tensors are one object
             by_storage.setdefault((id(value), -1, shape, ()), []).append(name)
         elif value.numel() > 0:
-            storage = value.untyped_storage()
-            ident = (storage.data_ptr(), int(value.storage_offset()), shape, tuple(value.stride()))
-            by_storage.setdefault(ident, []).append(name)
-    ties = [tuple(keys) for keys in by_storage.values() if len(keys) > 1]
-    return tensors, skipped, ties
+            others_in_storage = True
+            by_storage.setdefault(_storage_identity(value, shape), []).append(name)
+    if others_in_storage:  # a tensor subclass may share storage with any of them: group all
+        groups = [sharing.get(address, [key]) for address, key in at_address.items()]
+    else:
+        groups = list(sharing.values())
+    for names in groups:
+        for name in names:
+            identity = _storage_identity(state[name], tensors[name].shape)
+            by_storage.setdefault(identity, []).append(name)
+    ties = [keys for keys in by_storage.values() if len(keys) > 1]
+    if ties:  # keys in the state's order, groups in the order of their first key
+        order = {key: i for i, key in enumerate(tensors)}
+        ties = sorted(
+            (sorted(keys, key=order.__getitem__) for keys in ties), key=lambda k: order[k[0]]
+        )
+    return tensors, skipped, [tuple(keys) for keys in ties]
 
 
 def checkpoint_from_object(

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ckptviz.core._torch_private import module_tables
 from ckptviz.core.checkpoint import Checkpoint, TensorSource
 from ckptviz.core.errors import CheckpointError
 from ckptviz.core.locate import checkpoint_from_object, navigate
@@ -37,18 +38,25 @@ def read_mapping(obj: Mapping[Any, Any], key: tuple[str, ...] | None) -> Checkpo
 
 def read_module(module: torch.nn.Module) -> Checkpoint:
     state = module.state_dict(keep_vars=True)
-    parameter_ids = {id(p) for _, p in module.named_parameters(remove_duplicate=False)}
 
     @contextmanager
     def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
         yield TensorSource(ckpt, lambda k: _data_of(state[k], ckpt.source, k))
 
-    owners = {name: type(m).__name__ for name, m in module.named_modules()}
+    # one walk of the module tree for both what owns each key and which tensors are parameters
+    # (``named_modules`` and ``named_parameters`` would walk it once each, on top of
+    # ``state_dict``'s own walk): every name a module is reachable under, shared ones included
+    owners: dict[str, str] = {}
+    parameter_ids: set[int] = set()
+    for owner_name, owner in module.named_modules(remove_duplicate=False):
+        owners[owner_name] = type(owner).__name__
+        parameter_ids.update(map(id, module_tables(owner)[0].values()))
+    parameter_ids.discard(id(None))  # (a parameter registered as None, like a Linear's bias)
     described: dict[str, tuple[str, str | None]] = {}
     for name, value in state.items():
         owner_name = str(name).rpartition(".")[0]  # (a custom hook's key may not be a str)
         owner_type = owners.get(owner_name)
-        if owner_type is None:  # a module shared under a second name, or a custom hook's key
+        if owner_type is None:  # a custom hook's key
             try:
                 owner_type = type(module.get_submodule(owner_name)).__name__
             except AttributeError:

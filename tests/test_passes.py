@@ -1,0 +1,90 @@
+"""How many times reading a model and building the Loader walk the model.
+
+Each walk of a 100,000-tensor model costs about a tenth of a second (speed itself is measured in
+``benchmarks/``, not here), so the number of walks is the regression to guard: a model that
+counts its own ``state_dict`` calls and module-tree walks.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+import ckptviz
+from ckptviz.core.locate import tensor_table
+
+
+class CountingModel(nn.Sequential):
+    """Twenty small layers that count ``state_dict`` calls and walks of the module tree
+    (``named_parameters``, ``parameters``, ``modules`` and the rest all go through
+    ``named_modules`` of the model itself)."""
+
+    def __init__(self) -> None:
+        super().__init__(*(nn.Linear(2, 2) for _ in range(20)))
+        self.calls: Counter[str] = Counter()
+
+    def named_modules(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:
+        self.calls["walks"] += 1
+        return super().named_modules(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls["state_dict"] += 1
+        return super().state_dict(*args, **kwargs)
+
+
+def _checkpoint(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    state["0.weight"] = torch.zeros(3, 2)  # one shape row, so the table has a difference
+    return state
+
+
+def test_compare_reads_the_model_in_one_walk_and_one_state_dict() -> None:
+    model = CountingModel()
+    state = _checkpoint(model)
+    model.calls.clear()
+    diff = ckptviz.compare(model, state)
+    assert model.calls == {"state_dict": 1, "walks": 1}
+    # what the walk found is all there: every tensor a parameter, owned by a Linear
+    infos = [row.model for row in diff.rows]
+    assert {(i.kind, i.module_type) for i in infos if i} == {("parameter", "Linear")}
+
+
+def test_the_loader_walks_the_model_twice_at_most() -> None:
+    """Once to read it (compare), once for the widget's index of modules (refusals and the
+    module types shown), whatever the table needs from them."""
+    model = CountingModel()
+    state = _checkpoint(model)
+    model.calls.clear()
+    loader = ckptviz.Loader(model, state)
+    assert model.calls == {"state_dict": 1, "walks": 2}
+    assert loader._info["module_types"]["0"] == "Linear"
+
+
+def test_ties_found_by_address_match_those_by_storage() -> None:
+    """Plain tensors are grouped by the address of their first element, then by storage,
+    offset, shape and stride; a tensor subclass is grouped by storage directly, and joins the
+    plain tensors it shares with."""
+
+    class Marked(torch.Tensor):
+        pass
+
+    base = torch.arange(16.0).reshape(4, 4)
+    state = {
+        "a": base,
+        "view_same_start": base.view(16),  # same first element, other shape: not tied
+        "b": base,
+        "transposed": base.t(),  # same start and shape, other stride: not tied
+        "row": base[1],
+        "row_again": base[1],  # another view object of the same values: tied
+        "empty": base[0:0],  # no elements: never tied
+        "empty_too": base[0:0],
+        "meta": torch.empty(2, device="meta"),
+        "alone": torch.zeros(3),
+    }
+    assert tensor_table(state)[2] == [("a", "b"), ("row", "row_again")]
+    with_subclass = {**state, "marked": base.as_subclass(Marked)}
+    assert tensor_table(with_subclass)[2] == [("a", "b", "marked"), ("row", "row_again")]
