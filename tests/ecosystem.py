@@ -27,6 +27,7 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     BertConfig,
+    BertForMaskedLM,
     BertForSequenceClassification,
     BertModel,
     GPT2Config,
@@ -124,6 +125,14 @@ def bert_classifier(seed: int = SEED, **config: int) -> BertForSequenceClassific
     """A ``BertForSequenceClassification``: the ``bert.`` base and a ``classifier`` head."""
     model = _seeded(BertForSequenceClassification, bert_config(**config), seed)
     assert isinstance(model, BertForSequenceClassification)
+    return model
+
+
+def bert_masked_lm(seed: int = SEED, **config: int) -> BertForMaskedLM:
+    """A ``BertForMaskedLM``: the ``bert.`` base without a pooler, and a ``cls.`` head whose
+    decoder is tied to the word embeddings."""
+    model = _seeded(BertForMaskedLM, bert_config(**config), seed)
+    assert isinstance(model, BertForMaskedLM)
     return model
 
 

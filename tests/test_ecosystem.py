@@ -422,6 +422,7 @@ def test_mmengine_runner_checkpoint_applied_equals_mmengine_load_checkpoint(
     [
         ecosystem.bert,
         ecosystem.bert_classifier,
+        ecosystem.bert_masked_lm,
         ecosystem.gpt2,
         ecosystem.vit,
         ecosystem.vit_classifier,

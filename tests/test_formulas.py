@@ -329,13 +329,9 @@ def _generator_at(state: torch.Tensor) -> torch.Generator:
 def test_mean_noise_equals_transformers_resize_token_embeddings(vocab: int, grown: int) -> None:
     # (40, 47): covariance positive definite, rows drawn; (6, 9): 6 rows in 16 dims give a
     # singular covariance and transformers falls back to the mean; both bit for bit
-    import transformers
+    import ecosystem
 
-    torch.manual_seed(9)
-    config = transformers.GPT2Config(
-        vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, n_positions=8
-    )
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = ecosystem.gpt2(seed=9, vocab_size=vocab)  # width 16
     old = model.transformer.wte.weight.detach().clone()
     with _recorded_rng_states() as states:
         model.resize_token_embeddings(grown, mean_resizing=True)
@@ -444,12 +440,10 @@ def test_lora_merge_equals_peft_merge_and_unload(use_rslora: bool) -> None:
 
 
 def test_lora_merge_equals_peft_on_gpt2_conv1d_fan_in_fan_out() -> None:
+    import ecosystem
     import peft
-    import transformers
 
-    torch.manual_seed(12)
-    config = transformers.GPT2Config(vocab_size=20, n_embd=8, n_layer=1, n_head=2, n_positions=8)
-    model = transformers.GPT2Model(config)
+    model = ecosystem.gpt2(seed=12).transformer  # the GPT2Model under the LM head
     before = model.h[0].attn.c_attn.weight.detach().clone()  # Conv1D: [in, out]
     lora = peft.LoraConfig(
         r=2, lora_alpha=5, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False
