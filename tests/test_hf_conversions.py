@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import ecosystem
@@ -79,26 +80,29 @@ def test_vit_saved_by_save_pretrained_loads_every_tensor_as_from_pretrained(
     assert_same_state(by_code, reference.state_dict())
 
 
-def test_vit_base_checkpoint_into_the_classifier_renames_and_aligns_the_base_module(
-    saved: dict[str, Path],
+@pytest.mark.parametrize(
+    ("saved_as", "build"),
+    [("vit", ecosystem.vit_classifier), ("vit-classifier", ecosystem.vit)],
+    ids=["base_into_head", "head_into_base"],
+)
+def test_vit_base_and_head_checkpoints_cross_as_from_pretrained_loads_them(
+    saved: dict[str, Path], saved_as: str, build: Callable[..., torch.nn.Module]
 ) -> None:
     """A ViTModel's file (``encoder.layer.0...``) into ViTForImageClassification
-    (``vit.layers.0...``): transformers' renames, then the base model's module, as
-    from_pretrained does; the head keeps its own values."""
-    folder = saved["vit"]
-    reference = ecosystem.ViTForImageClassification.from_pretrained(folder)
-    model = ecosystem.vit_classifier(seed=1)
-    head = {k: v.clone() for k, v in model.classifier.state_dict().items()}
+    (``vit.layers.0...``), and the reverse: transformers' renames, then the base model's module,
+    loading what from_pretrained loads, with the same values."""
+    folder = saved[saved_as]
+    model = build(seed=1)
+    reference, info = type(model).from_pretrained(folder, output_loading_info=True)
     diff = ckptviz.compare(model, folder)
     described = diff.mapping.describe()
-    assert f"transformers key conversions for ViTForImageClassification: {VIT_RENAMED}" in described
+    assert f"transformers key conversions for {type(model).__name__}: {VIT_RENAMED}" in described
     assert "module 'vit.'" in described
     report = diff.plan().apply(model)
-    state, expected = model.state_dict(), reference.state_dict()
-    base = [k for k in expected if k.startswith("vit.")]
-    assert sorted(loaded_from(report)) == sorted(base)
-    assert all(torch.equal(state[k], expected[k]) for k in base)
-    assert all(torch.equal(model.classifier.state_dict()[k], v) for k, v in head.items())
+    expected = reference.state_dict()
+    assert set(loaded_from(report)) == set(expected) - set(info["missing_keys"])
+    state = model.state_dict()
+    assert all(torch.equal(state[k], expected[k]) for k in loaded_from(report))
 
 
 def test_mixtral_fused_experts_are_refused_with_words_and_never_loaded(

@@ -31,8 +31,8 @@ from typing import Any
 
 #: Longest checkpoint key offered to transformers' patterns. Some contain ``.*`` and run in
 #: Python's backtracking ``re``, whose time on a key can grow with the square of its length;
-#: real state-dict keys are well under 300 characters, so a longer key is left as it is.
-MAX_CONVERTED_KEY_CHARS = 1000
+#: real state-dict keys are under 150 characters, so a longer key is left as it is.
+MAX_CONVERTED_KEY_CHARS = 300
 
 
 @dataclass(frozen=True)
