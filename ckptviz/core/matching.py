@@ -952,7 +952,9 @@ def detect_conversions(
     unconverted = tuple(
         (unmatched[n], target, c.operations)
         for n, c in found.items()
-        if not c.is_rename and (target := model_key_for(c.name)) is not None
+        if not c.is_rename
+        and (target := model_key_for(c.name)) is not None
+        and mapping.model_name(target) not in kept  # else a key of its new name feeds it
     )
     if not converted and not unconverted:
         return mapping
