@@ -27,10 +27,13 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     BertConfig,
+    BertForMaskedLM,
     BertForSequenceClassification,
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
+    MixtralConfig,
+    MixtralForCausalLM,
     PreTrainedModel,
     ViTConfig,
     ViTForImageClassification,
@@ -88,6 +91,23 @@ def vit_config(image_size: int = 8, num_labels: int = 3) -> ViTConfig:
     )
 
 
+def mixtral_config() -> MixtralConfig:
+    """One layer of width 16 with two experts: transformers 5 holds each layer's experts as two
+    stacked tensors (``experts.gate_up_proj``, ``experts.down_proj``) that ``save_pretrained``
+    writes as one tensor per expert and projection, and ``from_pretrained`` fuses back."""
+    return MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        max_position_embeddings=32,
+    )
+
+
 def _seeded(build: type[PreTrainedModel], config: object, seed: int) -> PreTrainedModel:
     torch.manual_seed(seed)
     model = build(config)
@@ -105,6 +125,14 @@ def bert_classifier(seed: int = SEED, **config: int) -> BertForSequenceClassific
     """A ``BertForSequenceClassification``: the ``bert.`` base and a ``classifier`` head."""
     model = _seeded(BertForSequenceClassification, bert_config(**config), seed)
     assert isinstance(model, BertForSequenceClassification)
+    return model
+
+
+def bert_masked_lm(seed: int = SEED, **config: int) -> BertForMaskedLM:
+    """A ``BertForMaskedLM``: the ``bert.`` base without a pooler, and a ``cls.`` head whose
+    decoder is tied to the word embeddings."""
+    model = _seeded(BertForMaskedLM, bert_config(**config), seed)
+    assert isinstance(model, BertForMaskedLM)
     return model
 
 
@@ -126,6 +154,14 @@ def vit_classifier(seed: int = SEED, **config: int) -> ViTForImageClassification
     """A ``ViTForImageClassification``: the ``vit.`` base and a ``classifier`` head."""
     model = _seeded(ViTForImageClassification, vit_config(**config), seed)
     assert isinstance(model, ViTForImageClassification)
+    return model
+
+
+def mixtral(seed: int = SEED) -> MixtralForCausalLM:
+    """A ``MixtralForCausalLM``: a Mixture-of-Experts model whose checkpoint keys transformers
+    renames (``block_sparse_moe`` -> ``mlp``) and fuses (the experts) when loading."""
+    model = _seeded(MixtralForCausalLM, mixtral_config(), seed)
+    assert isinstance(model, MixtralForCausalLM)
     return model
 
 

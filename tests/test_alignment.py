@@ -3,15 +3,17 @@ ambiguous suggestions, and rules that never rename a bare tensor name.
 
 The transformers cases compare with what ``from_pretrained`` itself loads: the same set of
 tensors, the same values. Models are built from a tiny ``BertConfig`` (random weights, nothing
-downloaded). The builders live here: ``tests/ecosystem.py`` is not on main yet.
+downloaded) by ``tests/ecosystem.py``.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
+import ecosystem
 import pytest
 import torch
 
@@ -19,27 +21,16 @@ import ckptviz
 from ckptviz.core.matching import KeyMapping, align, suggest_rules
 from ckptviz.core.plan import Plan
 
-transformers = pytest.importorskip("transformers")
+#: The builder of each transformers class these tests build (``seed`` first).
+BUILD: dict[type, Callable[..., torch.nn.Module]] = {
+    ecosystem.BertModel: ecosystem.bert,
+    ecosystem.BertForSequenceClassification: ecosystem.bert_classifier,
+    ecosystem.BertForMaskedLM: ecosystem.bert_masked_lm,
+}
 
 
-def tiny_bert_config(**changes: object) -> object:
-    settings: dict[str, object] = dict(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=24,
-        num_labels=3,
-    )
-    settings.update(changes)
-    return transformers.BertConfig(**settings)
-
-
-def built(cls: type, seed: int, **changes: object) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model: torch.nn.Module = cls(tiny_bert_config(**changes)).eval()
-    return model
+def built(cls: type, seed: int) -> torch.nn.Module:
+    return BUILD[cls](seed)
 
 
 def loaded_by_ckptviz(model: torch.nn.Module, source: object) -> tuple[set[str], Plan]:
@@ -66,8 +57,8 @@ def transformers_load(cls: type, folder: Path, seed: int) -> tuple[torch.nn.Modu
 @pytest.mark.parametrize(
     ("saved_cls", "target_cls"),
     [
-        (transformers.BertModel, transformers.BertForSequenceClassification),
-        (transformers.BertForSequenceClassification, transformers.BertModel),
+        (ecosystem.BertModel, ecosystem.BertForSequenceClassification),
+        (ecosystem.BertForSequenceClassification, ecosystem.BertModel),
     ],
     ids=["base_into_head", "head_into_base"],
 )
@@ -90,8 +81,8 @@ def test_base_model_prefix_loads_what_from_pretrained_loads(
 
 
 def test_base_model_alignment_is_said_in_the_key_mapping_line(tmp_path: Path) -> None:
-    base = built(transformers.BertModel, seed=0)
-    diff = ckptviz.compare(built(transformers.BertForSequenceClassification, 1), base.state_dict())
+    base = built(ecosystem.BertModel, seed=0)
+    diff = ckptviz.compare(built(ecosystem.BertForSequenceClassification, 1), base.state_dict())
     assert diff.mapping.base_side == "model" and diff.mapping.base_prefix == "bert."
     assert "base model: checkpoint keys aligned under model's module 'bert.'" in diff.summary()
     row = diff.row("bert.embeddings.word_embeddings.weight")
@@ -106,8 +97,8 @@ def test_base_model_alignment_is_said_in_the_key_mapping_line(tmp_path: Path) ->
 def test_a_module_found_from_the_keys_alone_needs_every_key_under_it() -> None:
     """Without a class that declares the module, one checkpoint key outside it leaves the
     alignment a suggestion, and accepting it aligns the rest."""
-    head = built(transformers.BertForSequenceClassification, seed=0).state_dict()
-    base = dict(built(transformers.BertModel, seed=1).state_dict())
+    head = built(ecosystem.BertForSequenceClassification, seed=0).state_dict()
+    base = dict(built(ecosystem.BertModel, seed=1).state_dict())
     base["extra.weight"] = torch.zeros(2)
     diff = ckptviz.compare(head, base)  # two state dicts: no class declares anything
     assert not diff.mapping.base_side
@@ -125,10 +116,10 @@ def test_a_module_the_model_class_declares_aligns_as_from_pretrained_does(
 ) -> None:
     """BertForMaskedLM has no pooler: not every key of the BertModel checkpoint fits, but the
     class declares ``bert`` (transformers' rule: move each key the model has under it)."""
-    base = built(transformers.BertModel, seed=0)
+    base = built(ecosystem.BertModel, seed=0)
     base.save_pretrained(tmp_path)
-    reference, not_loaded = transformers_load(transformers.BertForMaskedLM, tmp_path, seed=1)
-    ours = built(transformers.BertForMaskedLM, seed=2)
+    reference, not_loaded = transformers_load(ecosystem.BertForMaskedLM, tmp_path, seed=1)
+    ours = built(ecosystem.BertForMaskedLM, seed=2)
     loads, _ = loaded_by_ckptviz(ours, tmp_path)
     assert set(loads) == set(reference.state_dict()) - not_loaded
     for key in loads:

@@ -329,13 +329,9 @@ def _generator_at(state: torch.Tensor) -> torch.Generator:
 def test_mean_noise_equals_transformers_resize_token_embeddings(vocab: int, grown: int) -> None:
     # (40, 47): covariance positive definite, rows drawn; (6, 9): 6 rows in 16 dims give a
     # singular covariance and transformers falls back to the mean; both bit for bit
-    import transformers
+    import ecosystem
 
-    torch.manual_seed(9)
-    config = transformers.GPT2Config(
-        vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, n_positions=8
-    )
-    model = transformers.GPT2LMHeadModel(config).eval()
+    model = ecosystem.gpt2(seed=9, vocab_size=vocab)  # width 16
     old = model.transformer.wte.weight.detach().clone()
     with _recorded_rng_states() as states:
         model.resize_token_embeddings(grown, mean_resizing=True)
@@ -355,19 +351,13 @@ def test_mean_noise_equals_transformers_resize_token_embeddings(vocab: int, grow
 
 def test_mean_noise_equals_transformers_lm_head_and_its_bias() -> None:
     # an untied lm head with a bias (BERT's MLM decoder): weight rows and the bias's new entries
-    import transformers
+    import ecosystem
 
+    config = ecosystem.bert_config(vocab_size=30)
+    config.tie_word_embeddings = False
+    width = config.hidden_size
     torch.manual_seed(10)
-    config = transformers.BertConfig(
-        vocab_size=30,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        tie_word_embeddings=False,
-    )
-    model = transformers.BertForMaskedLM(config).eval()
+    model = ecosystem.BertForMaskedLM(config).eval()
     decoder = model.get_output_embeddings()
     with torch.no_grad():
         # a wide bias with mean near 0, so draws of std 1e-9 * std are visible in float32
@@ -377,8 +367,9 @@ def test_mean_noise_equals_transformers_lm_head_and_its_bias() -> None:
     with _recorded_rng_states() as states:
         model.resize_token_embeddings(36, mean_resizing=True)
     head = model.get_output_embeddings()
-    assert len(states) == 2 and head.weight.shape == (36, 8)  # embeddings, then the lm head
-    ours_w = fm.grow_with_fill(torch.zeros(36, 8), old_w, "mean_noise", _generator_at(states[1][0]))
+    assert len(states) == 2 and head.weight.shape == (36, width)  # embeddings, then lm head
+    weight_rng = _generator_at(states[1][0])
+    ours_w = fm.grow_with_fill(torch.zeros(36, width), old_w, "mean_noise", weight_rng)
     assert torch.equal(ours_w, head.weight.detach())
     ours_b = fm.grow_with_fill(torch.zeros(36), old_b, "mean_noise", _generator_at(states[1][1]))
     assert torch.equal(ours_b, head.bias.detach())
@@ -444,12 +435,10 @@ def test_lora_merge_equals_peft_merge_and_unload(use_rslora: bool) -> None:
 
 
 def test_lora_merge_equals_peft_on_gpt2_conv1d_fan_in_fan_out() -> None:
+    import ecosystem
     import peft
-    import transformers
 
-    torch.manual_seed(12)
-    config = transformers.GPT2Config(vocab_size=20, n_embd=8, n_layer=1, n_head=2, n_positions=8)
-    model = transformers.GPT2Model(config)
+    model = ecosystem.gpt2(seed=12).transformer  # the GPT2Model under the LM head
     before = model.h[0].attn.c_attn.weight.detach().clone()  # Conv1D: [in, out]
     lora = peft.LoraConfig(
         r=2, lora_alpha=5, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False

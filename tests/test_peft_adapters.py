@@ -2,8 +2,8 @@
 untrusted data, and its keys named as a live ``PeftModel``'s active adapter.
 
 The real case compares with what ``PeftModel.from_pretrained`` loads: the same logits. Models
-are a tiny BERT classifier built from a config (random weights, nothing downloaded); the
-builders live here: ``tests/ecosystem.py`` is not on main yet.
+are the tiny BERT classifier of ``tests/ecosystem.py`` (random weights, nothing downloaded) and
+its rank-2 LoRA adapter on query and value, the classifier head trained in full.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ecosystem
+import peft
 import pytest
 import torch
 
@@ -18,41 +20,11 @@ import ckptviz
 from ckptviz.core.errors import CheckpointError
 from ckptviz.core.formats.peft_adapter import MAX_CONFIG_BYTES, AdapterConfig
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-
-def tiny_classifier(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=24,
-        num_labels=3,
-    )
-    model: torch.nn.Module = transformers.BertForSequenceClassification(config).eval()
-    return model
-
-
-def lora_config() -> object:
-    return peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]
-    )
-
 
 def trained_adapter(folder: Path, base_seed: int = 0) -> None:
     """An adapter with every saved tensor away from its initial value (as after training),
     saved by ``save_pretrained``."""
-    model = peft.get_peft_model(tiny_classifier(base_seed), lora_config())
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param))
-    model.save_pretrained(folder)
+    ecosystem.lora_bert_classifier(base_seed, trained=True).save_pretrained(folder)
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -64,12 +36,12 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 def test_adapter_into_a_peft_model_gives_from_pretrained_logits(tmp_path: Path) -> None:
     trained_adapter(tmp_path / "adapter")
-    reference = peft.PeftModel.from_pretrained(tiny_classifier(0), tmp_path / "adapter").eval()
+    base = ecosystem.bert_classifier(0)
+    reference = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
 
-    # the same base weights, a fresh adapter of another init: everything the adapter holds
+    # the same base weights, a fresh adapter as peft starts it: everything the adapter holds
     # must come from the file
-    torch.manual_seed(99)
-    fresh = peft.get_peft_model(tiny_classifier(0), lora_config()).eval()
+    fresh = ecosystem.lora_bert_classifier(0, trained=False)
     assert not torch.allclose(logits(fresh), logits(reference))
 
     diff = ckptviz.compare(fresh, tmp_path / "adapter")
@@ -90,8 +62,8 @@ def test_adapter_into_a_peft_model_gives_from_pretrained_logits(tmp_path: Path) 
 
 def test_the_active_adapter_is_the_one_named(tmp_path: Path) -> None:
     trained_adapter(tmp_path / "adapter")
-    model = peft.get_peft_model(tiny_classifier(0), lora_config())
-    model.add_adapter("other", lora_config())
+    model = ecosystem.lora_bert_classifier(0, trained=False)
+    model.add_adapter("other", ecosystem.lora_config())
     model.set_adapter("other")
     diff = ckptviz.compare(model, tmp_path / "adapter")
     assert diff.mapping.adapter == "other"
@@ -103,7 +75,7 @@ def test_an_adapter_into_the_plain_model_loads_its_head_and_leaves_lora_unexpect
     tmp_path: Path,
 ) -> None:
     trained_adapter(tmp_path / "adapter")
-    diff = ckptviz.compare(tiny_classifier(0), tmp_path / "adapter")
+    diff = ckptviz.compare(ecosystem.bert_classifier(0), tmp_path / "adapter")
     assert diff.row("classifier.weight").status == "match"
     unexpected = {r.key for r in diff.rows_with("unexpected")}
     assert unexpected and all(".lora_" in key for key in unexpected)
@@ -114,7 +86,7 @@ def test_suggestions_for_an_adapter_never_pair_the_frozen_copy(tmp_path: Path) -
     """Without the adapter naming (another adapter name in the file's keys, say), the head
     is suggested for ``modules_to_save.default``, never PEFT's frozen ``original_module``."""
     trained_adapter(tmp_path / "adapter")
-    model = peft.get_peft_model(tiny_classifier(0), lora_config())
+    model = ecosystem.lora_bert_classifier(0, trained=False)
     diff = ckptviz.compare(model, tmp_path / "adapter")
     unnamed = diff._remapped(ckptviz.KeyMapping())
     targets = {s.model_key for s in unnamed.suggestions}
@@ -133,8 +105,8 @@ def test_an_adapter_directory_and_its_weights_file_are_read_with_the_config(
         ckpt = ckptviz.read_checkpoint(source)
         assert ckpt.format == "safetensors"
         assert ckpt.adapter == AdapterConfig(
-            r=4,
-            lora_alpha=8.0,
+            r=2,
+            lora_alpha=4.0,
             use_rslora=False,
             target_modules=("query", "value"),
             fan_in_fan_out=False,
@@ -144,7 +116,7 @@ def test_an_adapter_directory_and_its_weights_file_are_read_with_the_config(
         assert ckpt.adapter.scaling("bert.encoder.layer.0.attention.self.query") == 2.0
     # a model's weights file stays what it was
     plain = tmp_path / "plain"
-    tiny_classifier(0).save_pretrained(plain)
+    ecosystem.bert_classifier(0).save_pretrained(plain)
     assert ckptviz.read_checkpoint(plain).adapter is None
 
 
@@ -157,7 +129,7 @@ def test_rank_and_alpha_patterns_scale_per_module_as_peft_does(tmp_path: Path) -
         rank_pattern={"layer.1.attention.self.query": 2},
         alpha_pattern={"value": 3},
     )
-    model = peft.get_peft_model(tiny_classifier(0), config)
+    model = peft.get_peft_model(ecosystem.bert_classifier(0), config)
     model.save_pretrained(tmp_path)
     adapter = ckptviz.read_checkpoint(tmp_path).adapter
     assert adapter is not None
@@ -231,7 +203,7 @@ def test_an_adapter_directory_without_config_or_with_a_model_is_refused_saying_w
     assert alone.adapter is None and len(alone) == 10
 
     trained_adapter(tmp_path / "both")
-    tiny_classifier(0).save_pretrained(tmp_path / "both")
+    ecosystem.bert_classifier(0).save_pretrained(tmp_path / "both")
     with pytest.raises(CheckpointError, match="both a PEFT adapter"):
         ckptviz.read_checkpoint(tmp_path / "both")
 

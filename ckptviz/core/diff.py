@@ -18,6 +18,7 @@ from ckptviz.core.checkpoint import Checkpoint, TensorInfo, gc_paused
 from ckptviz.core.display import render
 from ckptviz.core.errors import PlanError
 from ckptviz.core.formats.memory import MODULE
+from ckptviz.core.hf_conversions import transformers_keys
 from ckptviz.core.matching import (
     KeyMapping,
     RuleSuggestion,
@@ -145,25 +146,66 @@ def row_status(model: TensorInfo | None, checkpoint: TensorInfo | None) -> str:
 def _rename_note(model_key: str, checkpoint_key: str, mapping: KeyMapping) -> str:
     if model_key == checkpoint_key:
         return ""
-    prefixed = KeyMapping(mapping.checkpoint_prefix).checkpoint_name(checkpoint_key)
+    read_as = mapping.read_as(checkpoint_key)
+    prefixed = KeyMapping(mapping.checkpoint_prefix).checkpoint_name(read_as)
     named = KeyMapping(
         mapping.checkpoint_prefix, adapter=mapping.adapter, adapter_modules=mapping.adapter_modules
-    ).checkpoint_name(checkpoint_key)
+    ).checkpoint_name(read_as)
     if (model_key, checkpoint_key) in mapping.pairs:
         how = "paired by hand"
     elif mapping.rules and mapping.checkpoint_name(checkpoint_key) != named:
         how = "by rename rule"
     elif named != prefixed:
         how = f"PEFT adapter {mapping.adapter!r}"
-    elif mapping.base_side and (
-        checkpoint_key.startswith(mapping.checkpoint_prefix)
-        if mapping.base_side == "checkpoint"
-        else model_key.startswith(mapping.model_prefix)
-    ):
-        how = f"base model {mapping.base_prefix!r}"
     else:
-        how = "wrapper prefix"
+        ways = []
+        if read_as != checkpoint_key:
+            ways.append(f"transformers key conversion for {mapping.converted_by}")
+        if mapping.base_side and (
+            read_as.startswith(mapping.checkpoint_prefix)
+            if mapping.base_side == "checkpoint"
+            else model_key.startswith(mapping.model_prefix)
+        ):
+            ways.append(f"base model {mapping.base_prefix!r}")
+        how = ", ".join(ways) or "wrapper prefix"
     return f"renamed from {checkpoint_key} ({how})"
+
+
+#: What every row of a conversion ckptviz does not perform ends with: why, and the next step.
+_NOT_CONVERTED = (
+    "ckptviz does not fuse, split or transform tensors, so it loads none of them: load this "
+    "checkpoint with {cls}.from_pretrained(...) instead"
+)
+
+
+def _conversion_notes(mapping: KeyMapping) -> tuple[dict[str, str], dict[str, str]]:
+    """Notes on the rows of transformers conversions not performed: (by model key, by
+    checkpoint key)."""
+    if not mapping.unconverted:
+        return {}, {}
+    cls = mapping.converted_by
+    sources: dict[str, list[str]] = {}
+    operations: dict[str, str] = {}
+    for checkpoint_key, model_key, ops in mapping.unconverted:
+        sources.setdefault(model_key, []).append(checkpoint_key)
+        operations[model_key] = ops
+    tail = _NOT_CONVERTED.format(cls=cls)
+    by_model = {}
+    for model_key, keys in sources.items():
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        by_model[model_key] = (
+            f"{cls}.from_pretrained builds it from {len(keys)} checkpoint tensor(s) ({shown}) "
+            f"by {operations[model_key]}; {tail}"
+        )
+    by_checkpoint = {
+        checkpoint_key: f"{cls}.from_pretrained converts it into {model_key} by {ops}; {tail}"
+        for checkpoint_key, model_key, ops in mapping.unconverted
+    }
+    return by_model, by_checkpoint
+
+
+def _joined(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
 
 
 def build_rows(left: Checkpoint, right: Checkpoint, mapping: KeyMapping) -> list[Row]:
@@ -176,6 +218,7 @@ def build_rows(left: Checkpoint, right: Checkpoint, mapping: KeyMapping) -> list
         shared = tuple(group)  # one tuple per group: each row derives its ``tied`` from it
         for key in shared:
             group_of[key] = shared
+    model_notes, checkpoint_notes = _conversion_notes(mapping)
     fed = {c: m for m, c in matched.items()}
     after: dict[str | None, list[Row]] = {}
     previous: str | None = None
@@ -184,16 +227,20 @@ def build_rows(left: Checkpoint, right: Checkpoint, mapping: KeyMapping) -> list
         if fed_key is not None:
             previous = fed_key
         else:
-            after.setdefault(previous, []).append(Row("unexpected", None, info))
+            note = checkpoint_notes.get(ckpt_key, "")
+            after.setdefault(previous, []).append(Row("unexpected", None, info, note))
     rows = list(after.get(None, []))
     append = rows.append
     for key, info in model_tensors.items():
         fed_by = matched.get(key)
         if fed_by is None:
-            append(Row("missing", info, None, "", group_of.get(key, ())))
+            note = model_notes.get(key, "") if model_notes else ""
+            append(Row("missing", info, None, note, group_of.get(key, ())))
         else:
             ckpt_info = checkpoint_tensors[fed_by]
             note = "" if fed_by == key else _rename_note(key, fed_by, mapping)
+            if model_notes:  # a person may pair a key of a conversion: its row still says so
+                note = _joined(note, model_notes.get(key, ""), checkpoint_notes.get(fed_by, ""))
             status = row_status(info, ckpt_info)
             append(Row(status, info, ckpt_info, note, group_of.get(key, ())))
         if key in after:
@@ -309,6 +356,8 @@ class Diff:
             lines.append(f"other state dicts in the file (key=...): {others}")
         if self.checkpoint.skipped:
             lines.append(f"{len(self.checkpoint.skipped)} checkpoint entries are not tensors")
+        if self.mapping.unconverted:
+            lines.append(visible(self._unconverted_line(), 4 * NAME_WIDTH))
         if self.suggestions:
             ambiguous = sum(s.ambiguous for s in self.suggestions)
             lines.append(
@@ -318,18 +367,38 @@ class Diff:
             )
         return "\n".join(lines)
 
+    def _unconverted_line(self) -> str:
+        unconverted = self.mapping.unconverted
+        cls = self.mapping.converted_by
+        targets = sorted({model_key for _, model_key, _ in unconverted})
+        operations = sorted({ops for _, _, ops in unconverted})
+        return (
+            f"NOT LOADED: {len(unconverted)} checkpoint tensor(s) that {cls}.from_pretrained "
+            f"converts into {len(targets)} model tensor(s) (e.g. {targets[0]}) by "
+            f"{' / '.join(operations)}; " + _NOT_CONVERTED.format(cls=cls)
+        )
+
     # -- renames ---------------------------------------------------------------------------------
     @property
     def suggestions(self) -> list[Suggestion]:
         """Likely pairs of missing and unexpected keys, best first; never applied on their own."""
         if self._suggestions is None:
+            # the keys of a conversion ckptviz does not perform are never suggested: pairing
+            # one of them would load a part of what transformers assembles from several
+            targets = {m for _, m, _ in self.mapping.unconverted}
+            sources = {c for c, _, _ in self.mapping.unconverted}
             missing = [
                 r.model
                 for r in self.rows
-                if r.status == "missing" and r.model and self._adapter_may_feed(r.model.key)
+                if r.status == "missing"
+                and r.model
+                and r.model.key not in targets
+                and self._adapter_may_feed(r.model.key)
             ]
             unexpected = [
-                r.checkpoint for r in self.rows if r.status == "unexpected" and r.checkpoint
+                r.checkpoint
+                for r in self.rows
+                if r.status == "unexpected" and r.checkpoint and r.checkpoint.key not in sources
             ]
             model_order = {k: i for i, k in enumerate(self.model_side.tensors)}
             ckpt_order = {k: i for i, k in enumerate(self.checkpoint.tensors)}
@@ -476,6 +545,7 @@ def compare(
             if checkpoint.adapter is None
             else checkpoint.adapter.modules_to_save,
             active_adapter=_active_adapter(live, model_side.keys()),
+            transformers=transformers_keys(live) if live is not None else None,
         )
         return Diff(model_side, checkpoint, mapping, live)
 

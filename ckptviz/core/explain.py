@@ -91,6 +91,13 @@ def explain_row(diff: Diff, row: Row) -> str:
                 "Checkpoints from before PyTorch 0.4.1 have no num_batches_tracked for BatchNorm; "
                 "keep leaves the model's counter, which only matters with momentum=None."
             )
+        if row.note:  # a conversion transformers performs and ckptviz does not: say which
+            return (
+                f"Your {names[0]} has {visible(model.key)} {list(model.shape)}, which the "
+                f"{names[1]} does not hold as one tensor: {visible(row.note, 4 * NAME_WIDTH)}. "
+                "keep leaves its current value; reinit draws it anew with "
+                f"{_initialiser(row)}.{tied}"
+            )
         return (
             f"Your {names[0]} has {visible(model.key)} {list(model.shape)} but the {names[1]} "
             "does not: nothing to load. keep leaves its current value (for a freshly built "
@@ -110,6 +117,12 @@ def explain_row(diff: Diff, row: Row) -> str:
                     f" It may be the renamed {visible(suggestion.model_key)} "
                     f"({visible(suggestion.reason)})."
                 )
+        if row.note:
+            return (
+                f"The {names[1]} has {visible(ckpt.key)} {list(ckpt.shape)}, which your "
+                f"{names[0]} does not have as it is: {visible(row.note, 4 * NAME_WIDTH)}. It is "
+                "shown, never applied."
+            )
         return (
             f"The {names[1]} has {visible(ckpt.key)} {list(ckpt.shape)}, which your {names[0]} "
             "does not have. It is shown, never applied. If the layer was renamed, pair it with the "

@@ -30,12 +30,13 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
-from typing import Any
+from typing import Any, cast
 
 import re2
 
 from ckptviz.core.checkpoint import TensorInfo
 from ckptviz.core.errors import PlanError
+from ckptviz.core.hf_conversions import TransformersKeys
 
 #: Matches of one rule in one key before the rule is refused: each match may rescan the rest of
 #: the key, so this bounds a rule's work per key to this many passes over it (real rules match
@@ -207,7 +208,19 @@ class KeyMapping:
     #: ``"default"``); ``adapter_modules`` are its ``modules_to_save``
     adapter: str = ""
     adapter_modules: tuple[str, ...] = ()
+    #: transformers' key conversions for the model class ``converted_by``: ``converted`` holds
+    #: (checkpoint key, the key it is read as) for each pure rename applied (a ViT's
+    #: ``vit.encoder.layer.0.attention.attention.query.weight`` read as
+    #: ``vit.layers.0.attention.q_proj.weight``); ``unconverted`` holds (checkpoint key, model
+    #: key, operations) for each conversion transformers would make that ckptviz does not
+    #: (fusing, splitting or transforming tensors): those keys feed nothing
+    converted: tuple[tuple[str, str], ...] = ()
+    unconverted: tuple[tuple[str, str, str], ...] = ()
+    converted_by: str = ""
     _compiled: tuple[RenameRule, ...] = field(init=False, repr=False, compare=False, default=())
+    _converted: Mapping[str, str] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         # compiled once (compile_rule refuses what RE2 cannot run, saying why); not a field, so
@@ -229,15 +242,26 @@ class KeyMapping:
             )
         if self.adapter_modules and not self.adapter:
             raise PlanError("key mapping: adapter_modules given without an adapter name")
+        if bool(self.converted or self.unconverted) != bool(self.converted_by):
+            raise PlanError(
+                "key mapping: transformers conversions need the model class they belong to "
+                "(converted_by), and converted_by needs conversions"
+            )
+        object.__setattr__(self, "_converted", dict(self.converted))
 
     def checkpoint_name(self, key: str) -> str:
         """The name a checkpoint key is matched under, after prefix, adapter name and rules."""
+        key = self.read_as(key)
         name = key.removeprefix(self.checkpoint_prefix) if self.checkpoint_prefix else key
         if self.adapter:
             name = adapter_live_name(name, self.adapter, self.adapter_modules)
         for rule in self._compiled:
             name = rule.apply(name)
         return name
+
+    def read_as(self, key: str) -> str:
+        """The checkpoint key as transformers' key conversions rename it (itself if not)."""
+        return self._converted.get(key, key) if self._converted else key
 
     def model_name(self, key: str) -> str:
         return key.removeprefix(self.model_prefix) if self.model_prefix else key
@@ -274,6 +298,12 @@ class KeyMapping:
                 )
                 + ")"
             )
+        if self.converted:
+            count = len(self.converted)
+            parts.append(
+                f"transformers key conversions for {self.converted_by}: {count} "
+                f"key{'s' if count != 1 else ''} renamed"
+            )
         parts += [f"rule {p!r} -> {r!r}" for p, r in self.rules]
         if self.pairs:
             parts.append(f"{len(self.pairs)} pair(s) chosen by hand")
@@ -290,13 +320,25 @@ class KeyMapping:
             data["base_side"], data["base_prefix"] = self.base_side, self.base_prefix
         if self.adapter:
             data["adapter"], data["adapter_modules"] = self.adapter, list(self.adapter_modules)
+        if self.converted_by:
+            data["converted_by"] = self.converted_by
+            data["converted"] = [list(c) for c in self.converted]
+            data["unconverted"] = [list(u) for u in self.unconverted]
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KeyMapping:
         """The mapping saved by ``to_dict``; anything malformed is refused, naming the field."""
         prefixes = {}
-        for name in ("checkpoint_prefix", "model_prefix", "base_side", "base_prefix", "adapter"):
+        names = (
+            "checkpoint_prefix",
+            "model_prefix",
+            "base_side",
+            "base_prefix",
+            "adapter",
+            "converted_by",
+        )
+        for name in names:
             value = data.get(name, "")
             if not isinstance(value, str):
                 raise PlanError(f"not a ckptviz plan: mapping {name!r} must be a string")
@@ -311,20 +353,32 @@ class KeyMapping:
             rules=_string_pairs(data, "rules"),
             pairs=_string_pairs(data, "pairs"),
             adapter_modules=tuple(modules),
+            converted=_string_pairs(data, "converted"),
+            unconverted=cast(
+                tuple[tuple[str, str, str], ...], _string_tuples(data, "unconverted", 3)
+            ),
         )
 
 
 def _string_pairs(data: Mapping[str, Any], name: str) -> tuple[tuple[str, str], ...]:
+    return cast(tuple[tuple[str, str], ...], _string_tuples(data, name, 2))
+
+
+def _string_tuples(data: Mapping[str, Any], name: str, size: int) -> tuple[tuple[str, ...], ...]:
     value = data.get(name, [])
     if not isinstance(value, (list, tuple)) or not all(
-        isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item)
+        isinstance(item, (list, tuple))
+        and len(item) == size
+        and all(isinstance(x, str) for x in item)
         for item in value
     ):
+        shape = ", ".join(["string"] * size)
         raise PlanError(
-            f"not a ckptviz plan: mapping {name!r} must be a list of [string, string] pairs, "
+            f"not a ckptviz plan: mapping {name!r} must be a list of [{shape}] "
+            f"{'pairs' if size == 2 else 'items'}, "
             f"found {str(value)[:80]}"
         )
-    return tuple((str(a), str(b)) for a, b in value)
+    return tuple(tuple(str(x) for x in item) for item in value)
 
 
 _UNESCAPED_EQUALS = re.compile(r"(?<!\\)=")
@@ -852,6 +906,66 @@ def suggest_base_prefix(
     return sorted(found, key=lambda r: -r.pairs)
 
 
+def detect_conversions(
+    model_keys: Sequence[str],
+    checkpoint_keys: Sequence[str],
+    mapping: KeyMapping,
+    transformers: TransformersKeys,
+    base_model_prefix: str | None = None,
+) -> KeyMapping:
+    """``mapping`` with transformers' key conversions for the model: its pure renames applied
+    where they land, its other conversions recorded as not applied.
+
+    transformers renames a checkpoint key only when it does not match as it is; so here. A
+    rename is applied when the new name is a model key (directly, or across the model class's
+    base model module, as transformers allows) and no other checkpoint key has or takes that
+    name; a rename that leads nowhere, or onto a name another key claims, is left out (the key
+    stays unexpected, for a person to pair). A conversion that fuses, splits or transforms
+    tensors is recorded (``unconverted``) when it writes a model key: ckptviz does not perform
+    it, and its keys feed nothing."""
+    wrapper = mapping.checkpoint_prefix
+    model_by_name = {mapping.model_name(k): k for k in model_keys}
+    base = f"{base_model_prefix}." if base_model_prefix else ""
+
+    def model_key_for(name: str) -> str | None:
+        """The model key ``name`` lands on, as transformers looks for it."""
+        candidates = [name, base + name]
+        if base and name.startswith(base):
+            candidates.append(name[len(base) :])
+        return next((model_by_name[c] for c in candidates if c in model_by_name), None)
+
+    names = {mapping.checkpoint_name(k): k for k in checkpoint_keys}
+    unmatched = {
+        key.removeprefix(wrapper): key
+        for name, key in names.items()
+        if name not in model_by_name and key.startswith(wrapper)
+    }
+    found = transformers.convert(list(unmatched))
+    renames = {n: c.name for n, c in found.items() if c.is_rename and model_key_for(c.name)}
+    claims = Counter(renames.values())
+    kept = set(names).difference(map(mapping.checkpoint_name, (unmatched[n] for n in renames)))
+    converted = tuple(
+        (unmatched[n], wrapper + new)
+        for n, new in renames.items()
+        if claims[new] == 1 and mapping.checkpoint_name(wrapper + new) not in kept
+    )
+    unconverted = tuple(
+        (unmatched[n], target, c.operations)
+        for n, c in found.items()
+        if not c.is_rename
+        and (target := model_key_for(c.name)) is not None
+        and mapping.model_name(target) not in kept  # else a key of its new name feeds it
+    )
+    if not converted and not unconverted:
+        return mapping
+    return replace(
+        mapping,
+        converted=converted,
+        unconverted=unconverted,
+        converted_by=transformers.model_class,
+    )
+
+
 def align(
     model_keys: Sequence[str],
     checkpoint_keys: Sequence[str],
@@ -860,12 +974,18 @@ def align(
     base_model_prefix: str | None = None,
     adapter_modules: Sequence[str] | None = None,
     active_adapter: str | None = None,
+    transformers: TransformersKeys | None = None,
 ) -> KeyMapping:
-    """The key mapping ``compare`` uses: wrapper prefixes, then, when sure, a PEFT adapter's
-    names (``adapter_modules`` given: the checkpoint is an adapter with those
+    """The key mapping ``compare`` uses: wrapper prefixes, transformers' key renames
+    (``transformers``: the live model's, see ``detect_conversions``), then, when sure, a PEFT
+    adapter's names (``adapter_modules`` given: the checkpoint is an adapter with those
     ``modules_to_save``) or a base model's module (``base_model_prefix``: the one the model
     class declares, as transformers names it)."""
     mapping = detect_prefixes(model_keys, checkpoint_keys, rules)
+    if transformers is not None:
+        mapping = detect_conversions(
+            model_keys, checkpoint_keys, mapping, transformers, base_model_prefix
+        )
     if adapter_modules is not None:
         for start in (mapping, KeyMapping(rules=rules)):
             named = detect_adapter(
