@@ -480,8 +480,13 @@ def _code(ctx: CodeContext) -> CodePart:
     if not groups:
         return CodePart()
     kinds = {kind for _, (kind, _) in groups}
-    imports = ["import copy", "from collections.abc import Callable"]
-    functions: list[Callable[..., Any]] = [initialise]
+    imports = ["import copy"]
+    functions: list[Callable[..., Any]] = []
+    call = "getattr(fresh, initialiser)()"  # only modules' own methods: no helper needed
+    if kinds != {METHOD}:
+        imports.append("from collections.abc import Callable")
+        functions.append(initialise)
+        call = "initialise(model, module_name, fresh, kind, initialiser)"
     body = [
         "for module_name, (kind, initialiser), names, seed in reinit:",
         "    module = model.get_submodule(module_name)",
@@ -507,7 +512,7 @@ def _code(ctx: CodeContext) -> CodePart:
         "    with torch.random.fork_rng(devices=[], enabled=seed is not None):",
         "        if seed is not None:",
         "            torch.manual_seed(seed)",
-        "        initialise(model, module_name, fresh, kind, initialiser)",
+        f"        {call}",
         "    for name in names:",
         "        getattr(module, name).copy_(getattr(fresh, name))",
     ]
