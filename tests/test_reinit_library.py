@@ -18,7 +18,7 @@ import ecosystem
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import BertConfig, BertForSequenceClassification, GPT2LMHeadModel
+from transformers import BertConfig, BertForSequenceClassification
 
 import ckptviz
 from ckptviz.core.actions.reinit import reinit_seed

@@ -331,9 +331,18 @@ class Plan:
         return str(render("html", self))
 
     def summary(self) -> str:
-        """One line: the plan's checkpoint and how many rows take each action."""
+        """One line: the plan's checkpoint and how many rows take each action; a WARNING when
+        fewer than half of the checkpoint's tensors would load."""
+        from ckptviz.core.report import checkpoint_coverage, coverage_warning
+
         parts = [f"{c['rows']} {a}" for a, c in self.counts.items() if c["rows"]]
-        return f"Plan for {visible(self.diff.checkpoint.source)}: " + ", ".join(parts)
+        line = f"Plan for {visible(self.diff.checkpoint.source)}: " + ", ".join(parts)
+        if warning := coverage_warning(*checkpoint_coverage(self)):
+            line += (
+                f"; WARNING: {warning} by this plan (look at the unexpected rows, "
+                "diff.suggestions and the key mapping)"
+            )
+        return line
 
     def __str__(self) -> str:
         from ckptviz.core.text import diff_text
