@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
 
 import ecosystem
 import pytest
@@ -194,9 +193,7 @@ def test_a_lambda_or_a_closure_is_refused_with_why() -> None:
     )
 
 
-def test_apply_distributed_refuses_the_library_and_init_functions_with_words(
-    tmp_path: Path,
-) -> None:
+def test_apply_distributed_refuses_the_library_and_init_functions_with_words() -> None:
     model = bert_head_model()
     state = base_state(model)
     plan = ckptviz.Plan(ckptviz.compare(model, state), seed=SEED)
