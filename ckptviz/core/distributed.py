@@ -64,6 +64,7 @@ On GPUs with NCCL (this module runs the same code; tested here on CPU with gloo)
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,9 +78,11 @@ from ckptviz.core._torch_private import module_tables, module_with_tables, tenso
 from ckptviz.core.actions import ShardWrite, action_named
 from ckptviz.core.actions.reinit import (
     METHOD,
+    OWN,
     Initialiser,
     describe,
     initialiser_for,
+    own_initialiser,
     reinit_groups,
     reinit_seed,
 )
@@ -869,6 +872,19 @@ def plain_twin(module, memo):
 '''
 
 
+#: Lines resolving ``('own', tensor name)`` with the model in scope: only a module's own method
+#: is run across ranks (as ``apply_distributed`` refuses the others).
+_OWN_LINES = [
+    "        if isinstance(initialiser, tuple):  # ('own', a tensor): decided by the model",
+    "            kind, initialiser = own_initialiser(model, module_name, initialiser[1])",
+    "            if kind != 'method':",
+    "                raise RuntimeError(",
+    "                    f'{module_name}: reinit by {kind} {initialiser!r} cannot run across '",
+    "                    'ranks; apply the plan on one process before sharding the model'",
+    "                )",
+]
+
+
 def _code_lines(block: str) -> list[str]:
     return block.strip("\n").splitlines()
 
@@ -914,7 +930,7 @@ def distributed_code(plan: Plan) -> str:
             "would give its shard other values); set plan.seed and generate the code again"
         )
     for (module_name, initialiser), names in reinit.items():
-        if initialiser[0] != METHOD:
+        if initialiser[0] not in (METHOD, OWN):  # OWN: the model in scope decides, below
             key = f"{module_name}.{names[0]}" if module_name else names[0]
             raise PlanError(f"{key}: {_not_sharded(initialiser, plan.diff.model)}")
     imports, read_lines = _read_code(plan)
@@ -928,16 +944,22 @@ def distributed_code(plan: Plan) -> str:
     ]
     lines += imports
     lines += ["", "", *_code_lines(_BOX_HELPERS), "", "", *_code_lines(_TWIN_HELPERS)]
+    own = any(kind == OWN for _, (kind, _) in reinit)
+    if own:  # a plan read without its model: which initialiser is decided when the code runs
+        lines.insert(lines.index("import torch"), "import sys")
+        lines += ["", "", *inspect.getsource(own_initialiser).rstrip().splitlines()]
     lines += ["", "", *read_lines, "", ""]
     lines += ["params = model.state_dict(keep_vars=True)"]
     lines.append("copied = {  # model key: (checkpoint key, its shape): the overlap is copied")
     lines += [f"    {k!r}: {v!r}," for k, v in copied.items()]
     lines.append("}")
     lines.append("reinit = [  # module, its initialiser, tensors to take from it, seed")
-    for (module_name, (_, method)), names in reinit.items():
+    for (module_name, (kind, name)), names in reinit.items():
         assert plan.seed is not None
         seed = reinit_seed(plan.seed, module_name)
-        lines.append(f"    ({module_name!r}, {method!r}, {names!r}, {seed!r}),")
+        # a module's own method by name, or ('own', tensor name) when the model decides
+        written = repr((kind, name)) if kind == OWN else repr(name)
+        lines.append(f"    ({module_name!r}, {written}, {names!r}, {seed!r}),")
     lines += [
         "]",
         "",
@@ -954,6 +976,7 @@ def distributed_code(plan: Plan) -> str:
         "        where = tuple(slice(o - b, o - b + s) for o, b, s in zip(offsets, box, sizes))",
         "        local(params[name])[where].copy_(values[name])",
         "    for module_name, initialiser, names, seed in reinit:",
+        *(_OWN_LINES if own else []),
         "        # every rank gathers the module's whole tensors and runs the same seeded",
         "        # initialiser, then keeps its own box: the shards of a one-process reinit",
         "        twin = plain_twin(model.get_submodule(module_name), {})",
