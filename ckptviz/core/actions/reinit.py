@@ -119,9 +119,33 @@ def initialise(
     is only read): ``kind`` ``"function"``: ``initialiser(fresh)``; ``"method"``: the copy's own
     method of that name; ``"library"``: the transformers model at ``initialiser`` runs its
     ``_init_weights`` on the copy, then on each module between them, children first as
-    ``initialize_weights`` does (a copy of it holding ``fresh`` and, for its other tensors,
-    shape-only meta stand-ins), so a scheme a block applies to its children lands on ``fresh``
-    too."""
+    ``initialize_weights`` does (on a stand-in of that module holding ``fresh`` and, for every
+    other tensor, a shape-only meta tensor), so a scheme a block applies to its children lands
+    on ``fresh`` too."""
+
+    def stand_in(module: torch.nn.Module, memo: dict[int, Any]) -> Any:
+        # the same class and attributes with tables of its own: nothing reaches the model
+        if id(module) in memo:
+            return memo[id(module)]
+        twin = object.__new__(type(module))
+        twin.__dict__.update(module.__dict__)
+        twin._parameters, twin._buffers, twin._modules = {}, {}, {}
+        for table, twin_table in (
+            (module._parameters, twin._parameters),
+            (module._buffers, twin._buffers),
+        ):
+            for name, tensor in table.items():
+                if tensor is not None and id(tensor) not in memo:
+                    meta = torch.empty_like(tensor, device="meta")
+                    if isinstance(tensor, torch.nn.Parameter):
+                        meta = torch.nn.Parameter(meta, tensor.requires_grad)
+                    memo[id(tensor)] = meta
+                twin_table[name] = None if tensor is None else memo[id(tensor)]
+        for name, child in module._modules.items():
+            twin._modules[name] = None if child is None else stand_in(child, memo)
+        memo[id(module)] = twin
+        return twin
+
     for tensor in [*fresh.parameters(), *fresh.buffers()]:
         if hasattr(tensor, "_is_hf_initialized"):  # transformers' init helpers skip such tensors
             del tensor._is_hf_initialized
@@ -134,15 +158,9 @@ def initialise(
         owner._init_weights(fresh)
         parts = module_name.split(".") if module_name else []
         top = len(initialiser.split(".")) if initialiser else 0
+        memo: dict[int, Any] = {id(model.get_submodule(module_name)): fresh}
         for end in range(len(parts) - 1, top - 1, -1):
-            ancestor = model.get_submodule(".".join(parts[:end]))
-            memo: dict[int, Any] = {id(model.get_submodule(module_name)): fresh}
-            for tensor in [*ancestor.parameters(), *ancestor.buffers()]:
-                stand_in = torch.empty_like(tensor, device="meta")
-                if isinstance(tensor, torch.nn.Parameter):
-                    stand_in = torch.nn.Parameter(stand_in, tensor.requires_grad)
-                memo.setdefault(id(tensor), stand_in)
-            owner._init_weights(copy.deepcopy(ancestor, memo))
+            owner._init_weights(stand_in(model.get_submodule(".".join(parts[:end])), memo))
 
 
 def reinit_seed(seed: int, module_name: str) -> int:
