@@ -72,7 +72,7 @@ from ckptviz.core.matching import (
 )
 from ckptviz.core.plan import Plan, refusal
 from ckptviz.core.planfile import plan_from_dict
-from ckptviz.core.report import Report
+from ckptviz.core.report import Report, checkpoint_coverage, coverage_warning
 from ckptviz.core.text import format_table, row_cells, visible
 from ckptviz.core.vocabulary import COLOUR_ROLES, STATUS_TERMS, Status
 from ckptviz.widget_columns import COLUMNS, Column
@@ -602,6 +602,14 @@ class Loader(anywidget.AnyWidget):
         else:
             self._send_changes(changed)
         self._update_code_stale()
+        self._update_summary()
+
+    def _update_summary(self) -> None:
+        """The summary line, again when the actions changed what the checkpoint loads (its
+        WARNING when fewer than half of the checkpoint's tensors load comes or goes)."""
+        summary = _summary_text(self._plan)
+        if self._info and self._info.get("summary") != summary:
+            self._info = {**self._info, "summary": summary}
 
     def _update_code_stale(self) -> None:
         source = self._code_source
@@ -1040,6 +1048,19 @@ def _opening_groups(diff: Diff) -> list[str] | None:
     return sorted(expanded)
 
 
+def _summary_text(plan: Plan) -> str:
+    """The widget's summary line: the Diff's summary, and a WARNING when fewer than half of
+    the checkpoint's tensors load with the plan as it is ("0 of 39 checkpoint tensors
+    loaded"), saying what to look at."""
+    text = plan.diff.summary()
+    if warning := coverage_warning(*checkpoint_coverage(plan)):
+        text += (
+            f"\nWARNING: {warning} by this plan: look at the unexpected rows, the suggested "
+            "pairs and rules, and the key mapping (a prefix to strip or add)"
+        )
+    return text
+
+
 def _info_state(
     plan: Plan, model: torch.nn.Module, plan_dir: Path, modules: _ModuleIndex | None = None
 ) -> dict[str, Any]:
@@ -1058,7 +1079,7 @@ def _info_state(
         "model": type(model).__name__,
         "checkpoint": checkpoint_name,
         "checkpoint_source": ckpt.source,
-        "summary": diff.summary(),
+        "summary": _summary_text(plan),
         "mapping": diff.mapping.describe(),
         "module_types": module_types,
         "plan_path": f"{stem}.plan.json",

@@ -64,6 +64,7 @@ On GPUs with NCCL (this module runs the same code; tested here on CPU with gloo)
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,7 +76,16 @@ import torch.distributed as dist
 
 from ckptviz.core._torch_private import module_tables, module_with_tables, tensor_version
 from ckptviz.core.actions import ShardWrite, action_named
-from ckptviz.core.actions.reinit import initialiser_of, reinit_groups, reinit_seed
+from ckptviz.core.actions.reinit import (
+    METHOD,
+    OWN,
+    Initialiser,
+    describe,
+    initialiser_for,
+    own_initialiser,
+    reinit_groups,
+    reinit_seed,
+)
 from ckptviz.core.apply import bitwise_equal, model_row_problem
 from ckptviz.core.checkpoint import Checkpoint, dtype_name
 from ckptviz.core.errors import ApplyError, CheckpointError, PlanError
@@ -270,6 +280,11 @@ def _model_problems(plan: Plan, model: torch.nn.Module, targets: dict[str, Any])
                 "save it again"
             )
             continue
+        if definition.distributed is ShardWrite.MODULE_INITIALISER:
+            initialiser = _initialiser(model, m.key, plan.options(m.key))
+            if initialiser[0] != METHOD:
+                problems[m.key] = _not_sharded(initialiser, model)
+                continue
         box = local_box(now)
         if isinstance(box, str):
             problems[m.key] = box
@@ -393,6 +408,24 @@ class _SliceReader:
 # -- fresh values for reinit -----------------------------------------------------------------------
 
 
+def _initialiser(model: torch.nn.Module, key: str, options: dict[str, Any]) -> Initialiser:
+    module_name, _, tensor_name = key.rpartition(".")
+    found = initialiser_for(model, module_name, tensor_name, str(options.get("init") or ""))
+    assert found is not None  # refusal() checked it
+    return found
+
+
+def _not_sharded(initialiser: Initialiser, model: torch.nn.Module | None) -> str:
+    """Why apply_distributed refuses a reinit whose initialiser is not the module's own method:
+    an init= function or transformers' _init_weights (which also runs on the modules above,
+    needing the whole model in one process) is not run on a gathered twin of a shard."""
+    return (
+        f"reinit by {describe(initialiser, model)} is not supported by apply_distributed, which "
+        "runs only a module's own reset_parameters() on its gathered tensors: apply the plan "
+        "on one process (plan.apply) before sharding the model, or keep it"
+    )
+
+
 def _gathered(tensor: torch.Tensor) -> torch.Tensor:
     """The whole value of ``tensor`` in this process, never sharing memory with the model."""
     if not _is_dtensor(tensor):
@@ -441,9 +474,9 @@ def _fresh_values(plan: Plan, model: torch.nn.Module, tasks: list[_Task]) -> dic
     groups: dict[tuple[str, str], list[_Task]] = {}
     for task in tasks:
         if action_named(task.action).distributed is ShardWrite.MODULE_INITIALISER:
-            module_name, _, tensor_name = task.row.key.rpartition(".")
-            method = initialiser_of(model.get_submodule(module_name), tensor_name)
-            assert method is not None  # refusal() checked it
+            module_name = task.row.key.rpartition(".")[0]
+            kind, method = _initialiser(model, task.row.key, plan.options(task.row.key))
+            assert kind == METHOD  # _model_problems refused the others
             groups.setdefault((module_name, method), []).append(task)
     problems: dict[str, str] = {}
     for (module_name, method), group in groups.items():
@@ -850,6 +883,19 @@ def plain_twin(module, memo):
 '''
 
 
+#: Lines resolving ``('own', tensor name)`` with the model in scope: only a module's own method
+#: is run across ranks (as ``apply_distributed`` refuses the others).
+_OWN_LINES = [
+    "        if isinstance(initialiser, tuple):  # ('own', a tensor): decided by the model",
+    "            kind, initialiser = own_initialiser(model, module_name, initialiser[1])",
+    "            if kind != 'method':",
+    "                raise RuntimeError(",
+    "                    f'{module_name}: reinit by {kind} {initialiser!r} cannot run across '",
+    "                    'ranks; apply the plan on one process before sharding the model'",
+    "                )",
+]
+
+
 def _code_lines(block: str) -> list[str]:
     return block.strip("\n").splitlines()
 
@@ -900,6 +946,10 @@ def distributed_code(plan: Plan) -> str:
             "a plan with seed=None cannot reinit across ranks (each rank's own random state "
             "would give its shard other values); set plan.seed and generate the code again"
         )
+    for (module_name, initialiser), names in reinit.items():
+        if initialiser[0] not in (METHOD, OWN):  # OWN: the model in scope decides, below
+            key = f"{module_name}.{names[0]}" if module_name else names[0]
+            raise PlanError(f"{key}: {_not_sharded(initialiser, plan.diff.model)}")
     imports, read_lines = _read_code(plan)
     counts = ", ".join(f"{c['rows']} {a}" for a, c in plan.counts.items() if c["rows"])
     lines = [
@@ -911,16 +961,22 @@ def distributed_code(plan: Plan) -> str:
     ]
     lines += imports
     lines += ["", "", *_code_lines(_BOX_HELPERS), "", "", *_code_lines(_TWIN_HELPERS)]
+    own = any(kind == OWN for _, (kind, _) in reinit)
+    if own:  # a plan read without its model: which initialiser is decided when the code runs
+        lines.insert(lines.index("import torch"), "import sys")
+        lines += ["", "", *inspect.getsource(own_initialiser).rstrip().splitlines()]
     lines += ["", "", *read_lines, "", ""]
     lines += ["params = model.state_dict(keep_vars=True)"]
     lines.append("copied = {  # model key: (checkpoint key, its shape): the overlap is copied")
     lines += [f"    {k!r}: {v!r}," for k, v in copied.items()]
     lines.append("}")
     lines.append("reinit = [  # module, its initialiser, tensors to take from it, seed")
-    for (module_name, method), names in reinit.items():
+    for (module_name, (kind, name)), names in reinit.items():
         assert plan.seed is not None
         seed = reinit_seed(plan.seed, module_name)
-        lines.append(f"    ({module_name!r}, {method!r}, {names!r}, {seed!r}),")
+        # a module's own method by name, or ('own', tensor name) when the model decides
+        written = repr((kind, name)) if kind == OWN else repr(name)
+        lines.append(f"    ({module_name!r}, {written}, {names!r}, {seed!r}),")
     lines += [
         "]",
         "",
@@ -937,6 +993,7 @@ def distributed_code(plan: Plan) -> str:
         "        where = tuple(slice(o - b, o - b + s) for o, b, s in zip(offsets, box, sizes))",
         "        local(params[name])[where].copy_(values[name])",
         "    for module_name, initialiser, names, seed in reinit:",
+        *(_OWN_LINES if own else []),
         "        # every rank gathers the module's whole tensors and runs the same seeded",
         "        # initialiser, then keeps its own box: the shards of a one-process reinit",
         "        twin = plain_twin(model.get_submodule(module_name), {})",

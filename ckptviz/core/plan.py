@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ from ckptviz.core.actions import (
     checked_options,
     default_action,
 )
+from ckptviz.core.actions.reinit import function_reference
 from ckptviz.core.diff import Diff, Row
 from ckptviz.core.display import render
 from ckptviz.core.errors import PlanError
@@ -147,16 +148,21 @@ class Plan:
         action: str,
         *,
         skip_refused: bool = False,
-        **options: OptionValue,
+        **options: OptionValue | Callable[..., object],
     ) -> list[str]:
         """Set the action (and its ``options``, by name) of every row ``pattern`` names;
         returns the keys whose action or options changed.
+
+        A function given as an option (``reinit``'s ``init=``) is stored by its name,
+        ``"package.module:function"`` (``function_reference``), so the plan can be saved and
+        re-run; one without such a name (a lambda, a closure) raises ``PlanError`` saying why.
 
         An unknown option or a value of the wrong type raises ``PlanError``. A refused row
         raises ``PlanError`` naming each row and why, and nothing changes; with
         ``skip_refused=True`` the rows that can take the action do and the others stay.
         """
-        kept = checked_options(action_named(action), options)
+        named = {k: function_reference(v) if callable(v) else v for k, v in options.items()}
+        kept = checked_options(action_named(action), named)
         rows = self.rows_for(pattern)
         if not rows:
             close = [k for k in self._actions if str(pattern).strip("*?") in k][:5]
@@ -343,9 +349,18 @@ class Plan:
         return str(render("html", self))
 
     def summary(self) -> str:
-        """One line: the plan's checkpoint and how many rows take each action."""
+        """One line: the plan's checkpoint and how many rows take each action; a WARNING when
+        fewer than half of the checkpoint's tensors would load."""
+        from ckptviz.core.report import checkpoint_coverage, coverage_warning
+
         parts = [f"{c['rows']} {a}" for a, c in self.counts.items() if c["rows"]]
-        return f"Plan for {visible(self.diff.checkpoint.source)}: " + ", ".join(parts)
+        line = f"Plan for {visible(self.diff.checkpoint.source)}: " + ", ".join(parts)
+        if warning := coverage_warning(*checkpoint_coverage(self)):
+            line += (
+                f"; WARNING: {warning} by this plan (look at the unexpected rows, "
+                "diff.suggestions and the key mapping)"
+            )
+        return line
 
     def __str__(self) -> str:
         from ckptviz.core.text import diff_text

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ckptviz.core.actions import action_names
+from ckptviz.core.actions import action_named, action_names
 from ckptviz.core.checkpoint import human_bytes
 from ckptviz.core.display import render
 from ckptviz.core.errors import PlanError
@@ -19,6 +19,41 @@ from ckptviz.core.text import visible, visible_lines
 
 if TYPE_CHECKING:
     from ckptviz.core.plan import Plan
+
+
+def checkpoint_coverage(plan: Plan) -> tuple[int, int]:
+    """(how many of the checkpoint's tensors the plan reads into the model, how many it holds):
+    the distinct checkpoint keys of rows whose action reads the checkpoint (``reads_checkpoint``
+    in the actions registry: ``load``, ``partial`` and any registered since)."""
+    read = {
+        row.checkpoint.key
+        for row, action in plan
+        if row.model is not None
+        and row.checkpoint is not None
+        and action_named(action).reads_checkpoint
+    }
+    return len(read), len(plan.diff.checkpoint.tensors)
+
+
+def coverage_warning(loaded: int, total: int) -> str | None:
+    """The short warning when fewer than half of a checkpoint's tensors reach the model
+    ("0 of 39 checkpoint tensors loaded"); ``None`` when at least half do (or it holds none)."""
+    if total == 0 or 2 * loaded >= total:
+        return None
+    return f"{loaded} of {total} checkpoint tensors loaded"
+
+
+def coverage_advice(plan: Plan, loaded: int, total: int) -> str:
+    """What to look at when little of the checkpoint loads, in words."""
+    unexpected = sum(1 for row in plan.diff.rows if row.model is None)
+    return (
+        f"{loaded} of {total} checkpoint tensors loaded: fewer than half of the checkpoint "
+        "reaches the model, so the model keeps mostly its own values. Usually the keys do not "
+        f"line up: look at the {unexpected} unexpected row(s) (checkpoint keys the model has "
+        "no tensor for), diff.suggestions and diff.rule_suggestions (pairs and rename rules to "
+        "accept), and the key mapping line of the diff's summary (a prefix to strip or add, "
+        "e.g. a base model's checkpoint into a model with a head)"
+    )
 
 
 @dataclass
@@ -66,6 +101,15 @@ class Report:
         #: the folder of the disk snapshot's temporary file (an unnamed file: it does not show
         #: in a listing of the folder, but takes its space until freed)
         self.snapshot_dir = snapshot_dir
+        loaded = len({e.checkpoint_key for e in entries if e.checkpoint_key is not None})
+        total = len(plan.diff.checkpoint.tensors)
+        #: the loud, structured warnings of this apply: each a sentence saying what to look at
+        #: (fewer than half of the checkpoint's tensors loaded); also among ``notes``
+        self.warnings: list[str] = []
+        self._coverage = coverage_warning(loaded, total)
+        if self._coverage is not None:
+            self.warnings.append(coverage_advice(plan, loaded, total))
+            self.notes = [f"WARNING: {w}" for w in self.warnings] + list(notes)
         if snapshot is not None:
             # dropping the report frees the snapshot (the file's space) without waiting for undo
             weakref.finalize(self, snapshot.close)
@@ -147,6 +191,9 @@ class Report:
                     f"{action} {c['rows']} ({c['numel']:,} values, {human_bytes(c['bytes'])})"
                 )
         state = "undone" if self.undone else ("verified" if self.verified else "NOT verified")
+        if self._coverage is not None:
+            # "verified" alone would read as "the transfer worked": it only says the writes hold
+            state += f", but WARNING: {self._coverage} (report.warnings says what to look at)"
         return (
             f"Applied {visible(self.plan.diff.checkpoint.source)}: "
             + ", ".join(parts)

@@ -1,0 +1,85 @@
+"""A plan that loads nothing, or fewer than half of the checkpoint's tensors, says so loudly
+(issue 12 C): in ``plan.summary()``, the report (``report.warnings``, its notes and summary,
+where "verified" no longer stands alone) and the widget's summary line."""
+
+from __future__ import annotations
+
+import ecosystem
+import pytest
+import torch
+
+import ckptviz
+from ckptviz.core.report import coverage_warning
+from ckptviz.widget import Loader
+
+
+def misnamed_base_checkpoint() -> dict[str, torch.Tensor]:
+    """A BertModel checkpoint whose keys line up with nothing in a head model: the base->head
+    case before alignment, built by hand so no automatic alignment can rescue it."""
+    return {f"{k}_v1": v.clone() for k, v in ecosystem.bert().state_dict().items()}
+
+
+def test_a_plan_that_loads_nothing_says_so_in_plan_report_and_words() -> None:
+    model = ecosystem.bert_classifier()
+    state = misnamed_base_checkpoint()
+    total = len(state)
+    plan = ckptviz.Plan(ckptviz.compare(model, state))
+    words = f"0 of {total} checkpoint tensors loaded"
+    assert f"WARNING: {words} by this plan" in plan.summary()
+    report = plan.apply(model)
+    assert report.verified  # every write holds: that is not the transfer working
+    summary = report.summary()
+    assert f"verified, but WARNING: {words}" in summary
+    assert "; verified;" not in summary and not summary.endswith("verified")
+    assert len(report.warnings) == 1
+    assert report.warnings[0].startswith(words)
+    for look_at in (f"{total} unexpected row(s)", "diff.suggestions", "key mapping"):
+        assert look_at in report.warnings[0]
+    assert f"WARNING: {report.warnings[0]}" in report.notes
+    assert words in str(report)
+
+
+def test_a_normal_apply_and_an_aligned_base_checkpoint_do_not_warn() -> None:
+    model = ecosystem.bert_classifier()
+    plan = ckptviz.Plan(ckptviz.compare(model, ecosystem.bert_classifier(seed=1).state_dict()))
+    report = plan.apply(model)
+    assert report.warnings == [] and "WARNING" not in report.summary() + plan.summary()
+    assert "; verified" in report.summary()
+    base = {f"bert.{k}": v for k, v in ecosystem.bert(seed=2).state_dict().items()}
+    plan = ckptviz.Plan(ckptviz.compare(model, base))  # the head stays, every base tensor loads
+    assert plan.apply(model).warnings == []
+
+
+@pytest.mark.parametrize(
+    ("loaded", "total", "warns"),
+    [(0, 39, True), (19, 39, True), (20, 39, False), (39, 39, False), (0, 0, False)],
+)
+def test_far_fewer_means_fewer_than_half_of_the_checkpoint(
+    loaded: int, total: int, warns: bool
+) -> None:
+    assert (coverage_warning(loaded, total) is not None) is warns
+
+
+def test_a_partial_load_counts_as_reading_the_checkpoint() -> None:
+    model = ecosystem.bert_classifier(num_labels=5)
+    state = ecosystem.bert_classifier(seed=1, num_labels=3).state_dict()
+    plan = ckptviz.Plan(ckptviz.compare(model, state))
+    plan.set("bert", "keep")  # the base no longer loads: only the head is read
+    assert "WARNING: 0 of" in plan.summary()
+    plan.set("classifier", "partial")  # reads the checkpoint through the registry, not by name
+    assert f"WARNING: 2 of {len(state)} checkpoint tensors loaded" in plan.summary()
+
+
+def test_the_widget_summary_line_carries_the_warning_and_follows_the_actions() -> None:
+    model = ecosystem.bert_classifier()
+    state = misnamed_base_checkpoint()
+    loader = Loader(model, state)
+    assert f"WARNING: 0 of {len(state)} checkpoint tensors loaded" in loader._info["summary"]
+    fitting = Loader(model, ecosystem.bert_classifier(seed=1).state_dict())
+    assert "WARNING" not in fitting._info["summary"]
+    fitting.set_bulk("keep")
+    assert "WARNING: 0 of" in fitting._info["summary"]
+    fitting.set_bulk("load", statuses=["match"])
+    assert "WARNING" not in fitting._info["summary"]
+    report = fitting.apply()
+    assert "WARNING" not in report.summary()
