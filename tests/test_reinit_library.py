@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import ecosystem
 import pytest
@@ -213,3 +214,16 @@ def test_apply_distributed_refuses_the_library_and_init_functions_with_words() -
     assert f"reinit by init={__name__}:uniform_head is not supported" in text
     assert "apply the plan on one process" in text
     assert_same(before, model)
+
+
+def test_a_missing_rows_explanation_names_the_initialiser_reinit_would_run(tmp_path: Path) -> None:
+    base = ecosystem.bert()
+    head = ecosystem.bert_classifier()
+    path = tmp_path / "base.pt"
+    torch.save(base.state_dict(), path)
+    diff = ckptviz.compare(head, path)
+    said = diff.explain("classifier.weight")
+    assert "transformers' BertForSequenceClassification._init_weights" in said
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    torch.save({"unrelated": torch.zeros(1)}, path)
+    assert "reset_parameters()" in ckptviz.compare(plain, path).explain("0.weight")

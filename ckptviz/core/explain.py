@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from ckptviz.core.actions import registered_actions
 from ckptviz.core.actions.base import RowContext
+from ckptviz.core.actions.reinit import describe, own_initialiser
 from ckptviz.core.diff import Diff, Row
 from ckptviz.core.text import NAME_WIDTH, visible
 
@@ -57,7 +60,16 @@ def _dimension_word(info: TensorInfo, dim: int) -> str:
     return words[dim] if dim < len(words) else f"entries along dimension {dim}"
 
 
-def _initialiser(row: Row) -> str:
+def _initialiser(row: Row, model: torch.nn.Module | None) -> str:
+    """What reinit would draw from (without ``init=``), named as the report names it."""
+    if model is not None and row.model is not None:
+        module_name, _, tensor_name = row.model.key.rpartition(".")
+        try:
+            found = own_initialiser(model, module_name, tensor_name)
+        except AttributeError:  # no module owns the key: reinit refuses it and says why
+            found = None
+        if found is not None:
+            return visible(describe(found, model))
     module_type = row.model.module_type if row.model else None
     if not module_type:
         return "the module's initialisation"
@@ -96,13 +108,13 @@ def explain_row(diff: Diff, row: Row) -> str:
                 f"Your {names[0]} has {visible(model.key)} {list(model.shape)}, which the "
                 f"{names[1]} does not hold as one tensor: {visible(row.note, 4 * NAME_WIDTH)}. "
                 "keep leaves its current value; reinit draws it anew with "
-                f"{_initialiser(row)}.{tied}"
+                f"{_initialiser(row, diff.model)}.{tied}"
             )
         return (
             f"Your {names[0]} has {visible(model.key)} {list(model.shape)} but the {names[1]} "
             "does not: nothing to load. keep leaves its current value (for a freshly built "
-            f"model, its random initialisation); reinit draws it anew with {_initialiser(row)}."
-            f"{tied}{_advice(diff, row)}"
+            "model, its random initialisation); reinit draws it anew with "
+            f"{_initialiser(row, diff.model)}.{tied}{_advice(diff, row)}"
         )
     if row.status == "unexpected" and ckpt and row.note:  # e.g. a LoRA factor a merge reads
         return (
