@@ -335,3 +335,24 @@ def test_num_labels_growth_on_a_classifier_head(fill: str) -> None:
         assert not new[:, 3:].any()
     else:
         assert torch.equal(weight[3:], untouched_head[3:])
+
+
+def test_the_explanation_recommends_a_fill_for_new_classes_and_vocabulary_only(
+    tmp_path: Path,
+) -> None:
+    class Net(torch.nn.Module):
+        def __init__(self, vocab: int, classes: int, filters: int) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, 4)
+            self.conv = torch.nn.Conv2d(3, filters, 3)
+            self.head = torch.nn.Linear(4, classes)
+
+    path = tmp_path / "old.pt"
+    torch.save(Net(10, 3, 8).state_dict(), path)
+    grown = ckptviz.compare(Net(12, 5, 16), path)
+    for key in ("embed.weight", "head.weight", "head.bias"):
+        assert 'fill="mean"' in grown.explain(key), key
+    assert "fill=" not in grown.explain("conv.weight")  # filters: no rows to average into
+    shrunk = ckptviz.compare(Net(8, 2, 8), path)
+    assert "fill=" not in shrunk.explain("embed.weight")
+    assert "fill=" not in shrunk.explain("head.weight")

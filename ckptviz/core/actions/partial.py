@@ -218,12 +218,35 @@ def _plot_parts(row: Row, numel: int) -> Sequence[tuple[str, int, bool]]:
     return (("partial: copied", copied, False), ("partial: rest kept", numel - copied, True))
 
 
+#: Module types whose rows are entries (vocabulary rows, classes, outputs): new ones are best
+#: started at the mean of the learned ones.
+_ROW_MODULES = ("Embedding", "Linear", "Conv1D")
+
+
 def _advise(ctx: RowContext) -> str | None:
     """Where partial runs but means nothing: a flattened position grid, the input conv's
-    channels (the actions that fit those rows say why)."""
+    channels (the actions that fit those rows say why). Where it fits with a fill: new
+    vocabulary rows, classes or outputs of a grown embedding or head."""
     from ckptviz.core.actions import adapt_channels, resample
 
-    return resample.partial_warning(ctx) or adapt_channels.partial_warning(ctx)
+    if warning := resample.partial_warning(ctx) or adapt_channels.partial_warning(ctx):
+        return warning
+    m, c = ctx.row.model, ctx.row.checkpoint
+    if m is None or c is None or len(m.shape) != len(c.shape) or not m.shape:
+        return None
+    grown = [d for d, (a, b) in enumerate(zip(m.shape, c.shape, strict=True)) if a > b]
+    shrunk = any(a < b for a, b in zip(m.shape, c.shape, strict=True))
+    # GPT-2's Conv1D stores its weight as [in, out]
+    rows_dim = 1 if m.module_type == "Conv1D" and len(m.shape) == 2 else 0
+    if grown != [rows_dim] or shrunk or (m.module_type or "") not in _ROW_MODULES:
+        return None
+    new = m.shape[rows_dim] - c.shape[rows_dim]
+    return (
+        f'partial fits, with a fill: fill="mean" (or "mean_noise" for vocabulary) starts the '
+        f"{new} new entries at the average of the learned ones, so the outputs do not jump "
+        "(Hewitt 2021; transformers' resize_token_embeddings does the same); the default "
+        "fill keeps the model's own values there."
+    )
 
 
 def _code(ctx: CodeContext) -> CodePart:
