@@ -72,7 +72,7 @@ from ckptviz.core.matching import (
 )
 from ckptviz.core.plan import Plan, refusal
 from ckptviz.core.planfile import plan_from_dict
-from ckptviz.core.report import Report, checkpoint_coverage, coverage_warning
+from ckptviz.core.report import CheckpointCoverage, Report
 from ckptviz.core.text import format_table, row_cells, visible
 from ckptviz.core.vocabulary import COLOUR_ROLES, STATUS_TERMS, Status
 from ckptviz.widget_columns import COLUMNS, Column
@@ -602,12 +602,14 @@ class Loader(anywidget.AnyWidget):
         else:
             self._send_changes(changed)
         self._update_code_stale()
-        self._update_summary()
+        self._update_summary(changed)
 
-    def _update_summary(self) -> None:
+    def _update_summary(self, changed: Sequence[str] | None) -> None:
         """The summary line, again when the actions changed what the checkpoint loads (its
-        WARNING when fewer than half of the checkpoint's tensors load comes or goes)."""
-        summary = _summary_text(self._plan)
+        WARNING when fewer than half of the checkpoint's tensors load comes or goes); the
+        rows of ``changed`` are counted again (every row when it is ``None``)."""
+        self._coverage.update(self._plan.actions if changed is None else changed)
+        summary = _summary_text(self._diff_summary, self._coverage)
         if self._info and self._info.get("summary") != summary:
             self._info = {**self._info, "summary": summary}
 
@@ -628,13 +630,17 @@ class Loader(anywidget.AnyWidget):
         self._sent_diff = plan.diff
         self._row_of, self._numel, self._codes, self._counts = _row_index(plan)
         self._options = self._options_now()
+        self._diff_summary = plan.diff.summary()
+        self._coverage = CheckpointCoverage(plan)
         modules = _ModuleIndex(self._model)  # one walk of the model for both
         owners = modules if plan.diff.model is self._model else None
         rows_state = _rows_state(plan, self._generation, self._codes.decode(), self._counts, owners)
         rows_state["options"] = _options_message(self._options)
         return {
             "_rows": rows_state,
-            "_info": _info_state(plan, self._model, self._plan_dir, modules),
+            "_info": _info_state(
+                plan, self._model, self._plan_dir, modules, self._diff_summary, self._coverage
+            ),
             "_suggestions": _suggestion_state(plan.diff),
             "_report": self._report_state(),
         }
@@ -1048,21 +1054,28 @@ def _opening_groups(diff: Diff) -> list[str] | None:
     return sorted(expanded)
 
 
-def _summary_text(plan: Plan) -> str:
+def _summary_text(diff_summary: str, coverage: CheckpointCoverage) -> str:
     """The widget's summary line: the Diff's summary, and a WARNING when fewer than half of
     the checkpoint's tensors load with the plan as it is ("0 of 39 checkpoint tensors
     loaded"), saying what to look at."""
-    text = plan.diff.summary()
-    if warning := coverage_warning(*checkpoint_coverage(plan)):
+    text = diff_summary
+    if warning := coverage.warning():
         text += (
-            f"\nWARNING: {warning} by this plan: look at the unexpected rows, the suggested "
-            "pairs and rules, and the key mapping (a prefix to strip or add)"
+            f"\nWARNING: {warning} by this plan; the model keeps its own values for the rest. "
+            "Unexpected rows: keys that may not line up (see the suggestions and the key "
+            "mapping); shape rows: the architecture changed there (each row's details say what "
+            "fits)"
         )
     return text
 
 
 def _info_state(
-    plan: Plan, model: torch.nn.Module, plan_dir: Path, modules: _ModuleIndex | None = None
+    plan: Plan,
+    model: torch.nn.Module,
+    plan_dir: Path,
+    modules: _ModuleIndex | None,
+    diff_summary: str,
+    coverage: CheckpointCoverage,
 ) -> dict[str, Any]:
     """``modules`` is an index of ``model`` already made (else one is made here)."""
     diff = plan.diff
@@ -1079,7 +1092,7 @@ def _info_state(
         "model": type(model).__name__,
         "checkpoint": checkpoint_name,
         "checkpoint_source": ckpt.source,
-        "summary": _summary_text(plan),
+        "summary": _summary_text(diff_summary, coverage),
         "mapping": diff.mapping.describe(),
         "module_types": module_types,
         "plan_path": f"{stem}.plan.json",

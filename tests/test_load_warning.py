@@ -4,6 +4,8 @@ where "verified" no longer stands alone) and the widget's summary line."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ecosystem
 import pytest
 import torch
@@ -33,7 +35,11 @@ def test_a_plan_that_loads_nothing_says_so_in_plan_report_and_words() -> None:
     assert "; verified;" not in summary and not summary.endswith("verified")
     assert len(report.warnings) == 1
     assert report.warnings[0].startswith(words)
-    for look_at in (f"{total} unexpected row(s)", "diff.suggestions", "key mapping"):
+    for look_at in (
+        f"{total} checkpoint key(s) have no model tensor",
+        "diff.suggestions",
+        "key mapping",
+    ):
         assert look_at in report.warnings[0]
     assert f"WARNING: {report.warnings[0]}" in report.notes
     assert words in str(report)
@@ -83,3 +89,25 @@ def test_the_widget_summary_line_carries_the_warning_and_follows_the_actions() -
     assert "WARNING" not in fitting._info["summary"]
     report = fitting.apply()
     assert "WARNING" not in report.summary()
+
+
+def test_the_warning_blames_the_shapes_when_the_keys_line_up(tmp_path: Path) -> None:
+    """A conv grown from 16 to 32 filters changes its BatchNorm and the head too: the keys all
+    line up, so the words point at the shapes, never at the key mapping."""
+
+    class Net(torch.nn.Module):
+        def __init__(self, filters: int) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, filters, 3)
+            self.bn = torch.nn.BatchNorm2d(filters)
+            self.fc = torch.nn.Linear(filters, 2)
+
+    path = tmp_path / "old.pt"
+    torch.save(Net(16).state_dict(), path)
+    plan = ckptviz.compare(Net(32), path).plan()
+    report = plan.apply(Net(32))
+    # fc.bias and the BatchNorm's counter fit; the other 7 changed shape
+    assert "WARNING: 2 of 9 checkpoint tensors loaded" in plan.summary()
+    advice = report.warnings[0]
+    assert "7 tensor(s) have another shape in the model" in advice
+    assert "no model tensor" not in advice and "key mapping" not in advice

@@ -95,6 +95,8 @@ def test_a_bert_adapter_merges_by_default_as_merge_and_unload(
 
     report = plan.apply(model)
     assert_state_equal(model, reference)
+    # the factors count as loaded: no "0 of N checkpoint tensors loaded" warning
+    assert not report.warnings and "WARNING" not in plan.summary()
     entry = next(e for e in report.entries if e.key == f"{QUERY}.weight")
     assert entry.verified
     assert entry.detail == "merged lora_A [2, 16] · lora_B [16, 2] × 2 into the weight"

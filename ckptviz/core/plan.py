@@ -351,15 +351,13 @@ class Plan:
     def summary(self) -> str:
         """One line: the plan's checkpoint and how many rows take each action; a WARNING when
         fewer than half of the checkpoint's tensors would load."""
-        from ckptviz.core.report import checkpoint_coverage, coverage_warning
+        from ckptviz.core.report import checkpoint_coverage, coverage_causes, coverage_warning
 
         parts = [f"{c['rows']} {a}" for a, c in self.counts.items() if c["rows"]]
         line = f"Plan for {visible(self.diff.checkpoint.source)}: " + ", ".join(parts)
         if warning := coverage_warning(*checkpoint_coverage(self)):
-            line += (
-                f"; WARNING: {warning} by this plan (look at the unexpected rows, "
-                "diff.suggestions and the key mapping)"
-            )
+            causes = "; ".join(short for short, _ in coverage_causes(self))
+            line += f"; WARNING: {warning} by this plan ({causes or 'see report.warnings'})"
         return line
 
     def __str__(self) -> str:

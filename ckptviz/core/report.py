@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ckptviz.core.actions import action_named, action_names
+from ckptviz.core.actions import action_named, action_names, checkpoint_keys_read
+from ckptviz.core.actions.base import RowContext
 from ckptviz.core.checkpoint import human_bytes
 from ckptviz.core.display import render
 from ckptviz.core.errors import PlanError
@@ -21,18 +24,61 @@ if TYPE_CHECKING:
     from ckptviz.core.plan import Plan
 
 
+class CheckpointCoverage:
+    """Which of a checkpoint's tensors a plan reads into the model, kept up to date row by row.
+
+    Counts every checkpoint key a row's action reads: its own tensor (``reads_checkpoint``) and
+    what the action ``needs`` (a ``merge`` row reads its adapter's ``lora_A`` and ``lora_B``),
+    as the actions registry says. ``update(keys)`` re-counts only those model rows, so a view
+    that changes a few actions pays for those rows, not for the whole plan.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+        self.total = len(plan.diff.checkpoint.tensors)
+        self._reads_of: dict[str, tuple[str, ...]] = {}
+        self._readers: dict[str, int] = {}
+        self.update(plan.actions)
+
+    @property
+    def loaded(self) -> int:
+        """How many distinct checkpoint tensors the plan reads."""
+        return len(self._readers)
+
+    def update(self, model_keys: Iterable[str]) -> None:
+        """Count the rows of ``model_keys`` again, with their actions as they are now."""
+        plan = self._plan
+        diff = plan.diff
+        for key in model_keys:
+            row = diff.row(key)
+            action = action_named(plan.action(key))
+            if action.needs is None:
+                c = row.checkpoint
+                now: tuple[str, ...] = (c.key,) if action.reads_checkpoint and c else ()
+            else:
+                options = MappingProxyType(plan.options(key))
+                now = checkpoint_keys_read(action, RowContext(row, diff.model, options, diff))
+            before = self._reads_of.get(key, ())
+            if now == before:
+                continue
+            for gone in before:
+                self._readers[gone] -= 1
+                if not self._readers[gone]:
+                    del self._readers[gone]
+            for read in now:
+                self._readers[read] = self._readers.get(read, 0) + 1
+            self._reads_of[key] = now
+
+    def warning(self) -> str | None:
+        """The short warning when fewer than half of the checkpoint's tensors reach the model
+        ("0 of 39 checkpoint tensors loaded"); ``None`` when at least half do."""
+        return coverage_warning(self.loaded, self.total)
+
+
 def checkpoint_coverage(plan: Plan) -> tuple[int, int]:
-    """(how many of the checkpoint's tensors the plan reads into the model, how many it holds):
-    the distinct checkpoint keys of rows whose action reads the checkpoint (``reads_checkpoint``
-    in the actions registry: ``load``, ``partial`` and any registered since)."""
-    read = {
-        row.checkpoint.key
-        for row, action in plan
-        if row.model is not None
-        and row.checkpoint is not None
-        and action_named(action).reads_checkpoint
-    }
-    return len(read), len(plan.diff.checkpoint.tensors)
+    """(how many of the checkpoint's tensors the plan reads into the model, how many it holds)."""
+    coverage = CheckpointCoverage(plan)
+    return coverage.loaded, coverage.total
 
 
 def coverage_warning(loaded: int, total: int) -> str | None:
@@ -43,16 +89,52 @@ def coverage_warning(loaded: int, total: int) -> str | None:
     return f"{loaded} of {total} checkpoint tensors loaded"
 
 
+def coverage_causes(plan: Plan) -> list[tuple[str, str]]:
+    """Why a plan leaves checkpoint tensors out, as (a few words, the advice) per cause: keys
+    that do not line up, shapes that changed, tensors that fit but are set to keep/reinit."""
+    unexpected = shape = not_loaded = 0
+    for row, action in plan:
+        if row.model is None:
+            unexpected += 1
+        elif row.checkpoint is not None and not action_named(action).reads_checkpoint:
+            if row.status == "shape":
+                shape += 1
+            else:
+                not_loaded += 1
+    causes = []
+    if unexpected:
+        causes.append(
+            (
+                f"{unexpected} unexpected: see diff.suggestions and the key mapping",
+                f"{unexpected} checkpoint key(s) have no model tensor (unexpected rows): the keys "
+                "may not line up: look at diff.suggestions and diff.rule_suggestions (pairs and "
+                "rename rules to accept) and the key mapping line of the diff's summary (a "
+                "prefix to strip or add, e.g. a base model's checkpoint into a model with a head)",
+            )
+        )
+    if shape:
+        causes.append(
+            (
+                f"{shape} changed shape: see diff.explain(key)",
+                f"{shape} tensor(s) have another shape in the model and are kept or "
+                "re-initialised: the architecture changed there; partial, resample or "
+                "adapt_channels copy what fits where that has a meaning (diff.explain(key) says "
+                "which)",
+            )
+        )
+    if not_loaded:
+        words = f"{not_loaded} tensor(s) that could load are set to keep or reinit"
+        causes.append((words, words))
+    return causes
+
+
 def coverage_advice(plan: Plan, loaded: int, total: int) -> str:
-    """What to look at when little of the checkpoint loads, in words."""
-    unexpected = sum(1 for row in plan.diff.rows if row.model is None)
+    """What to look at when little of the checkpoint loads, in words that fit the case."""
+    causes = [advice for _, advice in coverage_causes(plan)]
+    why = "; ".join(causes) if causes else "the checkpoint holds little the model has"
     return (
         f"{loaded} of {total} checkpoint tensors loaded: fewer than half of the checkpoint "
-        "reaches the model, so the model keeps mostly its own values. Usually the keys do not "
-        f"line up: look at the {unexpected} unexpected row(s) (checkpoint keys the model has "
-        "no tensor for), diff.suggestions and diff.rule_suggestions (pairs and rename rules to "
-        "accept), and the key mapping line of the diff's summary (a prefix to strip or add, "
-        "e.g. a base model's checkpoint into a model with a head)"
+        f"reaches the model, so the model keeps mostly its own values. {why[0].upper()}{why[1:]}"
     )
 
 
