@@ -183,8 +183,7 @@ class Report:
         #: the folder of the disk snapshot's temporary file (an unnamed file: it does not show
         #: in a listing of the folder, but takes its space until freed)
         self.snapshot_dir = snapshot_dir
-        loaded = len({e.checkpoint_key for e in entries if e.checkpoint_key is not None})
-        total = len(plan.diff.checkpoint.tensors)
+        loaded, total = checkpoint_coverage(plan)  # what the applied plan read, merges too
         #: the loud, structured warnings of this apply: each a sentence saying what to look at
         #: (fewer than half of the checkpoint's tensors loaded); also among ``notes``
         self.warnings: list[str] = []
