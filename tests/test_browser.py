@@ -243,9 +243,10 @@ def _drive(nb: NotebookUI, url: str, shots: Path) -> None:
     assert _clipped_buttons(widget) == [] and _clipped_buttons(stem) == []
 
     # medium and narrow: the same widgets stay usable, every button whole
-    nb.page.set_viewport_size({"width": 1000, "height": 1800})
+    nb.page.set_viewport_size({"width": 1130, "height": 1800})
     wait_until(lambda: "ckv-medium" in (widget.get_attribute("class") or ""), 30, "medium mode")
     assert _clipped_buttons(widget) == [] and _clipped_buttons(stem) == []
+    nb.screenshot(shots / "loader-stem-medium.png", element=stem)
     nb.screenshot(shots / "loader-medium.png", element=widget)
     nb.page.set_viewport_size({"width": 700, "height": 1800})
     wait_until(lambda: "ckv-narrow" in (widget.get_attribute("class") or ""), 30, "narrow mode")
@@ -256,16 +257,19 @@ def _drive(nb: NotebookUI, url: str, shots: Path) -> None:
 
 def _clipped_buttons(widget: Any) -> list[str]:
     """The action buttons (and "never applied" notes) of the lines in view that stick out of
-    their cell, as "key: text": the action column must fit the widest line."""
+    their cell or out of the table's visible width, as "key: text": the action column fits the
+    widest line, and a layout is chosen only where its columns fit side by side."""
     return widget.evaluate(
         """(root) => [...root.querySelectorAll(".ckv-lines .ckv-act")].flatMap((cell) => {
           const box = cell.getBoundingClientRect();
+          const view = root.querySelector(".ckv-scroll").getBoundingClientRect();
           const line = cell.closest("[data-line]");
           const key = line.dataset.key || line.dataset.group;
           return [...cell.querySelectorAll("button, .ckv-never")]
             .filter((b) => {
               const r = b.getBoundingClientRect();
-              return r.left < box.left - 0.5 || r.right > box.right + 0.5 || b.scrollWidth > b.clientWidth + 1;
+              const out = r.left < box.left - 0.5 || r.right > box.right + 0.5 || r.right > view.right + 0.5;
+              return out || b.scrollWidth > b.clientWidth + 1;
             })
             .map((b) => `${key}: ${b.textContent}`);
         })"""

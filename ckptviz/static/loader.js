@@ -311,7 +311,7 @@ class LoaderView {
     for (const i of indices) {
       if (i < 0 || i >= this.rows.length || this.actionMask(i) === this.rowMasks[i]) continue;
       this.collectActionMasks();
-      this.fitActions();
+      if (this.fitActions()) this.fitWidth();
       return;
     }
   }
@@ -321,7 +321,7 @@ class LoaderView {
    * Rows keep their fixed height and no button is cut. Unmeasured (not laid out yet): the
    * stylesheet's width stands until the first resize. */
   fitActions() {
-    if (!this.actProbe || !this.actionMasks) return;
+    if (!this.actProbe || !this.actionMasks) return false;
     const masks = [...this.actionMasks];
     const segOf = (actions, pressed = "") => {
       const seg = make("div", ["ckv-seg"]);
@@ -346,13 +346,25 @@ class LoaderView {
     const style = getComputedStyle(cell);
     const padding = parseFloat(style.paddingLeft) + parseFloat(style.paddingRight) || 0;
     this.actProbe.replaceChildren();
-    if (!widest) return;
+    if (!widest) return false;
     const need = Math.ceil(widest + pressExtra + markExtra + padding + 2);
-    if (need === this.actTrackPx) return;
+    if (need === this.actTrackPx) return false;
     this.actTrackPx = need;
     this.root.style.setProperty("--ckv-act-track", `${need}px`);
-    // the key and value columns got wider or narrower: how much of each value fits changed
-    if (this.measureRoom && this.columnLines) this.measureRoom();
+    return true;
+  }
+
+  /** The narrowest the table can be in `mode` ("wide" or "medium") without scrolling sideways:
+   * the smallest size of each column's track, the status and the measured action column. */
+  minTableWidth(mode) {
+    const columns = mode === "medium" ? this.columns.filter((c) => c.medium) : this.columns;
+    const style = getComputedStyle(this.root);
+    const em = parseFloat(style.fontSize) || 13;
+    const trackEm = (track) => parseFloat(/([\d.]+)em/.exec(track)?.[1] || "0");
+    const side = columns.reduce((sum, c) => sum + trackEm(WIDTH_TRACK[c.width] || WIDTH_TRACK.short), 0);
+    const status = parseFloat(style.getPropertyValue("--ckv-status-w")) || 9.2;
+    // the stylesheet's min-width of the wide and medium column header
+    return Math.max(880, (2 * side + status) * em + (this.actTrackPx || 19 * em));
   }
 
   /** " · mean": the values of row `index`'s chosen options, as its pressed button shows them. */
@@ -393,7 +405,7 @@ class LoaderView {
         }
       }
       // a pressed button's options mark ("· mean") may need a wider column
-      if (typeof msg.all === "string" || Array.isArray(msg.options)) this.fitActions();
+      if ((typeof msg.all === "string" || Array.isArray(msg.options)) && this.fitActions()) this.fitWidth();
       this.counts = msg.counts || this.counts;
       this.renderCounters();
       this.renderRows();
@@ -727,8 +739,9 @@ class LoaderView {
     this.differenceCount = this.rows.filter((r) => r.differs).length;
     this.cursor = { line: 0, col: 0 };
     this.collectActionMasks();
-    this.fitActions();
+    const refit = this.fitActions();
     this.rebuildLines();
+    if (refit) this.fitWidth();
     this.renderCounters();
     this.renderDetails();
   }
@@ -816,11 +829,14 @@ class LoaderView {
   }
 
   fitWidth() {
+    // first laid out (built before it was attached): the action column is sized now
+    if (!this.actTrackPx) this.fitActions();
     const width = this.root.clientWidth;
-    const mode = width < 680 ? "narrow" : width < 1000 ? "medium" : "wide";
+    // the widest layout whose columns fit beside each other: wide, medium, else narrow
+    const room = this.scroller.clientWidth;
+    const fits = (mode) => room >= this.minTableWidth(mode);
+    const mode = width >= 1000 && fits("wide") ? "wide" : width >= 680 && fits("medium") ? "medium" : "narrow";
     if (mode === this.mode) {
-      // first laid out (built before it was attached): the action column is sized now
-      if (!this.actTrackPx) this.fitActions();
       // the columns grew or shrank: how much of each value fits changed with them
       if (this.measureRoom()) this.renderRows();
       return;
