@@ -268,8 +268,8 @@ def _clipped_buttons(widget: Any) -> list[str]:
           return [...cell.querySelectorAll("button, .ckv-never")]
             .filter((b) => {
               const r = b.getBoundingClientRect();
-              const out = r.left < box.left - 0.5 || r.right > box.right + 0.5 || r.right > view.right + 0.5;
-              return out || b.scrollWidth > b.clientWidth + 1;
+              const out = r.left < box.left - 0.5 || r.right > box.right + 0.5;
+              return out || r.right > view.right + 0.5 || b.scrollWidth > b.clientWidth + 1;
             })
             .map((b) => `${key}: ${b.textContent}`);
         })"""
