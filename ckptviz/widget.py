@@ -1106,6 +1106,8 @@ def _vocabulary_state() -> dict[str, Any]:
     actions registry."""
     codes = action_codes()
     explains = {a.name: a.explain for a in registered_actions()}
+    # skip has no button: only registered actions can be shown on every row
+    always_shown = {a.name: a.always_shown for a in registered_actions()}
     # each action's options as the front end builds a control for them: a <select> for
     # choices, a number field for int/float, a checkbox for bool, a text field for str
     options = {
@@ -1143,6 +1145,9 @@ def _vocabulary_state() -> dict[str, Any]:
                 "code": codes[name],
                 "chosen": name != SKIP,
                 "explain": explains.get(name, term.label),
+                # its button is on every row (refused ones struck through, the reason on hover),
+                # else only where it may apply or is the row's action
+                "always_shown": always_shown.get(name, False),
                 "options": options.get(name, []),
             }
             for name, term in action_terms().items()

@@ -132,7 +132,7 @@ def _screenshot_on_failure(nb: NotebookUI, shots: Path, name: str, drive: Any) -
 def test_loader_ticks_apply_and_undo_in_jupyterlab(
     lab: LabServer, nb: NotebookUI, shots: Path
 ) -> None:
-    write_notebook(lab.root / "NB.ipynb", [SETUP, SHOW, CHECK, BIG])
+    write_notebook(lab.root / "NB.ipynb", [SETUP, SHOW, CHECK, BIG, STEM])
     _screenshot_on_failure(
         nb, shots, "loader", lambda: _drive(nb, lab.notebook_url("NB.ipynb"), shots)
     )
@@ -238,10 +238,98 @@ def _drive(nb: NotebookUI, url: str, shots: Path) -> None:
     # a big model opens on its differences; n jumps to the next one through closed groups
     _big_model(nb, shots)
 
-    # narrow: the same widget stays usable in a narrow notebook
+    # a stem conv for one input channel: its row offers adapt_channels, ordinary rows do not
+    stem = _specialised_button(nb, shots)
+    assert _clipped_buttons(widget) == [] and _clipped_buttons(stem) == []
+
+    # medium and narrow: the same widgets stay usable, every button whole
+    nb.page.set_viewport_size({"width": 1130, "height": 1800})
+    wait_until(lambda: "ckv-medium" in (widget.get_attribute("class") or ""), 30, "medium mode")
+    assert _clipped_buttons(widget) == [] and _clipped_buttons(stem) == []
+    nb.screenshot(shots / "loader-stem-medium.png", element=stem)
+    nb.screenshot(shots / "loader-medium.png", element=widget)
     nb.page.set_viewport_size({"width": 700, "height": 1800})
     wait_until(lambda: "ckv-narrow" in (widget.get_attribute("class") or ""), 30, "narrow mode")
+    assert _clipped_buttons(widget) == [] and _clipped_buttons(stem) == []
     nb.screenshot(shots / "loader-narrow.png", element=widget)
+    nb.screenshot(shots / "loader-stem-narrow.png", element=stem)
+
+
+def _clipped_buttons(widget: Any) -> list[str]:
+    """The action buttons (and "never applied" notes) of the lines in view that stick out of
+    their cell or out of the table's visible width, as "key: text": the action column fits the
+    widest line, and a layout is chosen only where its columns fit side by side."""
+    return widget.evaluate(
+        """(root) => [...root.querySelectorAll(".ckv-lines .ckv-act")].flatMap((cell) => {
+          const box = cell.getBoundingClientRect();
+          const view = root.querySelector(".ckv-scroll").getBoundingClientRect();
+          const line = cell.closest("[data-line]");
+          const key = line.dataset.key || line.dataset.group;
+          return [...cell.querySelectorAll("button, .ckv-never")]
+            .filter((b) => {
+              const r = b.getBoundingClientRect();
+              const out = r.left < box.left - 0.5 || r.right > box.right + 0.5;
+              return out || r.right > view.right + 0.5 || b.scrollWidth > b.clientWidth + 1;
+            })
+            .map((b) => `${key}: ${b.textContent}`);
+        })"""
+    )
+
+
+STEM = """torch.manual_seed(4)
+rgb = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1))
+torch.save(rgb.state_dict(), "rgb.pth")
+gray = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1))
+stem = ckptviz.Loader(gray, "rgb.pth")
+stem"""
+
+
+def _specialised_button(nb: NotebookUI, shots: Path) -> Any:
+    """An action not shown on every row (adapt_channels) has its button on the one row it fits
+    and that row's group line only; the arrow keys reach it past the general actions, and the
+    other rows name the rare actions in one short line."""
+    nb.page.set_viewport_size({"width": 1500, "height": 1100})
+    stem = nb.cell(4).locator(".ckv")
+    nb.run_cell(4, lambda: stem.locator(".ckv-row").count() == 4, timeout=90)
+
+    def buttons(selector: str) -> list[str]:
+        return [
+            b.get_attribute("data-a") or ""
+            for b in stem.locator(f"{selector} .ckv-act button[data-a]").all()
+        ]
+
+    general = ["load", "keep", "reinit", "partial"]
+    assert buttons('.ckv-row[data-key="0.weight"]') == [*general, "adapt_channels"]
+    assert buttons('.ckv-group[data-group="0"]') == [*general, "adapt_channels"]
+    for ordinary in ("0.bias", "2.weight", "2.bias"):
+        assert buttons(f'.ckv-row[data-key="{ordinary}"]') == general, ordinary
+    assert buttons('.ckv-group[data-group="2"]') == general
+
+    # ArrowRight from the last general action reaches the specialised one; Enter picks it
+    stem.locator('.ckv-row[data-key="0.weight"] button[data-a="partial"]').focus()
+    keys = nb.page.keyboard
+    keys.press("ArrowRight")
+    now = _focused(nb)
+    assert (now["key"], now["text"], now["ring"]) == ("0.weight", "adapt_channels", True), now
+    keys.press("ArrowRight")  # the line's last button: focus stays
+    assert _focused(nb)["text"] == "adapt_channels"
+    keys.press("Enter")
+    wait_until(lambda: _focused(nb)["pressed"] == "true", 30, "Enter to pick adapt_channels")
+    keys.press("ArrowDown")  # 0.bias has no such button: the nearest column, partial
+    assert (_focused(nb)["key"], _focused(nb)["text"]) == ("0.bias", "partial")
+    keys.press("ArrowLeft")
+    assert _focused(nb)["text"] == "reinit"
+
+    # the row's details: the rare actions in one line, their reasons on hover
+    stem.locator('.ckv-row[data-key="0.bias"] .ckv-status').hover()
+    also = stem.locator(".ckv-details .ckv-also")
+    wait_until(lambda: also.count() == 1, 30, "the rare actions' line")
+    assert also.inner_text() == "also: resample, adapt_channels, merge do not fit this row"
+    assert "merge: " in (also.get_attribute("title") or "")
+    assert "merge not possible" not in stem.locator(".ckv-details").inner_text()
+    assert _serious_violations(nb) == []
+    nb.screenshot(shots / "loader-stem.png", element=stem)
+    return stem
 
 
 def _focused(nb: NotebookUI) -> dict[str, Any]:
@@ -293,7 +381,7 @@ def _keyboard_only(nb: NotebookUI, widget: Any, shots: Path) -> None:
     wait_until(lambda: _focused(nb)["pressed"] == "true", 30, "Enter to pick partial")
     # none of these keys moved the notebook's active cell or reached its command mode
     assert _focused(nb)["activeCell"] == cell_before
-    assert nb.panel.locator(".jp-Notebook .jp-Cell").count() == 4
+    assert nb.panel.locator(".jp-Notebook .jp-Cell").count() == 5
 
     keys.press("Tab")  # one tab stop: next the options of the row's action (partial's fill)
     assert _focused(nb)["ring"]

@@ -81,6 +81,8 @@ def test_style_is_set_only_from_numbers_the_script_counts() -> None:
         r'\.style\.setProperty\("--ckv-depth", String\(Math\.min\(Math\.trunc\(depth\), '
         r"MAX_DEPTH\)\)\)",
         r'\.style\.setProperty\("--ckv-cols", tracks\.join\(" "\)\)',
+        # the action column: a width in pixels the script measured from its own buttons
+        r'\.style\.setProperty\("--ckv-act-track", `\$\{need\}px`\)',
     ]
     for use in uses:
         assert any(re.fullmatch(a, use.strip()) for a in allowed), f"style set as {use!r}"

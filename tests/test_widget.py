@@ -998,3 +998,19 @@ def test_a_big_tie_group_does_not_make_the_table_grow_with_its_square() -> None:
     assert max(len(t) for t in tied) == widget.TIED_SHOWN + 1
     assert tied[0][-1] == f"… and {1_999 - widget.TIED_SHOWN:,} more"
     assert all(name.startswith("p") for name in tied[0][:-1])
+
+
+def test_the_vocabulary_says_which_actions_have_a_button_on_every_row(
+    grown: tuple[SmallCNN, Loader, FrontEnd],
+) -> None:
+    """The front end learns from the actions registry which buttons every row shows (the
+    general actions, refused ones struck through) and which only where they fit."""
+    _, loader, _ = grown
+    sent = {a["name"]: a for a in loader._vocabulary["actions"]}
+    shown = {name for name, a in sent.items() if a["always_shown"]}
+    assert shown == {"load", "keep", "reinit", "partial"}
+    assert not any(sent[name]["always_shown"] for name in ("resample", "adapt_channels", "merge"))
+    assert sent["skip"]["always_shown"] is False and sent["skip"]["chosen"] is False
+    # the flag is the actions' own declaration, not a list kept in the widget
+    for definition in ckptviz.core.actions.registered_actions():
+        assert sent[definition.name]["always_shown"] is definition.always_shown

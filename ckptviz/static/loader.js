@@ -197,6 +197,9 @@ class LoaderView {
     this.chosenActions = this.actionNames.filter((a) => this.actionTerms.get(a).chosen);
     // what a row without a model tensor shows: the one action nobody chooses
     this.skipAction = this.actionNames.find((a) => !this.actionTerms.get(a).chosen) || "";
+    // an always-shown action has a button on every row (struck through where refused); the
+    // others only where they may apply, so a rare action costs no width on ordinary rows
+    this.alwaysShown = new Set(this.chosenActions.filter((a) => this.actionTerms.get(a).always_shown !== false));
     this.actionOfCode = new Map([...this.actionTerms.values()].map((t) => [t.code, t.name]));
     // each action's options as Python declares them (OptionSpec): name, kind, default, choices, words
     const kinds = new Set(["str", "int", "float", "bool"]);
@@ -256,8 +259,118 @@ class LoaderView {
 
   fitColumns() {
     const side = this.sideColumns().map((c) => WIDTH_TRACK[c.width] || WIDTH_TRACK.short);
-    const tracks = [...side, "var(--ckv-status-w)", ...side, "var(--ckv-act-w)"];
+    const tracks = [...side, "var(--ckv-status-w)", ...side, "var(--ckv-act-track, var(--ckv-act-w))"];
     this.root.style.setProperty("--ckv-cols", tracks.join(" "));
+    this.fitActions();
+  }
+
+  /** Which actions row `index` shows a button for: the always-shown ones, every other one that
+   * may apply to it, and its current action. */
+  shownActions(index) {
+    const current = this.actionOf(index);
+    return this.chosenActions.filter((a) => this.alwaysShown.has(a) || a === current || !this.refusal(index, a));
+  }
+
+  /** The set of shown actions of row `index` as bits of `chosenActions` (0: a row without a
+   * model tensor, which shows no buttons). */
+  actionMask(index) {
+    if (this.rows[index].modelKey == null) return 0;
+    const current = this.actionOf(index);
+    let mask = 0;
+    this.chosenActions.forEach((a, bit) => {
+      if (this.alwaysShown.has(a) || a === current || !this.refusal(index, a)) mask |= 1 << bit;
+    });
+    return mask;
+  }
+
+  /** Every distinct set of buttons a row or a group line can show (a group shows what any of
+   * its rows shows), and each row's own set: what the action column must fit. */
+  collectActionMasks() {
+    this.rowMasks = new Int32Array(this.rows.length);
+    for (let i = 0; i < this.rows.length; i++) this.rowMasks[i] = this.actionMask(i);
+    const masks = new Set();
+    const walk = (node) => {
+      let mask = 0;
+      for (const i of node.rows) {
+        mask |= this.rowMasks[i];
+        if (this.rowMasks[i]) masks.add(this.rowMasks[i]);
+      }
+      for (const child of node.children.values()) mask |= walk(child);
+      // the top of the tree is no line: what all groups together hold is never shown at once
+      if (mask && node !== this.tree) masks.add(mask);
+      return mask;
+    };
+    walk(this.tree);
+    this.actionMasks = masks;
+  }
+
+  /** After a tick: a changed row whose buttons are a set the column was not sized for (its
+   * action is one it was not offered) sizes the column again. */
+  checkActionMasks(indices) {
+    if (!this.rowMasks) return;
+    for (const i of indices) {
+      if (i < 0 || i >= this.rows.length || this.actionMask(i) === this.rowMasks[i]) continue;
+      this.collectActionMasks();
+      if (this.fitActions()) this.fitWidth();
+      return;
+    }
+  }
+
+  /** Size the action column to the widest line's buttons: each distinct set laid out once
+   * (unpressed), plus what pressing a button adds (bold, its mark) and the widest options mark.
+   * Rows keep their fixed height and no button is cut. Unmeasured (not laid out yet): the
+   * stylesheet's width stands until the first resize. */
+  fitActions() {
+    if (!this.actProbe || !this.actionMasks) return false;
+    const masks = [...this.actionMasks];
+    const segOf = (actions, pressed = "") => {
+      const seg = make("div", ["ckv-seg"]);
+      for (const a of actions) {
+        const b = button([this.roleClass(this.actionTerm(a).colour)], a);
+        b.setAttribute("aria-pressed", String(a === pressed));
+        seg.append(b);
+      }
+      return seg;
+    };
+    const sets = masks.map((mask) => segOf(this.chosenActions.filter((_, bit) => mask & (1 << bit))));
+    const plain = this.chosenActions.map((a) => segOf([a]));
+    const pressed = this.chosenActions.map((a) => segOf([a], a));
+    const never = make("span", ["ckv-never"], `${this.skipAction} · never applied`);
+    const marks = [...new Set([...this.rowOptions.keys()].map((i) => this.optionMark(i)))].map((text) => make("span", ["ckv-opt-mark"], text));
+    const cell = make("div", ["ckv-cell", "ckv-act"]);
+    this.actProbe.replaceChildren(...sets, never, ...plain, ...pressed, ...marks, cell);
+    const width = (node) => node.getBoundingClientRect().width;
+    const widest = Math.max(0, width(never), ...sets.map(width));
+    const pressExtra = Math.max(0, ...plain.map((p, i) => width(pressed[i]) - width(p)));
+    const markExtra = Math.max(0, ...marks.map(width));
+    const style = getComputedStyle(cell);
+    const padding = parseFloat(style.paddingLeft) + parseFloat(style.paddingRight) || 0;
+    this.actProbe.replaceChildren();
+    if (!widest) return false;
+    const need = Math.ceil(widest + pressExtra + markExtra + padding + 2);
+    if (need === this.actTrackPx) return false;
+    this.actTrackPx = need;
+    this.root.style.setProperty("--ckv-act-track", `${need}px`);
+    return true;
+  }
+
+  /** The narrowest the table can be in `mode` ("wide" or "medium") without scrolling sideways:
+   * the smallest size of each column's track, the status and the measured action column. */
+  minTableWidth(mode) {
+    const columns = mode === "medium" ? this.columns.filter((c) => c.medium) : this.columns;
+    const style = getComputedStyle(this.root);
+    const em = parseFloat(style.fontSize) || 13;
+    const trackEm = (track) => parseFloat(/([\d.]+)em/.exec(track)?.[1] || "0");
+    const side = columns.reduce((sum, c) => sum + trackEm(WIDTH_TRACK[c.width] || WIDTH_TRACK.short), 0);
+    const status = parseFloat(style.getPropertyValue("--ckv-status-w")) || 9.2;
+    // the stylesheet's min-width of the wide and medium column header
+    return Math.max(880, (2 * side + status) * em + (this.actTrackPx || 19 * em));
+  }
+
+  /** " · mean": the values of row `index`'s chosen options, as its pressed button shows them. */
+  optionMark(index) {
+    const values = this.optionsOf(index, this.actionOf(index)).filter((o) => o.chosen).map((o) => optionValueText(o.value));
+    return ` · ${values.join(", ")}`;
   }
 
   // -- talking to the kernel --------------------------------------------------------------------
@@ -277,10 +390,12 @@ class LoaderView {
     if (msg.type === "actions" && msg.gen === this.gen) {
       if (typeof msg.all === "string" && msg.all.length === this.rows.length) {
         this.codes = msg.all;
+        this.collectActionMasks();
       } else if (Array.isArray(msg.changes)) {
         const codes = this.codes.split("");
         for (const [index, code] of msg.changes) codes[index] = code;
         this.codes = codes.join("");
+        this.checkActionMasks(msg.changes.map(([index]) => Number(index)));
       }
       if (Array.isArray(msg.options)) {
         if (msg.options_full) this.rowOptions.clear();
@@ -289,6 +404,8 @@ class LoaderView {
           else this.rowOptions.delete(index);
         }
       }
+      // a pressed button's options mark ("· mean") may need a wider column
+      if ((typeof msg.all === "string" || Array.isArray(msg.options)) && this.fitActions()) this.fitWidth();
       this.counts = msg.counts || this.counts;
       this.renderCounters();
       this.renderRows();
@@ -427,6 +544,10 @@ class LoaderView {
     this.probe = make("span", ["ckv-probe"], "0000000000");
     this.probe.setAttribute("aria-hidden", "true");
     root.append(this.probe);
+    // the action buttons of every distinct line, laid out unseen to size the action column
+    this.actProbe = make("div", ["ckv-act-probe"]);
+    this.actProbe.setAttribute("aria-hidden", "true");
+    root.append(this.actProbe);
     this.details = make("div", ["ckv-details"]);
     this.details.setAttribute("aria-live", "polite");
     // the options of the pointed row's action: controls, outside the live region (a control
@@ -617,7 +738,10 @@ class LoaderView {
     });
     this.differenceCount = this.rows.filter((r) => r.differs).length;
     this.cursor = { line: 0, col: 0 };
+    this.collectActionMasks();
+    const refit = this.fitActions();
     this.rebuildLines();
+    if (refit) this.fitWidth();
     this.renderCounters();
     this.renderDetails();
   }
@@ -705,8 +829,13 @@ class LoaderView {
   }
 
   fitWidth() {
+    // first laid out (built before it was attached): the action column is sized now
+    if (!this.actTrackPx) this.fitActions();
     const width = this.root.clientWidth;
-    const mode = width < 680 ? "narrow" : width < 1000 ? "medium" : "wide";
+    // the widest layout whose columns fit beside each other: wide, medium, else narrow
+    const room = this.scroller.clientWidth;
+    const fits = (mode) => room >= this.minTableWidth(mode);
+    const mode = width >= 1000 && fits("wide") ? "wide" : width >= 680 && fits("medium") ? "medium" : "narrow";
     if (mode === this.mode) {
       // the columns grew or shrank: how much of each value fits changed with them
       if (this.measureRoom()) this.renderRows();
@@ -894,17 +1023,33 @@ class LoaderView {
     this.pathBar.setAttribute("title", path);
   }
 
-  /** The focusable element of line `k` at column `col` (−1: the twisty or the line's only cell),
-   * clamped to the columns the line has; null when the line is not in the DOM. */
-  cellAt(k, col) {
+  /** The focusable cells of line `k` in column order (a line shows only some actions, so its
+   * columns may have gaps); empty when the line is not in the DOM. */
+  cellsOf(k) {
     const node = this.lineBox.querySelector(`[data-line="${Number(k)}"]`);
-    if (!node) return null;
-    const cells = [...node.querySelectorAll("[data-col]")];
-    if (!cells.length) return null;
-    const cols = cells.map((c) => Number(c.dataset.col));
-    let best = cells[0];
-    for (let i = 0; i < cells.length; i++) if (cols[i] <= col) best = cells[i];
+    return node ? [...node.querySelectorAll("[data-col]")] : [];
+  }
+
+  /** The focusable element of line `k` at column `col` (−1: the twisty or the line's only cell),
+   * else the nearest column the line has (the lower one on a tie); null when the line is not in
+   * the DOM. */
+  cellAt(k, col) {
+    let best = null;
+    let distance = Infinity;
+    for (const cell of this.cellsOf(k)) {
+      const d = Math.abs(Number(cell.dataset.col) - col);
+      if (d < distance) [best, distance] = [cell, d];
+    }
     return best;
+  }
+
+  /** The column of the cell next to column `col` on line `k` in direction `step` (over the
+   * actions the line does not show); `col` itself at the line's edge. */
+  columnBeside(k, col, step) {
+    const cols = this.cellsOf(k).map((c) => Number(c.dataset.col));
+    const beyond = cols.filter((c) => (step > 0 ? c > col : c < col));
+    if (!beyond.length) return col;
+    return step > 0 ? Math.min(...beyond) : Math.max(...beyond);
   }
 
   onGridFocus(event) {
@@ -950,7 +1095,7 @@ class LoaderView {
           return;
         }
       }
-      col = Math.max(-1, Math.min(this.chosenActions.length - 1, col + step));
+      col = this.columnBeside(line, col, step);
     }
     this.moveCursor(line, col);
   }
@@ -1117,7 +1262,7 @@ class LoaderView {
     const group = make("div", ["ckv-seg"]);
     group.setAttribute("role", "radiogroup");
     group.setAttribute("aria-label", `action for ${row.key}`);
-    for (const action of this.chosenActions) {
+    for (const action of this.shownActions(row.index)) {
       const term = this.actionTerm(action);
       const why = this.refusal(row.index, action);
       const choice = button([this.roleClass(term.colour)], action, why ? `${action} is not possible: ${why}` : `${action}: ${term.label}`);
@@ -1132,8 +1277,7 @@ class LoaderView {
         const shown = this.actionWithOptions(row.index);
         choice.classList.add("ckv-with-options");
         choice.setAttribute("title", `${shown}: ${term.label}`);
-        const values = this.optionsOf(row.index, action).filter((o) => o.chosen).map((o) => optionValueText(o.value));
-        choice.append(make("span", ["ckv-opt-mark"], ` · ${values.join(", ")}`));
+        choice.append(make("span", ["ckv-opt-mark"], this.optionMark(row.index)));
       }
       group.append(choice);
     }
@@ -1259,6 +1403,8 @@ class LoaderView {
         const count = actions[action] || 0;
         const cannot = refused[action] || [];
         const none = cannot.length === modelRows;
+        // an action not always shown appears where one row under the line may take it or has it
+        if (!this.alwaysShown.has(action) && none && !count) continue;
         const pressed = count === modelRows ? "true" : count ? "mixed" : "false";
         let title = none
           ? `${action} is not possible for any tensor under ${node.path}: ${cannot[0] || "no model tensors here"}`
@@ -1373,13 +1519,24 @@ class LoaderView {
       make("span", ["ckv-explain"], text === undefined ? "…" : text),
     ];
     const refused = this.chosenActions.map((a) => [a, this.refusal(row.index, a)]).filter(([, why]) => why && row.modelKey != null);
-    if (refused.length) {
+    // the general actions' reasons in full; the rare ones (not always shown) in one short line,
+    // their reasons on hover, so the words that matter for this row stay readable
+    const general = refused.filter(([a]) => this.alwaysShown.has(a));
+    const rare = refused.filter(([a]) => !this.alwaysShown.has(a));
+    if (general.length) {
       const box = make("div", ["ckv-refused"]);
-      refused.forEach(([action, why], i) => {
+      general.forEach(([action, why], i) => {
         if (i) box.append(make("span", [], " · "));
         box.append(make("b", [], action), make("span", [], ` not possible: ${why}`));
       });
       parts.push(box);
+    }
+    if (rare.length) {
+      const names = rare.map(([a]) => a);
+      const fit = names.length === 1 ? "does" : "do";
+      const also = make("div", ["ckv-refused", "ckv-also"], `also: ${names.join(", ")} ${fit} not fit this row`);
+      also.setAttribute("title", rare.map(([a, why]) => `${a}: ${why}`).join("\n"));
+      parts.push(also);
     }
     this.details.replaceChildren(...parts);
   }

@@ -180,4 +180,5 @@ ACTION = ActionDef(
     verified_detail=_detail,
     code=_code,
     advise=advise,
+    always_shown=False,
 )

@@ -238,6 +238,11 @@ class ActionDef:
       action on this row: that it is the one that fits (a position grid: resample), or a warning
       where it would run but mean nothing (``partial`` on a flattened grid); ``None``: nothing
       to add.
+    - ``always_shown``: the widget puts its button on every row, refused or not (struck
+      through, the reason on hover), so a learner sees why it does not apply. False for an
+      action that fits few rows (a grid to resample, a stem conv, a LoRA adapter): its button
+      appears only where it may apply (or is the row's action), and the widget names it in one
+      short line where it does not fit, so the table stays narrow and the reasons readable.
     """
 
     name: str
@@ -260,6 +265,7 @@ class ActionDef:
     advise: Callable[[RowContext], str | None] | None = None
     needs: Callable[[RowContext], Sequence[str]] | None = None
     default_for: Callable[[RowContext], bool] | None = None
+    always_shown: bool = True
 
     def __post_init__(self) -> None:
         problems = definition_problems(self)
@@ -296,6 +302,8 @@ def definition_problems(definition: ActionDef) -> list[str]:
     for optional in ("prepare", "advise", "needs", "default_for"):
         if getattr(action, optional) is not None and not callable(getattr(action, optional)):
             problems.append(f"{optional} must be a function or None")
+    if not isinstance(action.always_shown, bool):
+        problems.append("always_shown must be True or False")
     if action.distributed is not None and not isinstance(action.distributed, ShardWrite):
         problems.append("distributed must be a ShardWrite or None")
     if not isinstance(action.options, Mapping):

@@ -431,4 +431,5 @@ ACTION = ActionDef(
     code=_code,
     default_for=_default_for,
     advise=_advise,
+    always_shown=False,
 )

@@ -545,4 +545,5 @@ ACTION = ActionDef(
         ),
     },
     advise=advise,
+    always_shown=False,
 )
