@@ -165,7 +165,7 @@ def partial_warning(ctx: RowContext) -> str | None:
 ACTION = ActionDef(
     name="adapt_channels",
     label="adapt the input conv to another number of input channels (timm's adapt_input_conv)",
-    symbol="⧉",
+    symbol="≋",  # DejaVu, the fonts a plain Linux browser has, draws it
     colour="accent",
     explain=(
         "adapt_channels fits the model's first conv to another number of input channels, as "
