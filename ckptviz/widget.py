@@ -52,6 +52,7 @@ from ckptviz import widget_columns
 from ckptviz.core.actions import (
     SKIP,
     OptionValue,
+    RowContext,
     action_named,
     action_names,
     action_terms,
@@ -907,15 +908,30 @@ class _Refusals:
     """``refusal`` for every row and action, asked once per distinct question: apart from
     an action whose refusal reads the model (``refusal_needs_model``: ``reinit`` reads the
     row's module), a refusal depends only on the action, which sides the row has, and their
-    shapes, which most rows of a table share."""
+    shapes, which most rows of a table share.
+
+    The actions asked per row are asked as ``refusal`` asks them (their ``refuse`` with the
+    default options), without rebuilding the defaults and the context for each: actions whose
+    defaults are equal share one ``RowContext`` per row."""
 
     def __init__(self, owners: torch.nn.Module | None, diff: Diff | None = None) -> None:
         self._owners = owners
         self._diff = diff
         self._names = action_names()
-        # actions whose refusal reads the model (the row's module): asked per row
-        self._per_row = [
-            i for i, name in enumerate(self._names) if action_named(name).refusal_needs_model
+        definitions = [action_named(name) for name in self._names]
+        # actions whose refusal reads the model (the row's module): asked per row, grouped by
+        # their default options (one context per group and row)
+        # (1 and True are equal keys, so each value's type is part of its group's key)
+        groups: dict[tuple[tuple[str, type, Any], ...], list[tuple[int, Any]]] = {}
+        for i, definition in enumerate(definitions):
+            if definition.refusal_needs_model:
+                defaults = definition.defaults()
+                question = tuple(sorted((k, type(v), v) for k, v in defaults.items()))
+                groups.setdefault(question, []).append((i, definition.refuse))
+        self._per_row = [i for group in groups.values() for i, _ in group]
+        self._groups = [
+            (MappingProxyType({k: v for k, _, v in options}), group)
+            for options, group in groups.items()
         ]
         # (model shape, checkpoint shape) -> reason per action (``None`` where it may apply;
         # also, as a placeholder, at the per-row actions of rows with a model tensor)
@@ -935,8 +951,11 @@ class _Refusals:
         if m is None or not self._per_row:
             return known
         reasons = known.copy()
-        for i in self._per_row:
-            reasons[i] = refusal(row, self._names[i], self._owners, None, self._diff)
+        owners, diff = self._owners, self._diff
+        for options, group in self._groups:
+            ctx = RowContext(row, owners, options, diff)
+            for i, refuse in group:
+                reasons[i] = refuse(ctx)
         return reasons
 
 

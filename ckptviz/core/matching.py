@@ -259,6 +259,32 @@ class KeyMapping:
             name = rule.apply(name)
         return name
 
+    def checkpoint_names(self, keys: Iterable[str]) -> list[str]:
+        """``checkpoint_name`` of each key, in order (for many keys at once: without rules,
+        adapter naming or conversions a name is the key without the prefix)."""
+        if self._compiled or self.adapter or self._converted:
+            return [self.checkpoint_name(key) for key in keys]
+        prefix = self.checkpoint_prefix
+        return [key.removeprefix(prefix) for key in keys] if prefix else list(keys)
+
+    def model_names(self, keys: Iterable[str]) -> list[str]:
+        """``model_name`` of each key, in order."""
+        prefix = self.model_prefix
+        return [key.removeprefix(prefix) for key in keys] if prefix else list(keys)
+
+    @property
+    def names_are_keys(self) -> bool:
+        """Whether every key is matched under its own name on both sides, with no pair given
+        by hand (no prefix, rule, pair, adapter naming or conversion)."""
+        return not (
+            self.checkpoint_prefix
+            or self.model_prefix
+            or self._compiled
+            or self.pairs
+            or self.adapter
+            or self._converted
+        )
+
     def read_as(self, key: str) -> str:
         """The checkpoint key as transformers' key conversions rename it (itself if not)."""
         return self._converted.get(key, key) if self._converted else key
@@ -410,19 +436,26 @@ def match_keys(
     model_keys: Sequence[str], checkpoint_keys: Sequence[str], mapping: KeyMapping
 ) -> dict[str, str]:
     """model key -> checkpoint key for every pair the mapping lines up (first one wins)."""
+    if mapping.names_are_keys:  # each key pairs with the same key on the other side
+        present = set(checkpoint_keys)
+        return {key: key for key in model_keys if key in present}
     matched: dict[str, str] = {}
     taken: set[str] = set()
     for model_key, checkpoint_key in mapping.pairs:
         matched[model_key] = checkpoint_key
         taken.add(checkpoint_key)
     by_name: dict[str, str] = {}
-    for key in checkpoint_keys:
-        if key not in taken:
-            by_name.setdefault(mapping.checkpoint_name(key), key)
-    for key in model_keys:
+    names = mapping.checkpoint_names(checkpoint_keys)
+    if taken:
+        for key, name in zip(checkpoint_keys, names, strict=True):
+            if key not in taken:
+                by_name.setdefault(name, key)
+    else:  # reversed: where two keys share a name, the first is written last and wins
+        by_name = dict(zip(reversed(names), reversed(checkpoint_keys), strict=True))
+    for key, name in zip(model_keys, mapping.model_names(model_keys), strict=True):
         if key in matched:
             continue
-        found = by_name.get(mapping.model_name(key))
+        found = by_name.get(name)
         if found is not None and found not in taken:
             matched[key] = found
             taken.add(found)
@@ -474,8 +507,8 @@ def detect_prefixes(
         if pairs:
             count = len(match_keys(model_keys, checkpoint_keys, mapping))
         else:  # without hand pairs, match_keys pairs each name the two sides share exactly once
-            names = set(map(mapping.checkpoint_name, checkpoint_keys))
-            count = len(names.intersection(map(mapping.model_name, model_keys)))
+            names = set(mapping.checkpoint_names(checkpoint_keys))
+            count = len(names.intersection(mapping.model_names(model_keys)))
         if count > best_count:
             best, best_count = mapping, count
     return best
@@ -810,12 +843,11 @@ def _module_candidates(inner: Sequence[str], outer: Iterable[str], samples: int)
         return []
     ordered = sorted(inner)
     picked = {ordered[i * (len(ordered) - 1) // max(samples - 1, 1)] for i in range(samples)}
-    found: dict[str, None] = {}
-    for name in sorted(picked):
-        tail = "." + name
-        for key in outer:
-            if key.endswith(tail):
-                found.setdefault(key[: len(key) - len(name)], None)
+    tails = tuple("." + name for name in picked)
+    found: set[str] = set()
+    for key in outer:
+        if key.endswith(tails):  # one pass over ``outer`` for every sampled name
+            found.update(key[: len(key) - len(t) + 1] for t in tails if key.endswith(t))
     return sorted(found)
 
 
@@ -840,8 +872,8 @@ def _base_sides(
 ) -> list[tuple[str, list[str], set[str]]]:
     """(side holding the base model's module, the names that go under it, the other side's
     names): checkpoint keys under a model module, and model keys under a checkpoint module."""
-    ckpt_names = [mapping.checkpoint_name(k) for k in checkpoint_keys]
-    model_names = [mapping.model_name(k) for k in model_keys]
+    ckpt_names = mapping.checkpoint_names(checkpoint_keys)
+    model_names = mapping.model_names(model_keys)
     return [("model", ckpt_names, set(model_names)), ("checkpoint", model_names, set(ckpt_names))]
 
 
