@@ -466,20 +466,24 @@ def _prefix_candidates(keys: Sequence[str]) -> list[str]:
     candidates = [""]
     if not keys:
         return candidates
-    first = {k.partition(".")[0] + "." for k in keys if "." in k}
     tokens = set(WRAPPER_PREFIXES)
-    if len(first) == 1 and all("." in k for k in keys):
-        tokens |= first  # every key sits under one name: a wrapper whatever it is called
-    # (prefix, the keys under it with it removed, their first segments): one pass per level
-    frontier: list[tuple[str, Sequence[str], set[str]]] = [("", keys, first)]
+    some = next(iter(keys))
+    head = some.partition(".")[0] + "."
+    if "." in some and all(k.startswith(head) for k in keys):
+        tokens.add(head)  # every key sits under one name: a wrapper whatever it is called
+    starts = tuple(tokens)
+    # (prefix, the keys under it with it removed): one pass per level; a token is one name and
+    # its dot, so only the keys that begin with one of them (one C call each) can grow a prefix
+    frontier: list[tuple[str, Sequence[str]]] = [("", keys)]
     for _ in range(3):
-        grown: list[tuple[str, Sequence[str], set[str]]] = []
-        for prefix, rests, heads in frontier:
+        grown: list[tuple[str, Sequence[str]]] = []
+        for prefix, rests in frontier:
+            hits = [r for r in rests if r.startswith(starts)]
+            heads = {r.partition(".")[0] + "." for r in hits}
             for token in sorted(tokens & heads):
-                under = [r[len(token) :] for r in rests if r.startswith(token)]
-                below = {r.partition(".")[0] + "." for r in under if "." in r}
-                grown.append((prefix + token, under, below))
-        candidates += [prefix for prefix, _, _ in grown]
+                under = [r[len(token) :] for r in hits if r.startswith(token)]
+                grown.append((prefix + token, under))
+        candidates += [prefix for prefix, _ in grown]
         frontier = grown
     return candidates
 
