@@ -244,8 +244,6 @@ class Loader(anywidget.AnyWidget):
             raise PlanError(f"plan_dir {str(folder)!r} is not a folder; pass an existing one")
         self._plan_dir = folder
         self._model = model
-        with gc_paused():
-            self._plan = compare(model, source, **compare_kwargs).plan()
         self._reports: list[Report] = []
         # (kind, index of the report in _reports, summary) per apply and undo
         self._log: list[tuple[str, int, str]] = []
@@ -261,7 +259,9 @@ class Loader(anywidget.AnyWidget):
         self._options: dict[int, dict[str, OptionValue]] = {}
         # the plan the shown code was made from: (Diff, action codes), None when none is shown
         self._code_source: tuple[Diff, bytes, dict[int, dict[str, OptionValue]]] | None = None
+        # one pause for the whole build: the objects it makes are scanned once, after it
         with gc_paused():
+            self._plan = compare(model, source, **compare_kwargs).plan()
             diff_state = self._diff_state()
         super().__init__(
             _vocabulary=_vocabulary_state(),
@@ -973,6 +973,8 @@ def _rows_state(
     where a list of 100,000 lists would be walked value by value on its way to the wire."""
     columns = widget_columns.COLUMNS  # read at each call: a column added is a column sent
     reasons: dict[str, int] = {}
+    # the reasons of a row -> their codes: one list per distinct set of reasons
+    coded: dict[tuple[str | None, ...], list[int] | int] = {}
     data = []
     mapping = plan.diff.mapping
     prefixes_only = KeyMapping(mapping.checkpoint_prefix, mapping.model_prefix)
@@ -1003,12 +1005,14 @@ def _rows_state(
                     prefixes_only.checkpoint_name(c.key) != prefixes_only.model_name(m.key)
                 )
         # per action: 0 if it may apply, else 1 + the index of its reason in "reasons"
-        whys = refusals.of(row)
-        codes_of_row = (
-            [reasons.setdefault(why, len(reasons) + 1) if why else 0 for why in whys]
-            if any(whys)
-            else 0
-        )
+        whys = tuple(refusals.of(row))
+        codes_of_row = coded.get(whys)
+        if codes_of_row is None:  # most rows share their reasons with many others
+            codes_of_row = coded[whys] = (
+                [reasons.setdefault(why, len(reasons) + 1) if why else 0 for why in whys]
+                if any(whys)
+                else 0
+            )
         data.append(
             [
                 row.status,
