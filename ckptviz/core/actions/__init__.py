@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptviz.core.actions import adapt_channels, keep, load, merge, partial, reinit, resample
 from ckptviz.core.actions.base import (
+    UNDECIDED,
     ActionDef,
     CodeContext,
     CodePart,
@@ -26,6 +27,7 @@ from ckptviz.core.actions.base import (
     PrepareContext,
     RowContext,
     ShardWrite,
+    Undecided,
     ValueContext,
     definition_problems,
 )
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SKIP",
     "SKIP_TERM",
+    "UNDECIDED",
     "ActionDef",
     "CodeContext",
     "CodePart",
@@ -48,6 +51,7 @@ __all__ = [
     "PrepareContext",
     "RowContext",
     "ShardWrite",
+    "Undecided",
     "ValueContext",
     "action_named",
     "action_names",
