@@ -790,7 +790,9 @@ def adapter_live_name(name: str, adapter: str, modules_to_save: Sequence[str] = 
 def adapter_names(model_keys: Iterable[str]) -> set[str]:
     """Adapter names in model keys (``lora_A.<name>.``, ``modules_to_save.<name>.``)."""
     names: set[str] = set()
-    for key in model_keys:
+    # only a key holding one of those names can name an adapter (every LoRA name starts with
+    # "lora_"): the others are passed over by a substring test instead of being split
+    for key in [k for k in model_keys if "lora_" in k or MODULES_TO_SAVE in k]:
         parts = key.split(".")
         for at, part in enumerate(parts[:-1]):
             if part in LORA_TENSORS or (part == MODULES_TO_SAVE and at + 2 < len(parts)):
