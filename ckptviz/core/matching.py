@@ -766,6 +766,8 @@ LORA_TENSORS = frozenset(
 MAX_PREFIX_SUGGESTIONS = 8
 #: Where a live ``PeftModel`` keeps a ``modules_to_save`` module's trained copies, by adapter.
 MODULES_TO_SAVE = "modules_to_save"
+#: What every name of ``LORA_TENSORS`` starts with ("lora_").
+_LORA_START = functools.reduce(lambda a, b: a[: _shared_start(a, b)], sorted(LORA_TENSORS))
 
 
 def adapter_live_name(name: str, adapter: str, modules_to_save: Sequence[str] = ()) -> str:
@@ -790,9 +792,9 @@ def adapter_live_name(name: str, adapter: str, modules_to_save: Sequence[str] = 
 def adapter_names(model_keys: Iterable[str]) -> set[str]:
     """Adapter names in model keys (``lora_A.<name>.``, ``modules_to_save.<name>.``)."""
     names: set[str] = set()
-    # only a key holding one of those names can name an adapter (every LoRA name starts with
-    # "lora_"): the others are passed over by a substring test instead of being split
-    for key in [k for k in model_keys if "lora_" in k or MODULES_TO_SAVE in k]:
+    # only a key holding one of those names can name an adapter: the others are passed over
+    # by a substring test instead of being split
+    for key in [k for k in model_keys if _LORA_START in k or MODULES_TO_SAVE in k]:
         parts = key.split(".")
         for at, part in enumerate(parts[:-1]):
             if part in LORA_TENSORS or (part == MODULES_TO_SAVE and at + 2 < len(parts)):
