@@ -6,6 +6,7 @@ from ckptviz import progress as _progress  # registers the progress-bar view
 from ckptviz import tables as _tables  # registers the DataFrame and HTML views
 from ckptviz.compare_plots import plot_change_strip, plot_changes
 from ckptviz.core.actions import (
+    UNDECIDED,
     ActionDef,
     CodeContext,
     CodePart,
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "STATUSES",
+    "UNDECIDED",
     "ActionDef",
     "AdapterConfig",
     "ApplyError",

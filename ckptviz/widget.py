@@ -51,7 +51,11 @@ import traitlets
 from ckptviz import widget_columns
 from ckptviz.core.actions import (
     SKIP,
+    UNDECIDED,
+    ActionDef,
     OptionValue,
+    RowContext,
+    Undecided,
     action_named,
     action_names,
     action_terms,
@@ -243,8 +247,6 @@ class Loader(anywidget.AnyWidget):
             raise PlanError(f"plan_dir {str(folder)!r} is not a folder; pass an existing one")
         self._plan_dir = folder
         self._model = model
-        with gc_paused():
-            self._plan = compare(model, source, **compare_kwargs).plan()
         self._reports: list[Report] = []
         # (kind, index of the report in _reports, summary) per apply and undo
         self._log: list[tuple[str, int, str]] = []
@@ -260,7 +262,9 @@ class Loader(anywidget.AnyWidget):
         self._options: dict[int, dict[str, OptionValue]] = {}
         # the plan the shown code was made from: (Diff, action codes), None when none is shown
         self._code_source: tuple[Diff, bytes, dict[int, dict[str, OptionValue]]] | None = None
+        # one pause for the whole build: the objects it makes are scanned once, after it
         with gc_paused():
+            self._plan = compare(model, source, **compare_kwargs).plan()
             diff_state = self._diff_state()
         super().__init__(
             _vocabulary=_vocabulary_state(),
@@ -921,37 +925,88 @@ class _Refusals:
     """``refusal`` for every row and action, asked once per distinct question: apart from
     an action whose refusal reads the model (``refusal_needs_model``: ``reinit`` reads the
     row's module), a refusal depends only on the action, which sides the row has, and their
-    shapes, which most rows of a table share."""
+    shapes, which most rows of a table share.
+
+    An action whose refusal reads the model answers once per question too where the row's
+    sides decide it (its ``refuse_by_sides``: ``resample`` where the shapes agree); else it is
+    asked per row, as ``refusal`` asks it (its ``refuse`` with the default options), without
+    rebuilding the defaults and the context for each: actions whose defaults are equal share
+    one ``RowContext`` per row."""
 
     def __init__(self, owners: torch.nn.Module | None, diff: Diff | None = None) -> None:
         self._owners = owners
         self._diff = diff
         self._names = action_names()
-        # actions whose refusal reads the model (the row's module): asked per row
-        self._per_row = [
-            i for i, name in enumerate(self._names) if action_named(name).refusal_needs_model
+        # actions whose refusal reads the model, grouped by their default options (one context
+        # per group and row); 1 and True are equal keys, so each value's type is in the key
+        groups: dict[tuple[tuple[str, type, Any], ...], list[tuple[int, ActionDef]]] = {}
+        for i, name in enumerate(self._names):
+            definition = action_named(name)
+            if definition.refusal_needs_model:
+                defaults = definition.defaults()
+                question = tuple(sorted((k, type(v), v) for k, v in defaults.items()))
+                groups.setdefault(question, []).append((i, definition))
+        self._per_row = {i for group in groups.values() for i, _ in group}
+        self._groups = [
+            (MappingProxyType({k: v for k, _, v in options}), group)
+            for options, group in groups.items()
         ]
-        # (model shape, checkpoint shape) -> reason per action (``None`` where it may apply;
-        # also, as a placeholder, at the per-row actions of rows with a model tensor)
-        self._known: dict[tuple[Any, Any], list[str | None]] = {}
+        # the sides of a row (each side's shape and dtype, None where absent) -> the reason
+        # per action (``None`` where it may apply; a placeholder at the actions still to ask
+        # per row) and those actions, grouped as above with their ``refuse``
+        self._known: dict[tuple[Any, Any], tuple[list[str | None], list[_PerRow]]] = {}
 
     def of(self, row: Row) -> list[str | None]:
         """The reason each registered action is refused for ``row`` (``None``: it may)."""
         m, c = row.model, row.checkpoint
-        question = (None if m is None else m.shape, None if c is None else c.shape)
-        known = self._known.get(question)
-        if known is None:
-            per_row = set(self._per_row) if m is not None else set()
-            known = self._known[question] = [
-                None if i in per_row else refusal(row, name, self._owners, None, self._diff)
-                for i, name in enumerate(self._names)
-            ]
-        if m is None or not self._per_row:
+        question = (
+            None if m is None else (m.shape, m.dtype),
+            None if c is None else (c.shape, c.dtype),
+        )
+        entry = self._known.get(question)
+        if entry is None:
+            entry = self._known[question] = self._first(row)
+        known, still = entry
+        if not still:
             return known
         reasons = known.copy()
-        for i in self._per_row:
-            reasons[i] = refusal(row, self._names[i], self._owners, None, self._diff)
+        owners, diff = self._owners, self._diff
+        for options, group in still:
+            ctx = RowContext(row, owners, options, diff)
+            for i, refuse in group:
+                reasons[i] = refuse(ctx)
         return reasons
+
+    def _first(self, row: Row) -> tuple[list[str | None], list[_PerRow]]:
+        """The reasons of the first row of its question, and the actions its sides do not
+        decide."""
+        if row.model is None:  # no model tensor: nothing reads the model
+            return [refusal(row, n, self._owners, None, self._diff) for n in self._names], []
+        known = [
+            None if i in self._per_row else refusal(row, name, self._owners, None, self._diff)
+            for i, name in enumerate(self._names)
+        ]
+        still: list[_PerRow] = []
+        for options, group in self._groups:
+            ctx = RowContext(row, self._owners, options, self._diff)
+            asked = []
+            for i, definition in group:
+                early = (
+                    UNDECIDED
+                    if definition.refuse_by_sides is None
+                    else definition.refuse_by_sides(ctx)
+                )
+                if isinstance(early, Undecided):
+                    asked.append((i, definition.refuse))
+                else:
+                    known[i] = early
+            if asked:
+                still.append((options, asked))
+        return known, still
+
+
+#: Actions of one default options asked per row: (the options, [(action index, its refuse)]).
+_PerRow = tuple[Mapping[str, OptionValue], list[tuple[int, Callable[[RowContext], "str | None"]]]]
 
 
 def _rows_state(
@@ -968,6 +1023,8 @@ def _rows_state(
     where a list of 100,000 lists would be walked value by value on its way to the wire."""
     columns = widget_columns.COLUMNS  # read at each call: a column added is a column sent
     reasons: dict[str, int] = {}
+    # the reasons of a row -> their codes: one list per distinct set of reasons
+    coded: dict[tuple[str | None, ...], list[int] | int] = {}
     data = []
     mapping = plan.diff.mapping
     prefixes_only = KeyMapping(mapping.checkpoint_prefix, mapping.model_prefix)
@@ -998,12 +1055,14 @@ def _rows_state(
                     prefixes_only.checkpoint_name(c.key) != prefixes_only.model_name(m.key)
                 )
         # per action: 0 if it may apply, else 1 + the index of its reason in "reasons"
-        whys = refusals.of(row)
-        codes_of_row = (
-            [reasons.setdefault(why, len(reasons) + 1) if why else 0 for why in whys]
-            if any(whys)
-            else 0
-        )
+        whys = tuple(refusals.of(row))
+        codes_of_row = coded.get(whys)
+        if codes_of_row is None:  # most rows share their reasons with many others
+            codes_of_row = coded[whys] = (
+                [reasons.setdefault(why, len(reasons) + 1) if why else 0 for why in whys]
+                if any(whys)
+                else 0
+            )
         data.append(
             [
                 row.status,

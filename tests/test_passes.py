@@ -7,6 +7,7 @@ counts its own ``state_dict`` calls and module-tree walks.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 import ckptviz
+from ckptviz.core.actions import Undecided, registered
 from ckptviz.core.locate import tensor_table
 
 
@@ -88,3 +90,58 @@ def test_ties_found_by_address_match_those_by_storage() -> None:
     assert tensor_table(state)[2] == [("a", "b"), ("row", "row_again")]
     with_subclass = {**state, "marked": base.as_subclass(Marked)}
     assert tensor_table(with_subclass)[2] == [("a", "b", "marked"), ("row", "row_again")]
+
+
+def _same_shapes(ctx: ckptviz.RowContext) -> str | Undecided:
+    m, c = ctx.row.model, ctx.row.checkpoint
+    if m is not None and c is not None and m.shape == c.shape:
+        return "the shapes agree: load it"
+    return ckptviz.UNDECIDED
+
+
+def test_the_loader_asks_a_model_reading_refusal_per_row_only_where_the_sides_do_not_decide() -> (
+    None
+):
+    """An action whose refusal reads the model answers once for all rows whose sides decide it
+    (``refuse_by_sides``) and is asked per row only for the others, with the same answers as
+    ``plan.refusal``."""
+    asked: Counter[str] = Counter()
+
+    def refuse(ctx: ckptviz.RowContext) -> str | None:
+        asked[ctx.row.key] += 1
+        early = _same_shapes(ctx)
+        if not isinstance(early, Undecided):
+            return early
+        return None if ctx.row.key.endswith("weight") else "only a weight"
+
+    action = ckptviz.ActionDef(
+        name="counted",
+        label="a test action asking the model",
+        symbol="?",
+        colour="neutral",
+        explain="counted leaves the value: a test action whose refusal is counted.",
+        refuse=refuse,
+        refusal_needs_model=True,
+        refuse_by_sides=_same_shapes,
+        writes=False,
+        verified_detail=lambda ctx: "unchanged",
+        code=lambda ctx: ckptviz.CodePart(),
+    )
+    model = CountingModel()
+    state = _checkpoint(model)
+    state["1.bias"] = torch.zeros(5)  # a second row whose shapes differ: not a weight
+    with registered(action):
+        loader = ckptviz.Loader(model, state)
+        assert asked == {"0.weight": 1, "1.bias": 1}  # the rows whose shapes differ
+        table = loader._rows  # what the front end receives
+        order, rows = table["actions_order"], json.loads(table["data"])
+        column, refused = order.index("counted"), table["fields"].index("refused")
+        keys = [r.key for r in loader.diff.rows]
+        codes = [row[refused][column] if row[refused] else 0 for row in rows]
+        shown = {
+            key: table["reasons"][code - 1] if code else None
+            for key, code in zip(keys, codes, strict=True)
+        }
+        assert shown == {key: loader.plan.refusal(key, "counted") for key in keys}
+        assert shown["0.weight"] is None and shown["1.bias"] == "only a weight"
+        assert shown["2.weight"] == "the shapes agree: load it"

@@ -259,6 +259,32 @@ class KeyMapping:
             name = rule.apply(name)
         return name
 
+    def checkpoint_names(self, keys: Iterable[str]) -> list[str]:
+        """``checkpoint_name`` of each key, in order (for many keys at once: without rules,
+        adapter naming or conversions a name is the key without the prefix)."""
+        if self._compiled or self.adapter or self._converted:
+            return [self.checkpoint_name(key) for key in keys]
+        prefix = self.checkpoint_prefix
+        return [key.removeprefix(prefix) for key in keys] if prefix else list(keys)
+
+    def model_names(self, keys: Iterable[str]) -> list[str]:
+        """``model_name`` of each key, in order."""
+        prefix = self.model_prefix
+        return [key.removeprefix(prefix) for key in keys] if prefix else list(keys)
+
+    @property
+    def names_are_keys(self) -> bool:
+        """Whether every key is matched under its own name on both sides, with no pair given
+        by hand (no prefix, rule, pair, adapter naming or conversion)."""
+        return not (
+            self.checkpoint_prefix
+            or self.model_prefix
+            or self._compiled
+            or self.pairs
+            or self.adapter
+            or self._converted
+        )
+
     def read_as(self, key: str) -> str:
         """The checkpoint key as transformers' key conversions rename it (itself if not)."""
         return self._converted.get(key, key) if self._converted else key
@@ -410,19 +436,26 @@ def match_keys(
     model_keys: Sequence[str], checkpoint_keys: Sequence[str], mapping: KeyMapping
 ) -> dict[str, str]:
     """model key -> checkpoint key for every pair the mapping lines up (first one wins)."""
+    if mapping.names_are_keys:  # each key pairs with the same key on the other side
+        present = set(checkpoint_keys)
+        return {key: key for key in model_keys if key in present}
     matched: dict[str, str] = {}
     taken: set[str] = set()
     for model_key, checkpoint_key in mapping.pairs:
         matched[model_key] = checkpoint_key
         taken.add(checkpoint_key)
     by_name: dict[str, str] = {}
-    for key in checkpoint_keys:
-        if key not in taken:
-            by_name.setdefault(mapping.checkpoint_name(key), key)
-    for key in model_keys:
+    names = mapping.checkpoint_names(checkpoint_keys)
+    if taken:
+        for key, name in zip(checkpoint_keys, names, strict=True):
+            if key not in taken:
+                by_name.setdefault(name, key)
+    else:  # reversed: where two keys share a name, the first is written last and wins
+        by_name = dict(zip(reversed(names), reversed(checkpoint_keys), strict=True))
+    for key, name in zip(model_keys, mapping.model_names(model_keys), strict=True):
         if key in matched:
             continue
-        found = by_name.get(mapping.model_name(key))
+        found = by_name.get(name)
         if found is not None and found not in taken:
             matched[key] = found
             taken.add(found)
@@ -433,20 +466,24 @@ def _prefix_candidates(keys: Sequence[str]) -> list[str]:
     candidates = [""]
     if not keys:
         return candidates
-    first = {k.partition(".")[0] + "." for k in keys if "." in k}
     tokens = set(WRAPPER_PREFIXES)
-    if len(first) == 1 and all("." in k for k in keys):
-        tokens |= first  # every key sits under one name: a wrapper whatever it is called
-    # (prefix, the keys under it with it removed, their first segments): one pass per level
-    frontier: list[tuple[str, Sequence[str], set[str]]] = [("", keys, first)]
+    some = next(iter(keys))
+    head = some.partition(".")[0] + "."
+    if "." in some and all(k.startswith(head) for k in keys):
+        tokens.add(head)  # every key sits under one name: a wrapper whatever it is called
+    starts = tuple(tokens)
+    # (prefix, the keys under it with it removed): one pass per level; a token is one name and
+    # its dot, so only the keys that begin with one of them (one C call each) can grow a prefix
+    frontier: list[tuple[str, Sequence[str]]] = [("", keys)]
     for _ in range(3):
-        grown: list[tuple[str, Sequence[str], set[str]]] = []
-        for prefix, rests, heads in frontier:
+        grown: list[tuple[str, Sequence[str]]] = []
+        for prefix, rests in frontier:
+            hits = [r for r in rests if r.startswith(starts)]
+            heads = {r.partition(".")[0] + "." for r in hits}
             for token in sorted(tokens & heads):
-                under = [r[len(token) :] for r in rests if r.startswith(token)]
-                below = {r.partition(".")[0] + "." for r in under if "." in r}
-                grown.append((prefix + token, under, below))
-        candidates += [prefix for prefix, _, _ in grown]
+                under = [r[len(token) :] for r in hits if r.startswith(token)]
+                grown.append((prefix + token, under))
+        candidates += [prefix for prefix, _ in grown]
         frontier = grown
     return candidates
 
@@ -474,8 +511,8 @@ def detect_prefixes(
         if pairs:
             count = len(match_keys(model_keys, checkpoint_keys, mapping))
         else:  # without hand pairs, match_keys pairs each name the two sides share exactly once
-            names = set(map(mapping.checkpoint_name, checkpoint_keys))
-            count = len(names.intersection(map(mapping.model_name, model_keys)))
+            names = set(mapping.checkpoint_names(checkpoint_keys))
+            count = len(names.intersection(mapping.model_names(model_keys)))
         if count > best_count:
             best, best_count = mapping, count
     return best
@@ -729,6 +766,8 @@ LORA_TENSORS = frozenset(
 MAX_PREFIX_SUGGESTIONS = 8
 #: Where a live ``PeftModel`` keeps a ``modules_to_save`` module's trained copies, by adapter.
 MODULES_TO_SAVE = "modules_to_save"
+#: What every name of ``LORA_TENSORS`` starts with ("lora_").
+_LORA_START = functools.reduce(lambda a, b: a[: _shared_start(a, b)], sorted(LORA_TENSORS))
 
 
 def adapter_live_name(name: str, adapter: str, modules_to_save: Sequence[str] = ()) -> str:
@@ -753,7 +792,9 @@ def adapter_live_name(name: str, adapter: str, modules_to_save: Sequence[str] = 
 def adapter_names(model_keys: Iterable[str]) -> set[str]:
     """Adapter names in model keys (``lora_A.<name>.``, ``modules_to_save.<name>.``)."""
     names: set[str] = set()
-    for key in model_keys:
+    # only a key holding one of those names can name an adapter: the others are passed over
+    # by a substring test instead of being split
+    for key in [k for k in model_keys if _LORA_START in k or MODULES_TO_SAVE in k]:
         parts = key.split(".")
         for at, part in enumerate(parts[:-1]):
             if part in LORA_TENSORS or (part == MODULES_TO_SAVE and at + 2 < len(parts)):
@@ -810,12 +851,11 @@ def _module_candidates(inner: Sequence[str], outer: Iterable[str], samples: int)
         return []
     ordered = sorted(inner)
     picked = {ordered[i * (len(ordered) - 1) // max(samples - 1, 1)] for i in range(samples)}
-    found: dict[str, None] = {}
-    for name in sorted(picked):
-        tail = "." + name
-        for key in outer:
-            if key.endswith(tail):
-                found.setdefault(key[: len(key) - len(name)], None)
+    tails = tuple("." + name for name in picked)
+    found: set[str] = set()
+    for key in outer:
+        if key.endswith(tails):  # one pass over ``outer`` for every sampled name
+            found.update(key[: len(key) - len(t) + 1] for t in tails if key.endswith(t))
     return sorted(found)
 
 
@@ -840,8 +880,8 @@ def _base_sides(
 ) -> list[tuple[str, list[str], set[str]]]:
     """(side holding the base model's module, the names that go under it, the other side's
     names): checkpoint keys under a model module, and model keys under a checkpoint module."""
-    ckpt_names = [mapping.checkpoint_name(k) for k in checkpoint_keys]
-    model_names = [mapping.model_name(k) for k in model_keys]
+    ckpt_names = mapping.checkpoint_names(checkpoint_keys)
+    model_names = mapping.model_names(model_keys)
     return [("model", ckpt_names, set(model_names)), ("checkpoint", model_names, set(ckpt_names))]
 
 

@@ -10,13 +10,14 @@ The built-ins, registered here: ``load``, ``keep``, ``reinit``, ``partial``, ``r
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ckptviz.core.actions import adapt_channels, keep, load, merge, partial, reinit, resample
 from ckptviz.core.actions.base import (
+    UNDECIDED,
     ActionDef,
     CodeContext,
     CodePart,
@@ -26,6 +27,7 @@ from ckptviz.core.actions.base import (
     PrepareContext,
     RowContext,
     ShardWrite,
+    Undecided,
     ValueContext,
     definition_problems,
 )
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SKIP",
     "SKIP_TERM",
+    "UNDECIDED",
     "ActionDef",
     "CodeContext",
     "CodePart",
@@ -48,6 +51,7 @@ __all__ = [
     "PrepareContext",
     "RowContext",
     "ShardWrite",
+    "Undecided",
     "ValueContext",
     "action_named",
     "action_names",
@@ -68,6 +72,7 @@ SKIP = "skip"
 SKIP_TERM = Term("never applied: the model has no tensor for this checkpoint entry", "·", "extra")
 
 _REGISTRY: dict[str, ActionDef] = {}
+_Claiming = tuple[str, Callable[[RowContext], bool], Mapping[str, OptionValue]]
 _BUILT_IN = (
     load.ACTION,
     keep.ACTION,
@@ -97,6 +102,7 @@ def register_action(action: ActionDef) -> ActionDef:
             f"an action named {action.name!r} is registered already; choose another name"
         )
     _REGISTRY[action.name] = action
+    _forget_claiming()
     return action
 
 
@@ -106,6 +112,7 @@ def unregister_action(name: str) -> None:
         raise ValueError(f"{name!r} is a built-in action and cannot be unregistered")
     if _REGISTRY.pop(name, None) is None:
         raise KeyError(f"no action {name!r} is registered")
+    _forget_claiming()
 
 
 @contextmanager
@@ -157,15 +164,35 @@ def default_action(row: Row, diff: Diff | None = None, model: Any = None) -> str
     if row.model is None:
         return SKIP
     if diff is not None:
-        for action in _REGISTRY.values():
-            if action.default_for is None:
-                continue
-            ctx = RowContext(row, model, MappingProxyType(action.defaults()), diff)
-            if action.default_for(ctx):
-                return action.name
+        for name, claims, options in _claiming():
+            if claims(RowContext(row, model, options, diff)):
+                return name
     if row.status in ("match", "dtype"):
         return _FITTING_DEFAULT
     return _OTHER_DEFAULT
+
+
+def _claiming() -> list[_Claiming]:
+    """(name, ``default_for``, default options) of each registered action with a
+    ``default_for``: made once per change of the registry (``default_action`` asks it for every
+    row of a plan)."""
+    global _CLAIMING
+    if _CLAIMING is None:
+        _CLAIMING = [
+            (a.name, a.default_for, MappingProxyType(a.defaults()))
+            for a in _REGISTRY.values()
+            if a.default_for is not None
+        ]
+    return _CLAIMING
+
+
+def _forget_claiming() -> None:
+    global _CLAIMING
+    _CLAIMING = None
+
+
+#: What ``_claiming`` made of the registry (``None``: made again when next asked).
+_CLAIMING: list[_Claiming] | None = None
 
 
 def checkpoint_keys_read(action: ActionDef, ctx: RowContext) -> tuple[str, ...]:

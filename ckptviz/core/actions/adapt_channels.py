@@ -13,11 +13,13 @@ import torch
 
 from ckptviz.core.actions import formulas
 from ckptviz.core.actions.base import (
+    UNDECIDED,
     ActionDef,
     CodeContext,
     CodePart,
     DetailContext,
     RowContext,
+    Undecided,
     ValueContext,
 )
 from ckptviz.core.codegen import mapping_lines
@@ -55,13 +57,20 @@ def adaptation_problem(
     return None
 
 
-def _refuse(ctx: RowContext) -> str | None:
+def _refuse_by_sides(ctx: RowContext) -> str | Undecided:
     m, c = ctx.row.model, ctx.row.checkpoint
     if c is None or m is None:
         return "the checkpoint has no kernel to adapt"
     why = adaptation_problem(c.shape, m.shape, (c.dtype, m.dtype))
-    if why is not None:
-        return why
+    return UNDECIDED if why is None else why
+
+
+def _refuse(ctx: RowContext) -> str | None:
+    early = _refuse_by_sides(ctx)
+    if not isinstance(early, Undecided):
+        return early
+    m, c = ctx.row.model, ctx.row.checkpoint
+    assert m is not None and c is not None  # _refuse_by_sides answered rows without both
     # without the model: the input conv is checked when applied, against the model given then
     stem = stem_conv(ctx.model) if ctx.model is not None else None
     if ctx.model is not None and ctx.row.key != f"{stem}.weight":
@@ -175,6 +184,7 @@ ACTION = ActionDef(
     ),
     refuse=_refuse,
     refusal_needs_model=True,
+    refuse_by_sides=_refuse_by_sides,
     value=_value,
     reads_checkpoint=True,
     verified_detail=_detail,

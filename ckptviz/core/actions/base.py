@@ -197,6 +197,17 @@ class CodePart:
     functions: Sequence[Callable[..., Any]] = ()
 
 
+class Undecided:
+    """The type of ``UNDECIDED``."""
+
+    def __repr__(self) -> str:
+        return "UNDECIDED"
+
+
+#: What an action's ``refuse_by_sides`` answers for a row its sides alone do not decide.
+UNDECIDED = Undecided()
+
+
 def _plot_whole(row: Row, numel: int) -> Sequence[tuple[str, int, bool]]:
     return ()
 
@@ -212,6 +223,10 @@ class ActionDef:
     - ``refuse(RowContext)``: why it cannot apply to the row, in words a person can act on;
       ``None`` if it can. ``refusal_needs_model``: the answer depends on the model (not only on
       the row's shapes and the options), so views cannot share it between rows of one shape.
+      ``refuse_by_sides(RowContext)``: optional, for such an action: ``refuse``'s answer where
+      the row's sides decide it (which sides it has, their shapes and dtypes, with the options
+      and the diff, never the key or the model), else ``UNDECIDED``; views share it between
+      rows whose sides agree and ask ``refuse`` for the others. ``refuse`` must answer the same.
     - ``writes``: False only for an action that leaves the model tensor alone (verified
       untouched by its version counter).
     - ``reads_checkpoint``: its value needs the row's checkpoint tensor (read lazily, one at a
@@ -258,6 +273,7 @@ class ActionDef:
     reads_checkpoint: bool = False
     reads_current: bool = False
     refusal_needs_model: bool = False
+    refuse_by_sides: Callable[[RowContext], str | Undecided | None] | None = None
     prepare: Callable[[PrepareContext], Mapping[str, torch.Tensor]] | None = None
     options: Mapping[str, OptionSpec] = field(default_factory=lambda: MappingProxyType({}))
     distributed: ShardWrite | None = None
@@ -299,7 +315,7 @@ def definition_problems(definition: ActionDef) -> list[str]:
     reads = action.reads_checkpoint or action.needs is not None
     if not action.writes and (action.value is not None or reads):
         problems.append("an action that does not write has no value and reads no checkpoint")
-    for optional in ("prepare", "advise", "needs", "default_for"):
+    for optional in ("prepare", "advise", "needs", "default_for", "refuse_by_sides"):
         if getattr(action, optional) is not None and not callable(getattr(action, optional)):
             problems.append(f"{optional} must be a function or None")
     if not isinstance(action.always_shown, bool):

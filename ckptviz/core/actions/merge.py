@@ -37,11 +37,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from ckptviz.core.actions.base import (
+    UNDECIDED,
     ActionDef,
     CodeContext,
     CodePart,
     DetailContext,
     RowContext,
+    Undecided,
     ValueContext,
 )
 from ckptviz.core.actions.formulas import lora_merged_weight, lora_scale
@@ -247,9 +249,21 @@ def _layer_refusal(target: _Target, model: torch.nn.Module) -> str | None:
     return None
 
 
-def _refuse(ctx: RowContext) -> str | None:
+def _refuse_by_sides(ctx: RowContext) -> str | Undecided | None:
     if ctx.diff is None:
         return None  # checked against the plan's diff when set and when applied
+    if ctx.diff.checkpoint.adapter is None:
+        not_adapter = _target(ctx.diff, ctx.row)  # the same words for every row
+        assert isinstance(not_adapter, str)  # no adapter config: no target
+        return not_adapter
+    return UNDECIDED
+
+
+def _refuse(ctx: RowContext) -> str | None:
+    early = _refuse_by_sides(ctx)
+    if not isinstance(early, Undecided):
+        return early
+    assert ctx.diff is not None  # _refuse_by_sides answered without a diff
     target = _target(ctx.diff, ctx.row)
     if isinstance(target, str):
         return target
@@ -424,6 +438,7 @@ ACTION = ActionDef(
     ),
     refuse=_refuse,
     refusal_needs_model=True,
+    refuse_by_sides=_refuse_by_sides,
     value=_value,
     needs=_needs,
     reads_current=True,

@@ -46,6 +46,7 @@ import torch
 
 from ckptviz.core.actions import formulas
 from ckptviz.core.actions.base import (
+    UNDECIDED,
     ActionDef,
     CodeContext,
     CodePart,
@@ -53,6 +54,7 @@ from ckptviz.core.actions.base import (
     OptionSpec,
     OptionValue,
     RowContext,
+    Undecided,
     ValueContext,
 )
 from ckptviz.core.errors import PlanError
@@ -168,11 +170,9 @@ def _patch_embedding(model: torch.nn.Module, width: int) -> str | None:
 NEEDS_MODEL = "needs the model to work out the prefix tokens and the grid"
 
 
-def resampling(
-    row: Row, model: torch.nn.Module | None, options: Mapping[str, OptionValue]
-) -> Resampling | str:
-    """What ``resample`` does to ``row`` with ``options``, or why it cannot (in words; the
-    constant ``NEEDS_MODEL`` when the answer depends on a model that was not given)."""
+def _sides_problem(row: Row) -> str | None:
+    """Why the row's sides (which it has, their shapes and dtypes) cannot be resampled
+    whatever its key, options and model say (``None``: they may be)."""
     m, c = row.model, row.checkpoint
     if c is None or m is None:
         return "the checkpoint has no tensor to resample"
@@ -194,6 +194,19 @@ def resampling(
             f"a {len(m.shape)}-dim tensor {list(m.shape)} (a bias, a norm's scale, a token) has "
             "no grid to resample; partial or reinit it"
         )
+    return None
+
+
+def resampling(
+    row: Row, model: torch.nn.Module | None, options: Mapping[str, OptionValue]
+) -> Resampling | str:
+    """What ``resample`` does to ``row`` with ``options``, or why it cannot (in words; the
+    constant ``NEEDS_MODEL`` when the answer depends on a model that was not given)."""
+    why = _sides_problem(row)
+    if why is not None:
+        return why
+    m, c = row.model, row.checkpoint
+    assert m is not None and c is not None  # _sides_problem answered rows without both
     kind = str(options.get("kind", "auto"))
     if kind == "auto":
         by_key = _kind_by_key(row)
@@ -378,6 +391,11 @@ def resampled(tensor: torch.Tensor, how: Resampling) -> torch.Tensor:
     return formulas.resample_patch_kernel(tensor, how.new_grid)
 
 
+def _refuse_by_sides(ctx: RowContext) -> str | Undecided:
+    why = _sides_problem(ctx.row)
+    return UNDECIDED if why is None else why
+
+
 def _refuse(ctx: RowContext) -> str | None:
     how = resampling(ctx.row, ctx.model, ctx.options)
     if isinstance(how, Resampling) or how == NEEDS_MODEL:
@@ -521,6 +539,7 @@ ACTION = ActionDef(
     ),
     refuse=_refuse,
     refusal_needs_model=True,
+    refuse_by_sides=_refuse_by_sides,
     value=_value,
     reads_checkpoint=True,
     verified_detail=_detail,
