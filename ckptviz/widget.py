@@ -1034,7 +1034,7 @@ def _rows_state(
     if modules is None and model is not None:
         modules = _ModuleIndex(model)
     refusals = _Refusals(cast(torch.nn.Module, modules) if modules is not None else None, plan.diff)
-    values = [column.value for column in columns]
+    side = widget_columns.side_values(columns)
     absent = [None] * len(columns)
     for row in plan.diff.rows:
         m, c = row.model, row.checkpoint
@@ -1066,8 +1066,8 @@ def _rows_state(
         data.append(
             [
                 row.status,
-                *([value(m) for value in values] if m else absent),
-                *([value(c) for value in values] if c else absent),
+                *(side(m) if m else absent),
+                *(side(c) if c else absent),
                 row.note,
                 codes_of_row,
                 _tied_shown(row.tied) if row.tie_group else [],
