@@ -878,6 +878,7 @@ def _row_index(
     row_of: dict[str, int] = {}
     numels: list[int] = []
     codes = bytearray()
+    numel_of: dict[tuple[int, ...], int] = {}  # most rows share their shape with many others
     for index, row in enumerate(plan.diff.rows):
         info = row.model
         if info is not None:
@@ -887,7 +888,9 @@ def _row_index(
             info = row.checkpoint
             assert info is not None  # a row has at least one side
             action = SKIP
-        numel = info.numel
+        numel = numel_of.get(info.shape)
+        if numel is None:
+            numel = numel_of[info.shape] = info.numel
         numels.append(numel)
         codes.append(code_of[action])
         figures = counts[action]
