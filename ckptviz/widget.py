@@ -878,6 +878,7 @@ def _row_index(
     row_of: dict[str, int] = {}
     numels: list[int] = []
     codes = bytearray()
+    numel_of: dict[tuple[int, ...], int] = {}  # most rows share their shape with many others
     for index, row in enumerate(plan.diff.rows):
         info = row.model
         if info is not None:
@@ -887,7 +888,9 @@ def _row_index(
             info = row.checkpoint
             assert info is not None  # a row has at least one side
             action = SKIP
-        numel = info.numel
+        numel = numel_of.get(info.shape)
+        if numel is None:
+            numel = numel_of[info.shape] = info.numel
         numels.append(numel)
         codes.append(code_of[action])
         figures = counts[action]
@@ -1034,7 +1037,7 @@ def _rows_state(
     if modules is None and model is not None:
         modules = _ModuleIndex(model)
     refusals = _Refusals(cast(torch.nn.Module, modules) if modules is not None else None, plan.diff)
-    values = [column.value for column in columns]
+    side = widget_columns.side_values(columns)
     absent = [None] * len(columns)
     for row in plan.diff.rows:
         m, c = row.model, row.checkpoint
@@ -1066,8 +1069,8 @@ def _rows_state(
         data.append(
             [
                 row.status,
-                *([value(m) for value in values] if m else absent),
-                *([value(c) for value in values] if c else absent),
+                *(side(m) if m else absent),
+                *(side(c) if c else absent),
                 row.note,
                 codes_of_row,
                 _tied_shown(row.tied) if row.tie_group else [],

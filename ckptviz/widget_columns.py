@@ -7,9 +7,10 @@ Each side of the table (checkpoint, model) shows the same columns, made from tha
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, cast
 
 from ckptviz.core.vocabulary import Status
 
@@ -22,6 +23,21 @@ COLUMN_KINDS = ("key", "shape", "text", "bytes")
 #: Width hints the front end knows: ``name`` (grows most, for keys), ``wide`` (grows, for
 #: shapes), ``short`` (fixed, for a dtype or a size).
 WIDTHS = ("name", "wide", "short")
+
+
+class Field:
+    """A column value that is one ``TensorInfo`` field as it is (a shape as its tuple, which
+    JSON writes as a list). A side's columns that are all fields are read by one getter
+    (``side_values``): a table of 100,000 rows makes 200,000 sides."""
+
+    __slots__ = ("_get", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._get = attrgetter(name)
+
+    def __call__(self, tensor: TensorInfo) -> Any:
+        return self._get(tensor)
 
 
 @dataclass(frozen=True)
@@ -68,11 +84,11 @@ class Column:
 #: The columns of each side, in order. The first is the key: the front end builds the module
 #: tree and every request from it.
 COLUMNS: tuple[Column, ...] = (
-    Column("key", "name", lambda t: t.key, "key", width="name"),
+    Column("key", "name", Field("key"), "key", width="name"),
     Column(
         "shape",
         "shape",
-        lambda t: list(t.shape),
+        Field("shape"),
         "shape",
         width="wide",
         flagged_by=Status.SHAPE,
@@ -81,14 +97,23 @@ COLUMNS: tuple[Column, ...] = (
     Column(
         "dtype",
         "dtype",
-        lambda t: t.dtype,
+        Field("dtype"),
         "text",
         width="short",
         flagged_by=Status.DTYPE,
         narrow=True,
     ),
-    Column("bytes", "size", lambda t: t.nbytes, "bytes", width="short", medium=False),
+    Column("bytes", "size", Field("nbytes"), "bytes", width="short", medium=False),
 )
 
 if COLUMNS[0].key != "key" or len({c.key for c in COLUMNS}) != len(COLUMNS):
     raise ValueError("the first widget column must be the key, and column keys must be unique")
+
+
+def side_values(columns: Sequence[Column]) -> Callable[[TensorInfo], Sequence[Any]]:
+    """What makes the cells of one side of a row, every column's value in order: one
+    ``attrgetter`` of all the fields when every column is a ``Field``, else each value."""
+    if len(columns) > 1 and all(isinstance(c.value, Field) for c in columns):
+        return attrgetter(*(cast(Field, c.value).name for c in columns))
+    values = [c.value for c in columns]
+    return lambda tensor: [value(tensor) for value in values]

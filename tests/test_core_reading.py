@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -86,6 +87,33 @@ def test_in_memory_state_dict_and_module_sources() -> None:
     assert from_module["conv1.weight"].module_type == "Conv2d"
     diff = ckptviz.compare(SmallCNN(16), source)
     assert diff.counts["match"] == len(source.state_dict())
+
+
+def test_a_module_tensor_is_a_parameter_when_any_module_holds_it_as_one() -> None:
+    shared = torch.nn.Linear(2, 2)
+    model = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Linear(2, 2), "c": shared})
+    model["b"].weight = shared.weight  # tied: a parameter of "a" (and "c") held by "b" too
+    model["b"].register_buffer("scale", torch.ones(2))
+    # a buffer of "b" that is the very tensor of a's bias: a parameter, as a's own key says
+    model.register_module("d", torch.nn.Module())
+    model["d"].register_buffer("alias", shared.bias)
+
+    def extra(module: torch.nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+        state[prefix + "b.extra"] = shared.weight  # a hook's key that is no registration
+
+    model.register_state_dict_post_hook(extra)
+    kinds = {k: (t.kind, t.module_type) for k, t in ckptviz.read_checkpoint(model).tensors.items()}
+    assert kinds == {
+        "a.weight": ("parameter", "Linear"),
+        "a.bias": ("parameter", "Linear"),
+        "b.weight": ("parameter", "Linear"),
+        "b.bias": ("parameter", "Linear"),
+        "b.scale": ("buffer", "Linear"),
+        "c.weight": ("parameter", "Linear"),
+        "c.bias": ("parameter", "Linear"),
+        "d.alias": ("parameter", "Module"),
+        "b.extra": ("parameter", "Linear"),
+    }
 
 
 def test_lightning_style_checkpoint_is_found_and_other_candidates_listed(tmp_path: Path) -> None:

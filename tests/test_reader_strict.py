@@ -325,6 +325,25 @@ def test_a_file_declaring_an_impossible_tensor_names_file_and_key(tmp_path: Path
         ckptviz.read_checkpoint(path)
 
 
+def test_live_tensors_beyond_torchs_kernels_are_refused_as_files_are() -> None:
+    # torch makes a tensor of 65 dimensions; the trusted path for live tensors still refuses it
+    with pytest.raises(CheckpointError, match=r"tensor 'deep' has 65 dimensions"):
+        ckptviz.read_checkpoint({"deep": torch.zeros([1] * 65)})
+
+
+def test_live_tensors_are_described_as_a_checked_declaration_would_be() -> None:
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    module[0].weight = torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.float16))
+    live = ckptviz.read_checkpoint(module)
+    for info in live.tensors.values():
+        checked = TensorInfo(
+            info.key, info.shape, info.dtype, info.nbytes, info.kind, info.module_type
+        )
+        assert info == checked and vars(info) == vars(checked)
+    assert live.tensors["0.weight"].nbytes == 2 * 3 * 2
+    assert live.tensors["1.num_batches_tracked"].nbytes == 8
+
+
 def test_numpy_string_keys_become_plain_strings() -> None:
     ckpt = ckptviz.read_checkpoint({np.str_("w"): torch.ones(2)})
     (key,) = ckpt.keys()

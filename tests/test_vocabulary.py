@@ -116,3 +116,16 @@ def test_a_new_column_is_one_entry(opened: dict[str, Any]) -> None:
         row = dict(zip(fields, values, strict=True))
         assert row["model_numel"] == model[row["model_key"]].numel()
         assert row["checkpoint_numel"] is not None
+
+
+def test_a_side_of_fields_is_read_at_once_and_sent_as_each_column_makes_it() -> None:
+    from ckptviz.core.checkpoint import TensorInfo
+
+    info = TensorInfo("blocks.0.w", (2, 3), "float16", 12)
+    columns = widget_columns.COLUMNS
+    each = [column.value(info) for column in columns]
+    at_once = widget_columns.side_values(columns)(info)
+    assert json.dumps(list(at_once)) == json.dumps(each) == '["blocks.0.w", [2, 3], "float16", 12]'
+    extra = widget_columns.Column("numel", "values", lambda t: t.numel, "text", width="short")
+    mixed = widget_columns.side_values((*columns, extra))(info)
+    assert json.dumps(list(mixed)) == '["blocks.0.w", [2, 3], "float16", 12, 6]'

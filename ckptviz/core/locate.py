@@ -18,7 +18,6 @@ import torch
 from torch.nn import Parameter
 
 from ckptviz.core.checkpoint import (
-    ITEMSIZES,
     Checkpoint,
     DeclaredTensor,
     FileFingerprint,
@@ -26,6 +25,7 @@ from ckptviz.core.checkpoint import (
     TensorSource,
     declarations_of,
     dtype_names,
+    torch_tensor_info,
 )
 from ckptviz.core.errors import CheckpointError
 
@@ -188,9 +188,9 @@ def tensor_table(
             numel = value.numel()
             dtype = dtype_names[value.dtype]
             kind, module_type = described.get(name, _UNDESCRIBED) if described else _UNDESCRIBED
-            tensors[name] = TensorInfo(
-                name, shape, dtype, numel * ITEMSIZES[dtype], kind, module_type
-            )
+            # shape, numel and dtype come from the torch tensor itself (its exact type checked
+            # above), not from a file: the trusted constructor (files keep every check)
+            tensors[name] = torch_tensor_info(name, shape, numel, dtype, kind, module_type)
             address = value.data_ptr() if numel > 0 else 0  # 0 also for the meta device
             if address:
                 first = at_address.setdefault(address, name)

@@ -43,25 +43,37 @@ def read_module(module: torch.nn.Module) -> Checkpoint:
     def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
         yield TensorSource(ckpt, lambda k: _data_of(state[k], ckpt.source, k))
 
-    # one walk of the module tree for both what owns each key and which tensors are parameters
-    # (``named_modules`` and ``named_parameters`` would walk it once each, on top of
-    # ``state_dict``'s own walk): every name a module is reachable under, shared ones included
-    owners: dict[str, str] = {}
-    parameter_ids: set[int] = set()
-    for owner_name, owner in module.named_modules(remove_duplicate=False):
-        owners[owner_name] = type(owner).__name__
-        parameter_ids.update(map(id, module_tables(owner)[0].values()))
-    parameter_ids.discard(id(None))  # (a parameter registered as None, like a Linear's bias)
+    # one walk of the module tree for what owns each key (``named_modules`` plus
+    # ``named_parameters`` would walk it twice, on top of ``state_dict``'s own walk): every
+    # name a module is reachable under, shared ones included
+    owners = dict(module.named_modules(remove_duplicate=False))
+    # A key's tensor is a parameter when it is a parameter of any module (a tied parameter is
+    # one under every key). Almost always it is its own owner's, under its own name: that is
+    # asked first, and every module's parameters are gathered only for a key where it is not.
+    parameter_ids: set[int] | None = None
     described: dict[str, tuple[str, str | None]] = {}
     for name, value in state.items():
-        owner_name = str(name).rpartition(".")[0]  # (a custom hook's key may not be a str)
-        owner_type = owners.get(owner_name)
-        if owner_type is None:  # a custom hook's key
+        owner_name, _, leaf = str(name).rpartition(".")  # (a custom hook's key: maybe no str)
+        owner = owners.get(owner_name)
+        if owner is not None and module_tables(owner)[0].get(leaf) is value:
+            described[name] = ("parameter", type(owner).__name__)
+            continue
+        if parameter_ids is None:
+            parameter_ids = {
+                id(parameter)
+                for each in owners.values()
+                for parameter in module_tables(each)[0].values()
+                if parameter is not None  # (registered as None, like a Linear's bias)
+            }
+        if owner is None:  # a custom hook's key
             try:
-                owner_type = type(module.get_submodule(owner_name)).__name__
+                owner = module.get_submodule(owner_name)
             except AttributeError:
-                owner_type = None
-        described[name] = ("parameter" if id(value) in parameter_ids else "buffer", owner_type)
+                owner = None
+        described[name] = (
+            "parameter" if id(value) in parameter_ids else "buffer",
+            None if owner is None else type(owner).__name__,
+        )
     # the table is built once, with each tensor's kind and owner
     return checkpoint_from_object(
         state,
