@@ -49,18 +49,20 @@ SEED = 0
 VOCAB = 64
 
 
-def bert_config(num_labels: int = 3, vocab_size: int = VOCAB) -> BertConfig:
-    """Two layers of width 16: about 40 tensors, a few thousand values."""
-    return BertConfig(
-        vocab_size=vocab_size,
+def bert_config(**changes: int) -> BertConfig:
+    """Two layers of width 16: about 40 tensors, a few thousand values; ``changes`` override
+    any field (``num_labels=5``, ``hidden_size=64``)."""
+    fields = dict(
+        vocab_size=VOCAB,
         hidden_size=16,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=32,
         max_position_embeddings=32,
-        num_labels=num_labels,
+        num_labels=3,
         pad_token_id=0,
     )
+    return BertConfig(**{**fields, **changes})
 
 
 def gpt2_config(vocab_size: int = VOCAB) -> GPT2Config:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
+import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -307,3 +309,49 @@ def keep_copy(source: Path, folder: Path) -> Path:
     target = folder / source.name
     shutil.copyfile(source, target)
     return target
+
+
+def require_chromium() -> None:
+    if CHROMIUM.exists():
+        return
+    reason = f"{CHROMIUM} is missing (apt-get install chromium)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI needs the browser test: {reason}")
+    pytest.skip(reason)
+
+
+def json_after(marker: str, text: str) -> Any:
+    match = re.search(re.escape(marker) + r" (\{.*\}|\[.*\])", text)
+    assert match, f"no {marker!r} in the cell output:\n{text}"
+    return json.loads(match.group(1))
+
+
+def focus_of(nb: NotebookUI) -> dict[str, Any]:
+    """What has the keyboard focus: its text, line, column, and its focus ring."""
+    return nb.page.evaluate(
+        """() => {
+          const e = document.activeElement;
+          const line = e.closest("[data-line]");
+          const style = getComputedStyle(e);
+          return {
+            text: e.textContent, inGrid: Boolean(e.closest(".ckv-lines")),
+            key: line ? line.getAttribute("data-key") || line.getAttribute("data-group") : null,
+            pressed: e.getAttribute("aria-pressed"),
+            ring: style.outlineStyle !== "none" && parseFloat(style.outlineWidth) >= 2,
+            activeCell: [...document.querySelectorAll(".jp-NotebookPanel:not(.lm-mod-hidden) "
+              + ".jp-Notebook .jp-Cell")].findIndex((c) => c.classList.contains("jp-mod-active")),
+          };
+        }"""
+    )
+
+
+def serious_violations(nb: NotebookUI) -> list[str]:
+    """axe-core (bundled with axe-playwright-python, nothing fetched) on the widget's root."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    results = Axe().run(nb.page, context=".ckv")
+    return [
+        f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
+        for v in results.response["violations"]
+        if v["impact"] in ("serious", "critical")
+    ]

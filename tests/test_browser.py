@@ -7,21 +7,21 @@ One JupyterLab server and one browser serve every test of this module."""
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from jupyterlab_harness import (
-    CHROMIUM,
     LabServer,
     NotebookUI,
     chromium_page,
+    focus_of,
+    json_after,
     keep_copy,
+    require_chromium,
     running_lab,
+    serious_violations,
     wait_until,
     write_notebook,
 )
@@ -75,24 +75,9 @@ result = {
 print(f"CHECK {_checks} " + json.dumps(result))"""
 
 
-def _require_chromium() -> None:
-    if CHROMIUM.exists():
-        return
-    reason = f"{CHROMIUM} is missing (apt-get install chromium)"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI needs the browser test: {reason}")
-    pytest.skip(reason)
-
-
-def _json_after(marker: str, text: str) -> Any:
-    match = re.search(re.escape(marker) + r" (\{.*\}|\[.*\])", text)
-    assert match, f"no {marker!r} in the cell output:\n{text}"
-    return json.loads(match.group(1))
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
-    _require_chromium()
+    require_chromium()
     root = tmp_path_factory.mktemp("lab")
     with running_lab(root) as server:
         yield server
@@ -141,7 +126,7 @@ def test_loader_ticks_apply_and_undo_in_jupyterlab(
 def _drive(nb: NotebookUI, url: str, shots: Path) -> None:
     nb.open(url)
     nb.run_cell(0, lambda: "SETUP" in nb.output_text(0))
-    keys = _json_after("SETUP", nb.output_text(0))
+    keys = json_after("SETUP", nb.output_text(0))
 
     widget = nb.cell(1).locator(".ckv")
     rows = widget.locator(".ckv-row")
@@ -192,7 +177,7 @@ def _drive(nb: NotebookUI, url: str, shots: Path) -> None:
 
     # in the kernel: exactly the chosen tensors changed, and in the chosen way
     nb.run_cell(2, lambda: "CHECK 1 " in nb.output_text(2))
-    result = _json_after("CHECK 1", nb.output_text(2))
+    result = json_after("CHECK 1", nb.output_text(2))
     expected = sorted([k for k, a in chosen_rows.items() if a != "keep"] + bn1_keys)
     assert result["changed"] == expected
     assert {k: result["actions"][k] for k in chosen_rows} == chosen_rows
@@ -208,7 +193,7 @@ def _drive(nb: NotebookUI, url: str, shots: Path) -> None:
     wait_until(lambda: "undone" in report.inner_text(), 60, "the report to say undone")
     assert undo.get_attribute("aria-disabled") == "true"
     nb.run_cell(2, lambda: "CHECK 2 " in nb.output_text(2))
-    assert _json_after("CHECK 2", nb.output_text(2))["changed"] == []
+    assert json_after("CHECK 2", nb.output_text(2))["changed"] == []
 
     # Save plan writes next to the notebook; saving again asks before replacing the file
     notice, confirm = widget.locator(".ckv-notice"), widget.locator(".ckv-confirm")
@@ -223,7 +208,7 @@ def _drive(nb: NotebookUI, url: str, shots: Path) -> None:
     assert not confirm.is_visible()
 
     _keyboard_only(nb, widget, shots)
-    assert _serious_violations(nb) == []
+    assert serious_violations(nb) == []
 
     # the dark theme: the widget follows JupyterLab's colours; the focus ring shows there too
     nb.set_theme("JupyterLab Dark")
@@ -231,7 +216,7 @@ def _drive(nb: NotebookUI, url: str, shots: Path) -> None:
         widget.locator(".ckv-lines [tabindex='0']").focus()
         nb.page.keyboard.press("ArrowDown")  # a key press: the ring :focus-visible draws
         nb.screenshot(shots / "loader-dark.png", element=widget)
-        assert _serious_violations(nb) == []
+        assert serious_violations(nb) == []
     finally:
         nb.set_theme("JupyterLab Light")
 
@@ -309,16 +294,16 @@ def _specialised_button(nb: NotebookUI, shots: Path) -> Any:
     stem.locator('.ckv-row[data-key="0.weight"] button[data-a="partial"]').focus()
     keys = nb.page.keyboard
     keys.press("ArrowRight")
-    now = _focused(nb)
+    now = focus_of(nb)
     assert (now["key"], now["text"], now["ring"]) == ("0.weight", "adapt_channels", True), now
     keys.press("ArrowRight")  # the line's last button: focus stays
-    assert _focused(nb)["text"] == "adapt_channels"
+    assert focus_of(nb)["text"] == "adapt_channels"
     keys.press("Enter")
-    wait_until(lambda: _focused(nb)["pressed"] == "true", 30, "Enter to pick adapt_channels")
+    wait_until(lambda: focus_of(nb)["pressed"] == "true", 30, "Enter to pick adapt_channels")
     keys.press("ArrowDown")  # 0.bias has no such button: the nearest column, partial
-    assert (_focused(nb)["key"], _focused(nb)["text"]) == ("0.bias", "partial")
+    assert (focus_of(nb)["key"], focus_of(nb)["text"]) == ("0.bias", "partial")
     keys.press("ArrowLeft")
-    assert _focused(nb)["text"] == "reinit"
+    assert focus_of(nb)["text"] == "reinit"
 
     # the row's details: the rare actions in one line, their reasons on hover
     stem.locator('.ckv-row[data-key="0.bias"] .ckv-status').hover()
@@ -327,28 +312,9 @@ def _specialised_button(nb: NotebookUI, shots: Path) -> Any:
     assert also.inner_text() == "also: resample, adapt_channels, merge do not fit this row"
     assert "merge: " in (also.get_attribute("title") or "")
     assert "merge not possible" not in stem.locator(".ckv-details").inner_text()
-    assert _serious_violations(nb) == []
+    assert serious_violations(nb) == []
     nb.screenshot(shots / "loader-stem.png", element=stem)
     return stem
-
-
-def _focused(nb: NotebookUI) -> dict[str, Any]:
-    """What has the keyboard focus: its text, line, column, and its focus ring."""
-    return nb.page.evaluate(
-        """() => {
-          const e = document.activeElement;
-          const line = e.closest("[data-line]");
-          const style = getComputedStyle(e);
-          return {
-            text: e.textContent, inGrid: Boolean(e.closest(".ckv-lines")),
-            key: line ? line.getAttribute("data-key") || line.getAttribute("data-group") : null,
-            pressed: e.getAttribute("aria-pressed"),
-            ring: style.outlineStyle !== "none" && parseFloat(style.outlineWidth) >= 2,
-            activeCell: [...document.querySelectorAll(".jp-NotebookPanel:not(.lm-mod-hidden) "
-              + ".jp-Notebook .jp-Cell")].findIndex((c) => c.classList.contains("jp-mod-active")),
-          };
-        }"""
-    )
 
 
 def _keyboard_only(nb: NotebookUI, widget: Any, shots: Path) -> None:
@@ -358,66 +324,54 @@ def _keyboard_only(nb: NotebookUI, widget: Any, shots: Path) -> None:
     widget.locator(".ckv-filter").focus()
     for _ in range(40):  # the toolbars' controls, then the grid: one tab stop
         keys.press("Tab")
-        if _focused(nb)["inGrid"]:
+        if focus_of(nb)["inGrid"]:
             break
-    start = _focused(nb)
+    start = focus_of(nb)
     assert start["inGrid"] and start["ring"], start
     cell_before = start["activeCell"]
 
     keys.press("End")  # the last line: fc.bias
-    assert _focused(nb)["key"] == "fc.bias"
+    assert focus_of(nb)["key"] == "fc.bias"
     for _ in range(4):
         keys.press("ArrowLeft")
     keys.press("ArrowRight")  # the second action: keep
-    now = _focused(nb)
+    now = focus_of(nb)
     assert now["text"] == "keep" and now["ring"], now
     keys.press("Space")
-    wait_until(lambda: _focused(nb)["pressed"] == "true", 30, "Space to pick keep on fc.bias")
+    wait_until(lambda: focus_of(nb)["pressed"] == "true", 30, "Space to pick keep on fc.bias")
     keys.press("ArrowUp")  # fc.weight, same column
     keys.press("ArrowRight")
     keys.press("ArrowRight")  # partial
-    assert _focused(nb)["key"] == "fc.weight" and _focused(nb)["text"] == "partial"
+    assert focus_of(nb)["key"] == "fc.weight" and focus_of(nb)["text"] == "partial"
     keys.press("Enter")
-    wait_until(lambda: _focused(nb)["pressed"] == "true", 30, "Enter to pick partial")
+    wait_until(lambda: focus_of(nb)["pressed"] == "true", 30, "Enter to pick partial")
     # none of these keys moved the notebook's active cell or reached its command mode
-    assert _focused(nb)["activeCell"] == cell_before
+    assert focus_of(nb)["activeCell"] == cell_before
     assert nb.panel.locator(".jp-Notebook .jp-Cell").count() == 5
 
     keys.press("Tab")  # one tab stop: next the options of the row's action (partial's fill)
-    assert _focused(nb)["ring"]
+    assert focus_of(nb)["ring"]
     assert nb.page.evaluate("() => document.activeElement.dataset.option") == "fill"
     keys.press("Tab")  # then Apply, below the table
-    assert _focused(nb)["text"] == "Apply"
+    assert focus_of(nb)["text"] == "Apply"
     keys.press("Shift+Tab")
     keys.press("Shift+Tab")  # back into the grid, on the cell it left
-    assert _focused(nb)["key"] == "fc.weight" and _focused(nb)["text"] == "partial"
+    assert focus_of(nb)["key"] == "fc.weight" and focus_of(nb)["text"] == "partial"
     keys.press("Tab")
     keys.press("Tab")
     keys.press("Enter")
     report = widget.locator(".ckv-report")
     wait_until(lambda: "#3 apply" in report.inner_text(), 60, "the second apply in the history")
-    after = _focused(nb)
+    after = focus_of(nb)
     assert after["text"] == "Apply" and after["ring"], after  # the focus stays where it was
     applied = widget.locator('.ckv-row[data-key="fc.weight"] .ckv-applied')
     assert applied.count() == 1 and "partial" in (applied.get_attribute("title") or "")
     nb.screenshot(shots / "loader-keyboard.png", element=widget)
 
     nb.run_cell(2, lambda: "CHECK 3 " in nb.output_text(2))
-    result = _json_after("CHECK 3", nb.output_text(2))
+    result = json_after("CHECK 3", nb.output_text(2))
     assert result["actions"]["fc.bias"] == "keep" and result["actions"]["fc.weight"] == "partial"
     assert "fc.weight" in result["changed"] and "fc.bias" not in result["changed"]
-
-
-def _serious_violations(nb: NotebookUI) -> list[str]:
-    """axe-core (bundled with axe-playwright-python, nothing fetched) on the widget's root."""
-    from axe_playwright_python.sync_playwright import Axe
-
-    results = Axe().run(nb.page, context=".ckv")
-    return [
-        f"{v['id']} ({v['impact']}): {v['help']} at {[n['target'] for n in v['nodes']][:3]}"
-        for v in results.response["violations"]
-        if v["impact"] in ("serious", "critical")
-    ]
 
 
 BIG = """big = nn.Sequential(*[nn.Linear(2, 2) for _ in range(600)])
@@ -436,7 +390,7 @@ def _big_model(nb: NotebookUI, shots: Path) -> None:
     assert "1 row differ" in widget.locator(".ckv-jumps").inner_text()
     widget.locator(".ckv-lines [tabindex='0']").focus()
     nb.page.keyboard.press("n")
-    wait_until(lambda: _focused(nb)["key"] == "450.weight", 30, "n to reach the difference")
+    wait_until(lambda: focus_of(nb)["key"] == "450.weight", 30, "n to reach the difference")
     assert widget.locator(".ckv-path-bar").inner_text().startswith("in ")
     nb.screenshot(shots / "loader-big.png", element=widget)
 

@@ -14,12 +14,15 @@ from jupyterlab_harness import (
     LabServer,
     NotebookUI,
     chromium_page,
+    focus_of,
+    json_after,
     keep_copy,
+    require_chromium,
     running_lab,
+    serious_violations,
     wait_until,
     write_notebook,
 )
-from test_browser import _focused, _json_after, _require_chromium, _serious_violations
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.browser
@@ -62,7 +65,7 @@ print("CHECK " + json.dumps(result))"""
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
-    _require_chromium()
+    require_chromium()
     root = tmp_path_factory.mktemp("lab-options")
     with running_lab(root) as server:
         yield server
@@ -110,7 +113,7 @@ def _choose_mean_fill(nb: NotebookUI, url: str, shots: Path) -> None:
     # keyboard: from the grid's cell, Tab reaches the control; it shows its focus ring
     partial.focus()
     nb.page.keyboard.press("Tab")
-    focused = _focused(nb)
+    focused = focus_of(nb)
     assert focused["ring"], focused
     assert nb.page.evaluate("() => document.activeElement.getAttribute('data-option')") == "fill"
     nb.page.keyboard.press("ArrowDown")  # zeros
@@ -122,7 +125,7 @@ def _choose_mean_fill(nb: NotebookUI, url: str, shots: Path) -> None:
     assert fill.input_value() == "mean"
     details = widget.locator(".ckv-details")
     assert "action: partial · fill mean" in details.inner_text()
-    assert _serious_violations(nb) == []
+    assert serious_violations(nb) == []
     nb.screenshot(shots / "options-fill-mean.png", element=widget)
 
     widget.locator("button", has_text="Apply").click()
@@ -130,7 +133,7 @@ def _choose_mean_fill(nb: NotebookUI, url: str, shots: Path) -> None:
     wait_until(lambda: "applied and verified" in report.inner_text(), 60, "the report")
 
     nb.run_cell(2, lambda: "CHECK " in nb.output_text(2))
-    result: dict[str, Any] = _json_after("CHECK", nb.output_text(2))
+    result: dict[str, Any] = json_after("CHECK", nb.output_text(2))
     assert result["options"] == {"fill": "mean"}
     assert result["overlap_copied"] and result["new_rows_are_the_mean"]
     assert result["detail"] == (

@@ -18,7 +18,7 @@ import ecosystem
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertForSequenceClassification
 
 import ckptviz
 from ckptviz.core.actions.reinit import reinit_seed
@@ -35,17 +35,9 @@ def uniform_head(module: torch.nn.Module) -> None:
 
 def bert_head_model(seed: int = 1) -> BertForSequenceClassification:
     """A head of 64 inputs and 16 labels: 1,024 weights, enough to tell std 0.02 from 0.072."""
-    config = BertConfig(
-        vocab_size=64,
-        hidden_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=16,
+    return ecosystem.bert_classifier(
+        seed, hidden_size=64, num_hidden_layers=1, intermediate_size=64, num_labels=16
     )
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(config).eval()
 
 
 def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

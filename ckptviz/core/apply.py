@@ -40,7 +40,7 @@ from ckptviz.core.actions import (
     checkpoint_keys_read,
     registered_actions,
 )
-from ckptviz.core.checkpoint import Checkpoint, TensorSource
+from ckptviz.core.checkpoint import Checkpoint, TensorInfo, TensorSource
 from ckptviz.core.errors import ApplyError, CheckpointError, PlanError
 from ckptviz.core.plan import refusal
 from ckptviz.core.reading import read_checkpoint
@@ -158,6 +158,20 @@ def _check_model(plan: Plan, model: torch.nn.Module) -> dict[str, str]:
     return problems
 
 
+def checkpoint_drift(ckpt: Checkpoint, want: TensorInfo) -> str | None:
+    """Why ``ckpt`` no longer holds ``want`` as the plan saw it (gone, or another shape or
+    dtype); ``None`` if it still does."""
+    now = ckpt.tensors.get(want.key)
+    if now is None:
+        return f"{ckpt.source} no longer has {want.key!r}"
+    if now.shape != want.shape or now.dtype != want.dtype:
+        return (
+            f"{ckpt.source} now has {want.key!r} as {list(now.shape)} {now.dtype}, the plan "
+            f"expects {list(want.shape)} {want.dtype}"
+        )
+    return None
+
+
 def _check_checkpoint(plan: Plan, ckpt: Checkpoint) -> dict[str, str]:
     """Every checkpoint tensor the plan reads (each row's own, and what an action ``needs``)
     is still in ``ckpt`` with the shape and dtype the plan saw."""
@@ -169,14 +183,8 @@ def _check_checkpoint(plan: Plan, ckpt: Checkpoint) -> dict[str, str]:
         definition = action_named(action)
         ctx = RowContext(row, None, MappingProxyType(plan.options(row.key)), plan.diff)
         for key in checkpoint_keys_read(definition, ctx):
-            now, want = ckpt.tensors.get(key), recorded[key]
-            if now is None:
-                problems[row.key] = f"{ckpt.source} no longer has {want.key!r}"
-            elif now.shape != want.shape or now.dtype != want.dtype:
-                problems[row.key] = (
-                    f"{ckpt.source} now has {want.key!r} as {list(now.shape)} {now.dtype}, the "
-                    f"plan expects {list(want.shape)} {want.dtype}"
-                )
+            if drift := checkpoint_drift(ckpt, recorded[key]):
+                problems[row.key] = drift
         planned = plan.diff.checkpoint.adapter
         if definition.needs is not None and planned is not None and row.key not in problems:
             found = ckpt.adapter

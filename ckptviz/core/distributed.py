@@ -86,7 +86,7 @@ from ckptviz.core.actions.reinit import (
     reinit_groups,
     reinit_seed,
 )
-from ckptviz.core.apply import bitwise_equal, model_row_problem
+from ckptviz.core.apply import bitwise_equal, checkpoint_drift, model_row_problem
 from ckptviz.core.checkpoint import Checkpoint, dtype_name
 from ckptviz.core.errors import ApplyError, CheckpointError, PlanError
 from ckptviz.core.formats.base import Box, SliceReader, slice_reader
@@ -318,16 +318,9 @@ def _checkpoint_problems(plan: Plan, ckpt: Checkpoint) -> dict[str, str]:
         )
         return {row.key: why for row, _ in reads}
     for row, _ in reads:
-        want = row.checkpoint
-        assert want is not None
-        now = ckpt.tensors.get(want.key)
-        if now is None:
-            problems[row.key] = f"{ckpt.source} no longer has {want.key!r}"
-        elif now.shape != want.shape or now.dtype != want.dtype:
-            problems[row.key] = (
-                f"{ckpt.source} now has {want.key!r} as {list(now.shape)} {now.dtype}, the plan "
-                f"expects {list(want.shape)} {want.dtype}"
-            )
+        assert row.checkpoint is not None
+        if drift := checkpoint_drift(ckpt, row.checkpoint):
+            problems[row.key] = drift
     return problems
 
 
