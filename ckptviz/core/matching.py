@@ -1074,7 +1074,7 @@ def suggest_base_prefix(
     """Rules that put the checkpoint's keys under one module of the model (``^`` -> ``bert.``)
     or take them out of one (``^bert\\.`` -> ``""``), where that pairs two or more more keys
     but is not sure enough for ``detect_base_prefix``."""
-    before = len(match_keys(model_keys, checkpoint_keys, mapping))
+    before = _matched_count(model_keys, checkpoint_keys, mapping)
     found: list[RuleSuggestion] = []
     for side, inner, outer in _base_sides(model_keys, checkpoint_keys, mapping):
         for prefix in _module_candidates(inner, outer, samples=5)[:MAX_PREFIX_SUGGESTIONS]:
