@@ -465,8 +465,8 @@ def match_keys(
 @dataclass
 class _PrefixScan:
     """One side's wrapper-prefix candidates (``""`` first, then by depth) and how many of its
-    keys begin with each prefix the scan looked at (a candidate, or a candidate's prefix with
-    one more token, found under none)."""
+    keys begin with each prefix the scan tried: each candidate, and each candidate followed by
+    a token (0 where no key goes on with that token)."""
 
     keys: Sequence[str]
     candidates: list[str]
@@ -534,11 +534,6 @@ def _prefix_level(
             else:
                 scan.counts[prefix + token] = 0
     return grown
-
-
-def _prefix_candidates(keys: Sequence[str]) -> list[str]:
-    """The wrapper prefixes worth trying on one side (see ``_prefix_scan``)."""
-    return _prefix_scan(keys).candidates
 
 
 def _most_names_shared(
