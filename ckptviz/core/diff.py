@@ -210,37 +210,59 @@ def _joined(*notes: str) -> str:
 
 def build_rows(left: Checkpoint, right: Checkpoint, mapping: KeyMapping) -> list[Row]:
     """Rows in model order, each unexpected checkpoint key placed after its predecessor's row."""
+    return _indexed_rows(left, right, mapping)[0]
+
+
+def _indexed_rows(
+    left: Checkpoint, right: Checkpoint, mapping: KeyMapping
+) -> tuple[list[Row], dict[str, Row]]:
+    """``build_rows``, and the rows by key as ``Diff.row`` finds them (a model key's row wins
+    over an unexpected row of that name), made in the same pass."""
     model_tensors, checkpoint_tensors = left.tensors, right.tensors
-    matched = match_keys(left.keys(), right.keys(), mapping)
-    matched = {m: c for m, c in matched.items() if m in model_tensors and c in checkpoint_tensors}
+    if mapping.names_are_keys:
+        # each key feeds the model key of its own name (match_keys of such a mapping), so the
+        # two tables answer it without a dict of pairs either way
+        matched: Mapping[str, str] | None = None
+        fed: Mapping[str, Any] = model_tensors
+    else:
+        matched = match_keys(left.keys(), right.keys(), mapping)
+        if mapping.pairs:  # only pairs chosen by hand can name a key a side does not hold
+            matched = {
+                m: c for m, c in matched.items() if m in model_tensors and c in checkpoint_tensors
+            }
+        fed = {c: m for m, c in matched.items()}
     group_of: dict[str, tuple[str, ...]] = {}
     for group in left.ties:
         shared = tuple(group)  # one tuple per group: each row derives its ``tied`` from it
         for key in shared:
             group_of[key] = shared
     model_notes, checkpoint_notes = _conversion_notes(mapping)
-    fed = {c: m for m, c in matched.items()}
     after: dict[str | None, list[Row]] = {}
+    by_key: dict[str, Row] = {}
     previous: str | None = None
     for ckpt_key, info in checkpoint_tensors.items():
-        fed_key = fed.get(ckpt_key)
-        if fed_key is not None:
-            previous = fed_key
+        if ckpt_key in fed:
+            previous = fed[ckpt_key] if matched is not None else ckpt_key
         else:
             note = checkpoint_notes.get(ckpt_key, "")
-            after.setdefault(previous, []).append(Row("unexpected", None, info, note))
+            row = by_key[ckpt_key] = Row("unexpected", None, info, note)
+            after.setdefault(previous, []).append(row)
     rows = list(after.get(None, []))
     append = rows.append
     no_ties: tuple[str, ...] = ()
+    feeding = checkpoint_tensors if matched is None else matched
     for key, info in model_tensors.items():
-        fed_by = matched.get(key)
         tie_group = group_of.get(key, no_ties) if group_of else no_ties
-        if fed_by is None:
+        if key not in feeding:
             note = model_notes.get(key, "") if model_notes else ""
-            append(Row("missing", info, None, note, tie_group))
+            row = Row("missing", info, None, note, tie_group)
         else:
-            ckpt_info = checkpoint_tensors[fed_by]
-            note = "" if fed_by == key else _rename_note(key, fed_by, mapping)
+            if matched is None:
+                fed_by, ckpt_info, note = key, checkpoint_tensors[key], ""
+            else:
+                fed_by = matched[key]
+                ckpt_info = checkpoint_tensors[fed_by]
+                note = "" if fed_by == key else _rename_note(key, fed_by, mapping)
             if model_notes:  # a person may pair a key of a conversion: its row still says so
                 note = _joined(note, model_notes.get(key, ""), checkpoint_notes.get(fed_by, ""))
             # row_status of two sides, inline (a call per row less at 100,000 rows)
@@ -250,10 +272,12 @@ def build_rows(left: Checkpoint, right: Checkpoint, mapping: KeyMapping) -> list
                 status = "dtype"
             else:
                 status = "match"
-            append(Row(status, info, ckpt_info, note, tie_group))
+            row = Row(status, info, ckpt_info, note, tie_group)
+        append(row)
+        by_key[key] = row  # a model key's row replaces an unexpected row of its name
         if after and key in after:
             rows.extend(after[key])
-    return rows
+    return rows, by_key
 
 
 class Diff:
@@ -270,18 +294,18 @@ class Diff:
         self.checkpoint = checkpoint
         self.mapping = mapping
         self.model = model
-        self.rows = build_rows(model_side, checkpoint, mapping)
+        self.rows, self._by_key = _indexed_rows(model_side, checkpoint, mapping)
         if checkpoint.adapter is not None:
             from ckptviz.core.actions.merge import noted_rows
 
             self.rows = noted_rows(self)  # the LoRA factors a merge would read say so
-        self._by_key: dict[str, Row] = {}
-        by_key = self._by_key
-        for row in reversed(self.rows):  # a model key wins over an unexpected key of one name
-            if row.model is not None:
-                by_key[row.model.key] = row
-            elif row.checkpoint is not None:
-                by_key.setdefault(row.checkpoint.key, row)
+            self._by_key = {}
+            by_key = self._by_key
+            for row in reversed(self.rows):  # a model key wins over an unexpected key
+                if row.model is not None:
+                    by_key[row.model.key] = row
+                elif row.checkpoint is not None:
+                    by_key.setdefault(row.checkpoint.key, row)
         self._suggestions: list[Suggestion] | None = None
 
     # -- reading rows ---------------------------------------------------------------------------
@@ -313,7 +337,13 @@ class Diff:
         try:
             return self._by_key[key]
         except KeyError:
-            close = [k for k in self._by_key if key in k][:5]
+            # the last rows' keys first (the order the index once had, built from the end)
+            close: list[str] = []
+            for row in reversed(self.rows):
+                if key in row.key and row.key not in close:
+                    close.append(row.key)
+                    if len(close) == 5:
+                        break
             hint = f" Close: {', '.join(close)}." if close else ""
             raise KeyError(f"no row {key!r} in this diff.{hint}") from None
 

@@ -462,30 +462,123 @@ def match_keys(
     return matched
 
 
-def _prefix_candidates(keys: Sequence[str]) -> list[str]:
-    candidates = [""]
+@dataclass
+class _PrefixScan:
+    """One side's wrapper-prefix candidates (``""`` first, then by depth) and how many of its
+    keys begin with each prefix the scan tried: each candidate, and each candidate followed by
+    a token (0 where no key goes on with that token)."""
+
+    keys: Sequence[str]
+    candidates: list[str]
+    counts: dict[str, int]
+
+    def under(self, prefix: str) -> int:
+        """How many keys begin with ``prefix`` (from the scan where it looked, else counted)."""
+        count = self.counts.get(prefix)
+        if count is None:
+            count = self.counts[prefix] = sum(1 for k in self.keys if k.startswith(prefix))
+        return count
+
+
+def _prefix_scan(keys: Sequence[str]) -> _PrefixScan:
+    """Candidates: every run of up to 3 tokens that begins some key, a token being a wrapper's
+    name (``WRAPPER_PREFIXES``) or, when every key sits under one name, that name, with its
+    dot. A token is one name and its dot, so a key begins with a token exactly when its first
+    name and dot are that token: the scan of a level looks only at the keys that begin with
+    some token (one ``str.startswith`` of a tuple each)."""
+    scan = _PrefixScan(keys, [""], {"": len(keys)})
     if not keys:
-        return candidates
+        return scan
     tokens = set(WRAPPER_PREFIXES)
     some = next(iter(keys))
     head = some.partition(".")[0] + "."
-    if "." in some and all(k.startswith(head) for k in keys):
+    everything_under_head = "." in some and all(k.startswith(head) for k in keys)
+    if everything_under_head:
         tokens.add(head)  # every key sits under one name: a wrapper whatever it is called
     starts = tuple(tokens)
-    # (prefix, the keys under it with it removed): one pass per level; a token is one name and
-    # its dot, so only the keys that begin with one of them (one C call each) can grow a prefix
-    frontier: list[tuple[str, Sequence[str]]] = [("", keys)]
-    for _ in range(3):
-        grown: list[tuple[str, Sequence[str]]] = []
-        for prefix, rests in frontier:
-            hits = [r for r in rests if r.startswith(starts)]
-            heads = {r.partition(".")[0] + "." for r in hits}
-            for token in sorted(tokens & heads):
-                under = [r[len(token) :] for r in hits if r.startswith(token)]
-                grown.append((prefix + token, under))
-        candidates += [prefix for prefix, _ in grown]
-        frontier = grown
-    return candidates
+    # (prefix, the keys under it, its length): a level's keys stay the original strings, read
+    # from the prefix's length on, so no key is sliced
+    frontier: list[tuple[str, Sequence[str], int]] = []
+    if everything_under_head:
+        # the first level without a scan: every key begins with ``head``, so with no other
+        # token (a key beginning with a token has that token as its first name)
+        frontier.append((head, keys, len(head)))
+        scan.counts.update((token, len(keys) if token == head else 0) for token in tokens)
+    else:
+        frontier = _prefix_level(scan, [("", keys, 0)], tokens, starts)
+    scan.candidates += [prefix for prefix, _, _ in frontier]
+    for _ in range(2):
+        frontier = _prefix_level(scan, frontier, tokens, starts)
+        scan.candidates += [prefix for prefix, _, _ in frontier]
+    return scan
+
+
+def _prefix_level(
+    scan: _PrefixScan,
+    frontier: list[tuple[str, Sequence[str], int]],
+    tokens: set[str],
+    starts: tuple[str, ...],
+) -> list[tuple[str, Sequence[str], int]]:
+    """The prefixes one token longer than those of ``frontier`` that begin some key, with
+    their keys; ``scan.counts`` learns how many keys begin with each prefix tried (0 for the
+    tokens no key continues with)."""
+    grown: list[tuple[str, Sequence[str], int]] = []
+    for prefix, under, at in frontier:
+        hits = [k for k in under if k.startswith(starts, at)]
+        heads = {k[at : k.index(".", at) + 1] for k in hits}
+        for token in sorted(tokens):
+            if token in heads:
+                keys = [k for k in hits if k.startswith(token, at)]
+                grown.append((prefix + token, keys, at + len(token)))
+                scan.counts[prefix + token] = len(keys)
+            else:
+                scan.counts[prefix + token] = 0
+    return grown
+
+
+def _most_names_shared(
+    checkpoint_prefix: str,
+    model_prefix: str,
+    checkpoint: _PrefixScan,
+    model: _PrefixScan,
+    as_they_are: int,
+) -> int | None:
+    """At most how many names the two sides share with these prefixes stripped (no rules, no
+    hand pairs), from key counts alone; ``None`` where no bound is worked out (two different
+    prefixes). ``as_they_are``: the names shared with no prefix stripped.
+
+    Why it is a bound, with A the checkpoint keys, B the model keys, n(P) how many keys of a
+    side begin with P: a shared name x comes from a key a of A (``c + x``, or x itself where a
+    does not begin with c) and a key b of B (``m + x``, or x itself); each case is bounded by
+    the keys that can make it, one key making at most one name:
+
+    - c == m: x from ``c + x`` on both sides, or from x on both sides (neither beginning with
+      c), is a key both sides hold: at most ``as_they_are`` names together; x from ``c + x`` on
+      one side and the key x on the other needs a key of that other side not under c:
+      at most ``len(B) - n_B(c)`` and ``len(A) - n_A(c)``.
+    - m == "" (every model name is its key): x from ``c + x`` with x under c needs a key of A
+      under ``c + c``: n_A(c + c); with x not under c, a key of B not under c: len(B) - n_B(c);
+      x as a key of A itself needs a key of A not under c: len(A) - n_A(c).
+    - c == "": the same, the sides swapped.
+    """
+    if checkpoint_prefix == model_prefix:
+        c = checkpoint_prefix
+        return (
+            as_they_are
+            + (len(model.keys) - model.under(c))
+            + (len(checkpoint.keys) - checkpoint.under(c))
+        )
+    for outer, inner, prefix, other in (
+        (checkpoint, model, checkpoint_prefix, model_prefix),
+        (model, checkpoint, model_prefix, checkpoint_prefix),
+    ):
+        if not other:
+            return (
+                outer.under(prefix + prefix)
+                + (len(inner.keys) - inner.under(prefix))
+                + (len(outer.keys) - outer.under(prefix))
+            )
+    return None
 
 
 def detect_prefixes(
@@ -495,18 +588,43 @@ def detect_prefixes(
     pairs: tuple[tuple[str, str], ...] = (),
 ) -> KeyMapping:
     """The wrapper prefixes to strip, chosen to match the most keys; none unless they help."""
+    return _detect_prefixes(model_keys, checkpoint_keys, rules, pairs)[0]
+
+
+def _matched_count(
+    model_keys: Sequence[str], checkpoint_keys: Sequence[str], mapping: KeyMapping
+) -> int:
+    """``len(match_keys(model_keys, checkpoint_keys, mapping))``."""
+    if mapping.names_are_keys:  # match_keys pairs each model key the checkpoint also holds
+        return len(set(checkpoint_keys).intersection(model_keys))
+    return len(match_keys(model_keys, checkpoint_keys, mapping))
+
+
+def _detect_prefixes(
+    model_keys: Sequence[str],
+    checkpoint_keys: Sequence[str],
+    rules: tuple[tuple[str, str], ...] = (),
+    pairs: tuple[tuple[str, str], ...] = (),
+) -> tuple[KeyMapping, int]:
+    """``detect_prefixes``, and how many model keys its mapping pairs (``match_keys``)."""
     best = KeyMapping(rules=rules, pairs=pairs)
-    best_count = len(match_keys(model_keys, checkpoint_keys, best))
+    best_count = as_they_are = _matched_count(model_keys, checkpoint_keys, best)
     most = min(len(model_keys), len(checkpoint_keys))
-    model_candidates = _prefix_candidates(model_keys)
-    tries = [
-        (c, m) for c in _prefix_candidates(checkpoint_keys) for m in model_candidates if c or m
-    ]
+    model_scan, checkpoint_scan = _prefix_scan(model_keys), _prefix_scan(checkpoint_keys)
+    tries = [(c, m) for c in checkpoint_scan.candidates for m in model_scan.candidates if c or m]
     # shortest first, so the first mapping that matches every key it can is the one to keep
     tries.sort(key=lambda pair: len(pair[0]) + len(pair[1]))
     for ckpt_prefix, model_prefix in tries:
         if best_count == most:
             break  # every key that can match does: no prefix can do better
+        if not rules and not pairs:
+            # a mapping replaces the best only when it pairs strictly more keys: one that
+            # cannot (see _most_names_shared) is passed over without mapping every key
+            bound = _most_names_shared(
+                ckpt_prefix, model_prefix, checkpoint_scan, model_scan, as_they_are
+            )
+            if bound is not None and bound <= best_count:
+                continue
         mapping = KeyMapping(ckpt_prefix, model_prefix, rules, pairs)
         if pairs:
             count = len(match_keys(model_keys, checkpoint_keys, mapping))
@@ -515,7 +633,7 @@ def detect_prefixes(
             count = len(names.intersection(mapping.model_names(model_keys)))
         if count > best_count:
             best, best_count = mapping, count
-    return best
+    return best, best_count
 
 
 @dataclass(frozen=True)
@@ -849,8 +967,11 @@ def _module_candidates(inner: Sequence[str], outer: Iterable[str], samples: int)
     ``name`` of ``inner`` (the first, and spread over the rest)."""
     if not inner:
         return []
-    ordered = sorted(inner)
-    picked = {ordered[i * (len(ordered) - 1) // max(samples - 1, 1)] for i in range(samples)}
+    if samples == 1:
+        picked = {min(inner)}  # the first name in sorted order, without sorting them all
+    else:
+        ordered = sorted(inner)
+        picked = {ordered[i * (len(ordered) - 1) // (samples - 1)] for i in range(samples)}
     tails = tuple("." + name for name in picked)
     found: set[str] = set()
     for key in outer:
@@ -903,9 +1024,27 @@ def detect_base_prefix(
     suggestion (``suggest_base_prefix``)."""
     if mapping.rules or mapping.pairs or mapping.base_side or mapping.adapter:
         return None  # a person is mapping by hand: do not move their keys under them
-    before = len(match_keys(model_keys, checkpoint_keys, mapping))
+    before = _matched_count(model_keys, checkpoint_keys, mapping)
+    return _detect_base_prefix(model_keys, checkpoint_keys, mapping, declared, before)
+
+
+def _detect_base_prefix(
+    model_keys: Sequence[str],
+    checkpoint_keys: Sequence[str],
+    mapping: KeyMapping,
+    declared: str | None,
+    before: int,
+) -> KeyMapping | None:
+    """``detect_base_prefix`` for a mapping without hand rules, pairs, base or adapter naming,
+    given ``before``: how many model keys it pairs (``match_keys``)."""
     if before == min(len(model_keys), len(checkpoint_keys)):
         return None  # every key that can match does
+    if not declared and before:
+        # a module found from the keys alone needs every name of one side under it and none
+        # of them matching as it is (_under with every=True, below); without hand pairs the
+        # names matching as they are number ``before`` (each name both sides share pairs
+        # once), so when some do no module can be sure, and the search would find none
+        return None
     sure: list[KeyMapping] = []
     for side, inner, outer in _base_sides(model_keys, checkpoint_keys, mapping):
         if declared:
@@ -930,7 +1069,7 @@ def suggest_base_prefix(
     """Rules that put the checkpoint's keys under one module of the model (``^`` -> ``bert.``)
     or take them out of one (``^bert\\.`` -> ``""``), where that pairs two or more more keys
     but is not sure enough for ``detect_base_prefix``."""
-    before = len(match_keys(model_keys, checkpoint_keys, mapping))
+    before = _matched_count(model_keys, checkpoint_keys, mapping)
     found: list[RuleSuggestion] = []
     for side, inner, outer in _base_sides(model_keys, checkpoint_keys, mapping):
         for prefix in _module_candidates(inner, outer, samples=5)[:MAX_PREFIX_SUGGESTIONS]:
@@ -1021,11 +1160,13 @@ def align(
     adapter's names (``adapter_modules`` given: the checkpoint is an adapter with those
     ``modules_to_save``) or a base model's module (``base_model_prefix``: the one the model
     class declares, as transformers names it)."""
-    mapping = detect_prefixes(model_keys, checkpoint_keys, rules)
+    mapping, matched = _detect_prefixes(model_keys, checkpoint_keys, rules)
     if transformers is not None:
-        mapping = detect_conversions(
+        converted = detect_conversions(
             model_keys, checkpoint_keys, mapping, transformers, base_model_prefix
         )
+        if converted is not mapping:  # other names: what they pair is counted again
+            mapping, matched = converted, _matched_count(model_keys, checkpoint_keys, converted)
     if adapter_modules is not None:
         for start in (mapping, KeyMapping(rules=rules)):
             named = detect_adapter(
@@ -1034,5 +1175,9 @@ def align(
             if named is not None:
                 return named
         return mapping
-    based = detect_base_prefix(model_keys, checkpoint_keys, mapping, base_model_prefix)
+    if rules:
+        return mapping  # a person is mapping by hand: no base model under their rules
+    # as detect_base_prefix, with the pairs already counted (detect_prefixes gives no mapping
+    # hand pairs, a base or adapter naming)
+    based = _detect_base_prefix(model_keys, checkpoint_keys, mapping, base_model_prefix, matched)
     return based if based is not None else mapping

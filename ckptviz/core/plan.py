@@ -31,6 +31,7 @@ from ckptviz.core.actions import (
     action_names,
     checked_options,
     default_action,
+    default_actions,
 )
 from ckptviz.core.actions.reinit import function_reference
 from ckptviz.core.diff import Diff, Row
@@ -60,9 +61,7 @@ class Plan:
             )
         self.diff = diff
         self.seed = seed
-        self._actions = {
-            r.key: default_action(r, diff, diff.model) for r in diff.rows if r.model is not None
-        }
+        self._actions = default_actions(diff.rows, diff, diff.model)
         # model key -> the options that differ from its action's defaults (absent: none)
         self._options: dict[str, dict[str, OptionValue]] = {}
         if actions:
@@ -196,9 +195,7 @@ class Plan:
     def reset(self) -> None:
         """Back to the default actions (without options)."""
         diff = self.diff
-        self._actions = {
-            r.key: default_action(r, diff, diff.model) for r in diff.rows if r.model is not None
-        }
+        self._actions = default_actions(diff.rows, diff, diff.model)
         self._options = {}
 
     def pair(self, model_key: str, checkpoint_key: str) -> list[str]:

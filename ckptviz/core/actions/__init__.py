@@ -10,7 +10,7 @@ The built-ins, registered here: ``load``, ``keep``, ``reinit``, ``partial``, ``r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -60,6 +60,7 @@ __all__ = [
     "checkpoint_keys_read",
     "checkpoint_reads",
     "default_action",
+    "default_actions",
     "default_fitting_action",
     "register_action",
     "registered",
@@ -170,6 +171,30 @@ def default_action(row: Row, diff: Diff | None = None, model: Any = None) -> str
     if row.status in ("match", "dtype"):
         return _FITTING_DEFAULT
     return _OTHER_DEFAULT
+
+
+def default_actions(
+    rows: Iterable[Row], diff: Diff | None = None, model: Any = None
+) -> dict[str, str]:
+    """model key -> ``default_action(row, diff, model)`` for each row with a model tensor, in
+    order: one look at the registry for all of them, and each row's decision inline (a new
+    plan asks it of every row). A ``default_for`` may read anything of its row (``merge``
+    reads the key), so it is still asked per row, with a context of its own as
+    ``default_action`` gives it."""
+    claiming = _claiming() if diff is not None else []
+    fitting, other = _FITTING_DEFAULT, _OTHER_DEFAULT
+    actions: dict[str, str] = {}
+    for row in rows:
+        info = row.model
+        if info is None:
+            continue
+        for name, claims, options in claiming:
+            if claims(RowContext(row, model, options, diff)):
+                actions[info.key] = name
+                break
+        else:
+            actions[info.key] = fitting if row.status in ("match", "dtype") else other
+    return actions
 
 
 def _claiming() -> list[_Claiming]:

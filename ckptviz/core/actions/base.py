@@ -84,7 +84,7 @@ class ShardWrite(Enum):
     MODULE_INITIALISER = "module_initialiser"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class RowContext:
     """What ``refuse`` sees: the row, the live model (``None`` when a plan is checked without
     one, e.g. read from JSON: checked again against the model when applied), the options, and
@@ -95,6 +95,22 @@ class RowContext:
     model: torch.nn.Module | None
     options: Mapping[str, OptionValue]
     diff: Diff | None = None
+
+    def __init__(
+        self,
+        row: Row,
+        model: torch.nn.Module | None,
+        options: Mapping[str, OptionValue],
+        diff: Diff | None = None,
+    ) -> None:
+        # written into the instance's dict (still frozen to every later write), as ``Row``
+        # does: a frozen dataclass's own __init__ calls object.__setattr__ per field, and a
+        # new plan and the widget's refusals make one context a row
+        fields = self.__dict__
+        fields["row"] = row
+        fields["model"] = model
+        fields["options"] = options
+        fields["diff"] = diff
 
 
 @dataclass
