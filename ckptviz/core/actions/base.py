@@ -11,7 +11,7 @@ and never branch on it. Apply writes and verifies every action the same way:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
@@ -95,6 +95,22 @@ class RowContext:
     model: torch.nn.Module | None
     options: Mapping[str, OptionValue]
     diff: Diff | None = None
+
+
+@dataclass
+class RowsContext:
+    """What ``refuse_rows`` sees: many rows of one diff, asked with the same options (a view
+    asks every row of a table at once)."""
+
+    rows: Sequence[Row]
+    model: torch.nn.Module | None
+    options: Mapping[str, OptionValue]
+    diff: Diff | None = None
+
+    def each(self) -> Iterator[RowContext]:
+        """One ``RowContext`` per row, in order: what ``refuse`` would see for each."""
+        for row in self.rows:
+            yield RowContext(row, self.model, self.options, self.diff)
 
 
 @dataclass
@@ -227,6 +243,10 @@ class ActionDef:
       the row's sides decide it (which sides it has, their shapes and dtypes, with the options
       and the diff, never the key or the model), else ``UNDECIDED``; views share it between
       rows whose sides agree and ask ``refuse`` for the others. ``refuse`` must answer the same.
+      ``refuse_rows(RowsContext)``: optional, ``refuse``'s answers for many rows at once (one
+      per row, in order), for an action whose refusal reads the model and can answer a table
+      of rows faster than row by row (``reinit``: from each module's class where that is
+      exact); ``refuse_each`` asks it, else ``refuse`` per row. It must answer as ``refuse``.
     - ``writes``: False only for an action that leaves the model tensor alone (verified
       untouched by its version counter).
     - ``reads_checkpoint``: its value needs the row's checkpoint tensor (read lazily, one at a
@@ -274,6 +294,7 @@ class ActionDef:
     reads_current: bool = False
     refusal_needs_model: bool = False
     refuse_by_sides: Callable[[RowContext], str | Undecided | None] | None = None
+    refuse_rows: Callable[[RowsContext], Sequence[str | None]] | None = None
     prepare: Callable[[PrepareContext], Mapping[str, torch.Tensor]] | None = None
     options: Mapping[str, OptionSpec] = field(default_factory=lambda: MappingProxyType({}))
     distributed: ShardWrite | None = None
@@ -291,6 +312,17 @@ class ActionDef:
 
     def defaults(self) -> dict[str, OptionValue]:
         return {name: spec.default for name, spec in self.options.items()}
+
+    def refuse_each(self, ctx: RowsContext) -> list[str | None]:
+        """``refuse``'s answer for each of ``ctx.rows``, in order (``refuse_rows`` if given)."""
+        if self.refuse_rows is None:
+            return [self.refuse(each) for each in ctx.each()]
+        answers = list(self.refuse_rows(ctx))
+        if len(answers) != len(ctx.rows):
+            raise ValueError(
+                f"action {self.name!r}: refuse_rows answered {len(answers)} rows of {len(ctx.rows)}"
+            )
+        return answers
 
 
 def definition_problems(definition: ActionDef) -> list[str]:
@@ -315,7 +347,14 @@ def definition_problems(definition: ActionDef) -> list[str]:
     reads = action.reads_checkpoint or action.needs is not None
     if not action.writes and (action.value is not None or reads):
         problems.append("an action that does not write has no value and reads no checkpoint")
-    for optional in ("prepare", "advise", "needs", "default_for", "refuse_by_sides"):
+    for optional in (
+        "prepare",
+        "advise",
+        "needs",
+        "default_for",
+        "refuse_by_sides",
+        "refuse_rows",
+    ):
         if getattr(action, optional) is not None and not callable(getattr(action, optional)):
             problems.append(f"{optional} must be a function or None")
     if not isinstance(action.always_shown, bool):
