@@ -5,8 +5,8 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ckptviz.core.actions import action_named, action_names, checkpoint_keys_read
-from ckptviz.core.actions.base import ActionDef, RowContext
+from ckptviz.core.actions.base import ActionDef, OptionValue, RowContext
 from ckptviz.core.checkpoint import human_bytes
 from ckptviz.core.display import render
 from ckptviz.core.errors import PlanError
@@ -187,6 +187,9 @@ class ReportEntry:
     nbytes: int
     verified: bool
     detail: str = ""
+    #: the options it was applied with, every one (defaults included; ``{}`` for an action
+    #: without options)
+    options: Mapping[str, OptionValue] = field(default_factory=dict)
 
 
 class Report:

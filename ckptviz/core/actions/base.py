@@ -224,7 +224,9 @@ class Undecided:
 UNDECIDED = Undecided()
 
 
-def _plot_whole(row: Row, numel: int) -> Sequence[tuple[str, int, bool]]:
+def _plot_whole(
+    row: Row, numel: int, options: Mapping[str, OptionValue]
+) -> Sequence[tuple[str, int, bool]]:
     return ()
 
 
@@ -265,8 +267,9 @@ class ActionDef:
     - ``options``: named options (``OptionSpec``), JSON values only.
     - ``distributed``: how ``apply_distributed`` writes it (``ShardWrite``); ``None``: refused
       there, with words.
-    - ``plot_parts(row, numel)``: how ``plot_report`` splits a tensor's values, as
-      (label, values, kept) parts; empty: all its values under its name.
+    - ``plot_parts(row, numel, options)``: how ``plot_report`` splits a tensor's values, as
+      (label, values, kept) parts, for the options it was applied with; empty: all its values
+      under its name.
     - ``default_for(RowContext)``: optional, True where a new plan gives the row this action
       by default (before ``load``/``keep``); the diff's summary must then say so.
     - ``advise(RowContext)``: optional, a plain-words sentence for ``explain_row`` about this
@@ -298,7 +301,9 @@ class ActionDef:
     prepare: Callable[[PrepareContext], Mapping[str, torch.Tensor]] | None = None
     options: Mapping[str, OptionSpec] = field(default_factory=lambda: MappingProxyType({}))
     distributed: ShardWrite | None = None
-    plot_parts: Callable[[Row, int], Sequence[tuple[str, int, bool]]] = _plot_whole
+    plot_parts: Callable[[Row, int, Mapping[str, OptionValue]], Sequence[tuple[str, int, bool]]] = (
+        _plot_whole
+    )
     advise: Callable[[RowContext], str | None] | None = None
     needs: Callable[[RowContext], Sequence[str]] | None = None
     default_for: Callable[[RowContext], bool] | None = None
