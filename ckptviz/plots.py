@@ -519,17 +519,20 @@ def plot_report(
     diff = report.plan.diff
     # writing actions first, in registration order, then the ones that leave values alone
     defined = sorted(registered_actions(), key=lambda a: not a.writes)
-    categories: list[str] = []
-    styles: dict[str, tuple[str, str]] = {}
+    # per action, the labels of its parts in the order first met, and whether each is kept
+    # values (rows of one action may split differently: a partial fill per row)
+    parts_of: dict[str, dict[str, bool]] = {}
     for entry in report.entries:
         module = entry.key.rpartition(".")[0]
         row = diff.row(entry.key)
         module_type = row.model.module_type if row.model is not None else None
         flag = None if entry.verified else "NOT verified"
-        parts = action_named(entry.action).plot_parts(row, entry.numel)
+        parts = action_named(entry.action).plot_parts(row, entry.numel, entry.options)
         if not parts:
             parts = ((entry.action, entry.numel, False),)
-        for i, (label, numel, _) in enumerate(parts):
+        labels = parts_of.setdefault(entry.action, {})
+        for i, (label, numel, kept) in enumerate(parts):
+            labels.setdefault(label, kept)
             # the tensor is counted (and flagged) once, with its first part
             items.append(
                 _Item(
@@ -541,13 +544,11 @@ def plot_report(
                     flag if i == 0 else None,
                 )
             )
+    categories: list[str] = []
+    styles: dict[str, tuple[str, str]] = {}
     for action in defined:
         colour, hatch, light = ROLE_STYLE[action.colour]
-        row_parts = [(action.name, 0, False)]
-        example = next((e for e in report.entries if e.action == action.name), None)
-        if example is not None:
-            row_parts = list(action.plot_parts(diff.row(example.key), example.numel) or row_parts)
-        for label, _, kept in row_parts:
+        for label, kept in (parts_of.get(action.name) or {action.name: False}).items():
             categories.append(label)
             styles[label] = (light, "--") if kept else (colour, hatch)
     groups, used_depth, run = _group(items, depth, max_groups, {default_fitting_action()})

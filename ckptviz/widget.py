@@ -52,9 +52,9 @@ from ckptviz import widget_columns
 from ckptviz.core.actions import (
     SKIP,
     UNDECIDED,
-    ActionDef,
     OptionValue,
     RowContext,
+    RowsContext,
     Undecided,
     action_named,
     action_names,
@@ -79,7 +79,6 @@ from ckptviz.core.planfile import plan_from_dict
 from ckptviz.core.report import CheckpointCoverage, Report
 from ckptviz.core.text import format_table, row_cells, visible
 from ckptviz.core.vocabulary import COLOUR_ROLES, STATUS_TERMS, Status
-from ckptviz.widget_columns import COLUMNS, Column
 
 STATIC = Path(__file__).parent / "static"
 
@@ -98,22 +97,10 @@ def action_codes() -> dict[str, str]:
     return codes
 
 
-def row_fields(columns: Sequence[Column]) -> tuple[str, ...]:
-    """The order of the values in each row of ``_rows["data"]``: the status, each declared
-    column for the model side and then the checkpoint side, and what the table needs besides."""
-    return (
-        "status",
-        *(f"model_{c.key}" for c in columns),
-        *(f"checkpoint_{c.key}" for c in columns),
-        "note",
-        "refused",
-        "tied",
-        "place",
-        "renamed",
-    )
-
-
-ROW_FIELDS = row_fields(COLUMNS)
+#: The order of the values in each row of ``_rows["data"]``: the status, the model side and
+#: the checkpoint side (each a list of the declared columns' values), and what the table needs
+#: besides (see ``_rows_state``).
+ROW_FIELDS = ("status", "model", "checkpoint", "note", "refused", "tied", "place", "renamed")
 
 #: A plan file larger than this is refused before it is read.
 PLAN_FILE_LIMIT = 256 * 2**20
@@ -655,8 +642,9 @@ class Loader(anywidget.AnyWidget):
 
     def _options_now(self) -> dict[int, dict[str, OptionValue]]:
         """The rows' options that differ from their action's defaults, by row index."""
-        chosen = self._plan.chosen_options
-        return {index: dict(o) for key, index in self._row_of.items() if (o := chosen(key))}
+        row_of = self._row_of
+        chosen = self._plan.rows_with_options
+        return dict(sorted((row_of[key], options) for key, options in chosen.items()))
 
     def _option_changes(self, keys: Sequence[str]) -> list[list[Any]]:
         """[index, options] for the rows of ``keys`` whose options differ from what the front
@@ -925,91 +913,120 @@ class _ModuleIndex:
 
 
 class _Refusals:
-    """``refusal`` for every row and action, asked once per distinct question: apart from
-    an action whose refusal reads the model (``refusal_needs_model``: ``reinit`` reads the
-    row's module), a refusal depends only on the action, which sides the row has, and their
-    shapes, which most rows of a table share.
+    """``refusal`` for every row of a table and every action, numbered as the front end
+    reads it: each distinct reason once (``reasons``), each distinct list of a row's reason
+    codes once (``sets``), and per row the number of its list (0: every action may apply).
 
-    An action whose refusal reads the model answers once per question too where the row's
-    sides decide it (its ``refuse_by_sides``: ``resample`` where the shapes agree); else it is
-    asked per row, as ``refusal`` asks it (its ``refuse`` with the default options), without
-    rebuilding the defaults and the context for each: actions whose defaults are equal share
-    one ``RowContext`` per row."""
+    Asked once per distinct question where it can be: apart from an action whose refusal
+    reads the model (``refusal_needs_model``: ``reinit`` reads the row's module), a refusal
+    depends only on the action, which sides the row has, and their shapes and dtypes, which
+    most rows of a table share. An action whose refusal reads the model answers once per
+    question too where the row's sides decide it (its ``refuse_by_sides``: ``resample``
+    where the shapes agree); the rows it leaves undecided are asked all at once, with the
+    action's default options, through ``refuse_each`` (its ``refuse_rows`` where it has one),
+    as ``refusal`` would ask each."""
 
     def __init__(self, owners: torch.nn.Module | None, diff: Diff | None = None) -> None:
         self._owners = owners
         self._diff = diff
         self._names = action_names()
-        # actions whose refusal reads the model, grouped by their default options (one context
-        # per group and row); 1 and True are equal keys, so each value's type is in the key
-        groups: dict[tuple[tuple[str, type, Any], ...], list[tuple[int, ActionDef]]] = {}
-        for i, name in enumerate(self._names):
-            definition = action_named(name)
-            if definition.refusal_needs_model:
-                defaults = definition.defaults()
-                question = tuple(sorted((k, type(v), v) for k, v in defaults.items()))
-                groups.setdefault(question, []).append((i, definition))
-        self._per_row = {i for group in groups.values() for i, _ in group}
-        self._groups = [
-            (MappingProxyType({k: v for k, _, v in options}), group)
-            for options, group in groups.items()
-        ]
-        # the sides of a row (each side's shape and dtype, None where absent) -> the reason
-        # per action (``None`` where it may apply; a placeholder at the actions still to ask
-        # per row) and those actions, grouped as above with their ``refuse``
-        self._known: dict[tuple[Any, Any], tuple[list[str | None], list[_PerRow]]] = {}
+        self._definitions = [action_named(name) for name in self._names]
+        self._per_row = {i for i, d in enumerate(self._definitions) if d.refusal_needs_model}
+        #: reason -> its code (1 + its index)
+        self.reasons: dict[str, int] = {}
+        #: a row's codes, one per action in ``action_names()`` order -> its number (1 + index)
+        self.sets: dict[tuple[int, ...], int] = {}
+        # the sides of a row (shape and dtype of each, None where absent) -> (the reason per
+        # action, None at the actions its sides leave to be asked per row; those actions)
+        self._known: dict[tuple[Any, ...], tuple[tuple[str | None, ...], tuple[int, ...]]] = {}
+        self._number_of_known: dict[tuple[str | None, ...], int] = {}
 
-    def of(self, row: Row) -> list[str | None]:
-        """The reason each registered action is refused for ``row`` (``None``: it may)."""
-        m, c = row.model, row.checkpoint
-        question = (
-            None if m is None else (m.shape, m.dtype),
-            None if c is None else (c.shape, c.dtype),
-        )
-        entry = self._known.get(question)
-        if entry is None:
-            entry = self._known[question] = self._first(row)
-        known, still = entry
-        if not still:
-            return known
-        reasons = known.copy()
-        owners, diff = self._owners, self._diff
-        for options, group in still:
-            ctx = RowContext(row, owners, options, diff)
-            for i, refuse in group:
-                reasons[i] = refuse(ctx)
-        return reasons
-
-    def _first(self, row: Row) -> tuple[list[str | None], list[_PerRow]]:
-        """The reasons of the first row of its question, and the actions its sides do not
-        decide."""
-        if row.model is None:  # no model tensor: nothing reads the model
-            return [refusal(row, n, self._owners, None, self._diff) for n in self._names], []
-        known = [
-            None if i in self._per_row else refusal(row, name, self._owners, None, self._diff)
-            for i, name in enumerate(self._names)
-        ]
-        still: list[_PerRow] = []
-        for options, group in self._groups:
-            ctx = RowContext(row, self._owners, options, self._diff)
-            asked = []
-            for i, definition in group:
-                early = (
-                    UNDECIDED
-                    if definition.refuse_by_sides is None
-                    else definition.refuse_by_sides(ctx)
+    def numbers(self, rows: Sequence[Row]) -> list[int]:
+        """Each row's number in ``sets`` (0 where every action may apply)."""
+        known_of: list[tuple[str | None, ...]] = []
+        asked: dict[int, list[int]] = {}  # action index -> the rows to ask it per row
+        known = self._known
+        for index, row in enumerate(rows):
+            m, c = row.model, row.checkpoint
+            # one flat tuple: a shape is never None, so the sides cannot be confused
+            if m is not None:
+                question: tuple[Any, ...] = (
+                    (m.shape, m.dtype, c.shape, c.dtype) if c is not None else (m.shape, m.dtype)
                 )
-                if isinstance(early, Undecided):
-                    asked.append((i, definition.refuse))
-                else:
-                    known[i] = early
-            if asked:
-                still.append((options, asked))
-        return known, still
+            else:
+                assert c is not None  # a row has at least one side
+                question = (None, c.shape, c.dtype)
+            entry = known.get(question)
+            if entry is None:
+                entry = known[question] = self._first(row)
+            reasons, still = entry
+            known_of.append(reasons)
+            for i in still:
+                asked.setdefault(i, []).append(index)
+        # the actions asked per row: all their rows at once, then only the refused ones differ
+        refused_at: dict[int, dict[int, str]] = {}
+        for i, indices in asked.items():
+            definition = self._definitions[i]
+            ctx = RowsContext(
+                [rows[k] for k in indices],
+                self._owners,
+                MappingProxyType(definition.defaults()),
+                self._diff,
+            )
+            for k, why in zip(indices, definition.refuse_each(ctx), strict=True):
+                if why is not None:
+                    refused_at.setdefault(k, {})[i] = why
+        numbers: list[int] = []
+        number_of_known = self._number_of_known
+        for index, reasons in enumerate(known_of):
+            refused = refused_at.get(index)
+            if refused is None:
+                number = number_of_known.get(reasons)
+                if number is None:
+                    number = number_of_known[reasons] = self._number(reasons)
+            else:
+                whys = list(reasons)
+                for i, why in refused.items():
+                    whys[i] = why
+                number = self._number(tuple(whys))
+            numbers.append(number)
+        return numbers
+
+    def _number(self, whys: tuple[str | None, ...]) -> int:
+        if not any(whys):
+            return 0
+        codes = tuple(
+            self.reasons.setdefault(why, len(self.reasons) + 1) if why else 0 for why in whys
+        )
+        return self.sets.setdefault(codes, len(self.sets) + 1)
+
+    def _first(self, row: Row) -> tuple[tuple[str | None, ...], tuple[int, ...]]:
+        """The reasons of the first row of its question (``None`` at the actions its sides do
+        not decide), and those actions."""
+        names, owners, diff = self._names, self._owners, self._diff
+        if row.model is None:  # no model tensor: nothing reads the model
+            return tuple(refusal(row, n, owners, None, diff) for n in names), ()
+        reasons: list[str | None] = []
+        still: list[int] = []
+        for i, (name, definition) in enumerate(zip(names, self._definitions, strict=True)):
+            if i not in self._per_row:
+                reasons.append(refusal(row, name, owners, None, diff))
+                continue
+            early: str | Undecided | None = UNDECIDED
+            if definition.refuse_by_sides is not None:
+                ctx = RowContext(row, owners, MappingProxyType(definition.defaults()), diff)
+                early = definition.refuse_by_sides(ctx)
+            if isinstance(early, Undecided):
+                reasons.append(None)
+                still.append(i)
+            else:
+                reasons.append(early)
+        return tuple(reasons), tuple(still)
 
 
-#: Actions of one default options asked per row: (the options, [(action index, its refuse)]).
-_PerRow = tuple[Mapping[str, OptionValue], list[tuple[int, Callable[[RowContext], "str | None"]]]]
+#: How a row's checkpoint side travels when every column of it equals the model side's (a
+#: key loaded as it is): one number instead of the same values again.
+SAME_AS_MODEL = 1
 
 
 def _rows_state(
@@ -1019,15 +1036,16 @@ def _rows_state(
     counts: Mapping[str, list[int]],
     modules: _ModuleIndex | None = None,
 ) -> dict[str, Any]:
-    """Row metadata, one list per row in ``ROW_FIELDS`` order; refusal reasons deduplicated.
+    """Row metadata, one list per row in ``ROW_FIELDS`` order: a side is the list of its
+    columns' values (``null`` where the row has no such side; the checkpoint side is
+    ``SAME_AS_MODEL`` where it equals the model side); ``refused`` is the row's number in
+    ``refusal_sets`` (0: every action may apply), each set a reason code per action in
+    ``actions_order`` (0: it may, else 1 + the index of its reason in ``reasons``).
     ``modules`` is an index of ``plan.diff.model`` already made (else one is made here).
 
     The rows travel as one JSON buffer (``data``): a binary buffer is sent as it is,
     where a list of 100,000 lists would be walked value by value on its way to the wire."""
     columns = widget_columns.COLUMNS  # read at each call: a column added is a column sent
-    reasons: dict[str, int] = {}
-    # the reasons of a row -> their codes: one list per distinct set of reasons
-    coded: dict[tuple[str | None, ...], list[int] | int] = {}
     data = []
     mapping = plan.diff.mapping
     prefixes_only = KeyMapping(mapping.checkpoint_prefix, mapping.model_prefix)
@@ -1037,54 +1055,58 @@ def _rows_state(
     if modules is None and model is not None:
         modules = _ModuleIndex(model)
     refusals = _Refusals(cast(torch.nn.Module, modules) if modules is not None else None, plan.diff)
+    rows = plan.diff.rows
+    refused = refusals.numbers(rows)
     side = widget_columns.side_values(columns)
-    absent = [None] * len(columns)
-    for row in plan.diff.rows:
+    for row, number in zip(rows, refused, strict=True):
         m, c = row.model, row.checkpoint
         # where the row sits in the module tree, if not at its key: an unexpected key goes where
         # the model would have it
         place = None
-        if m is None and c is not None:
+        renamed = 0
+        model_side: Sequence[Any] | None = None
+        checkpoint_side: Sequence[Any] | int | None = None
+        if m is None:
+            assert c is not None  # a row has at least one side
             place = mapping.model_prefix + mapping.checkpoint_name(c.key)
             if place == c.key:
                 place = None
-        # renamed by a rule or by hand (not merely a wrapper prefix): show the checkpoint key
-        renamed = 0
-        if m is not None and c is not None:
-            if no_prefixes:
-                renamed = int(c.key != m.key)
-            else:
-                renamed = int(
-                    prefixes_only.checkpoint_name(c.key) != prefixes_only.model_name(m.key)
-                )
-        # per action: 0 if it may apply, else 1 + the index of its reason in "reasons"
-        whys = tuple(refusals.of(row))
-        codes_of_row = coded.get(whys)
-        if codes_of_row is None:  # most rows share their reasons with many others
-            codes_of_row = coded[whys] = (
-                [reasons.setdefault(why, len(reasons) + 1) if why else 0 for why in whys]
-                if any(whys)
-                else 0
-            )
+            checkpoint_side = side(c)
+        else:
+            model_side = side(m)
+            if c is not None:
+                checkpoint_side = side(c)
+                if checkpoint_side == model_side:
+                    checkpoint_side = SAME_AS_MODEL
+                # renamed by a rule or by hand (not merely a wrapper prefix): the checkpoint
+                # key is shown
+                if no_prefixes:
+                    renamed = int(c.key != m.key)
+                else:
+                    renamed = int(
+                        prefixes_only.checkpoint_name(c.key) != prefixes_only.model_name(m.key)
+                    )
         data.append(
             [
                 row.status,
-                *(side(m) if m else absent),
-                *(side(c) if c else absent),
+                model_side,
+                checkpoint_side,
                 row.note,
-                codes_of_row,
-                _tied_shown(row.tied) if row.tie_group else [],
+                number,
+                _tied_shown(row.tied) if row.tie_group else 0,
                 place,
                 renamed,
             ]
         )
     return {
         "gen": generation,
-        "fields": list(row_fields(columns)),
+        "fields": list(ROW_FIELDS),
+        "same_as_model": SAME_AS_MODEL,
         "actions_order": list(action_names()),
         # ASCII JSON: a key with a lone surrogate (a file can hold one) stays exact as \udc80
         "data": json.dumps(data, separators=(",", ":")).encode("ascii"),
-        "reasons": list(reasons),
+        "reasons": list(refusals.reasons),
+        "refusal_sets": [list(codes) for codes in refusals.sets],
         "actions": codes,
         # a copy: the Loader updates its counters in place as actions change
         "counts": {action: list(figures) for action, figures in counts.items()},

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ckptviz
+from ckptviz.core.actions import registered
 from ckptviz.core.report import coverage_warning
 from ckptviz.widget import Loader
 
@@ -111,3 +112,54 @@ def test_the_warning_blames_the_shapes_when_the_keys_line_up(tmp_path: Path) -> 
     advice = report.warnings[0]
     assert "7 tensor(s) have another shape in the model" in advice
     assert "no model tensor" not in advice and "key mapping" not in advice
+
+
+def _borrowed(ctx: ckptviz.ValueContext) -> torch.Tensor:
+    return ctx.needed(str(ctx.options["source"])).reshape(ctx.current.shape)
+
+
+def borrow_action() -> ckptviz.ActionDef:
+    """An action whose reads are other rows' checkpoint keys, named by an option (as
+    ``merge`` reads its adapter's factors): the count must follow the option."""
+    return ckptviz.ActionDef(
+        name="borrow",
+        label="another checkpoint tensor",
+        symbol="⇐",
+        colour="neutral",
+        explain="borrow writes the checkpoint tensor named by its source option: a test action.",
+        refuse=lambda ctx: None,
+        value=_borrowed,
+        needs=lambda ctx: (str(ctx.options["source"]),),
+        verified_detail=lambda ctx: f"from {ctx.options['source']}",
+        code=lambda ctx: ckptviz.CodePart(),
+        options={"source": ckptviz.OptionSpec(str, "extra.a", "the checkpoint key it reads")},
+    )
+
+
+def test_the_count_kept_row_by_row_equals_a_count_made_afresh() -> None:
+    """``CheckpointCoverage.update`` after each change (actions, an option that moves what a
+    row reads, back to the defaults) counts what a new count of the plan counts."""
+    import random
+
+    from ckptviz.core.report import CheckpointCoverage
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state |= {"extra.a": torch.zeros(2), "extra.b": torch.zeros(2), "extra.c": torch.zeros(4)}
+    sources = ["extra.a", "extra.b", "extra.c", "0.bias", "1.bias"]
+    with registered(borrow_action()):
+        plan = ckptviz.compare(model, state).plan()
+        coverage = CheckpointCoverage(plan)
+        keys = list(plan.actions)
+        chance = random.Random(5)
+        seen = set()
+        for _ in range(300):
+            key = chance.choice(keys)
+            action = chance.choice(["load", "keep", "borrow", "borrow"])
+            options = {"source": chance.choice(sources)} if action == "borrow" else {}
+            plan.set(key, action, **options)
+            coverage.update([key])
+            fresh = CheckpointCoverage(plan)
+            assert coverage.loaded == fresh.loaded
+            seen.add(fresh.loaded)
+    assert len(seen) >= 4  # the count moved both ways, not only stayed put

@@ -7,12 +7,12 @@ counts its own ``state_dict`` calls and module-tree walks.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from conftest import table_rows
 from torch import nn
 
 import ckptviz
@@ -134,10 +134,10 @@ def test_the_loader_asks_a_model_reading_refusal_per_row_only_where_the_sides_do
         loader = ckptviz.Loader(model, state)
         assert asked == {"0.weight": 1, "1.bias": 1}  # the rows whose shapes differ
         table = loader._rows  # what the front end receives
-        order, rows = table["actions_order"], json.loads(table["data"])
-        column, refused = order.index("counted"), table["fields"].index("refused")
+        order, rows = table["actions_order"], table_rows(table)
+        column = order.index("counted")
         keys = [r.key for r in loader.diff.rows]
-        codes = [row[refused][column] if row[refused] else 0 for row in rows]
+        codes = [row["refused"][column] if row["refused"] else 0 for row in rows]
         shown = {
             key: table["reasons"][code - 1] if code else None
             for key, code in zip(keys, codes, strict=True)
@@ -145,3 +145,70 @@ def test_the_loader_asks_a_model_reading_refusal_per_row_only_where_the_sides_do
         assert shown == {key: loader.plan.refusal(key, "counted") for key in keys}
         assert shown["0.weight"] is None and shown["1.bias"] == "only a weight"
         assert shown["2.weight"] == "the shapes agree: load it"
+
+
+class _Bare(nn.Module):
+    """A module with a parameter and no initialiser of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(2))
+
+
+class _Hidden(nn.Linear):
+    """A Linear whose instance hides the class's ``reset_parameters``."""
+
+    def __init__(self) -> None:
+        super().__init__(2, 2)
+        self.reset_parameters = None  # type: ignore[method-assign,assignment]
+
+
+class _EveryKindOfOwner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 2)
+        self.norm = nn.BatchNorm1d(2)
+        self.bare = _Bare()
+        self.hidden = _Hidden()
+        self.hooked = nn.Linear(2, 2)
+        self.hooked.register_forward_pre_hook(lambda module, args: None)
+        self.normed = torch.nn.utils.weight_norm(nn.Linear(2, 2))
+
+        def custom_key(module: nn.Module, state: dict[str, Any], prefix: str, _: Any) -> None:
+            state[f"{prefix}nowhere.value"] = torch.zeros(1)
+
+        self._register_state_dict_hook(custom_key)
+
+
+def test_reinit_asked_for_a_whole_table_answers_as_it_does_row_by_row() -> None:
+    """The Loader asks ``reinit`` for all rows at once (``refuse_rows``: from each module's
+    class where that is exact); every answer equals ``plan.refusal`` of that row: a module
+    without an initialiser, one whose instance hides it, a forward pre-hook, weight_norm, a
+    custom key no module owns, running statistics."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm's deprecation
+        model = _EveryKindOfOwner()
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    loader = ckptviz.Loader(model, state)
+    table = loader._rows
+    column = table["actions_order"].index("reinit")
+    keys = [r.key for r in loader.diff.rows]
+    shown = {
+        key: table["reasons"][row["refused"][column] - 1]
+        if row["refused"] and row["refused"][column]
+        else None
+        for key, row in zip(keys, table_rows(table), strict=True)
+    }
+    assert shown == {key: loader.plan.refusal(key, "reinit") for key in keys}
+    refused = {key for key, why in shown.items() if why}
+    assert refused == {
+        "bare.scale",
+        "hidden.weight",
+        "hidden.bias",
+        "normed.weight_g",
+        "normed.weight_v",
+        "nowhere.value",
+    }
+    assert "has no reset_parameters()" in str(shown["hidden.weight"])

@@ -436,3 +436,21 @@ def test_diff_plot_of_1500_modules_sums_runs_of_blocks() -> None:
     assert drawn["shape"] == {"layers.6 … layers.8": 6}
     assert drawn["match"]["layers.0 … layers.2"] == 3 * 25 * 9
     assert "1,501 modules summed into 21 bars" in ax.get_title(loc="left")
+
+
+def test_report_plot_says_how_a_partial_copy_filled_the_rest(old_cnn_path: Path) -> None:
+    """A partial row filled with zeros is drawn as filled values, not as values kept; rows of
+    one action with different fills each get their own part."""
+    model = SmallCNN(32)
+    plan = ckptviz.compare(model, old_cnn_path).plan()
+    plan.set("conv1", "partial")
+    plan.set("bn1.weight", "partial", fill="zeros")
+    plan.set("bn1.bias", "partial", fill="zeros")
+    report = plan.apply(model)
+    ax = report.plot(scale="values").axes[0]
+    drawn = bars(ax)
+    conv_values, conv_copied = 32 * 3 * 3 * 3 + 32, 16 * 3 * 3 * 3 + 16
+    assert drawn["partial: rest kept"] == {"conv1 (Conv2d)": conv_values - conv_copied}
+    assert drawn["partial: rest filled (zeros)"] == {"bn1 (BatchNorm2d)": 2 * (32 - 16)}
+    assert drawn["partial: copied"] == {"conv1 (Conv2d)": conv_copied, "bn1 (BatchNorm2d)": 32}
+    assert model.bn1.weight[16:].eq(0).all()  # what the plot says is what apply wrote

@@ -11,7 +11,7 @@ import comm
 import pytest
 import torch
 from comm.base_comm import BaseComm
-from conftest import SmallCNN
+from conftest import SmallCNN, table_rows
 
 import ckptviz
 from ckptviz import widget, widget_columns
@@ -109,11 +109,9 @@ def test_a_new_column_is_one_entry(opened: dict[str, Any]) -> None:
     """The extra column declared in the fixture travels in every row and in ``_columns``."""
     assert [c["key"] for c in opened["_columns"]] == ["key", "shape", "dtype", "bytes", "numel"]
     assert opened["_columns"][-1]["title"] == "values"
-    rows = opened["_rows"]
-    fields = rows["fields"]
+    keys = [c["key"] for c in opened["_columns"]]
     model = SmallCNN(32).state_dict()
-    for values in rows["data"]:
-        row = dict(zip(fields, values, strict=True))
+    for row in table_rows(opened["_rows"], keys):
         assert row["model_numel"] == model[row["model_key"]].numel()
         assert row["checkpoint_numel"] is not None
 

@@ -16,7 +16,7 @@ import comm
 import pytest
 import torch
 from comm.base_comm import BaseComm
-from conftest import Classifier, SmallCNN, assert_bitwise_same, snapshot
+from conftest import Classifier, SmallCNN, assert_bitwise_same, snapshot, table_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -133,9 +133,8 @@ class FrontEnd:
 
     # what the table shows
     def rows(self) -> list[dict[str, Any]]:
-        state = self.state["_rows"]
-        data = json.loads(state["data"])  # one UTF-8 JSON buffer, as loader.js decodes it
-        return [dict(zip(state["fields"], values, strict=True)) for values in data]
+        # one UTF-8 JSON buffer, read as loader.js reads it
+        return table_rows(self.state["_rows"], [c["key"] for c in self.state["_columns"]])
 
     def actions(self) -> dict[str, str]:
         return {
@@ -685,14 +684,39 @@ def test_import_ckptviz_does_not_load_the_widget_stack() -> None:
 
 
 def test_the_row_fields_are_what_the_front_end_reads() -> None:
-    """The front end reads the row fields by name: the columns' through the declared keys
-    (``model_<key>``, ``checkpoint_<key>``), the others literally."""
+    """The front end reads each row field by name and the state's keys that decode them."""
     script = (Path(ckptviz.__file__).parent / "static" / "loader.js").read_text()
-    column_fields = {f"{side}_{c.key}" for side in ("model", "checkpoint") for c in COLUMNS}
-    assert column_fields <= set(ROW_FIELDS)
-    assert "get(`model_${c.key}`)" in script and "get(`checkpoint_${c.key}`)" in script
-    for field in set(ROW_FIELDS) - column_fields | {"model_key", "checkpoint_key"}:
-        assert f'"{field}"' in script, field
+    for field in ROW_FIELDS:
+        assert f'get("{field}")' in script, field
+    for key in ("refusal_sets", "same_as_model", "reasons", "actions_order", "fields"):
+        assert f"state.{key}" in script, key
+
+
+def test_a_side_is_sent_once_when_both_sides_agree(old_cnn_path: Path) -> None:
+    """A key loaded as it is sends its checkpoint side as one number; every other row sends
+    both sides in full, and the decoded table holds every column of every side."""
+    model = SmallCNN(32)
+    loader = Loader(model, old_cnn_path)
+    state = loader._rows
+    sent = json.loads(state["data"])
+    checkpoint_at = state["fields"].index("checkpoint")
+    rows = table_rows(state)
+    for row, values, decoded in zip(loader.diff.rows, sent, rows, strict=True):
+        same = row.model is not None and row.checkpoint is not None
+        same = same and (row.model.key, row.model.shape, row.model.dtype) == (
+            row.checkpoint.key,
+            row.checkpoint.shape,
+            row.checkpoint.dtype,
+        )
+        assert (values[checkpoint_at] == state["same_as_model"]) == same, row.key
+        for side, info in (("model", row.model), ("checkpoint", row.checkpoint)):
+            for column in COLUMNS:
+                expected = None if info is None else column.value(info)
+                assert decoded[f"{side}_{column.key}"] == (
+                    list(expected) if isinstance(expected, tuple) else expected
+                )
+    assert any(v[checkpoint_at] == state["same_as_model"] for v in sent)
+    assert any(isinstance(v[checkpoint_at], list) for v in sent)
 
 
 # -- plan files stay in one folder ------------------------------------------------------------

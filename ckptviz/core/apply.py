@@ -640,7 +640,8 @@ def _checked(
         raise ApplyError(f"verification failed for {row.key}: {detail}")
     source_key = row.checkpoint_key if action_named(action).reads_checkpoint else None
     nbytes = target.numel() * target.element_size()
-    return ReportEntry(row.key, action, source_key, target.numel(), nbytes, ok, detail)
+    numel = target.numel()
+    return ReportEntry(row.key, action, source_key, numel, nbytes, ok, detail, dict(options))
 
 
 def _overlapping_rows(written: list[tuple[Row, str]], targets: dict[str, torch.Tensor]) -> set[str]:

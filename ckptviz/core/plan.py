@@ -98,6 +98,11 @@ class Plan:
         return self._options.get(key, {})
 
     @property
+    def rows_with_options(self) -> dict[str, dict[str, OptionValue]]:
+        """model key -> ``chosen_options(key)``, for every row that has any (a copy)."""
+        return {key: dict(chosen) for key, chosen in self._options.items()}
+
+    @property
     def counts(self) -> dict[str, dict[str, int]]:
         """Per action: how many rows and how many values (parameters and buffers)."""
         counts = {a: {"rows": 0, "numel": 0} for a in (*action_names(), SKIP)}

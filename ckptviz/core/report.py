@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ckptviz.core.actions import action_named, action_names, checkpoint_keys_read
-from ckptviz.core.actions.base import RowContext
+from ckptviz.core.actions.base import ActionDef, OptionValue, RowContext
 from ckptviz.core.checkpoint import human_bytes
 from ckptviz.core.display import render
 from ckptviz.core.errors import PlanError
@@ -21,6 +22,7 @@ from ckptviz.core.snapshot import Snapshot, SnapshotChoice
 from ckptviz.core.text import visible, visible_lines
 
 if TYPE_CHECKING:
+    from ckptviz.core.diff import Row
     from ckptviz.core.plan import Plan
 
 
@@ -36,14 +38,51 @@ class CheckpointCoverage:
     def __init__(self, plan: Plan) -> None:
         self._plan = plan
         self.total = len(plan.diff.checkpoint.tensors)
-        self._reads_of: dict[str, tuple[str, ...]] = {}
-        self._readers: dict[str, int] = {}
-        self.update(plan.actions)
+        # what each row was counted with: its action, and for an action with ``needs`` the
+        # keys it read then (its options may have changed since)
+        self._counted: dict[str, str] = plan.actions
+        self._needed_of: dict[str, tuple[str, ...]] = {}
+        self._readers: Counter[str] = Counter()
+        self._count(plan)
 
     @property
     def loaded(self) -> int:
         """How many distinct checkpoint tensors the plan reads."""
         return len(self._readers)
+
+    def _count(self, plan: Plan) -> None:
+        """Count every row once (a plan of 100,000 rows: each action is looked up once, the
+        common rows, which read their own checkpoint tensor, in one comprehension)."""
+        actions = self._counted
+        definitions = {name: action_named(name) for name in set(actions.values())}
+        reads_own = {n for n, d in definitions.items() if d.needs is None and d.reads_checkpoint}
+        rows = plan.diff.rows
+        self._readers.update(
+            c.key
+            for row in rows
+            if (m := row.model) is not None
+            and (c := row.checkpoint) is not None
+            and actions[m.key] in reads_own
+        )
+        if any(d.needs is not None for d in definitions.values()):
+            for row in rows:
+                m = row.model
+                if m is not None and (definition := definitions[actions[m.key]]).needs:
+                    self._needed_of[m.key] = now = self._needed(row, m.key, definition)
+                    self._readers.update(now)
+
+    def _needed(self, row: Row, key: str, action: ActionDef) -> tuple[str, ...]:
+        plan = self._plan
+        options = MappingProxyType(plan.options(key))
+        return checkpoint_keys_read(action, RowContext(row, plan.diff.model, options, plan.diff))
+
+    def _reads(self, row: Row, key: str, action: str) -> tuple[str, ...]:
+        """The checkpoint keys the row reads with ``action`` as it is now."""
+        definition = action_named(action)
+        if definition.needs is not None:
+            return self._needed(row, key, definition)
+        c = row.checkpoint
+        return (c.key,) if definition.reads_checkpoint and c is not None else ()
 
     def update(self, model_keys: Iterable[str]) -> None:
         """Count the rows of ``model_keys`` again, with their actions as they are now."""
@@ -51,23 +90,22 @@ class CheckpointCoverage:
         diff = plan.diff
         for key in model_keys:
             row = diff.row(key)
-            action = action_named(plan.action(key))
-            if action.needs is None:
-                c = row.checkpoint
-                now: tuple[str, ...] = (c.key,) if action.reads_checkpoint and c else ()
-            else:
-                options = MappingProxyType(plan.options(key))
-                now = checkpoint_keys_read(action, RowContext(row, diff.model, options, diff))
-            before = self._reads_of.get(key, ())
+            action = plan.action(key)
+            before = self._needed_of.pop(key, None)
+            if before is None:
+                counted = self._counted.get(key)
+                before = () if counted is None else self._reads(row, key, counted)
+            now = self._reads(row, key, action)
+            self._counted[key] = action
+            if action_named(action).needs is not None:
+                self._needed_of[key] = now
             if now == before:
                 continue
+            self._readers.subtract(before)
             for gone in before:
-                self._readers[gone] -= 1
                 if not self._readers[gone]:
                     del self._readers[gone]
-            for read in now:
-                self._readers[read] = self._readers.get(read, 0) + 1
-            self._reads_of[key] = now
+            self._readers.update(now)
 
     def warning(self) -> str | None:
         """The short warning when fewer than half of the checkpoint's tensors reach the model
@@ -149,6 +187,9 @@ class ReportEntry:
     nbytes: int
     verified: bool
     detail: str = ""
+    #: the options it was applied with, every one (defaults included; ``{}`` for an action
+    #: without options)
+    options: Mapping[str, OptionValue] = field(default_factory=dict)
 
 
 class Report:

@@ -245,9 +245,10 @@ class LoaderView {
 
   loadColumns() {
     const declared = this.model.get("_columns") || [];
-    this.columns = (Array.isArray(declared) ? declared : []).filter(
-      (c) => c && typeof c.key === "string" && typeof c.title === "string",
-    );
+    // each column keeps its declared position: a row's side lists the values in that order
+    this.columns = (Array.isArray(declared) ? declared : [])
+      .map((c, at) => ({ ...c, at }))
+      .filter((c) => typeof c.key === "string" && typeof c.title === "string");
   }
 
   /** The declared columns this width shows on each side. */
@@ -682,11 +683,22 @@ class LoaderView {
     this.gen = state.gen || 0;
     this.actionOrder = Array.isArray(state.actions_order) ? state.actions_order : this.chosenActions;
     this.reasons = Array.isArray(state.reasons) ? state.reasons.map(textOf) : [];
+    const sets = Array.isArray(state.refusal_sets) ? state.refusal_sets : [];
+    const sameAsModel = state.same_as_model;
+    // a side is the list of the declared columns' values (the key first), or null where the
+    // row has no such side
+    const sideValues = (values) => this.columns.map((c) => (Array.isArray(values) ? values[c.at] : null));
+    const sideKey = (values) => (Array.isArray(values) ? keyOf(values[0]) : null);
     const data = decodeRows(state.data);
     this.rows = data.map((values, index) => {
       const get = (name) => (at.has(name) ? values[at.get(name)] : undefined);
-      const modelKey = keyOf(get("model_key"));
-      const ckptKey = keyOf(get("checkpoint_key"));
+      const model = get("model");
+      const checkpoint = get("checkpoint") === sameAsModel ? model : get("checkpoint");
+      const md = sideValues(model);
+      const ck = checkpoint === model ? md : sideValues(checkpoint);
+      const refused = sets[get("refused") - 1];
+      const modelKey = sideKey(model);
+      const ckptKey = sideKey(checkpoint);
       const key = modelKey ?? ckptKey ?? "";
       const place = keyOf(get("place")) ?? key;
       const cut = place.lastIndexOf(".");
@@ -701,10 +713,10 @@ class LoaderView {
         differs: this.differingStatuses.has(textOf(get("status"))) || Boolean(get("note")),
         modelKey,
         ckptKey,
-        md: this.columns.map((c) => get(`model_${c.key}`)),
-        ck: this.columns.map((c) => get(`checkpoint_${c.key}`)),
+        md,
+        ck,
         note: textOf(get("note")),
-        refused: Array.isArray(get("refused")) ? get("refused") : 0,
+        refused: Array.isArray(refused) ? refused : 0,
         tied: Array.isArray(tied) ? tied.map(textOf) : [],
       };
     });

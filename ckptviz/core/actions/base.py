@@ -11,7 +11,7 @@ and never branch on it. Apply writes and verifies every action the same way:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import MappingProxyType
@@ -111,6 +111,22 @@ class RowContext:
         fields["model"] = model
         fields["options"] = options
         fields["diff"] = diff
+
+
+@dataclass
+class RowsContext:
+    """What ``refuse_rows`` sees: many rows of one diff, asked with the same options (a view
+    asks every row of a table at once)."""
+
+    rows: Sequence[Row]
+    model: torch.nn.Module | None
+    options: Mapping[str, OptionValue]
+    diff: Diff | None = None
+
+    def each(self) -> Iterator[RowContext]:
+        """One ``RowContext`` per row, in order: what ``refuse`` would see for each."""
+        for row in self.rows:
+            yield RowContext(row, self.model, self.options, self.diff)
 
 
 @dataclass
@@ -224,7 +240,9 @@ class Undecided:
 UNDECIDED = Undecided()
 
 
-def _plot_whole(row: Row, numel: int) -> Sequence[tuple[str, int, bool]]:
+def _plot_whole(
+    row: Row, numel: int, options: Mapping[str, OptionValue]
+) -> Sequence[tuple[str, int, bool]]:
     return ()
 
 
@@ -243,6 +261,10 @@ class ActionDef:
       the row's sides decide it (which sides it has, their shapes and dtypes, with the options
       and the diff, never the key or the model), else ``UNDECIDED``; views share it between
       rows whose sides agree and ask ``refuse`` for the others. ``refuse`` must answer the same.
+      ``refuse_rows(RowsContext)``: optional, ``refuse``'s answers for many rows at once (one
+      per row, in order), for an action whose refusal reads the model and can answer a table
+      of rows faster than row by row (``reinit``: from each module's class where that is
+      exact); ``refuse_each`` asks it, else ``refuse`` per row. It must answer as ``refuse``.
     - ``writes``: False only for an action that leaves the model tensor alone (verified
       untouched by its version counter).
     - ``reads_checkpoint``: its value needs the row's checkpoint tensor (read lazily, one at a
@@ -261,8 +283,9 @@ class ActionDef:
     - ``options``: named options (``OptionSpec``), JSON values only.
     - ``distributed``: how ``apply_distributed`` writes it (``ShardWrite``); ``None``: refused
       there, with words.
-    - ``plot_parts(row, numel)``: how ``plot_report`` splits a tensor's values, as
-      (label, values, kept) parts; empty: all its values under its name.
+    - ``plot_parts(row, numel, options)``: how ``plot_report`` splits a tensor's values, as
+      (label, values, kept) parts, for the options it was applied with; empty: all its values
+      under its name.
     - ``default_for(RowContext)``: optional, True where a new plan gives the row this action
       by default (before ``load``/``keep``); the diff's summary must then say so.
     - ``advise(RowContext)``: optional, a plain-words sentence for ``explain_row`` about this
@@ -290,10 +313,13 @@ class ActionDef:
     reads_current: bool = False
     refusal_needs_model: bool = False
     refuse_by_sides: Callable[[RowContext], str | Undecided | None] | None = None
+    refuse_rows: Callable[[RowsContext], Sequence[str | None]] | None = None
     prepare: Callable[[PrepareContext], Mapping[str, torch.Tensor]] | None = None
     options: Mapping[str, OptionSpec] = field(default_factory=lambda: MappingProxyType({}))
     distributed: ShardWrite | None = None
-    plot_parts: Callable[[Row, int], Sequence[tuple[str, int, bool]]] = _plot_whole
+    plot_parts: Callable[[Row, int, Mapping[str, OptionValue]], Sequence[tuple[str, int, bool]]] = (
+        _plot_whole
+    )
     advise: Callable[[RowContext], str | None] | None = None
     needs: Callable[[RowContext], Sequence[str]] | None = None
     default_for: Callable[[RowContext], bool] | None = None
@@ -307,6 +333,17 @@ class ActionDef:
 
     def defaults(self) -> dict[str, OptionValue]:
         return {name: spec.default for name, spec in self.options.items()}
+
+    def refuse_each(self, ctx: RowsContext) -> list[str | None]:
+        """``refuse``'s answer for each of ``ctx.rows``, in order (``refuse_rows`` if given)."""
+        if self.refuse_rows is None:
+            return [self.refuse(each) for each in ctx.each()]
+        answers = list(self.refuse_rows(ctx))
+        if len(answers) != len(ctx.rows):
+            raise ValueError(
+                f"action {self.name!r}: refuse_rows answered {len(answers)} rows of {len(ctx.rows)}"
+            )
+        return answers
 
 
 def definition_problems(definition: ActionDef) -> list[str]:
@@ -331,7 +368,14 @@ def definition_problems(definition: ActionDef) -> list[str]:
     reads = action.reads_checkpoint or action.needs is not None
     if not action.writes and (action.value is not None or reads):
         problems.append("an action that does not write has no value and reads no checkpoint")
-    for optional in ("prepare", "advise", "needs", "default_for", "refuse_by_sides"):
+    for optional in (
+        "prepare",
+        "advise",
+        "needs",
+        "default_for",
+        "refuse_by_sides",
+        "refuse_rows",
+    ):
         if getattr(action, optional) is not None and not callable(getattr(action, optional)):
             problems.append(f"{optional} must be a function or None")
     if not isinstance(action.always_shown, bool):

@@ -22,6 +22,7 @@ from ckptviz.core.actions.base import (
     CodePart,
     DetailContext,
     OptionSpec,
+    OptionValue,
     PrepareContext,
     RowContext,
     ShardWrite,
@@ -210,12 +211,21 @@ def _detail(ctx: DetailContext) -> str:
     return detail
 
 
-def _plot_parts(row: Row, numel: int) -> Sequence[tuple[str, int, bool]]:
+def _plot_parts(
+    row: Row, numel: int, options: Mapping[str, OptionValue]
+) -> Sequence[tuple[str, int, bool]]:
     m, c = row.model, row.checkpoint
     if m is None or c is None:
         return ()
     copied = prod(min(a, b) for a, b in zip(m.shape, c.shape, strict=True))
-    return (("partial: copied", copied, False), ("partial: rest kept", numel - copied, True))
+    fill = options.get("fill", MODEL_FILL)
+    if fill == MODEL_FILL:
+        return (("partial: copied", copied, False), ("partial: rest kept", numel - copied, True))
+    # the rest holds new values: not the model's, so not drawn as kept
+    return (
+        ("partial: copied", copied, False),
+        (f"partial: rest filled ({fill})", numel - copied, False),
+    )
 
 
 #: Module types whose rows are entries (vocabulary rows, classes, outputs): new ones are best

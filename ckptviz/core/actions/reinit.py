@@ -49,6 +49,7 @@ from ckptviz.core.actions.base import (
     OptionSpec,
     PrepareContext,
     RowContext,
+    RowsContext,
     ShardWrite,
     ValueContext,
 )
@@ -73,15 +74,8 @@ OWN = "own"
 _REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
 
 
-def initialiser_of(module: torch.nn.Module, tensor_name: str) -> str | None:
-    """The method of ``module`` that initialises ``tensor_name``, if it has one (the last in
-    reinit's order: see the module's doc)."""
-    if tensor_name in _RUNNING_STATS and hasattr(module, "reset_running_stats"):
-        return "reset_running_stats"
-    for method in ("reset_parameters", "_reset_parameters"):
-        if callable(getattr(module, method, None)):
-            return method
-    return None
+#: The methods ``own_initialiser`` looks for on a module, in its order.
+_METHODS = ("reset_parameters", "_reset_parameters")
 
 
 def own_initialiser(
@@ -265,8 +259,11 @@ def describe(initialiser: Initialiser, model: torch.nn.Module | None = None) -> 
 
 def _reparametrized_by(module: torch.nn.Module, tensor_name: str) -> str | None:
     """The old-style hook (``torch.nn.utils.weight_norm``/``spectral_norm``) owning a tensor."""
+    hooks = forward_pre_hooks(module)
+    if not hooks:
+        return None
     wrappers = {"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}
-    for hook in forward_pre_hooks(module):
+    for hook in hooks:
         wrapper = wrappers.get(type(hook).__name__)
         name = getattr(hook, "name", None)
         if wrapper and isinstance(name, str) and tensor_name.startswith(f"{name}_"):
@@ -476,6 +473,49 @@ def _refuse(ctx: RowContext) -> str | None:
     return None
 
 
+def _refuse_rows(ctx: RowsContext) -> list[str | None]:
+    """``_refuse`` for a table of rows, without asking it for the rows it would let through
+    for certain: a key that names its module (found), no ``init=``, a module whose class
+    defines ``reset_parameters``/``_reset_parameters`` as a plain function its instance does
+    not hide (``own_initialiser`` then finds one, whichever transformers model owns it) and no
+    forward pre-hook (nothing reparametrizes the tensor). Every other row asks ``_refuse``."""
+    model = ctx.model
+    if model is None or ctx.options.get("init"):
+        return [_refuse(each) for each in ctx.each()]
+    # per class: the method of _METHODS it defines as a plain function ("" if none); a local
+    # table, so no class outlives the call through it
+    method_of: dict[type, str] = {}
+    answers: list[str | None] = []
+    let_through = None  # the module of the last row let through (its next tensor follows it)
+    for row in ctx.rows:
+        m = row.model
+        if m is None:
+            answers.append(None)  # as _refuse: the model side is checked when applied
+            continue
+        module_name = m.key.rpartition(".")[0]
+        if module_name == let_through:  # what lets a row through is its module's alone
+            answers.append(None)
+            continue
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            module = None
+        if module is not None:
+            cls = type(module)
+            method = method_of.get(cls)
+            if method is None:
+                method = method_of[cls] = next(
+                    (n for n in _METHODS if isinstance(getattr(cls, n, None), types.FunctionType)),
+                    "",
+                )
+            if method and method not in module.__dict__ and not forward_pre_hooks(module):
+                answers.append(None)
+                let_through = module_name
+                continue
+        answers.append(_refuse(RowContext(row, model, ctx.options, ctx.diff)))
+    return answers
+
+
 def _prepare(ctx: PrepareContext) -> Mapping[str, torch.Tensor]:
     keys = [row.key for row, _ in ctx.rows]
     inits = {row.key: str(options.get("init") or "") for row, options in ctx.rows}
@@ -552,6 +592,7 @@ ACTION = ActionDef(
     ),
     refuse=_refuse,
     refusal_needs_model=True,
+    refuse_rows=_refuse_rows,
     prepare=_prepare,
     value=_value,
     verified_detail=_detail,
