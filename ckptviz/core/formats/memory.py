@@ -63,8 +63,8 @@ def read_module(module: torch.nn.Module) -> Checkpoint:
     )
 
 
-#: (kind, owning module's type) of a key, by key
-_Described = dict[str, tuple[str, str | None]]
+#: (kind, owning module's type) of each key of a state dict, in its order
+_Described = list[tuple[str, str | None]]
 
 
 def _state_in_one_walk(
@@ -83,8 +83,8 @@ def _state_in_one_walk(
     module that wrote it is the one at the key's path, as ``_described_by_path`` finds it.
     """
     state: dict[str, torch.Tensor] = {}
-    described: _Described = {}
-    buffers: list[tuple[str, torch.Tensor, str]] = []  # (key, buffer, owner's type)
+    described: _Described = []
+    buffers: list[tuple[int, torch.Tensor, str]] = []  # (place in the state, buffer, owner's type)
     parameter_tables: list[dict[str, torch.nn.Parameter | None]] = []  # of every module walked
     plain_classes: dict[type[torch.nn.Module], bool] = {}
     stack: list[tuple[str, torch.nn.Module]] = [("", root)]
@@ -106,7 +106,7 @@ def _state_in_one_walk(
                 if "." in name:
                     return None
                 state[key] = parameter
-                described[key] = owner
+                described.append(owner)
         if buffer_table:
             for name, buffer in buffer_table.items():
                 if buffer is not None and name not in non_persistent:
@@ -114,7 +114,8 @@ def _state_in_one_walk(
                     if "." in name or name in parameters:  # (the second: one key twice)
                         return None
                     state[key] = buffer
-                    buffers.append((key, buffer, cls.__name__))
+                    buffers.append((len(described), buffer, cls.__name__))
+                    described.append(owner)  # its kind is known once every module is walked
         if children:
             for name, child in reversed(children.items()):  # popped in registration order
                 if child is not None:
@@ -128,9 +129,9 @@ def _state_in_one_walk(
             for parameter in parameters.values()
             if parameter is not None
         }
-        for key, buffer, owner_type in buffers:
+        for place, buffer, owner_type in buffers:
             kind = "parameter" if id(buffer) in parameter_ids else "buffer"
-            described[key] = (kind, owner_type)
+            described[place] = (kind, owner_type)
     return state, described
 
 
@@ -144,12 +145,12 @@ def _described_by_path(module: torch.nn.Module, state: Mapping[str, torch.Tensor
     # one under every key). Almost always it is its own owner's, under its own name: that is
     # asked first, and every module's parameters are gathered only for a key where it is not.
     parameter_ids: set[int] | None = None
-    described: _Described = {}
+    described: _Described = []
     for name, value in state.items():
         owner_name, _, leaf = str(name).rpartition(".")  # (a custom hook's key: maybe no str)
         owner = owners.get(owner_name)
         if owner is not None and module_tables(owner)[0].get(leaf) is value:
-            described[name] = ("parameter", type(owner).__name__)
+            described.append(("parameter", type(owner).__name__))
             continue
         if parameter_ids is None:
             parameter_ids = {
@@ -163,9 +164,11 @@ def _described_by_path(module: torch.nn.Module, state: Mapping[str, torch.Tensor
                 owner = module.get_submodule(owner_name)
             except AttributeError:
                 owner = None
-        described[name] = (
-            "parameter" if id(value) in parameter_ids else "buffer",
-            None if owner is None else type(owner).__name__,
+        described.append(
+            (
+                "parameter" if id(value) in parameter_ids else "buffer",
+                None if owner is None else type(owner).__name__,
+            )
         )
     return described
 
