@@ -138,12 +138,24 @@ def state_tables(
     has a state-dict hook or pre-hook (either may change the keys) or sets ``state_dict``,
     ``_save_to_state_dict`` or ``named_modules`` on the instance. Its class is asked of
     ``saves_state_as_module_does`` apart."""
-    if module._state_dict_hooks or module._state_dict_pre_hooks:
+    # read from the instance's dict, where ``nn.Module.__init__`` puts them: a walk asks this of
+    # every module of a model, and a dict look-up costs less than an attribute on a module
+    own = module.__dict__
+    try:
+        if own["_state_dict_hooks"] or own["_state_dict_pre_hooks"]:
+            return None
+        tables = (
+            own["_parameters"],
+            own["_buffers"],
+            own["_non_persistent_buffers_set"],
+            own["_modules"],
+        )
+    except KeyError:  # not on the instance (a module never initialised?): torch reads it
         return None
-    own = module.__dict__  # the methods ``state_dict`` calls, set on the instance itself
+    # the methods ``state_dict`` calls, set on the instance itself
     if "state_dict" in own or "_save_to_state_dict" in own or "named_modules" in own:
         return None
-    return module._parameters, module._buffers, module._non_persistent_buffers_set, module._modules
+    return tables
 
 
 def module_with_tables(
