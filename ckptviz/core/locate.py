@@ -310,6 +310,7 @@ def checkpoint_from_object(
         ties=ties,
         fingerprint=FileFingerprint.of(path) if path is not None else None,
         _opener=opener,
+        _keys_checked=True,  # tensor_table put each TensorInfo it made under its own key
         **extra,
     )
 
