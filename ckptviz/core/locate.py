@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from itertools import repeat
+from itertools import islice, repeat
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -50,14 +50,24 @@ STATE_DICT_KEYS = (
 )
 
 
-def _tensor_count(obj: Mapping[Any, Any]) -> int:
+_TENSOR_TYPES = (torch.Tensor, DeclaredTensor)
+
+
+def _tensor_count(obj: Mapping[Any, Any], first: int | None = None) -> int:
+    """How many of ``obj``'s values (of its ``first`` ones only, if given) are tensors."""
+    values = obj.values() if first is None else islice(obj.values(), first)
     # ``isinstance`` of each value, called from C (``map``): a state dict can hold 100,000
-    return sum(map(isinstance, obj.values(), repeat((torch.Tensor, DeclaredTensor))))
+    return sum(map(isinstance, values, repeat(_TENSOR_TYPES)))
 
 
 def _looks_like_state_dict(obj: object, loose: bool = False) -> bool:
     if not isinstance(obj, Mapping) or not obj:
         return False
+    # At least half its values tensors (any one, loose): when the first half already are (a
+    # state dict's values nearly always all are), the rest need not be looked at.
+    enough = 1 if loose else (len(obj) + 1) // 2
+    if _tensor_count(obj, enough) == enough:
+        return True
     tensors = _tensor_count(obj)
     return tensors > 0 and (loose or tensors * 2 >= len(obj))
 
