@@ -213,6 +213,17 @@ def test_a_state_dict_hook_or_override_gives_the_keys_torch_gives(
         assert ckpt.skipped == {"0._extra_state": "nested dict with 0 tensors"}
 
 
+def test_a_mapping_is_the_state_dict_when_at_least_half_its_values_are_tensors() -> None:
+    t = torch.zeros(1)
+    nested = {"x": t}
+    half_last = {"a": 1, "w": t, "v": t, "nested": nested}  # 2 of 4, after the others
+    assert ckptviz.read_checkpoint(half_last).location == ()
+    fewer = {"w": t, "v": t, "a": 1, "b": 2, "nested": nested}  # 2 of 5, first
+    assert ckptviz.read_checkpoint(fewer).location == ("nested",)
+    half_first = {"w": t, "v": t, "a": 1, "nested": nested}
+    assert ckptviz.read_checkpoint(half_first).location == ()
+
+
 def test_lightning_style_checkpoint_is_found_and_other_candidates_listed(tmp_path: Path) -> None:
     model = SmallCNN()
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
