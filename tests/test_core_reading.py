@@ -213,6 +213,20 @@ def test_a_state_dict_hook_or_override_gives_the_keys_torch_gives(
         assert ckpt.skipped == {"0._extra_state": "nested dict with 0 tensors"}
 
 
+class _KeepsAStep(torch.nn.Module):
+    def get_extra_state(self) -> dict[str, torch.Tensor]:
+        return {"step": torch.zeros(1, dtype=torch.int64)}
+
+
+def test_a_module_state_whose_tensors_are_found_nested_reads_them_undescribed() -> None:
+    """More extra states than tensors: the state dict is found inside an extra state, whose
+    tensors are no module's parameter or buffer."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), _KeepsAStep(), _KeepsAStep(), _KeepsAStep())
+    ckpt = ckptviz.read_checkpoint(model)
+    assert ckpt.location == ("1._extra_state",)
+    assert [(k, t.kind, t.module_type) for k, t in ckpt.tensors.items()] == [("step", None, None)]
+
+
 def test_a_mapping_is_the_state_dict_when_at_least_half_its_values_are_tensors() -> None:
     t = torch.zeros(1)
     nested = {"x": t}
