@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import types
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,127 @@ def test_a_module_tensor_is_a_parameter_when_any_module_holds_it_as_one() -> Non
         "d.alias": ("parameter", "Module"),
         "b.extra": ("parameter", "Linear"),
     }
+
+
+def _registrations_of_every_kind() -> torch.nn.ModuleDict:
+    """A model without hooks whose registrations a walk of its own could get wrong: a shared
+    module, a tied parameter, a parameter held as another module's buffer, a parameter and a
+    buffer registered as None, a non-persistent buffer, a child registered as None."""
+    shared = torch.nn.Linear(2, 2)
+    model = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Linear(2, 2), "c": shared})
+    model["b"].weight = shared.weight
+    model["b"].register_buffer("scale", torch.ones(2))
+    model["b"].register_buffer("scratch", torch.zeros(2), persistent=False)
+    model["b"].register_buffer("unset", None)
+    model.register_module("d", torch.nn.Module())
+    model["d"].register_buffer("alias", shared.bias)
+    model.register_module("e", torch.nn.Sequential(torch.nn.Linear(2, 3, bias=False)))
+    model.register_module("gone", None)
+    model["e"].register_parameter("unset", None)
+    return model
+
+
+def test_a_module_without_hooks_reads_as_its_state_dict_with_each_keys_kind_and_owner() -> None:
+    model = _registrations_of_every_kind()
+    ckpt = ckptviz.read_checkpoint(model)
+    assert ckpt.keys() == list(model.state_dict())  # the same keys in the same order
+    kinds = {k: (t.kind, t.module_type) for k, t in ckpt.tensors.items()}
+    assert kinds == {
+        "a.weight": ("parameter", "Linear"),
+        "a.bias": ("parameter", "Linear"),
+        "b.weight": ("parameter", "Linear"),
+        "b.bias": ("parameter", "Linear"),
+        "b.scale": ("buffer", "Linear"),
+        "c.weight": ("parameter", "Linear"),
+        "c.bias": ("parameter", "Linear"),
+        "d.alias": ("parameter", "Module"),
+        "e.0.weight": ("parameter", "Linear"),
+    }
+    assert ckpt.ties == [("a.weight", "b.weight", "c.weight"), ("a.bias", "c.bias", "d.alias")]
+    # torch's own state_dict (a hook that changes nothing makes it the one asked) agrees
+    model.register_state_dict_post_hook(lambda *_: None)
+    hooked = ckptviz.read_checkpoint(model)
+    assert (hooked.tensors, hooked.ties) == (ckpt.tensors, ckpt.ties)
+
+
+def _save_with_a_scale(
+    module: torch.nn.Module, destination: Any, prefix: str, keep_vars: bool
+) -> None:
+    torch.nn.Module._save_to_state_dict(module, destination, prefix, keep_vars)
+    destination[prefix + "scale"] = torch.ones(1)
+
+
+class _SavesAScale(torch.nn.Linear):
+    _save_to_state_dict = _save_with_a_scale
+
+
+class _WithExtraState(torch.nn.Linear):
+    def get_extra_state(self) -> dict[str, int]:
+        return {"step": 3}
+
+
+def _renamed(module: torch.nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    state[prefix + "kernel"] = state.pop(prefix + "weight")
+
+
+def _adds_a_buffer(module: torch.nn.Module, prefix: str, keep_vars: bool) -> None:
+    if not hasattr(module, "counter"):
+        module.register_buffer("counter", torch.zeros(1))
+
+
+@pytest.mark.parametrize(
+    ("how", "keys"),
+    [
+        ("post-hook", ["0.bias", "0.kernel"]),
+        ("pre-hook", ["0.weight", "0.bias", "0.counter"]),
+        ("override", ["0.weight", "0.bias", "0.scale"]),
+        ("instance", ["0.weight", "0.bias", "0.scale"]),
+        ("extra state", ["0.weight", "0.bias"]),
+    ],
+)
+def test_a_state_dict_hook_or_override_gives_the_keys_torch_gives(
+    how: str, keys: list[str]
+) -> None:
+    layer: torch.nn.Module = torch.nn.Linear(2, 2)
+    if how == "post-hook":
+        layer._register_state_dict_hook(_renamed)
+    elif how == "pre-hook":
+        layer.register_state_dict_pre_hook(_adds_a_buffer)
+    elif how == "override":
+        layer = _SavesAScale(2, 2)
+    elif how == "instance":  # a method set on the instance, past its class
+        layer._save_to_state_dict = types.MethodType(_save_with_a_scale, layer)  # type: ignore[method-assign]
+    else:
+        layer = _WithExtraState(2, 2)
+    ckpt = ckptviz.read_checkpoint(torch.nn.Sequential(layer))
+    assert ckpt.keys() == keys
+    if how == "extra state":
+        assert ckpt.skipped == {"0._extra_state": "nested dict with 0 tensors"}
+
+
+class _KeepsAStep(torch.nn.Module):
+    def get_extra_state(self) -> dict[str, torch.Tensor]:
+        return {"step": torch.zeros(1, dtype=torch.int64)}
+
+
+def test_a_module_state_whose_tensors_are_found_nested_reads_them_undescribed() -> None:
+    """More extra states than tensors: the state dict is found inside an extra state, whose
+    tensors are no module's parameter or buffer."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), _KeepsAStep(), _KeepsAStep(), _KeepsAStep())
+    ckpt = ckptviz.read_checkpoint(model)
+    assert ckpt.location == ("1._extra_state",)
+    assert [(k, t.kind, t.module_type) for k, t in ckpt.tensors.items()] == [("step", None, None)]
+
+
+def test_a_mapping_is_the_state_dict_when_at_least_half_its_values_are_tensors() -> None:
+    t = torch.zeros(1)
+    nested = {"x": t}
+    half_last = {"a": 1, "w": t, "v": t, "nested": nested}  # 2 of 4, after the others
+    assert ckptviz.read_checkpoint(half_last).location == ()
+    fewer = {"w": t, "v": t, "a": 1, "b": 2, "nested": nested}  # 2 of 5, first
+    assert ckptviz.read_checkpoint(fewer).location == ("nested",)
+    half_first = {"w": t, "v": t, "a": 1, "nested": nested}
+    assert ckptviz.read_checkpoint(half_first).location == ()
 
 
 def test_lightning_style_checkpoint_is_found_and_other_candidates_listed(tmp_path: Path) -> None:

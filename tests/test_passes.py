@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import torch
 from conftest import table_rows
 from torch import nn
@@ -53,6 +54,31 @@ def test_compare_reads_the_model_in_one_walk_and_one_state_dict() -> None:
     # what the walk found is all there: every tensor a parameter, owned by a Linear
     infos = [row.model for row in diff.rows]
     assert {(i.kind, i.module_type) for i in infos if i} == {("parameter", "Linear")}
+
+
+def test_a_model_without_state_dict_hooks_is_read_in_a_walk_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every module saves its state as ``nn.Module`` does: one walk gives the state dict and
+    each key's kind and owner, with no ``state_dict`` (a walk) nor ``named_modules`` (another);
+    a state-dict hook anywhere and torch's ``state_dict`` is asked, once."""
+    calls: Counter[str] = Counter()
+    for name in ("state_dict", "named_modules"):
+        original = getattr(nn.Module, name)
+
+        def counted(
+            self: nn.Module, *args: Any, _n: str = name, _f: Any = original, **kw: Any
+        ) -> Any:
+            calls[_n] += 1
+            return _f(self, *args, **kw)
+
+        monkeypatch.setattr(nn.Module, name, counted)
+    model = nn.Sequential(*(nn.Linear(2, 2) for _ in range(20)))
+    ckpt = ckptviz.read_checkpoint(model)
+    assert calls == {} and len(ckpt) == 40
+    model[3].register_state_dict_post_hook(lambda *_: None)
+    assert ckptviz.read_checkpoint(model).tensors == ckpt.tensors
+    assert calls == {"state_dict": 21, "named_modules": 21}  # once, and once per submodule
 
 
 def test_the_loader_walks_the_model_twice_at_most() -> None:

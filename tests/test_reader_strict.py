@@ -4,6 +4,7 @@ the file to it, or refuses it; never other values. Every file here is built by h
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zipfile
 from collections import OrderedDict
@@ -316,6 +317,10 @@ def test_a_checkpoint_holds_each_tensor_under_its_own_key() -> None:
         checkpoint_module.Checkpoint(
             source="x.pt", format="torch", tensors={"a": TensorInfo("b", (1,), "float32", 4)}
         )
+    # one read (whose table is known to be keyed right) copied with other tensors is checked
+    read = ckptviz.read_checkpoint({"b": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"the entry 'a' does not describe"):
+        dataclasses.replace(read, tensors={"a": read["b"]})
 
 
 def test_a_file_declaring_an_impossible_tensor_names_file_and_key(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pickle
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -177,3 +178,45 @@ def test_module_with_tables_is_a_shallow_copy_with_its_own_registrations() -> No
     assert not torch.equal(weight, torch.zeros(2, 3))
     assert layer.bias is not None and layer.weight is not weight
     assert private.module_tables(layer)[0]["weight"] is layer.weight
+
+
+def test_saves_state_as_module_does_is_false_where_state_dict_writes_otherwise() -> None:
+    class Scaled(nn.Linear):
+        def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            destination[prefix + "scale"] = torch.ones(1)
+
+    class Stepped(nn.Linear):
+        def get_extra_state(self) -> int:
+            return 3
+
+    assert private.saves_state_as_module_does(nn.Linear)
+    assert private.saves_state_as_module_does(nn.Sequential)
+    # torch's state_dict calls these very methods: what each one adds is there
+    assert list(Scaled(2, 2).state_dict()) == ["weight", "bias", "scale"]
+    assert list(Stepped(2, 2).state_dict()) == ["weight", "bias", "_extra_state"]
+    assert not private.saves_state_as_module_does(Scaled)
+    assert not private.saves_state_as_module_does(Stepped)
+    # what torch.jit.script makes: its tables are wrappers of a C++ module
+    assert not private.saves_state_as_module_does(torch.jit.RecursiveScriptModule)
+
+
+def test_state_tables_are_what_state_dict_reads_or_none_with_a_hook() -> None:
+    layer = nn.Linear(3, 2)
+    layer.register_buffer("scratch", torch.zeros(1), persistent=False)
+    tables = private.state_tables(layer)
+    assert tables is not None
+    parameters, buffers, non_persistent, children = tables
+    assert parameters is private.module_tables(layer)[0] and children == {}
+    assert set(buffers) == {"scratch"} and non_persistent == {"scratch"}
+    assert list(layer.state_dict()) == ["weight", "bias"]  # the set's buffers left out
+    hooked = nn.Linear(3, 2)
+    handle = hooked.register_state_dict_post_hook(lambda *_: None)
+    assert private.state_tables(hooked) is None
+    handle.remove()
+    assert private.state_tables(hooked) is not None
+    hooked.register_state_dict_pre_hook(lambda *_: None)
+    assert private.state_tables(hooked) is None
+    patched = nn.Linear(3, 2)
+    patched.state_dict = lambda *a, **k: {}  # type: ignore[method-assign,assignment]
+    assert private.state_tables(patched) is None

@@ -105,6 +105,59 @@ def module_tables(
     return module._parameters, module._buffers, module._modules
 
 
+def saves_state_as_module_does(cls: type[torch.nn.Module]) -> bool:
+    """Whether ``state_dict()`` of a ``cls`` walks and writes as ``nn.Module``'s own does:
+    ``cls`` overrides none of ``state_dict``, ``_save_to_state_dict`` and ``get_extra_state``
+    (torch writes an ``_extra_state`` key for a class that does), nor ``named_modules`` or
+    ``__hash__`` (which ``named_modules`` asks of every module); and it is no
+    ``torch.jit.ScriptModule``, whose tables are wrappers of its C++ module, not dicts."""
+    module = torch.nn.Module
+    return (
+        not issubclass(cls, torch.jit.ScriptModule)
+        and cls.state_dict is module.state_dict
+        and cls._save_to_state_dict is module._save_to_state_dict
+        and getattr(cls, "get_extra_state", module.get_extra_state) is module.get_extra_state
+        and cls.named_modules is module.named_modules
+        and cls.__hash__ is module.__hash__
+    )
+
+
+def state_tables(
+    module: torch.nn.Module,
+) -> (
+    tuple[
+        dict[str, torch.nn.Parameter | None],
+        dict[str, torch.Tensor | None],
+        set[str],
+        dict[str, torch.nn.Module | None],
+    ]
+    | None
+):
+    """What ``nn.Module.state_dict`` reads of ``module`` itself: its parameter, buffer and
+    submodule tables and the names of its non-persistent buffers; ``None`` when ``module``
+    has a state-dict hook or pre-hook (either may change the keys) or sets ``state_dict``,
+    ``_save_to_state_dict`` or ``named_modules`` on the instance. Its class is asked of
+    ``saves_state_as_module_does`` apart."""
+    # read from the instance's dict, where ``nn.Module.__init__`` puts them: a walk asks this of
+    # every module of a model, and a dict look-up costs less than an attribute on a module
+    own = module.__dict__
+    try:
+        if own["_state_dict_hooks"] or own["_state_dict_pre_hooks"]:
+            return None
+        tables = (
+            own["_parameters"],
+            own["_buffers"],
+            own["_non_persistent_buffers_set"],
+            own["_modules"],
+        )
+    except KeyError:  # not on the instance (a module never initialised?): torch reads it
+        return None
+    # the methods ``state_dict`` calls, set on the instance itself
+    if "state_dict" in own or "_save_to_state_dict" in own or "named_modules" in own:
+        return None
+    return tables
+
+
 def module_with_tables(
     module: torch.nn.Module,
     parameters: dict[str, torch.nn.Parameter | None],

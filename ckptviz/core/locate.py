@@ -9,8 +9,11 @@ ones that share a storage. Every source (files, state dicts, modules) ends in
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from itertools import islice, repeat
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +21,15 @@ import torch
 from torch.nn import Parameter
 
 from ckptviz.core.checkpoint import (
+    MAX_RANK,
     Checkpoint,
     DeclaredTensor,
     FileFingerprint,
     TensorInfo,
     TensorSource,
     declarations_of,
+    dtype_facts,
     dtype_names,
-    torch_tensor_info,
 )
 from ckptviz.core.errors import CheckpointError
 
@@ -46,13 +50,24 @@ STATE_DICT_KEYS = (
 )
 
 
-def _tensor_count(obj: Mapping[Any, Any]) -> int:
-    return sum(isinstance(v, (torch.Tensor, DeclaredTensor)) for v in obj.values())
+_TENSOR_TYPES = (torch.Tensor, DeclaredTensor)
+
+
+def _tensor_count(obj: Mapping[Any, Any], first: int | None = None) -> int:
+    """How many of ``obj``'s values (of its ``first`` ones only, if given) are tensors."""
+    values = obj.values() if first is None else islice(obj.values(), first)
+    # ``isinstance`` of each value, called from C (``map``): a state dict can hold 100,000
+    return sum(map(isinstance, values, repeat(_TENSOR_TYPES)))
 
 
 def _looks_like_state_dict(obj: object, loose: bool = False) -> bool:
     if not isinstance(obj, Mapping) or not obj:
         return False
+    # At least half its values tensors (any one, loose): when the first half already are (a
+    # state dict's values nearly always all are), the rest need not be looked at.
+    enough = 1 if loose else (len(obj) + 1) // 2
+    if _tensor_count(obj, enough) == enough:
+        return True
     tensors = _tensor_count(obj)
     return tensors > 0 and (loose or tensors * 2 >= len(obj))
 
@@ -88,6 +103,8 @@ def _rank(path: tuple[str, ...]) -> tuple[int, int]:
 
 def _is_optimizer_state(obj: Mapping[Any, Any]) -> bool:
     """torch.optim's ``Optimizer.state_dict()`` (exactly its two entries), saved on its own."""
+    if type(obj) in (dict, OrderedDict) and len(obj) != 2:  # (their length counts their keys)
+        return False  # without a set of all of a state dict's 100,000 keys
     return (
         set(obj) == {"state", "param_groups"}
         and isinstance(obj["state"], Mapping)
@@ -165,38 +182,58 @@ _UNDESCRIBED: tuple[None, None] = (None, None)
 
 def tensor_table(
     state: Mapping[Any, Any],
-    described: Mapping[str, tuple[str, str | None]] | None = None,
+    described: Sequence[tuple[str | None, str | None]] | None = None,
 ) -> tuple[dict[str, TensorInfo], dict[str, str], list[tuple[str, ...]]]:
     """Metadata of every tensor in ``state``; ``described`` gives a live module's tensors
-    their kind and owning module's type (key -> (kind, module type)).
+    their kind and owning module's type: (kind, module type) of each entry, in the state's
+    order (read alongside it, rather than looked up by key).
 
     Ties are keys whose tensors share storage, offset, shape and stride (the same values)."""
     tensors: dict[str, TensorInfo] = {}
     skipped: dict[str, str] = {}
     by_storage: dict[tuple[object, int, tuple[int, ...], tuple[int, ...]], list[str]] = {}
-    # plain tensors by the address of their first element: only those sharing one can be tied,
-    # so their storage, offset and stride are asked for only then (3 torch calls fewer each)
-    at_address: dict[int, str] = {}  # the first key seen at each address
-    sharing: dict[int, list[str]] = {}  # every key at an address that more than one has
+    # plain tensors with data, by the address of their first element: only those sharing one
+    # can be tied, so their storage, offset and stride are asked for only then (3 torch calls
+    # fewer each); the addresses are compared once, after the loop
+    addresses: list[int] = []
+    addressed: list[str] = []
     others_in_storage = False  # a tensor subclass was grouped by storage directly
-    for name, value in state.items():
+    facts = dtype_facts
+    descriptions = repeat(_UNDESCRIBED) if described is None else described
+    for (name, value), (kind, module_type) in zip(
+        state.items(), descriptions, strict=described is not None
+    ):
         value_type = type(value)
         if type(name) is str and (value_type is torch.Tensor or value_type is Parameter):
-            # the common case, a plain tensor under a plain key, with as few torch calls as
-            # can be (a state dict can hold 100,000 tensors)
+            # The common case, a plain tensor under a plain key, with as few torch calls as can
+            # be (a state dict can hold 100,000 tensors): shape and dtype. They come from the
+            # torch tensor itself (its exact type checked above), not from a file, and torch
+            # guarantees what ``TensorInfo`` would check (non-negative 64-bit sizes, a countable
+            # element count, a real dtype) except the rank: torch makes tensors of more than
+            # ``MAX_RANK`` dimensions, and those still go through ``TensorInfo``, which refuses
+            # them. Files always go through ``TensorInfo``, which checks every field.
             shape = tuple(value.shape)
-            numel = value.numel()
-            dtype = dtype_names[value.dtype]
-            kind, module_type = described.get(name, _UNDESCRIBED) if described else _UNDESCRIBED
-            # shape, numel and dtype come from the torch tensor itself (its exact type checked
-            # above), not from a file: the trusted constructor (files keep every check)
-            tensors[name] = torch_tensor_info(name, shape, numel, dtype, kind, module_type)
-            address = value.data_ptr() if numel > 0 else 0  # 0 also for the meta device
-            if address:
-                first = at_address.setdefault(address, name)
-                if first is not name:
-                    sharing.setdefault(address, [first]).append(name)
-            elif value.is_meta:  # no storage to compare: tied meta tensors are one object
+            dtype, itemsize = facts[value.dtype]
+            nbytes = prod(shape) * itemsize  # the product of the sizes is the numel()
+            if len(shape) > MAX_RANK:
+                tensors[name] = TensorInfo(name, shape, dtype, nbytes, kind, module_type)
+            else:  # TensorInfo's fields, in its own order (a key-sharing dict), unchecked
+                info = _new_tensor_info(TensorInfo)
+                fields = info.__dict__
+                fields["key"] = name
+                fields["shape"] = shape
+                fields["dtype"] = dtype
+                fields["nbytes"] = nbytes
+                fields["kind"] = kind
+                fields["module_type"] = module_type
+                tensors[name] = info
+            if nbytes:  # (0 exactly when there are no elements: no dtype has 0 bytes)
+                address = value.data_ptr()
+                if address:  # (0 on the meta device)
+                    addresses.append(address)
+                    addressed.append(name)
+                    continue
+            if value.is_meta:  # no storage to compare: tied meta tensors are one object
                 by_storage.setdefault((id(value), -1, shape, ()), []).append(name)
             continue
         if not isinstance(name, str):
@@ -217,7 +254,6 @@ def tensor_table(
             skipped[name] = what
             continue
         shape = tuple(value.shape)
-        kind, module_type = described.get(name, _UNDESCRIBED) if described else _UNDESCRIBED
         nbytes = value.numel() * value.element_size()
         dtype = dtype_names[value.dtype]
         tensors[name] = TensorInfo(name, shape, dtype, nbytes, kind, module_type)
@@ -226,14 +262,17 @@ def tensor_table(
         elif value.numel() > 0:
             others_in_storage = True
             by_storage.setdefault(_storage_identity(value, shape), []).append(name)
-    if others_in_storage:  # a tensor subclass may share storage with any of them: group all
-        groups = [sharing.get(address, [key]) for address, key in at_address.items()]
-    else:
-        groups = list(sharing.values())
-    for names in groups:
-        for name in names:
-            identity = _storage_identity(state[name], tensors[name].shape)
-            by_storage.setdefault(identity, []).append(name)
+    # a tensor subclass may share storage with any plain tensor: then all are grouped by
+    # storage; otherwise only those whose first element's address another one has
+    if others_in_storage or len(set(addresses)) < len(addresses):
+        at_address: dict[int, list[str]] = {}
+        for address, name in zip(addresses, addressed, strict=True):
+            at_address.setdefault(address, []).append(name)
+        for names in at_address.values():
+            if others_in_storage or len(names) > 1:
+                for name in names:
+                    identity = _storage_identity(state[name], tensors[name].shape)
+                    by_storage.setdefault(identity, []).append(name)
     ties = [keys for keys in by_storage.values() if len(keys) > 1]
     if ties:  # keys in the state's order, groups in the order of their first key
         order = {key: i for i, key in enumerate(tensors)}
@@ -241,6 +280,10 @@ def tensor_table(
             (sorted(keys, key=order.__getitem__) for keys in ties), key=lambda k: order[k[0]]
         )
     return tensors, skipped, [tuple(keys) for keys in ties]
+
+
+#: a ``TensorInfo`` whose fields are then written unchecked: only for torch's own tensors
+_new_tensor_info = object.__new__
 
 
 def checkpoint_from_object(
@@ -251,10 +294,14 @@ def checkpoint_from_object(
     key: tuple[str, ...] | None,
     path: Path | None = None,
     opener: Callable[[Checkpoint], AbstractContextManager[TensorSource]] | None = None,
-    described: Mapping[str, tuple[str, str | None]] | None = None,
+    described: Sequence[tuple[str | None, str | None]] | None = None,
     **extra: Any,
 ) -> Checkpoint:
+    """The checkpoint of the state dict ``locate`` finds in ``obj``; ``described`` gives the
+    kind and owning module's type of each entry of ``obj`` (a live module's state), in order."""
     state, location, candidates = locate(obj, source, key)
+    if described is not None and location:  # the entries of a mapping found inside ``obj``
+        described = _described_by_key(navigate(obj, ()), described, state)
     with declarations_of(source):
         tensors, skipped, ties = tensor_table(state, described)
     if not tensors:
@@ -273,8 +320,23 @@ def checkpoint_from_object(
         ties=ties,
         fingerprint=FileFingerprint.of(path) if path is not None else None,
         _opener=opener,
+        _keys_checked=True,  # tensor_table put each TensorInfo it made under its own key
         **extra,
     )
+
+
+def _described_by_key(
+    obj: Mapping[Any, Any],
+    described: Sequence[tuple[str | None, str | None]],
+    state: Mapping[Any, Any],
+) -> list[tuple[str | None, str | None]]:
+    """``described`` of ``obj``'s entries, for ``state``'s entries: by key (a key of ``state``
+    as ``tensor_table`` names it, a ``str`` subclass as its plain text)."""
+    by_key = dict(zip(obj, described, strict=True))
+    return [
+        by_key.get(str.__str__(name), _UNDESCRIBED) if isinstance(name, str) else _UNDESCRIBED
+        for name in state
+    ]
 
 
 def navigate(obj: object, location: tuple[str, ...]) -> Mapping[str, torch.Tensor]:

@@ -12,7 +12,11 @@ from typing import Any
 
 import torch
 
-from ckptviz.core._torch_private import module_tables
+from ckptviz.core._torch_private import (
+    module_tables,
+    saves_state_as_module_does,
+    state_tables,
+)
 from ckptviz.core.checkpoint import Checkpoint, TensorSource
 from ckptviz.core.errors import CheckpointError
 from ckptviz.core.locate import checkpoint_from_object, navigate
@@ -37,26 +41,116 @@ def read_mapping(obj: Mapping[Any, Any], key: tuple[str, ...] | None) -> Checkpo
 
 
 def read_module(module: torch.nn.Module) -> Checkpoint:
-    state = module.state_dict(keep_vars=True)
+    walked = _state_in_one_walk(module)
+    if walked is None:  # a hook or an override may change the keys: torch's own state_dict
+        state = module.state_dict(keep_vars=True)
+        described = _described_by_path(module, state)
+    else:
+        state, described = walked
 
     @contextmanager
     def opener(ckpt: Checkpoint) -> Iterator[TensorSource]:
         yield TensorSource(ckpt, lambda k: _data_of(state[k], ckpt.source, k))
 
-    # one walk of the module tree for what owns each key (``named_modules`` plus
-    # ``named_parameters`` would walk it twice, on top of ``state_dict``'s own walk): every
-    # name a module is reachable under, shared ones included
+    # the table is built once, with each tensor's kind and owner
+    return checkpoint_from_object(
+        state,
+        source=f"<{type(module).__name__} module>",
+        fmt=MODULE,
+        key=None,
+        opener=opener,
+        described=described,
+    )
+
+
+#: (kind, owning module's type) of each key of a state dict, in its order
+_Described = list[tuple[str, str | None]]
+
+
+def _state_in_one_walk(
+    root: torch.nn.Module,
+) -> tuple[dict[str, torch.Tensor], _Described] | None:
+    """``root.state_dict(keep_vars=True)`` and each key's kind and owner's type, in one walk
+    of the module tree (``state_dict`` and ``named_modules`` would walk it twice, then each key
+    be looked up by its path); ``None`` where torch's own ``state_dict`` must be asked.
+
+    Exact where every module saves its state as ``nn.Module`` does (no state-dict hook or
+    pre-hook, no override: ``saves_state_as_module_does``, ``state_tables``) and no name has
+    a dot (``add_module`` and ``register_*`` refuse one; a name put into the tables directly
+    could make two keys, or two modules' paths, one). Then, as ``Module.state_dict`` does, it
+    writes each module's parameters, then its persistent buffers (``None`` ones left out), then
+    its children's, depth first in registration order; every key is written once, and the
+    module that wrote it is the one at the key's path, as ``_described_by_path`` finds it.
+    """
+    state: dict[str, torch.Tensor] = {}
+    described: _Described = []
+    buffers: list[tuple[int, torch.Tensor, str]] = []  # (place in the state, buffer, owner's type)
+    parameter_tables: list[dict[str, torch.nn.Parameter | None]] = []  # of every module walked
+    plain_classes: dict[type[torch.nn.Module], bool] = {}
+    stack: list[tuple[str, torch.nn.Module]] = [("", root)]
+    while stack:
+        prefix, module = stack.pop()
+        cls = type(module)
+        plain = plain_classes.get(cls)
+        if plain is None:
+            plain = plain_classes[cls] = saves_state_as_module_does(cls)
+        tables = state_tables(module) if plain else None
+        if tables is None:
+            return None
+        parameters, buffer_table, non_persistent, children = tables
+        parameter_tables.append(parameters)
+        owner = ("parameter", cls.__name__)  # one tuple for all of the module's parameters
+        for name, parameter in parameters.items():
+            if parameter is not None:
+                key = prefix + name
+                if "." in name:
+                    return None
+                state[key] = parameter
+                described.append(owner)
+        if buffer_table:
+            for name, buffer in buffer_table.items():
+                if buffer is not None and name not in non_persistent:
+                    key = prefix + name
+                    if "." in name or name in parameters:  # (the second: one key twice)
+                        return None
+                    state[key] = buffer
+                    buffers.append((len(described), buffer, cls.__name__))
+                    described.append(owner)  # its kind is known once every module is walked
+        if children:
+            for name, child in reversed(children.items()):  # popped in registration order
+                if child is not None:
+                    if type(name) is not str or not name or "." in name:
+                        return None
+                    stack.append((f"{prefix}{name}.", child))
+    if buffers:  # a buffer is a parameter where any module has it as one (a tied one)
+        parameter_ids = {
+            id(parameter)
+            for parameters in parameter_tables
+            for parameter in parameters.values()
+            if parameter is not None
+        }
+        for place, buffer, owner_type in buffers:
+            kind = "parameter" if id(buffer) in parameter_ids else "buffer"
+            described[place] = (kind, owner_type)
+    return state, described
+
+
+def _described_by_path(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> _Described:
+    """Each key's kind and owner's type, looked up by the key's path in the module tree: for
+    a state dict a hook or an override may have changed."""
+    # one walk of the module tree for what owns each key: every name a module is reachable
+    # under, shared ones included
     owners = dict(module.named_modules(remove_duplicate=False))
     # A key's tensor is a parameter when it is a parameter of any module (a tied parameter is
     # one under every key). Almost always it is its own owner's, under its own name: that is
     # asked first, and every module's parameters are gathered only for a key where it is not.
     parameter_ids: set[int] | None = None
-    described: dict[str, tuple[str, str | None]] = {}
+    described: _Described = []
     for name, value in state.items():
         owner_name, _, leaf = str(name).rpartition(".")  # (a custom hook's key: maybe no str)
         owner = owners.get(owner_name)
         if owner is not None and module_tables(owner)[0].get(leaf) is value:
-            described[name] = ("parameter", type(owner).__name__)
+            described.append(("parameter", type(owner).__name__))
             continue
         if parameter_ids is None:
             parameter_ids = {
@@ -70,19 +164,13 @@ def read_module(module: torch.nn.Module) -> Checkpoint:
                 owner = module.get_submodule(owner_name)
             except AttributeError:
                 owner = None
-        described[name] = (
-            "parameter" if id(value) in parameter_ids else "buffer",
-            None if owner is None else type(owner).__name__,
+        described.append(
+            (
+                "parameter" if id(value) in parameter_ids else "buffer",
+                None if owner is None else type(owner).__name__,
+            )
         )
-    # the table is built once, with each tensor's kind and owner
-    return checkpoint_from_object(
-        state,
-        source=f"<{type(module).__name__} module>",
-        fmt=MODULE,
-        key=None,
-        opener=opener,
-        described=described,
-    )
+    return described
 
 
 def _data_of(tensor: torch.Tensor, source: str, key: str) -> torch.Tensor:
