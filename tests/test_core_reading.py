@@ -410,3 +410,29 @@ def test_safetensors_tensors_at_unaligned_offsets_read_correctly(tmp_path: Path)
     model_like = {"floats": torch.zeros(5), "halves": torch.zeros(4, dtype=torch.float16)}
     diff = ckptviz.compare(model_like, path)
     assert diff.counts["match"] == 2 and diff.counts["unexpected"] == 1
+
+
+def test_a_scripted_model_is_read_and_applied() -> None:
+    """``torch.jit.script`` modules keep their tables in wrappers (no ``dict.get``): each key
+    is still read with its kind, and a plan applies and undoes bit for bit."""
+    torch.manual_seed(0)
+    layers = (torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.BatchNorm1d(2))
+    model = torch.jit.script(torch.nn.Sequential(*layers))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: (v + 1 if v.is_floating_point() else v + 3) for k, v in before.items()}
+    diff = ckptviz.compare(model, state)
+    kinds = {info.key: info.kind for info in diff.model_side.tensors.values()}
+    assert kinds == {
+        "0.weight": "parameter",
+        "0.bias": "parameter",
+        "2.weight": "parameter",
+        "2.bias": "parameter",
+        "2.running_mean": "buffer",
+        "2.running_var": "buffer",
+        "2.num_batches_tracked": "buffer",
+    }
+    report = diff.plan().apply(model)
+    assert report.verified
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
+    report.undo()
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)

@@ -149,7 +149,9 @@ def _described_by_path(module: torch.nn.Module, state: Mapping[str, torch.Tensor
     for name, value in state.items():
         owner_name, _, leaf = str(name).rpartition(".")  # (a custom hook's key: maybe no str)
         owner = owners.get(owner_name)
-        if owner is not None and module_tables(owner)[0].get(leaf) is value:
+        # (``in`` and ``[]``: a script module's tables are wrappers without ``get``)
+        parameters = module_tables(owner)[0] if owner is not None else {}
+        if leaf in parameters and parameters[leaf] is value:
             described.append(("parameter", type(owner).__name__))
             continue
         if parameter_ids is None:
