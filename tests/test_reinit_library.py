@@ -219,3 +219,25 @@ def test_a_missing_rows_explanation_names_the_initialiser_reinit_would_run(tmp_p
     plain = torch.nn.Sequential(torch.nn.Linear(2, 3))
     torch.save({"unrelated": torch.zeros(1)}, path)
     assert "reset_parameters()" in ckptviz.compare(plain, path).explain("0.weight")
+
+
+def test_the_report_names_the_initialiser_that_wrote_each_tensor() -> None:
+    """A verified reinit row says which initialiser drew its values: the transformers model's
+    ``_init_weights``, a module's own method (with its class), or the ``init=`` function."""
+    model = bert_head_model()
+    model.extra = torch.nn.BatchNorm1d(4)
+    state = base_state(model)
+    plan = ckptviz.compare(model, state).plan()
+    plan.set("classifier", "reinit")
+    plan.set("extra", "reinit")
+    details = {e.key: e.detail for e in plan.apply(model).entries if e.action == "reinit"}
+    bert = "fresh values from transformers' BertForSequenceClassification._init_weights"
+    assert details["classifier.weight"] == bert
+    assert details["extra.weight"] == bert  # a transformers model owns it, so it draws it
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    plan = ckptviz.compare(plain, plain.state_dict()).plan()
+    plan.set("0", "reinit")
+    plan.set("1.running_mean", "reinit")
+    details = {e.key: e.detail for e in plan.apply(plain).entries if e.action == "reinit"}
+    assert details["0.weight"] == "fresh values from Linear.reset_parameters()"
+    assert details["1.running_mean"] == "fresh values from BatchNorm1d.reset_running_stats()"

@@ -135,6 +135,8 @@ def test_vit_position_grid_resampled_as_timm_does_and_the_model_runs(
     report = plan.apply(grown)
     entry = next(e for e in report.entries if e.key == POSITION)
     assert entry.verified and "[1, 5, 16] -> [1, 10, 16]" in entry.detail
+    # the report names the grids and the prefix token as apply found them in the model
+    assert "position grid 2x2 -> 3x3, 1 prefix token kept" in entry.detail
 
     trained = ecosystem.vit(image_size=8).state_dict()[POSITION]
     expected = timm_resample_abs_pos_embed(trained, (3, 3), (2, 2), prefix=1)

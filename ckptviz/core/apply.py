@@ -494,6 +494,11 @@ class _Values(Mapping[str, torch.Tensor]):
     def diff(self) -> Diff:
         return self._plan.diff
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model written to."""
+        return self._model
+
     def forget(self) -> None:
         """Drop the values worked out so far: the next ask computes them from the model as it
         is then (a value may start from the tensor's present values)."""
@@ -587,7 +592,15 @@ def _write_all(
                 options = values.options(row.key)
                 entries.append(
                     _checked(
-                        row, action, target, values[row.key], options, verify, fresh, values.diff
+                        row,
+                        action,
+                        target,
+                        values[row.key],
+                        options,
+                        verify,
+                        fresh,
+                        values.diff,
+                        values.model,
                     )
                 )
             for row, action in written:
@@ -596,7 +609,8 @@ def _write_all(
                     target = targets[row.key]
                     options = values.options(row.key)
                     value = values[row.key]
-                    _checked(row, action, target, value, options, verify, diff=values.diff)
+                    diff, model = values.diff, values.model
+                    _checked(row, action, target, value, options, verify, diff=diff, model=model)
             changed = changes()
             if changed is not None:
                 raise CheckpointError(changed)
@@ -629,10 +643,11 @@ def _checked(
     verify: bool,
     materialised: bool = False,
     diff: Diff | None = None,
+    model: torch.nn.Module | None = None,
 ) -> ReportEntry:
     ok, detail = True, "not verified (verify=False)"
     if verify:
-        context = DetailContext(row, target, value, options, diff)
+        context = DetailContext(row, target, value, options, diff, model)
         ok, detail = _verify(target, value, action, context)
     if materialised:
         detail = f"materialised on {target.device}; {detail}"

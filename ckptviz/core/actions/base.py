@@ -194,13 +194,14 @@ class PrepareContext:
 @dataclass(frozen=True)
 class DetailContext:
     """What ``verified_detail`` sees: the row, the written model tensor, the value written,
-    the options and the plan's diff."""
+    the options, the plan's diff and the model written to (``None`` where a caller has none)."""
 
     row: Row
     target: torch.Tensor
     value: torch.Tensor
     options: Mapping[str, OptionValue]
     diff: Diff | None = None
+    model: torch.nn.Module | None = None
 
 
 @dataclass(frozen=True)

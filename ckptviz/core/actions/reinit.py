@@ -530,6 +530,15 @@ def _detail(ctx: DetailContext) -> str:
     init = ctx.options.get("init")
     if init:
         return f"fresh values from init={init}"
+    if ctx.model is not None:
+        module_name, _, tensor_name = ctx.row.key.rpartition(".")
+        found = initialiser_for(ctx.model, module_name, tensor_name)
+        if found is not None:  # (what wrote the value: _refuse and fresh_values found it)
+            kind, name = found
+            if kind == METHOD:
+                owner = type(ctx.model.get_submodule(module_name)).__name__
+                return f"fresh values from {owner}.{name}()"
+            return f"fresh values from {describe(found, ctx.model)}"
     return "fresh values from the owning transformers model's _init_weights or the module's own"
 
 

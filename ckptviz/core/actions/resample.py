@@ -417,8 +417,8 @@ def _value(ctx: ValueContext) -> torch.Tensor:
 def _detail(ctx: DetailContext) -> str:
     m, c = ctx.row.model, ctx.row.checkpoint
     assert m is not None and c is not None  # _refuse checked it
-    # without the model: the grids are known here when they follow from the shapes and options
-    how = resampling(ctx.row, None, ctx.options)
+    # the grids and prefix tokens as apply found them (with the model where it is given)
+    how = resampling(ctx.row, ctx.model, ctx.options)
     kind = how.kind if isinstance(how, Resampling) else str(ctx.options.get("kind", "auto"))
     if kind == "auto":
         kind = _kind_by_key(ctx.row) or (KERNEL if len(m.shape) == 4 else POSITION)
