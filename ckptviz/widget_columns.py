@@ -1,8 +1,8 @@
 """The Loader's table columns, declared once: the front end renders whatever this list says.
 
 Each side of the table (checkpoint, model) shows the same columns, made from that side's
-``TensorInfo``. A new column is one entry here: its values travel in every row as
-``model_<key>`` and ``checkpoint_<key>``, and ``static/loader.js`` draws it by its ``kind``.
+``TensorInfo``. A new column is one entry here: its value travels in every row, in each side's
+list of values (in this order), and ``static/loader.js`` draws it by its ``kind``.
 """
 
 from __future__ import annotations
