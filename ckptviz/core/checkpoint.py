@@ -144,13 +144,7 @@ class TensorInfo:
                     and type(nbytes) is int
                     and nbytes == numel * itemsize
                 ):
-                    fields = self.__dict__
-                    fields["key"] = key
-                    fields["shape"] = shape
-                    fields["dtype"] = dtype
-                    fields["nbytes"] = nbytes
-                    fields["kind"] = kind
-                    fields["module_type"] = module_type
+                    _write_fields(self.__dict__, key, shape, dtype, nbytes, kind, module_type)
                     return
         problem = declaration_problem(key, shape, dtype, nbytes)
         raise InvalidDeclaration(f"tensor {_shown(key)} {problem}")
@@ -158,6 +152,44 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+def _write_fields(
+    fields: dict[str, Any],
+    key: str,
+    shape: tuple[int, ...],
+    dtype: str,
+    nbytes: int,
+    kind: str | None,
+    module_type: str | None,
+) -> None:
+    """A ``TensorInfo``'s fields, one by one in one order, into its instance dict: the one
+    place that lists them (the dict stays key-sharing)."""
+    fields["key"] = key
+    fields["shape"] = shape
+    fields["dtype"] = dtype
+    fields["nbytes"] = nbytes
+    fields["kind"] = kind
+    fields["module_type"] = module_type
+
+
+def trusted_tensor_info(
+    key: str,
+    shape: tuple[int, ...],
+    dtype: str,
+    nbytes: int,
+    kind: str | None = None,
+    module_type: str | None = None,
+) -> TensorInfo:
+    """A ``TensorInfo`` of a live torch tensor, unchecked: only for what torch itself
+    guarantees (a plain ``str`` key, non-negative 64-bit sizes, a real dtype and the bytes they
+    make). Torch makes tensors of more than ``MAX_RANK`` dimensions: those go through the
+    checked constructor, which refuses them. Data from a file never comes here."""
+    if len(shape) > MAX_RANK:
+        return TensorInfo(key, shape, dtype, nbytes, kind, module_type)
+    info = object.__new__(TensorInfo)
+    _write_fields(info.__dict__, key, shape, dtype, nbytes, kind, module_type)
+    return info
 
 
 class DtypeFacts(dict[torch.dtype, tuple[str, int]]):

@@ -21,7 +21,6 @@ import torch
 from torch.nn import Parameter
 
 from ckptviz.core.checkpoint import (
-    MAX_RANK,
     Checkpoint,
     DeclaredTensor,
     FileFingerprint,
@@ -30,6 +29,7 @@ from ckptviz.core.checkpoint import (
     declarations_of,
     dtype_facts,
     dtype_names,
+    trusted_tensor_info,
 )
 from ckptviz.core.errors import CheckpointError
 
@@ -215,18 +215,7 @@ def tensor_table(
             shape = tuple(value.shape)
             dtype, itemsize = facts[value.dtype]
             nbytes = prod(shape) * itemsize  # the product of the sizes is the numel()
-            if len(shape) > MAX_RANK:
-                tensors[name] = TensorInfo(name, shape, dtype, nbytes, kind, module_type)
-            else:  # TensorInfo's fields, in its own order (a key-sharing dict), unchecked
-                info = _new_tensor_info(TensorInfo)
-                fields = info.__dict__
-                fields["key"] = name
-                fields["shape"] = shape
-                fields["dtype"] = dtype
-                fields["nbytes"] = nbytes
-                fields["kind"] = kind
-                fields["module_type"] = module_type
-                tensors[name] = info
+            tensors[name] = trusted_tensor_info(name, shape, dtype, nbytes, kind, module_type)
             if nbytes:  # (0 exactly when there are no elements: no dtype has 0 bytes)
                 address = value.data_ptr()
                 if address:  # (0 on the meta device)
@@ -280,10 +269,6 @@ def tensor_table(
             (sorted(keys, key=order.__getitem__) for keys in ties), key=lambda k: order[k[0]]
         )
     return tensors, skipped, [tuple(keys) for keys in ties]
-
-
-#: a ``TensorInfo`` whose fields are then written unchecked: only for torch's own tensors
-_new_tensor_info = object.__new__
 
 
 def checkpoint_from_object(
