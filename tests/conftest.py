@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -86,31 +83,3 @@ def old_cnn_path(tmp_path: Path) -> Path:
     path = tmp_path / "old.pth"
     torch.save(SmallCNN(16).state_dict(), path)
     return path
-
-
-def table_rows(
-    rows_state: Mapping[str, Any], column_keys: Sequence[str] | None = None
-) -> list[dict[str, Any]]:
-    """The Loader's ``_rows`` as the front end reads it (``loadRows`` in loader.js), one flat
-    dict per row: ``status``, ``model_<column>`` and ``checkpoint_<column>`` per declared column
-    (``column_keys``, else the declared ``COLUMNS``), ``note``, ``refused`` (a reason code per
-    action, or 0), ``tied``, ``place``, ``renamed``."""
-    from ckptviz.widget_columns import COLUMNS
-
-    keys = list(column_keys) if column_keys is not None else [c.key for c in COLUMNS]
-    data = rows_state["data"]
-    values_of = json.loads(data) if isinstance(data, bytes | bytearray | memoryview) else data
-    sets = rows_state["refusal_sets"]
-    decoded = []
-    for values in values_of:
-        row = dict(zip(rows_state["fields"], values, strict=True))
-        model, checkpoint = row.pop("model"), row.pop("checkpoint")
-        if checkpoint == rows_state["same_as_model"]:
-            checkpoint = model
-        for side, sent in (("model", model), ("checkpoint", checkpoint)):
-            assert sent is None or len(sent) == len(keys)
-            for i, key in enumerate(keys):
-                row[f"{side}_{key}"] = None if sent is None else sent[i]
-        row["refused"] = sets[row["refused"] - 1] if row["refused"] else 0
-        decoded.append(row)
-    return decoded

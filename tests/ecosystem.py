@@ -210,3 +210,15 @@ def image_batch(batch: int = 2, image_size: int = 8, channels: int = 3) -> torch
     """Pixel values for the ViT models (a fixed generator: the same batch every call)."""
     generator = torch.Generator().manual_seed(SEED)
     return torch.randn(batch, channels, image_size, image_size, generator=generator)
+
+
+def assert_same_state(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> None:
+    """The same keys, and every value equal bit for bit with the same dtype."""
+    state = model.state_dict()
+    assert state.keys() == reference.keys()
+    differ = [
+        k
+        for k in state
+        if not (state[k].dtype == reference[k].dtype and torch.equal(state[k], reference[k]))
+    ]
+    assert not differ, f"differ from the library's load: {differ}"

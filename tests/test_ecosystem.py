@@ -34,18 +34,6 @@ from ckptviz import CheckpointError, UnsafeCheckpointError
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def assert_same_state(model: nn.Module, reference: dict[str, torch.Tensor]) -> None:
-    """The same keys, and every value equal bit for bit with the same dtype."""
-    state = model.state_dict()
-    assert state.keys() == reference.keys()
-    differ = [
-        k
-        for k in state
-        if not (state[k].dtype == reference[k].dtype and torch.equal(state[k], reference[k]))
-    ]
-    assert not differ, f"differ from the library's load: {differ}"
-
-
 def apply_and_check(
     model: nn.Module, source: Path | str, **read: Any
 ) -> tuple[ckptviz.Diff, ckptviz.Report, dict[str, torch.Tensor]]:
@@ -121,7 +109,7 @@ def test_save_pretrained_applied_equals_from_pretrained(
     # every tensor in the files, and only those (under their saved names: ViT's are renamed)
     loaded = {e.checkpoint_key for e in report.entries if e.action == "load"}
     assert loaded == file_keys
-    assert_same_state(model, reference.state_dict())
+    ecosystem.assert_same_state(model, reference.state_dict())
     with torch.no_grad():
         assert torch.equal(model(**model_inputs(name))[0], reference(**model_inputs(name))[0])
     assert_exact_undo(model, report, before)
@@ -168,7 +156,7 @@ def test_pytorch_model_bin_folder_applied_equals_from_pretrained(tmp_path: Path)
     assert ("lm_head.weight", "transformer.wte.weight") in {tuple(sorted(t)) for t in ckpt.ties}
     model = ecosystem.gpt2(seed=1)
     _, report, before = apply_and_check(model, tmp_path)
-    assert_same_state(model, reference.state_dict())
+    ecosystem.assert_same_state(model, reference.state_dict())
     assert model.lm_head.weight is model.transformer.wte.weight
     assert_exact_undo(model, report, before)
 
@@ -264,7 +252,7 @@ def test_lightning_checkpoint_into_the_plain_network_strips_the_module_attribute
     diff, report, before = apply_and_check(model, path)
     assert diff.mapping.checkpoint_prefix == "model."
     assert set(report.keys("load")) == set(reference)
-    assert_same_state(model, reference)
+    ecosystem.assert_same_state(model, reference)
     assert_exact_undo(model, report, before)
 
 
@@ -278,7 +266,7 @@ def test_lightning_checkpoint_into_the_lightning_module_as_load_from_checkpoint(
     diff, report, before = apply_and_check(model, path)
     assert not diff.mapping.checkpoint_prefix and not diff.mapping.model_prefix
     assert set(report.keys("load")) == set(reference)
-    assert_same_state(model, reference)
+    ecosystem.assert_same_state(model, reference)
     assert_exact_undo(model, report, before)
 
 
@@ -298,7 +286,7 @@ def test_lightning_checkpoint_with_a_path_hyperparameter_names_the_global_and_th
     reference = _lightning_reference(path).model.state_dict()
     model = Net()
     _, report, before = apply_and_check(model, path, allow_globals=[path_class])
-    assert_same_state(model, reference)
+    ecosystem.assert_same_state(model, reference)
     assert_exact_undo(model, report, before)
 
 
@@ -350,7 +338,7 @@ def test_accelerate_save_state_directory_applied_equals_load_state(
     diff, report, before = apply_and_check(model, folder)
     assert diff.checkpoint.format == fmt and diff.checkpoint.path == folder / weights_file
     assert set(report.keys("load")) == set(reference)
-    assert_same_state(model, reference)
+    ecosystem.assert_same_state(model, reference)
     assert_exact_undo(model, report, before)
 
 
@@ -410,7 +398,7 @@ def test_mmengine_runner_checkpoint_applied_equals_mmengine_load_checkpoint(
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 2))
     _, report, before = apply_and_check(model, path, trusted=True)
     assert set(report.keys("load")) == set(reference.state_dict())
-    assert_same_state(model, reference.state_dict())
+    ecosystem.assert_same_state(model, reference.state_dict())
     assert_exact_undo(model, report, before)
 
 
@@ -434,7 +422,7 @@ def test_builders_are_seeded_and_another_seed_changes_every_parameter(
     build: Callable[..., nn.Module],
 ) -> None:
     first, again, other = build(), build(), build(seed=1)
-    assert_same_state(again, first.state_dict())
+    ecosystem.assert_same_state(again, first.state_dict())
     # LayerNorm starts at ones and zeros whatever the seed; everything drawn must differ
     drawn = [k for k, p in first.named_parameters() if p.std() > 0 and p.numel() > 1]
     assert drawn
@@ -465,5 +453,5 @@ def test_accelerate_save_state_of_two_models_names_both_files_and_reads_the_one_
     torch.manual_seed(1)
     model = nn.Linear(3, 5)
     _, report, before = apply_and_check(model, tmp_path / "model_1.safetensors")
-    assert_same_state(model, reference)
+    ecosystem.assert_same_state(model, reference)
     assert_exact_undo(model, report, before)

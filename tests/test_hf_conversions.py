@@ -19,7 +19,6 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import snapshot
-from test_ecosystem import assert_same_state
 
 import ckptviz
 from ckptviz.core.hf_conversions import MAX_CONVERTED_KEY_CHARS, transformers_keys
@@ -73,11 +72,11 @@ def test_vit_saved_by_save_pretrained_loads_every_tensor_as_from_pretrained(
     assert report.verified
     assert set(loaded_from(report)) == set(model.state_dict())
     assert set(loaded_from(report).values()) == file_keys
-    assert_same_state(model, reference.state_dict())
+    ecosystem.assert_same_state(model, reference.state_dict())
 
     by_code = ecosystem.vit_classifier(seed=2)
     exec(compile(diff.plan().to_code(), "<plan>", "exec"), {"model": by_code})
-    assert_same_state(by_code, reference.state_dict())
+    ecosystem.assert_same_state(by_code, reference.state_dict())
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import table_rows
 from torch import nn
+from widget_frontend import table_rows
 
 import ckptviz
 from ckptviz.core.actions import Undecided, registered

@@ -10,8 +10,8 @@ from typing import Any
 import comm
 import pytest
 import torch
-from comm.base_comm import BaseComm
-from conftest import SmallCNN, table_rows
+from conftest import SmallCNN
+from widget_frontend import RecordingComm, table_rows
 
 import ckptviz
 from ckptviz import widget, widget_columns
@@ -51,28 +51,6 @@ def test_every_row_says_a_status_and_an_action_of_the_vocabulary(
     assert set(plan.counts) == set(ACTION_TERMS)
 
 
-class RecordingComm(BaseComm):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.sent: list[tuple[str, Any]] = []
-        super().__init__(*args, **kwargs)
-
-    def publish_msg(
-        self,
-        msg_type: str,
-        data: Any = None,
-        metadata: Any = None,
-        buffers: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        # the binary buffers (the rows: one JSON buffer) back where they were, decoded
-        for path, buffer in zip((data or {}).get("buffer_paths", []), buffers or [], strict=True):
-            place = data["state"]
-            for part in path[:-1]:
-                place = place[part]
-            place[path[-1]] = json.loads(bytes(buffer))
-        self.sent.append((msg_type, data))
-
-
 @pytest.fixture
 def opened(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, old_cnn_path: Path) -> dict[str, Any]:
     """The state the front end receives first, as JSON (with an extra column declared)."""
@@ -82,7 +60,8 @@ def opened(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, old_cnn_path: Path) 
     monkeypatch.setattr(widget_columns, "COLUMNS", (*widget_columns.COLUMNS, extra))
     loader = widget.Loader(SmallCNN(32), old_cnn_path)
     (state,) = [d["state"] for t, d in loader.comm.sent if t == "comm_open"]
-    return dict(json.loads(json.dumps(state)))
+    # as JSON, the rows' buffer as loader.js parses it
+    return dict(json.loads(json.dumps(state, default=lambda buffer: json.loads(buffer))))
 
 
 def test_the_widget_sends_the_vocabulary(opened: dict[str, Any]) -> None:

@@ -10,59 +10,21 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import comm
 import pytest
 import torch
-from comm.base_comm import BaseComm
-from conftest import Classifier, SmallCNN, assert_bitwise_same, snapshot, table_rows
+from conftest import Classifier, SmallCNN, assert_bitwise_same, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from widget_frontend import FrontEnd, RecordingComm, table_rows, wire_bytes
 
 import ckptviz
 from ckptviz import widget
 from ckptviz.core.apply import bitwise_equal
 from ckptviz.widget import ROW_FIELDS, STATIC_ROWS, Loader, action_codes
 from ckptviz.widget_columns import COLUMNS
-
-CODE_ACTIONS = {code: action for action, code in action_codes().items()}
-
-
-class RecordingComm(BaseComm):
-    """Stands in for the kernel's comm: keeps every message the widget would put on the wire."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-        super().__init__(*args, **kwargs)
-
-    def publish_msg(
-        self,
-        msg_type: str,
-        data: Any = None,
-        metadata: Any = None,
-        buffers: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        data = copy.deepcopy(data)
-        # put the binary buffers back where the front end finds them (as DataViews)
-        for path, buffer in zip((data or {}).get("buffer_paths", []), buffers or [], strict=True):
-            place = data["state"]
-            for part in path[:-1]:
-                place = place[part]
-            place[path[-1]] = bytes(buffer)
-        self.sent.append((msg_type, data))
-
-
-def wire_bytes(data: Any) -> int:
-    """What the kernel's JSON packer would send for one message's data."""
-    buffers: list[int] = []
-
-    def buffer(value: bytes) -> None:  # a binary buffer travels as it is, beside the JSON
-        buffers.append(len(value))
-
-    return len(json.dumps(data, ensure_ascii=False, default=buffer).encode()) + sum(buffers)
 
 
 @pytest.fixture(autouse=True)
@@ -74,84 +36,6 @@ def recording_comms(monkeypatch: pytest.MonkeyPatch) -> None:
 def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loaders keep plan files in the working directory they were made in: a test's own."""
     monkeypatch.chdir(tmp_path)
-
-
-class FrontEnd:
-    """What loader.js keeps of the widget's state, fed only by what the kernel sent."""
-
-    def __init__(self, loader: Loader) -> None:
-        self.loader = loader
-        self.comm: RecordingComm = loader.comm
-        self.seen = 0
-        self.state: dict[str, Any] = {}
-        self.codes = ""
-        self.explanations: dict[int, str] = {}
-        self.done: list[Any] = []
-        self.receive()
-
-    def receive(self) -> list[tuple[str, dict[str, Any]]]:
-        """Take in the messages sent since the last call; returns them."""
-        new = self.comm.sent[self.seen :]
-        self.seen = len(self.comm.sent)
-        for msg_type, data in new:
-            if msg_type == "comm_open" or data.get("method") == "update":
-                self.state.update(data["state"])
-                if "_rows" in data["state"]:
-                    self.codes = data["state"]["_rows"]["actions"]
-            elif data.get("method") == "custom":
-                self.on_custom(data["content"])
-        return new
-
-    def on_custom(self, msg: dict[str, Any]) -> None:
-        if msg["type"] == "actions":
-            assert msg["gen"] == self.state["_rows"]["gen"]
-            if "all" in msg:
-                self.codes = msg["all"]
-            else:
-                codes = list(self.codes)
-                for index, code in msg["changes"]:
-                    codes[index] = code
-                self.codes = "".join(codes)
-            self.state["_rows"]["counts"] = msg["counts"]
-        elif msg["type"] == "explain":
-            self.explanations[msg["index"]] = msg["text"]
-        elif msg["type"] == "done":
-            self.done.append(msg["id"])
-
-    def send(self, **content: Any) -> list[tuple[str, dict[str, Any]]]:
-        """A message from the browser, through the comm as the kernel delivers it."""
-        self.comm.handle_msg(
-            {
-                "content": {
-                    "comm_id": self.comm.comm_id,
-                    "data": {"method": "custom", "content": content},
-                },
-                "buffers": [],
-            }
-        )
-        return self.receive()
-
-    # what the table shows
-    def rows(self) -> list[dict[str, Any]]:
-        # one UTF-8 JSON buffer, read as loader.js reads it
-        return table_rows(self.state["_rows"], [c["key"] for c in self.state["_columns"]])
-
-    def actions(self) -> dict[str, str]:
-        return {
-            row["model_key"]: CODE_ACTIONS[code]
-            for row, code in zip(self.rows(), self.codes, strict=True)
-            if row["model_key"] is not None
-        }
-
-    def refused(self, key: str, action: str) -> str:
-        state = self.state["_rows"]
-        for row in self.rows():
-            if row["model_key"] == key:
-                if not row["refused"]:
-                    return ""
-                code = row["refused"][state["actions_order"].index(action)]
-                return state["reasons"][code - 1] if code else ""
-        raise KeyError(key)
 
 
 @pytest.fixture

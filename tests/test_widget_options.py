@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import SmallCNN
 from ipywidgets import comm
-from test_widget import FrontEnd, RecordingComm
+from widget_frontend import FrontEnd, RecordingComm
 
 from ckptviz.core.actions import action_named
 from ckptviz.widget import Loader
@@ -29,37 +29,6 @@ def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-class OptionsFrontEnd(FrontEnd):
-    """FrontEnd that also keeps each row's options, as loader.js does."""
-
-    def __init__(self, loader: Loader) -> None:
-        self.options: dict[int, dict[str, Any]] = {}
-        super().__init__(loader)
-
-    def receive(self) -> list[tuple[str, dict[str, Any]]]:
-        new = self.comm.sent[self.seen :]
-        for msg_type, data in new:
-            state = data.get("state", {}) if msg_type == "comm_open" or data.get("method") else {}
-            if "_rows" in state:
-                self.options = {i: o for i, o in state["_rows"]["options"]}
-        return super().receive()
-
-    def on_custom(self, msg: dict[str, Any]) -> None:
-        super().on_custom(msg)
-        if msg["type"] == "actions" and "options" in msg:
-            if msg.get("options_full"):
-                self.options = {}
-            for index, chosen in msg["options"]:
-                if chosen:
-                    self.options[index] = chosen
-                else:
-                    self.options.pop(index, None)
-
-    def options_by_key(self) -> dict[str, dict[str, Any]]:
-        keys = [row["model_key"] for row in self.rows()]
-        return {keys[i]: o for i, o in self.options.items()}
-
-
 def plan_options(loader: Loader) -> dict[str, dict[str, Any]]:
     return {
         key: dict(loader.plan.chosen_options(key))
@@ -69,11 +38,11 @@ def plan_options(loader: Loader) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture
-def grown(old_cnn_path: Path) -> Iterator[tuple[SmallCNN, Loader, OptionsFrontEnd]]:
+def grown(old_cnn_path: Path) -> Iterator[tuple[SmallCNN, Loader, FrontEnd]]:
     torch.manual_seed(3)
     model = SmallCNN(32)
     loader = Loader(model, old_cnn_path)
-    yield model, loader, OptionsFrontEnd(loader)
+    yield model, loader, FrontEnd(loader)
 
 
 def test_the_vocabulary_declares_each_actions_options() -> None:
@@ -93,7 +62,7 @@ def test_the_vocabulary_declares_each_actions_options() -> None:
 
 
 def test_an_option_set_from_the_front_end_is_applied_and_shown(
-    grown: tuple[SmallCNN, Loader, OptionsFrontEnd], old_cnn_path: Path
+    grown: tuple[SmallCNN, Loader, FrontEnd], old_cnn_path: Path
 ) -> None:
     model, loader, ui = grown
     old = torch.load(old_cnn_path, weights_only=True)
@@ -117,7 +86,7 @@ def test_an_option_set_from_the_front_end_is_applied_and_shown(
 
 
 def test_a_refused_option_changes_nothing_and_says_why(
-    grown: tuple[SmallCNN, Loader, OptionsFrontEnd],
+    grown: tuple[SmallCNN, Loader, FrontEnd],
 ) -> None:
     _, loader, ui = grown
     ui.send(do="set_action", pattern="fc.weight", action="partial")
@@ -132,7 +101,7 @@ def test_a_refused_option_changes_nothing_and_says_why(
 
 
 def test_options_changing_make_the_shown_code_stale(
-    grown: tuple[SmallCNN, Loader, OptionsFrontEnd],
+    grown: tuple[SmallCNN, Loader, FrontEnd],
 ) -> None:
     _, _, ui = grown
     ui.send(do="set_action", pattern="conv1.weight", action="partial")
@@ -145,12 +114,12 @@ def test_options_changing_make_the_shown_code_stale(
 
 
 def test_a_late_view_and_a_script_edit_bring_the_options(
-    grown: tuple[SmallCNN, Loader, OptionsFrontEnd],
+    grown: tuple[SmallCNN, Loader, FrontEnd],
 ) -> None:
     _, loader, ui = grown
     loader.set_action("conv1.weight", "partial", fill="mean_noise")
     assert ui.receive() is not None and ui.options_by_key() == plan_options(loader)
-    late = OptionsFrontEnd(loader)
+    late = FrontEnd(loader)
     late.seen = len(late.comm.sent)
     late.state = copy.deepcopy(ui.state)
     late.options = {}
