@@ -7,6 +7,7 @@ counts its own ``state_dict`` calls and module-tree walks.
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -238,3 +239,8 @@ def test_reinit_asked_for_a_whole_table_answers_as_it_does_row_by_row() -> None:
         "nowhere.value",
     }
     assert "has no reset_parameters()" in str(shown["hidden.weight"])
+    # the table path looks for the very methods own_initialiser looks for
+    from ckptviz.core.actions.reinit import _METHODS, own_initialiser
+
+    spelled = ", ".join(f'"{name}"' for name in _METHODS)
+    assert f"for method in ({spelled}):" in inspect.getsource(own_initialiser)

@@ -74,7 +74,8 @@ OWN = "own"
 _REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
 
 
-#: The methods ``own_initialiser`` looks for on a module, in its order.
+#: The methods ``own_initialiser`` looks for on a module, in its order (it spells them itself:
+#: its source is pasted into generated code; a test checks the two agree).
 _METHODS = ("reset_parameters", "_reset_parameters")
 
 
