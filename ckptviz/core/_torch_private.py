@@ -101,7 +101,9 @@ def module_tables(
 ]:
     """A module's own parameter, buffer and submodule tables, as registered: ``None`` entries
     included (``Linear(bias=False)`` registers ``bias`` as ``None``), which the public
-    ``named_parameters``/``named_buffers``/``named_children`` leave out."""
+    ``named_parameters``/``named_buffers``/``named_children`` leave out. A
+    ``torch.jit.ScriptModule``'s are wrappers that answer ``in``, ``[]``, ``items()`` and
+    ``values()`` only (no ``get``): read them with those."""
     return module._parameters, module._buffers, module._modules
 
 
